@@ -1,0 +1,34 @@
+# mlpipe: every target does its own set-up (venv + pinned requirements) on a fresh machine.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: help setup demo demo-regression test test-fast bench up down clean distclean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
+
+$(STAMP): requirements.txt
+	@echo ">> setting up $(VENV) with $(PYTHON) (pinned requirements; first time takes a few minutes)"
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip check
+	@touch $(STAMP)
+
+setup: $(STAMP) ## create the venv and install the pinned requirements
+
+demo: $(STAMP) ## run the retrain pipeline end to end on a generated drop; writes var/demo/summary.json
+	$(PY) -m tasks.demo
+
+test: $(STAMP) ## run the test suite (starts its own local services)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean: ## remove generated state (var/)
+	rm -rf var
+
+distclean: clean ## also remove the venv
+	rm -rf $(VENV)

@@ -1,0 +1,55 @@
+"""retrain: a data drop -> validate -> train (GPU pod or local) -> register.
+
+Wiring only: the steps live in ``tasks/`` and run through ``mlpipe_steps.step``
+(a local subprocess by default, a Kubernetes pod when MLPIPE_EXECUTION=kubernetes).
+compile -> qc -> deploy follow register (see the serving issue).
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pendulum
+from airflow.sdk import Param, dag
+
+from mlpipe_steps import step
+
+TRAIN_RESULT = "ti.xcom_pull(task_ids='train')"
+
+
+@dag(
+    dag_id="retrain",
+    schedule=None,
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    tags=["mlpipe", "training"],
+    doc_md=__doc__,
+    default_args={"retries": 2, "retry_delay": timedelta(seconds=10), "retry_exponential_backoff": True},
+    params={
+        "drop_id": Param("latest", type="string", minLength=1, maxLength=128, pattern=r"^[A-Za-z0-9._-]+$",
+                         title="Drop id",
+                         description="The data drop to train on (drops/<drop_id>/ in the object store); "
+                                     "'latest' takes the newest complete drop."),
+        "epochs": Param(8, type="integer", minimum=1, maximum=100, title="Epochs",
+                        description="Maximum training epochs (early stopping may end sooner)."),
+        "seed": Param(0, type="integer", minimum=0, title="Seed", description="Random seed for split, init and order."),
+    },
+)
+def retrain():
+    validate = step("validate", "validate", ["--drop-id", "{{ params.drop_id }}"])
+    train = step(
+        "train", "train",
+        ["--drop-id", "{{ ti.xcom_pull(task_ids='validate')['drop_id'] }}",
+         "--epochs", "{{ params.epochs }}", "--seed", "{{ params.seed }}"],
+        gpu=True, execution_timeout=timedelta(hours=2),
+    )
+    register = step(
+        "register", "registry",
+        ["register", "--run-id", "{{ " + TRAIN_RESULT + "['run_id'] }}",
+         "--drop-id", "{{ ti.xcom_pull(task_ids='validate')['drop_id'] }}"],
+    )
+    validate >> train >> register
+
+
+retrain()
