@@ -10,15 +10,7 @@ import pytest
 
 from tasks import registry
 from tasks.registry import RegistryError
-
-
-def _fake_run(store, run_id="r1", drop_id="d1", acc=0.97, passed=True):
-    """What the trainer and validate leave in the store (the real ones are tested elsewhere)."""
-    store.put_json(f"runs/{run_id}/metrics.json", {"val_accuracy": acc, "clearml_task_id": "offline-123"})
-    store.put_bytes(f"runs/{run_id}/model.onnx", b"onnx-bytes-" + run_id.encode())
-    store.put_bytes(f"drops/{drop_id}/manifest.parquet", b"manifest-" + drop_id.encode())
-    store.put_json(f"drops/{drop_id}/_SUCCESS", {"rows": 1})
-    store.put_json(f"drops/{drop_id}/validation/result.json", {"success": passed, "report_uri": "x/index.html"})
+from tests.factories import fake_run as _fake_run
 
 
 def test_register_creates_candidate_with_lineage(store):

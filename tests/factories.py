@@ -1,0 +1,15 @@
+"""Small builders of store content for unit tests of the registry-side steps.
+
+They write what the trainer and `validate` leave in the store; those steps
+themselves are tested against real data in their own test files.
+"""
+
+from __future__ import annotations
+
+
+def fake_run(store, run_id="r1", drop_id="d1", acc=0.97, passed=True, onnx: bytes | None = None):
+    store.put_json(f"runs/{run_id}/metrics.json", {"val_accuracy": acc, "clearml_task_id": "offline-123"})
+    store.put_bytes(f"runs/{run_id}/model.onnx", onnx if onnx is not None else b"onnx-bytes-" + run_id.encode())
+    store.put_bytes(f"drops/{drop_id}/manifest.parquet", b"manifest-" + drop_id.encode())
+    store.put_json(f"drops/{drop_id}/_SUCCESS", {"rows": 1})
+    store.put_json(f"drops/{drop_id}/validation/result.json", {"success": passed, "report_uri": "x/index.html"})
