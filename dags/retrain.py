@@ -1,8 +1,9 @@
-"""retrain: a data drop -> validate -> train (GPU pod or local) -> register.
+"""retrain: a data drop -> validate -> train (GPU pod or local) -> register -> compile -> qc -> deploy.
 
 Wiring only: the steps live in ``tasks/`` and run through ``mlpipe_steps.step``
 (a local subprocess by default, a Kubernetes pod when MLPIPE_EXECUTION=kubernetes).
-compile -> qc -> deploy follow register (see the serving issue).
+A failed validation stops the run at ``validate``; a failed QC gate rejects the
+version and skips ``deploy`` (the champion keeps serving).
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import Param, dag
 
-from mlpipe_steps import step
+from mlpipe_steps import qc_gate, step
 
-TRAIN_RESULT = "ti.xcom_pull(task_ids='train')"
+VALIDATED_DROP = "{{ ti.xcom_pull(task_ids='validate')['drop_id'] }}"
+VERSION = "{{ ti.xcom_pull(task_ids='register')['version'] }}"
 
 
 @dag(
@@ -38,18 +40,18 @@ TRAIN_RESULT = "ti.xcom_pull(task_ids='train')"
 )
 def retrain():
     validate = step("validate", "validate", ["--drop-id", "{{ params.drop_id }}"])
-    train = step(
-        "train", "train",
-        ["--drop-id", "{{ ti.xcom_pull(task_ids='validate')['drop_id'] }}",
-         "--epochs", "{{ params.epochs }}", "--seed", "{{ params.seed }}"],
-        gpu=True, execution_timeout=timedelta(hours=2),
-    )
-    register = step(
-        "register", "registry",
-        ["register", "--run-id", "{{ " + TRAIN_RESULT + "['run_id'] }}",
-         "--drop-id", "{{ ti.xcom_pull(task_ids='validate')['drop_id'] }}"],
-    )
-    validate >> train >> register
+    train = step("train", "train",
+                 ["--drop-id", VALIDATED_DROP, "--epochs", "{{ params.epochs }}", "--seed", "{{ params.seed }}"],
+                 gpu=True, execution_timeout=timedelta(hours=2))
+    register = step("register", "registry",
+                    ["register", "--run-id", "{{ ti.xcom_pull(task_ids='train')['run_id'] }}",
+                     "--drop-id", VALIDATED_DROP])
+    compile_ = step("compile", "compile", ["--version", VERSION], gpu=True)
+    qc = step("qc", "qc", ["--version", VERSION, "--no-fail"])
+    gate = qc_gate()(qc.output)
+    deploy = step("deploy", "deploy", ["deploy", "--version", VERSION], retries=3)
+    validate >> train >> register >> compile_ >> qc
+    gate >> deploy
 
 
 retrain()

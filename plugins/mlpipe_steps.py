@@ -42,7 +42,9 @@ POD_XCOM_PATH = "/airflow/xcom/return.json"
 POD_ENV_PASSTHROUGH = (
     "MLPIPE_STORE_URL", "MLPIPE_S3_ENDPOINT", "MLPIPE_S3_SECURE", "MLPIPE_S3_REGION", "MLPIPE_MODEL_NAME",
     "MLPIPE_CLEARML_PROJECT", "CLEARML_API_HOST", "CLEARML_WEB_HOST", "CLEARML_FILES_HOST",
-)
+    "MLPIPE_TRITON_URL", "MLPIPE_MODEL_REPO", "MLPIPE_KEEP_VERSIONS",
+) + tuple(f"MLPIPE_QC_{n}" for n in ("MIN_ACCURACY", "MIN_CLASS_RECALL", "MAX_REGRESSION", "MAX_PARITY_DIFF",
+                                    "MAX_TRT_PARITY_DIFF", "P95_LATENCY_MS", "LATENCY_REQUESTS", "TRITON_CHECK"))
 
 
 def execution_mode() -> str:
@@ -154,3 +156,29 @@ def step(task_id: str, module: str, arguments: Sequence[str], *, gpu: bool = Fal
     if mode != "local":
         raise ValueError(f"MLPIPE_EXECUTION must be 'local' or 'kubernetes', got {mode!r}")
     return LocalStepOperator(task_id=task_id, module=module, arguments=arguments, **kwargs)
+
+
+def qc_gate(task_id: str = "qc_gate"):
+    """A short-circuit task: a QC verdict other than ``passed`` skips everything downstream
+    (deploy shows as *skipped* in the graph, not silently successful) and logs why."""
+    from airflow.sdk import task
+
+    @task.short_circuit(task_id=task_id)
+    def _gate(verdict: dict | None) -> bool:
+        import logging
+
+        log = logging.getLogger("mlpipe.qc_gate")
+        if not verdict:
+            log.error("no QC verdict was produced: not deploying")
+            return False
+        if verdict.get("verdict") == "passed":
+            log.info("QC passed for v%s: deploying", verdict.get("version"))
+            return True
+        log.warning("QC gate FAILED for v%s: deploy skipped, the champion keeps serving. Reasons:",
+                    verdict.get("version"))
+        for reason in verdict.get("reasons", []):
+            log.warning("  - %s", reason)
+        log.warning("report: %s", verdict.get("report_uri"))
+        return False
+
+    return _gate

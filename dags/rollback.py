@@ -1,0 +1,30 @@
+"""rollback: serve an earlier registered version (manual trigger) and record it in the registry."""
+
+from __future__ import annotations
+
+import pendulum
+from airflow.sdk import Param, dag
+
+from mlpipe_steps import step
+
+
+@dag(
+    dag_id="rollback",
+    schedule=None,
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    tags=["mlpipe", "serving"],
+    doc_md=__doc__,
+    params={
+        "version": Param(1, type="integer", minimum=1, title="Version",
+                         description="Registered model version to serve (must exist and not be rejected)."),
+        "reason": Param("manual rollback", type="string", maxLength=200, title="Reason",
+                        description="Why: recorded in the registry event log."),
+    },
+)
+def rollback():
+    step("rollback", "deploy", ["rollback", "--version", "{{ params.version }}", "--reason", "{{ params.reason }}"], retries=1)
+
+
+rollback()
