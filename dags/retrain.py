@@ -46,7 +46,7 @@ def retrain():
     register = step("register", "registry",
                     ["register", "--run-id", "{{ ti.xcom_pull(task_ids='train')['run_id'] }}",
                      "--drop-id", VALIDATED_DROP])
-    compile_ = step("compile", "compile", ["--version", VERSION], gpu=True)
+    compile_ = step("compile", "compile", ["--version", VERSION], gpu=True, image_env="MLPIPE_COMPILER_IMAGE")
     qc = step("qc", "qc", ["--version", VERSION, "--no-fail"])
     gate = qc_gate()(qc.output)
     deploy = step("deploy", "deploy", ["deploy", "--version", VERSION], retries=3)

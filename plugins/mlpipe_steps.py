@@ -145,14 +145,24 @@ def pod_operator(task_id: str, module: str, arguments: Sequence[str], *, gpu: bo
     )
 
 
+IMAGES = {  # env var naming the image -> default
+    "MLPIPE_TASKS_IMAGE": "ghcr.io/mlpipe/tasks:0.1.0",
+    "MLPIPE_TRAINER_IMAGE": "ghcr.io/mlpipe/trainer:0.1.0",
+    "MLPIPE_COMPILER_IMAGE": "ghcr.io/mlpipe/trt-compiler:0.1.0",
+}
+
+
 def step(task_id: str, module: str, arguments: Sequence[str], *, gpu: bool = False,
-         image: str | None = None, **kwargs: Any) -> BaseOperator:
-    """The operator for one pipeline step, chosen by ``MLPIPE_EXECUTION`` (local | kubernetes)."""
+         image_env: str | None = None, **kwargs: Any) -> BaseOperator:
+    """The operator for one pipeline step, chosen by ``MLPIPE_EXECUTION`` (local | kubernetes).
+
+    ``image_env`` names the environment variable holding the pod image (default: the trainer
+    image for GPU steps, the tasks image otherwise)."""
     mode = execution_mode()
     if mode == "kubernetes":
-        default_image = os.environ.get("MLPIPE_TRAINER_IMAGE" if gpu else "MLPIPE_TASKS_IMAGE",
-                                       "ghcr.io/mlpipe/trainer:latest" if gpu else "ghcr.io/mlpipe/tasks:latest")
-        return pod_operator(task_id, module, arguments, gpu=gpu, image=image or default_image, **kwargs)
+        image_env = image_env or ("MLPIPE_TRAINER_IMAGE" if gpu else "MLPIPE_TASKS_IMAGE")
+        image = os.environ.get(image_env) or IMAGES[image_env]
+        return pod_operator(task_id, module, arguments, gpu=gpu, image=image, **kwargs)
     if mode != "local":
         raise ValueError(f"MLPIPE_EXECUTION must be 'local' or 'kubernetes', got {mode!r}")
     return LocalStepOperator(task_id=task_id, module=module, arguments=arguments, **kwargs)

@@ -50,9 +50,10 @@ def retrain_k8s(monkeypatch):
 
 def test_retrain_order_and_params(retrain_local):
     dag = retrain_local
+    chain = ["validate", "train", "register", "compile", "qc", "qc_gate", "deploy"]
+    for up, down in zip(chain, chain[1:]):
+        assert down in dag.get_task(up).downstream_task_ids, f"{up} -> {down}"
     order = ["validate", "train", "register"]
-    for up, down in zip(order, order[1:]):
-        assert down in dag.get_task(up).downstream_task_ids
     assert set(dag.params.keys()) >= {"drop_id", "epochs", "seed"}
     assert dag.get_task("train").retries >= 1
     from mlpipe_steps import LocalStepOperator
@@ -96,8 +97,39 @@ def test_non_gpu_steps_have_no_gpu(retrain_k8s):
     assert "nodeSelector" not in pod["spec"] or not pod["spec"]["nodeSelector"]
 
 
+def test_qc_gate_short_circuits_deploy(retrain_local):
+    from airflow.providers.standard.operators.python import ShortCircuitOperator
+
+    gate = retrain_local.get_task("qc_gate")
+    assert isinstance(gate, ShortCircuitOperator)
+    assert gate.python_callable({"verdict": "passed", "version": 2}) is True
+    assert gate.python_callable({"verdict": "failed", "version": 2, "reasons": ["accuracy: 0.5"]}) is False
+    assert gate.python_callable(None) is False
+    assert "--no-fail" in retrain_local.get_task("qc").arguments
+
+
+def test_compile_is_a_gpu_pod_and_rollback_dag_renders(retrain_k8s, monkeypatch):
+    from kubernetes.client import ApiClient
+
+    op = retrain_k8s.get_task("compile")
+    pod = ApiClient().sanitize_for_serialization(op.build_pod_request_obj(dry_run=True))
+    base = next(c for c in pod["spec"]["containers"] if c["name"] == "base")
+    assert base["command"] == ["python", "-m", "tasks.compile"]
+    assert base["image"] == "ghcr.io/mlpipe/trt-compiler:0.1.0"
+    assert base["resources"]["limits"]["nvidia.com/gpu"] == "1"
+
+    from airflow.dag_processing.dagbag import DagBag
+
+    monkeypatch.setenv("MLPIPE_EXECUTION", "local")
+    rollback = DagBag(str(ROOT / "dags")).dags["rollback"]
+    task = rollback.get_task("rollback")
+    assert task.module == "deploy"
+    assert task.arguments[:3] == ["rollback", "--version", "{{ params.version }}"]
+    assert rollback.params["version"] == 1
+
+
 def test_same_cli_arguments_in_both_modes(retrain_local, retrain_k8s):
-    for task_id in ("validate", "train", "register"):
+    for task_id in ("validate", "train", "register", "compile", "qc", "deploy"):
         local = retrain_local.get_task(task_id)
         pod = retrain_k8s.get_task(task_id)
         assert pod.cmds == ["python", "-m", f"tasks.{local.module}"]
