@@ -24,6 +24,9 @@ setup: $(STAMP) ## create the venv and install the pinned requirements
 demo: $(STAMP) ## run the retrain pipeline end to end on a generated drop; writes var/demo/summary.json
 	$(PY) -m tasks.demo
 
+demo-regression: $(STAMP) ## the demo, then a deliberately worse model that the QC gate must block
+	$(PY) -m tasks.demo --regression
+
 test: $(STAMP) ## run the test suite (starts its own local services)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
