@@ -92,7 +92,7 @@ def smoke_test(client, model: str, n: int = 64, min_accuracy: float = 0.9) -> di
             "first_score": float(np.asarray(out["SCORE"]).reshape(-1)[0])}
 
 
-def _ensure_base_models(client, repo_dir: Path, model: str) -> None:
+def _ensure_base_models(client, model: str) -> None:
     from tasks import model_repo
 
     for name in (model_repo.PREPROCESS, model_repo.POSTPROCESS):
@@ -101,14 +101,11 @@ def _ensure_base_models(client, repo_dir: Path, model: str) -> None:
 
 
 def _serve(client, target: ServingTarget, model: str, version: int) -> None:
-    """Pin ``version`` and load it, then the ensemble."""
-    from tasks import model_repo
+    """Pin ``version``, load it (Triton loads the new version before retiring the old), then the ensemble."""
+    from tasks.triton import serve_classifier_version
 
-    model_repo.set_serving_version(target.repo_dir, model, version)
-    client.load_model(model_repo.classifier_name(model))
-    if not client.model_ready(model_repo.classifier_name(model), str(version)):
-        raise DeployError(f"Triton did not make {model_repo.classifier_name(model)} v{version} ready")
-    client.load_model(model)  # the ensemble (no-op when already loaded and unchanged)
+    _ensure_base_models(client, model)
+    serve_classifier_version(client, target.repo_dir, model, version)
 
 
 def _materialize(store: Store, target: ServingTarget, model: str, version: int, tmp: Path) -> None:
@@ -146,7 +143,6 @@ def _switch(store: Store, target: ServingTarget, model: str, version: int, actio
     with tempfile.TemporaryDirectory(prefix="mlpipe-deploy-") as tmp:
         try:
             _materialize(store, target, model, version, Path(tmp))
-            _ensure_base_models(client, target.repo_dir, model)
             _serve(client, target, model, version)
             smoke = smoke_test(client, model, min_accuracy=target.smoke_min_accuracy)
         except (DeployError, TritonError, model_repo.ModelRepoError, OSError, ValueError) as exc:
