@@ -7,9 +7,11 @@
 4. the ``retrain`` DAG run in-process with ``airflow dags test``:
    validate -> train -> register -> compile -> qc -> deploy;
 5. one live inference through Triton on a known digit;
-6. with ``--regression`` (``make demo-regression``): a deliberately worse model trained on a
+6. a few thousand frames streamed gateway -> Kafka -> consumer sidecar -> Triton -> Kafka + Qdrant
+   (``tasks.demo_stream``), plus a few poison frames that must land in the dead-letter topic;
+7. with ``--regression`` (``make demo-regression``): a deliberately worse model trained on a
    label-noised small drop; the QC gate must block it and the earlier version keeps serving;
-7. a summary printed and written to ``var/demo/summary.json``.
+8. a summary printed and written to ``var/demo/summary.json``.
 """
 
 from __future__ import annotations
@@ -103,7 +105,7 @@ def live_prediction(triton_url: str, model: str) -> dict[str, Any]:
 
 
 def run_demo(home: Path = DEMO_HOME, size: int = 3000, seed: int = 0, epochs: int = 8,
-             regression: bool = False) -> dict[str, Any]:
+             regression: bool = False, stream_frames: int = 3000) -> dict[str, Any]:
     started = time.monotonic()
     if home.exists():
         shutil.rmtree(home)
@@ -133,6 +135,13 @@ def run_demo(home: Path = DEMO_HOME, size: int = 3000, seed: int = 0, epochs: in
             _say("one live inference through Triton (a known 7 from the golden set)")
             summary["triton_prediction"] = live_prediction(triton.http_url, cfg.model_name)
             print(json.dumps(summary["triton_prediction"]))
+            if stream_frames:
+                from tasks.demo_stream import run_stream
+
+                _say(f"streaming {stream_frames} frames: gateway -> Kafka -> consumer sidecar -> Triton -> "
+                     "predictions (Kafka) + Qdrant, and 5 poison frames for the dead-letter topic")
+                summary["stream"] = run_stream(home, triton.grpc_url, frames=stream_frames)
+                print(json.dumps(summary["stream"]))
         else:
             summary["triton_prediction"] = None
 
@@ -167,11 +176,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--home", type=Path, default=DEMO_HOME, help="state folder (wiped first)")
+    parser.add_argument("--stream-frames", type=int, default=3000,
+                        help="frames to stream through gateway/Kafka/consumer after deploy (0: skip)")
     parser.add_argument("--regression", action="store_true",
                         help="also train a deliberately worse model and show the QC gate blocking it")
     args = parser.parse_args(argv)
-    summary = run_demo(args.home, size=args.size, seed=args.seed, epochs=args.epochs, regression=args.regression)
+    summary = run_demo(args.home, size=args.size, seed=args.seed, epochs=args.epochs, regression=args.regression,
+                       stream_frames=args.stream_frames)
     ok = summary["validation"] == "passed" and summary["deployed_version"] is not None
+    if args.stream_frames:
+        ok = ok and summary.get("stream", {}).get("lost") == 0
     if args.regression:
         ok = ok and summary["regression"]["blocked"]
     return 0 if ok else 1
