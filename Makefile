@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help setup demo demo-regression test test-fast bench up down clean distclean
+.PHONY: help setup demo demo-regression test bench up down status clean distclean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -29,6 +29,18 @@ demo-regression: $(STAMP) ## the demo, then a deliberately worse model that the 
 
 test: $(STAMP) ## run the test suite (starts its own local services)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP) ## streaming benchmark: ORT in-process vs naive vs the consumer; writes var/bench/results.{json,md}
+	$(PY) -m tasks.bench
+
+up: $(STAMP) ## start the local stack (Airflow UI on 127.0.0.1:8080, Triton, broker, consumer, gateway)
+	$(PY) -m tasks.stack up
+
+down: ## stop the local stack started by `make up` (by recorded PIDs)
+	@if [ -x $(PY) ]; then $(PY) -m tasks.stack down; else echo "no venv: nothing was started"; fi
+
+status: $(STAMP) ## health of the local stack's services, URLs and the UI login
+	$(PY) -m tasks.stack status
 
 clean: ## remove generated state (var/)
 	rm -rf var

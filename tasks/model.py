@@ -47,10 +47,12 @@ def _define_classes() -> type:
     from torch import nn
 
     class DigitCNN(nn.Module):
-        """[conv(32) x2 -> pool] -> [conv(64) x2 -> pool] -> fc(64) = embedding -> fc(10) = logits.
+        """conv(32) -> pool -> conv(64) -> pool -> conv(128) -> pool -> fc(64) = embedding -> fc(10) = logits.
 
         Every 3x3 conv is followed by BatchNorm and ReLU; dropout sits between the
         embedding and the classification head (inactive in eval mode and in ONNX).
+        About 0.17 M parameters and 7.5 M multiply-adds per image: 8 epochs on
+        2,000 images take seconds on 2 CPU cores.
         """
 
         def __init__(self) -> None:
@@ -60,15 +62,16 @@ def _define_classes() -> type:
 
             def block(c_in: int, c_out: int) -> list[nn.Module]:
                 return [nn.Conv2d(c_in, c_out, kernel_size=3, padding=1, bias=False),
-                        nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+                        nn.BatchNorm2d(c_out), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
 
             self.features = nn.Sequential(
-                *block(1, 32), *block(32, 32), nn.MaxPool2d(2),  # 14x14
-                *block(32, 64), *block(64, 64), nn.MaxPool2d(2),  # 7x7
+                *block(1, 32),  # 28 -> 14
+                *block(32, 64),  # 14 -> 7
+                *block(64, 128),  # 7 -> 3
             )
             self.embed = nn.Sequential(
                 nn.Flatten(),
-                nn.Linear(64 * 7 * 7, EMBEDDING_DIM),
+                nn.Linear(128 * 3 * 3, EMBEDDING_DIM),
                 nn.ReLU(inplace=True),
             )
             self.dropout = nn.Dropout(0.25)

@@ -18,6 +18,11 @@ Thresholds come from ``MLPIPE_QC_*`` environment variables (or CLI flags). Outpu
 version; a failed gate sets the stage to ``rejected`` with the reasons.
 
     python -m tasks.qc --version 3            # exit 0 passed, 1 rejected (or --no-fail: exit 0, verdict in JSON)
+    MLPIPE_QC_MIN_ACCURACY=0.97 python -m tasks.qc --version 3 --latency-requests 50
+
+Exit codes: 0 passed (or failed with ``--no-fail``), 1 failed gate or object-store error,
+2 unknown version or a nonsensical threshold (one ``error:`` line, no traceback).
+A corrupt or wrongly shaped ``model.onnx`` is a failed ``loads`` check, never a crash.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from tasks.storage import Store, open_store
 
 logger = logging.getLogger(__name__)
 NUM_CLASSES = 10
+EXIT_REJECTED, EXIT_USAGE, EXIT_ERROR = 1, 2, 1
 
 
 @dataclass(frozen=True)
@@ -70,7 +76,24 @@ class QCThresholds:
                     except ValueError:
                         raise ValueError(f"MLPIPE_QC_{f.name.upper()}={raw!r} is not a number") from None
         values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
+        th = cls(**values)
+        th.validate()
+        return th
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first threshold that makes no sense."""
+        for name in ("min_accuracy", "min_class_recall"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"QC threshold {name} (MLPIPE_QC_{name.upper()}) must be a fraction in [0, 1], "
+                                 f"got {value}")
+        for name in ("max_regression", "max_parity_diff", "max_trt_parity_diff", "p95_latency_ms"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"QC threshold {name} (MLPIPE_QC_{name.upper()}) must be >= 0, "
+                                 f"got {getattr(self, name)}")
+        if self.latency_requests < 1:
+            raise ValueError(f"QC latency_requests (MLPIPE_QC_LATENCY_REQUESTS) must be >= 1, "
+                             f"got {self.latency_requests}")
 
 
 def _check(name: str, passed: bool | None, detail: str, value: Any = None, threshold: Any = None) -> dict[str, Any]:
@@ -106,68 +129,94 @@ def _recalls(cm) -> list[float]:
 
 def _triton_checks(model: str, version: int, onnx_path: Path, images, ort_labels, th: QCThresholds,
                    work: Path) -> list[dict[str, Any]]:
-    """Load the candidate in a throw-away local Triton; check answers and batch-1 latency."""
+    """Load the candidate in a throw-away local Triton (InfraValidator); check its answers and batch-1 latency."""
     import numpy as np
 
     from tasks import model_repo
     from tasks.triton import LocalTriton, TritonClient
 
-    repo = model_repo.render_repo("local", work / "repo", model)
+    not_measured = "not measured: the candidate did not {} in Triton"
     try:
+        repo = model_repo.render_repo("local", work / "repo", model)
         model_repo.write_classifier_version(repo, model, version, onnx_path)
         model_repo.set_serving_version(repo, model, version)
-    except Exception as exc:  # noqa: BLE001
-        return [_check("triton_serves", False, f"the candidate cannot be put in a Triton repository: {exc}"),
-                _check("latency_p95", None, "not measured: the model did not load in Triton")]
+    except Exception as exc:  # noqa: BLE001 - a model that cannot be put in a repository fails the gate
+        return [_check("triton_serves", False, f"the candidate cannot be put in a Triton model repository: {exc}"),
+                _check("latency_p95", None, not_measured.format("load"))]
     try:
-        with LocalTriton(repo, work / "logs") as server:
-            client = TritonClient(server.grpc_url, protocol="grpc")
-            try:
-                client.load_model(model)
-                out = client.infer_images(model, images[:256])
-            except Exception as exc:  # noqa: BLE001
-                return [_check("triton_serves", False, f"Triton did not load or answer: {exc}"),
-                        _check("latency_p95", None, "not measured: the model did not answer in Triton")]
-            labels = np.asarray(out["LABEL"]).reshape(-1)
-            agree = float(np.mean(labels == ort_labels[:len(labels)]))
-            serves = _check("triton_serves", agree >= 0.99,
-                            f"{len(labels)} golden images through the ensemble: {agree:.1%} agree with ONNX Runtime",
-                            round(agree, 4), 0.99)
-            for i in range(10):  # warm-up
-                client.infer_images(model, images[i:i + 1])
-            lat = []
-            for i in range(th.latency_requests):
-                t0 = time.perf_counter()
-                client.infer_images(model, images[i % len(images):i % len(images) + 1])
-                lat.append((time.perf_counter() - t0) * 1000)
-            p50, p95 = float(np.percentile(lat, 50)), float(np.percentile(lat, 95))
-            latency = _check("latency_p95", p95 <= th.p95_latency_ms,
-                             f"{len(lat)} requests at batch 1 over gRPC: p50 {p50:.2f} ms, p95 {p95:.2f} ms",
-                             round(p95, 3), th.p95_latency_ms)
-            latency["p50_ms"] = round(p50, 3)
-            return [serves, latency]
+        with LocalTriton(repo, work / "logs", backend_dir=work / "backends") as server:
+            with TritonClient(server.grpc_url, protocol="grpc") as client:
+                try:
+                    client.load_model(model)
+                    client.wait_model_ready(model, timeout=120)
+                    n = min(256, len(images))
+                    out = client.infer_images(model, images[:n])
+                except Exception as exc:  # noqa: BLE001
+                    tail = "\n".join(server.log_tail(15).splitlines()[-5:])
+                    return [_check("triton_serves", False, f"Triton did not load or answer: {exc}"
+                                   + (f" (server log: {tail})" if tail else "")),
+                            _check("latency_p95", None, not_measured.format("answer"))]
+                labels = np.asarray(out["LABEL"]).reshape(-1)
+                emb_shape = list(np.asarray(out["EMBEDDING"]).shape)
+                agree = float(np.mean(labels == ort_labels[:len(labels)])) if len(labels) == n else 0.0
+                ok = len(labels) == n and emb_shape == [n, 64] and agree >= 0.99
+                serves = _check("triton_serves", ok,
+                                f"{n} golden images through the ensemble {model!r} (classifier v{version}): "
+                                f"{agree:.1%} of labels agree with ONNX Runtime; LABEL {len(labels)} rows, "
+                                f"EMBEDDING {emb_shape}", round(agree, 4), 0.99)
+                if not ok:
+                    return [serves, _check("latency_p95", None, "not measured: the answers were wrong")]
+                for i in range(10):  # warm-up
+                    client.infer_images(model, images[i:i + 1])
+                lat = []
+                for i in range(th.latency_requests):
+                    j = i % len(images)
+                    t0 = time.perf_counter()
+                    client.infer_images(model, images[j:j + 1])
+                    lat.append((time.perf_counter() - t0) * 1000)
+                p50, p95 = float(np.percentile(lat, 50)), float(np.percentile(lat, 95))
+                latency = _check("latency_p95", p95 <= th.p95_latency_ms,
+                                 f"{len(lat)} requests at batch 1 over gRPC: p50 {p50:.2f} ms, p95 {p95:.2f} ms "
+                                 f"(budget {th.p95_latency_ms:g} ms)", round(p95, 3), th.p95_latency_ms)
+                latency["p50_ms"] = round(p50, 3)
+                return [serves, latency]
     except Exception as exc:  # noqa: BLE001 - a server that cannot start is a failed infra check
-        return [_check("triton_serves", False, f"local Triton could not start: {exc}"),
-                _check("latency_p95", None, "not measured: Triton did not start")]
+        return [_check("triton_serves", False, f"local Triton could not start or failed mid-check: {exc}"),
+                _check("latency_p95", None, "not measured: Triton did not run")]
 
 
-def _trt_parity(store: Store, model: str, version: int, x, ort_logits, th: QCThresholds, work: Path) -> dict[str, Any]:
+def _trt_parity(store: Store, model: str, version: int, x, ort_logits, ort_emb, th: QCThresholds,
+                work: Path) -> dict[str, Any]:
     prefix = f"models/{model}/{version}/"
     if not store.exists(prefix + "model.plan"):
         reason = "no TensorRT engine for this version"
         if store.exists(prefix + "compile.json"):
-            reason = f"no TensorRT engine: compile {store.get_json(prefix + 'compile.json').get('reason') or 'skipped'}"
+            try:
+                why = store.get_json(prefix + "compile.json").get("reason")
+            except Exception:  # noqa: BLE001 - the reason is informative only
+                why = None
+            reason = f"no TensorRT engine: compile {why or 'skipped'}"
         return _check("parity_trt_onnx", None, f"skipped: {reason}")
+    # A plan exists and would be served (production flavour): it must be shown to agree with ONNX.
     try:
-        import numpy as np
         import tensorrt as trt
         import torch
+    except ImportError as exc:
+        return _check("parity_trt_onnx", False, f"model.plan exists but TensorRT/torch cannot be imported here "
+                      f"({exc}): run QC on a GPU node with TensorRT, or delete the plan to serve ONNX")
+    try:
+        import numpy as np
 
+        if not torch.cuda.is_available():
+            raise RuntimeError("no CUDA GPU is visible")
         plan = store.get_file(prefix + "model.plan", work / "model.plan")
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         engine = runtime.deserialize_cuda_engine(plan.read_bytes())
+        if engine is None:
+            raise RuntimeError("the engine could not be deserialized (built for another GPU or TensorRT version?)")
         ctx = engine.create_execution_context()
-        batch = np.ascontiguousarray(x[:32])
+        max_batch = int(engine.get_tensor_profile_shape("input", 0)[2][0])
+        batch = np.ascontiguousarray(x[:max(1, min(32, max_batch))])
         inp = torch.from_numpy(batch).cuda()
         outs = {"logits": torch.empty((len(batch), 10), device="cuda"),
                 "embedding": torch.empty((len(batch), 64), device="cuda")}
@@ -177,12 +226,20 @@ def _trt_parity(store: Store, model: str, version: int, x, ort_logits, th: QCThr
             ctx.set_tensor_address(name, t.data_ptr())
         ctx.execute_async_v3(torch.cuda.current_stream().cuda_stream)
         torch.cuda.synchronize()
-        diff = float(np.max(np.abs(outs["logits"].cpu().numpy() - ort_logits[:len(batch)])))
+        diff = max(float(np.max(np.abs(outs["logits"].cpu().numpy() - ort_logits[:len(batch)]))),
+                   float(np.max(np.abs(outs["embedding"].cpu().numpy() - ort_emb[:len(batch)]))))
         return _check("parity_trt_onnx", diff <= th.max_trt_parity_diff,
-                      f"max |TensorRT - ONNX| logits over {len(batch)} golden images: {diff:.3g}",
+                      f"max |TensorRT - ONNX| over logits and embedding, {len(batch)} golden images: {diff:.3g}",
                       diff, th.max_trt_parity_diff)
     except Exception as exc:  # noqa: BLE001
         return _check("parity_trt_onnx", False, f"TensorRT engine could not be run for parity: {exc}")
+
+
+def _load_failure(report: dict[str, Any], checks: list[dict[str, Any]], detail: str) -> dict[str, Any]:
+    checks.append(_check("loads", False, detail))
+    report["verdict"] = "failed"
+    report["reasons"] = [f"loads: {detail}"]
+    return report
 
 
 def evaluate(store: Store, model: str, version: int, th: QCThresholds, work: Path) -> dict[str, Any]:
@@ -190,73 +247,92 @@ def evaluate(store: Store, model: str, version: int, th: QCThresholds, work: Pat
     import numpy as np
 
     from tasks.drops import golden_set
-    from tasks.model import ParityError, check_onnx_parity, load_torch, to_input
+    from tasks.model import EMBEDDING_DIM, check_onnx_parity, load_torch, to_input
+    from tasks.storage import ObjectNotFound
 
     manifest = registry.get_version(store, model, version)
     prefix = f"models/{model}/{version}/"
     images, y = golden_set()
     x = to_input(images)
     checks: list[dict[str, Any]] = []
-    report: dict[str, Any] = {"model": model, "version": version, "golden_set_size": int(len(y)),
-                              "thresholds": asdict(th), "checks": checks}
+    report: dict[str, Any] = {"model": model, "version": version, "stage": manifest.get("stage"),
+                              "golden_set_size": int(len(y)), "thresholds": asdict(th), "checks": checks}
 
-    onnx_path = store.get_file(prefix + "model.onnx", work / "model.onnx")
+    try:
+        onnx_path = store.get_file(prefix + "model.onnx", work / "model.onnx")
+    except ObjectNotFound:
+        return _load_failure(report, checks, f"model.onnx is missing from {store.uri(prefix)}")
     try:
         logits, emb = _ort_predict(onnx_path, x)
-        if logits.shape != (len(y), NUM_CLASSES) or emb.shape[0] != len(y) or emb.ndim != 2:
-            raise ValueError(f"outputs have the wrong shape: logits {list(logits.shape)}, embedding "
-                             f"{list(emb.shape)}; expected [{len(y)}, {NUM_CLASSES}] and [{len(y)}, 64]")
-        checks.append(_check("loads", True, "model.onnx loads in ONNX Runtime with contract output shapes"))
     except Exception as exc:  # noqa: BLE001 - a corrupt or wrong model is a failed gate, not a crash
-        checks.append(_check("loads", False, f"model.onnx is not a usable classifier: {exc}"))
-        report["verdict"] = "failed"
-        report["reasons"] = [checks[-1]["detail"]]
-        return report
+        return _load_failure(report, checks, f"model.onnx does not load or run in ONNX Runtime: "
+                             f"{type(exc).__name__}: {str(exc).strip()[:500]}")
+    expected = (len(y), NUM_CLASSES), (len(y), EMBEDDING_DIM)
+    if (logits.shape, emb.shape) != expected:
+        return _load_failure(report, checks, f"model.onnx outputs have the wrong shape: logits {list(logits.shape)}, "
+                             f"embedding {list(emb.shape)}; the contract (docs/CONTRACTS.md) needs "
+                             f"[N, {NUM_CLASSES}] and [N, {EMBEDDING_DIM}]")
+    if not (np.isfinite(logits).all() and np.isfinite(emb).all()):
+        return _load_failure(report, checks, "model.onnx gives NaN or infinite outputs on the golden set")
+    checks.append(_check("loads", True, "model.onnx loads in ONNX Runtime; outputs logits "
+                         f"[N, {NUM_CLASSES}] and embedding [N, {EMBEDDING_DIM}] as in the contract"))
 
     pred = logits.argmax(1)
     cm = _confusion(y, pred)
     acc = float((pred == y).mean())
     recalls = _recalls(cm)
     report.update(accuracy=acc, per_class_recall=recalls, confusion_matrix=cm.tolist())
-    checks.append(_check("accuracy", acc >= th.min_accuracy, f"golden-set accuracy {acc:.4f}",
-                         round(acc, 4), th.min_accuracy))
+    checks.append(_check("accuracy", acc >= th.min_accuracy, f"golden-set accuracy {acc:.4f} "
+                         f"(threshold {th.min_accuracy:g})", round(acc, 4), th.min_accuracy))
     worst = int(np.argmin(recalls))
-    checks.append(_check("class_recall", min(recalls) >= th.min_class_recall,
-                         f"lowest recall {recalls[worst]:.3f} for class {worst}", round(min(recalls), 4),
-                         th.min_class_recall))
+    low = [str(c) for c, r in enumerate(recalls) if r < th.min_class_recall]
+    checks.append(_check("class_recall", not low,
+                         f"lowest recall {recalls[worst]:.3f} for class {worst} (threshold {th.min_class_recall:g})"
+                         + (f"; classes below: {', '.join(low)}" if low else ""),
+                         round(min(recalls), 4), th.min_class_recall))
 
     champ = registry.champion(store, model)
-    if champ is None or champ["version"] == version:
+    report["champion"] = None
+    if champ is None:
         checks.append(_check("no_regression", True, "no champion in production yet: nothing to regress against"))
-        report["champion"] = None
+    elif champ["version"] == version:
+        checks.append(_check("no_regression", True, f"v{version} is the champion itself"))
     else:
-        c_onnx = store.get_file(f"models/{model}/{champ['version']}/model.onnx", work / "champion.onnx")
-        c_pred = _ort_predict(c_onnx, x)[0].argmax(1)
-        c_acc = float((c_pred == y).mean())
-        drop = c_acc - acc
-        report["champion"] = {"version": champ["version"], "accuracy": c_acc,
-                              "per_class_recall": _recalls(_confusion(y, c_pred))}
-        checks.append(_check("no_regression", drop <= th.max_regression,
-                             f"champion v{champ['version']} {c_acc:.4f} vs candidate {acc:.4f} "
-                             f"(change {-drop:+.4f}, tolerance -{th.max_regression})",
-                             round(-drop, 4), -th.max_regression))
+        try:
+            c_onnx = store.get_file(f"models/{model}/{champ['version']}/model.onnx", work / "champion.onnx")
+            c_pred = _ort_predict(c_onnx, x)[0].argmax(1)
+        except Exception as exc:  # noqa: BLE001 - a broken champion must not block its replacement
+            logger.warning("champion v%s cannot be evaluated: %s", champ["version"], exc)
+            checks.append(_check("no_regression", None, f"skipped: champion v{champ['version']} could not be "
+                                 f"evaluated on the golden set ({type(exc).__name__}: {exc})"))
+        else:
+            c_acc = float((c_pred == y).mean())
+            drop = c_acc - acc
+            report["champion"] = {"version": champ["version"], "accuracy": c_acc,
+                                  "per_class_recall": _recalls(_confusion(y, c_pred))}
+            checks.append(_check("no_regression", drop <= th.max_regression + 1e-12,
+                                 f"champion v{champ['version']} {c_acc:.4f} vs candidate {acc:.4f} on the same "
+                                 f"golden set (change {-drop:+.4f}, tolerance -{th.max_regression:g})",
+                                 round(-drop, 4), -th.max_regression))
 
     if store.exists(prefix + "model.pt"):
         try:
             torch_model = load_torch(store.get_file(prefix + "model.pt", work / "model.pt"))
             diff = check_onnx_parity(torch_model, onnx_path, inputs=x[:64], tolerance=th.max_parity_diff)
-            checks.append(_check("parity_onnx_torch", True, f"max |ONNX - PyTorch| {diff:.3g}", diff,
-                                 th.max_parity_diff))
-        except (ParityError, ValueError, RuntimeError) as exc:
-            checks.append(_check("parity_onnx_torch", False, str(exc)))
+            checks.append(_check("parity_onnx_torch", True, f"max |ONNX - PyTorch| over logits and embedding "
+                                 f"(batches 1, 7, 32): {diff:.3g}", diff, th.max_parity_diff))
+        except Exception as exc:  # noqa: BLE001 - ParityError, a bad state_dict, an unreadable file
+            checks.append(_check("parity_onnx_torch", False, f"{type(exc).__name__}: {exc}",
+                                 threshold=th.max_parity_diff))
     else:
         checks.append(_check("parity_onnx_torch", False, "model.pt missing: parity with PyTorch cannot be shown"))
 
-    checks.append(_trt_parity(store, model, version, x, logits, th, work))
+    checks.append(_trt_parity(store, model, version, x, logits, emb, th, work))
     if th.triton_check:
         checks.extend(_triton_checks(model, version, onnx_path, images, pred, th, work))
     else:
         checks.append(_check("triton_serves", None, "skipped: MLPIPE_QC_TRITON_CHECK=0"))
+        checks.append(_check("latency_p95", None, "skipped: MLPIPE_QC_TRITON_CHECK=0"))
 
     failed = [c for c in checks if c["passed"] is False]
     report["verdict"] = "failed" if failed else "passed"
@@ -335,27 +411,43 @@ td,th{{border:1px solid #d0d7de;padding:4px 8px;text-align:left;vertical-align:t
 
 def run_qc(store: Store, model: str, version: int, th: QCThresholds | None = None,
            work_dir: Path | None = None) -> dict[str, Any]:
-    """Evaluate, store ``qc_report.json``/``.html`` on the version, and reject a failing candidate."""
+    """Evaluate, store ``qc_report.json``/``.html`` on the version, and reject a failing candidate.
+
+    Only a ``candidate`` is moved to ``rejected``; re-running QC on a version in another stage records
+    the new verdict on it (``version.json`` ``qc``) without changing its stage.
+    """
     th = th or QCThresholds.from_env()
-    work_root = work_dir or (load_settings().home / "qc")
+    registry.get_version(store, model, version)  # unknown version: RegistryError before any work
+    work_root = Path(work_dir) if work_dir else load_settings().home / "qc"
     work_root.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    logger.info("QC of %s v%s on the golden set (thresholds %s)", model, version, asdict(th))
     with tempfile.TemporaryDirectory(prefix=f"{model}-v{version}-", dir=work_root) as tmp:
         report = evaluate(store, model, version, th, Path(tmp))
+    report["seconds"] = round(time.monotonic() - t0, 2)
     report["at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    report["report_uri"] = registry.put_version_file(store, model, version, "qc_report.html",
-                                                     render_html(report).encode())
-    report["report_json_uri"] = registry.put_version_file(store, model, version, "qc_report.json", report)
+    report["report_uri"] = store.uri(f"models/{model}/{version}/qc_report.html")
+    report["report_json_uri"] = store.uri(f"models/{model}/{version}/qc_report.json")
+    registry.put_version_file(store, model, version, "qc_report.html", render_html(report).encode())
+    registry.put_version_file(store, model, version, "qc_report.json", report)
     for c in report["checks"]:
         log = logger.info if c["passed"] is not False else logger.warning
         log("qc %-18s %-7s %s", c["name"], c["status"], c["detail"])
     manifest = registry.get_version(store, model, version)
-    manifest["qc"] = {"verdict": report["verdict"], "reasons": report["reasons"], "report": report["report_uri"]}
+    manifest["qc"] = {"verdict": report["verdict"], "reasons": report["reasons"], "report": report["report_uri"],
+                      "report_json": report["report_json_uri"], "at": report["at"]}
     store.put_json(f"models/{model}/{version}/version.json", manifest)
+    stage = manifest.get("stage")
     if report["verdict"] == "failed":
-        registry.set_stage(store, model, version, "rejected", "QC gate failed: " + "; ".join(report["reasons"]))
-        logger.warning("QC FAILED for %s v%s: %s", model, version, "; ".join(report["reasons"]))
+        if stage == "candidate":
+            registry.set_stage(store, model, version, "rejected", "QC gate failed: " + "; ".join(report["reasons"]))
+        elif stage != "rejected":
+            logger.warning("%s v%s is in stage %r, not a candidate: its stage is left as it is", model, version, stage)
+        logger.warning("QC FAILED for %s v%s: %s (report %s)", model, version, "; ".join(report["reasons"]),
+                       report["report_uri"])
     else:
-        logger.info("QC passed for %s v%s (report %s)", model, version, report["report_uri"])
+        logger.info("QC passed for %s v%s in %.1fs (report %s)", model, version, report["seconds"],
+                    report["report_uri"])
     return report
 
 
@@ -377,13 +469,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--result-json", type=Path, help="write the verdict here (Airflow XCom)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = load_settings()
+    from tasks.storage import StoreError
+
     try:
+        cfg = load_settings()
         th = QCThresholds.from_env(**{f.name: getattr(args, f.name) for f in fields(QCThresholds)})
         report = run_qc(open_store(cfg), args.model or cfg.model_name, args.version, th)
     except (registry.RegistryError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
+    except StoreError as exc:
+        print(f"error: object store: {exc}", file=sys.stderr)
+        return EXIT_ERROR
     result = {k: report[k] for k in ("model", "version", "verdict", "reasons", "report_uri")}
     result["accuracy"] = report.get("accuracy")
     print(json.dumps(result, indent=2))
@@ -391,8 +488,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.result_json.parent.mkdir(parents=True, exist_ok=True)
         args.result_json.write_text(json.dumps(result))
     if report["verdict"] == "failed":
-        print(f"error: QC gate failed for v{args.version}: " + "; ".join(report["reasons"]), file=sys.stderr)
-        return 0 if args.no_fail else 1
+        print(f"error: QC gate failed for {report['model']} v{args.version}: " + "; ".join(report["reasons"]),
+              file=sys.stderr)
+        return 0 if args.no_fail else EXIT_REJECTED
     return 0
 
 

@@ -59,6 +59,7 @@ DEFAULT_LR = 2e-3
 DEFAULT_PATIENCE = 2
 DEFAULT_VAL_FRACTION = 0.2
 WEIGHT_DECAY = 1e-4
+LABEL_SMOOTHING = 0.1  # training loss only; val/golden losses are plain cross-entropy
 MIN_DELTA = 1e-4  # a val loss must improve by more than this to count as better
 EXIT_ERROR, EXIT_USAGE = 1, 2
 RUN_FILES = ("model.onnx", "model.pt", "metrics.json", "history.json", "curves.png")
@@ -190,22 +191,21 @@ def _evaluate(model: "nn.Module", x: Any, y: Any, batch_size: int = 1024) -> tup
 
 
 def _shift_batch(xb: Any, gen: Any, max_shift: int = 2) -> Any:
-    """Random translation of each image by up to ``max_shift`` pixels (deterministic given ``gen``).
+    """Translate each image by its own random offset of up to ``max_shift`` pixels (zero fill).
 
-    Pixels rolled off one edge re-enter at the other; MNIST borders are black,
-    so for shifts this small that is a plain translation.
+    One gather per batch: pad by ``max_shift``, then read a 28x28 window at a
+    per-image offset drawn from ``gen`` (deterministic for a seeded generator).
     """
     import torch
+    import torch.nn.functional as F
 
-    k = 2 * max_shift + 1
-    codes = torch.randint(0, k * k, (len(xb),), generator=gen).to(xb.device)
-    out = xb.clone()
-    for code in torch.unique(codes).tolist():
-        mask = codes == code
-        dy, dx = code // k - max_shift, code % k - max_shift
-        if dy or dx:
-            out[mask] = torch.roll(xb[mask], shifts=(dy, dx), dims=(2, 3))
-    return out
+    n, _, h, w = xb.shape
+    pw = w + 2 * max_shift
+    offsets = torch.randint(0, 2 * max_shift + 1, (2, n), generator=gen).to(xb.device)
+    padded = F.pad(xb, (max_shift, max_shift, max_shift, max_shift)).reshape(n, -1)
+    rows = offsets[0][:, None, None] + torch.arange(h, device=xb.device)[None, :, None]
+    cols = offsets[1][:, None, None] + torch.arange(w, device=xb.device)[None, None, :]
+    return padded.gather(1, (rows * pw + cols).reshape(n, -1)).reshape(n, 1, h, w)
 
 
 def train_arrays(
@@ -224,9 +224,11 @@ def train_arrays(
 ) -> tuple["nn.Module", list[dict[str, Any]], dict[str, Any]]:
     """Train the CNN on uint8 images ``X`` [N,28,28] and labels ``y`` [N].
 
-    Stratified train/val split, Adam with a cosine learning-rate decay, early
-    stopping on validation loss (``patience`` epochs without improvement; the
-    best weights are restored). Returns ``(model, history, metrics)``: the model
+    Stratified train/val split, random +-2 px shifts of the training images
+    (``augment``), Adam with a one-cycle learning-rate schedule (warm-up to
+    ``lr``, cosine decay over ``epochs``), early stopping on validation loss
+    (stop after more than ``patience`` epochs without improvement; the best
+    weights are restored). Training loss that is not finite raises TrainError. Returns ``(model, history, metrics)``: the model
     (in eval mode, on ``device``), one dict per epoch, and summary metrics with
     ``val_accuracy``, ``val_loss``, ``best_epoch``, ``epochs_run``,
     ``early_stopped``, ``train_seconds``, ``n_train``, ``n_val``, ``seed``.
@@ -294,7 +296,7 @@ def train_arrays(
                 if augment:
                     xb = _shift_batch(xb, gen)
                 logits, _ = model(xb)
-                loss = F.cross_entropy(logits, yb)
+                loss = F.cross_entropy(logits, yb, label_smoothing=LABEL_SMOOTHING)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -488,6 +490,7 @@ def train(
     params = {
         "drop_ids": drop_ids, "epochs": epochs, "seed": seed, "batch_size": batch_size, "lr": lr,
         "patience": patience, "val_fraction": val_fraction, "weight_decay": WEIGHT_DECAY,
+        "label_smoothing": LABEL_SMOOTHING,
         "device": device, "augment": True, "model": cfg.model_name,
     }
 
