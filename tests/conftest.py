@@ -60,3 +60,12 @@ def s3_endpoint(tmp_path_factory):
 def s3_store(s3_endpoint, request):
     bucket = "t-" + request.node.name.lower().replace("_", "-").replace("[", "-").replace("]", "")[:40].strip("-")
     return S3Store(bucket, s3_endpoint)
+
+
+# The local stack (`make up` on free ports), shared by the stack, trigger, REST API and UI tests; the tests
+# that use it run last, so its processes never run beside the other tests (tests/stack_fixtures.py).
+from tests.stack_fixtures import airflow_stack, mlpipe_stack, stack_tests_last  # noqa: E402,F401
+
+
+def pytest_collection_modifyitems(session, config, items):
+    stack_tests_last(items)
