@@ -1,10 +1,14 @@
-"""rollback: serve an earlier registered version (manual trigger) and record it in the registry."""
+"""rollback: serve an earlier registered version (manual trigger) and record it in the registry.
+
+Updates the ``mlpipe_deployments`` asset (the ``monitor`` DAG watches what is served).
+"""
 
 from __future__ import annotations
 
 import pendulum
 from airflow.sdk import Param, dag
 
+from mlpipe_assets import DEPLOYMENTS
 from mlpipe_steps import step
 
 
@@ -24,7 +28,8 @@ from mlpipe_steps import step
     },
 )
 def rollback():
-    step("rollback", "deploy", ["rollback", "--version", "{{ params.version }}", "--reason", "{{ params.reason }}"], retries=1)
+    step("rollback", "deploy", ["rollback", "--version", "{{ params.version }}", "--reason", "{{ params.reason }}"], retries=1,
+         outlets=[DEPLOYMENTS])
 
 
 rollback()

@@ -241,14 +241,20 @@ def _print(obj: Any) -> None:
     print(json.dumps(obj, indent=2, sort_keys=True, default=str))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def split_drop_ids(values: Sequence[str]) -> list[str]:
+    """``["a", "b,c", "a"]`` -> ``["a", "b", "c"]``: comma lists expanded, repeats dropped, order kept."""
+    return list(dict.fromkeys(part.strip() for value in values for part in str(value).split(",") if part.strip()))
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m tasks.registry", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="model name (default: $MLPIPE_MODEL_NAME or 'digits')")
     sub = parser.add_subparsers(dest="cmd", required=True)
     reg = sub.add_parser("register", help="register a training run as a new candidate version")
     reg.add_argument("--run-id", required=True, help="training run id (runs/<run_id>/ in the store)")
-    reg.add_argument("--drop-id", action="append", required=True, help="drop the run trained on (repeatable)")
+    reg.add_argument("--drop-id", action="append", required=True,
+                     help="drop the run trained on (repeatable, or a comma-separated list)")
     reg.add_argument("--clearml-task-id", default=None)
     reg.add_argument("--no-mirror", action="store_true", help="do not mirror to ClearML")
     reg.add_argument("--result-json", type=Path, help="write the version manifest here")
@@ -261,15 +267,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     st.add_argument("--reason", default="manual")
     sub.add_parser("champion", help="print the production version")
     sub.add_parser("events", help="print the registry event log")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = load_settings()
     model = args.model or cfg.model_name
     try:
         store = open_store(cfg)
         if args.cmd == "register":
-            result = register(store, model, args.run_id, args.drop_id, clearml_task_id=args.clearml_task_id,
-                              mirror=not args.no_mirror)
+            result = register(store, model, args.run_id, split_drop_ids(args.drop_id),
+                              clearml_task_id=args.clearml_task_id, mirror=not args.no_mirror)
             if args.result_json:
                 args.result_json.parent.mkdir(parents=True, exist_ok=True)
                 args.result_json.write_text(json.dumps(result, default=str))
