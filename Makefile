@@ -28,6 +28,7 @@ demo-regression: $(STAMP) ## the demo, then a deliberately worse model that the 
 	$(PY) -m tasks.demo --regression
 
 test: $(STAMP) ## run the test suite (starts its own local services)
+	@bash .ci/ensure-chromium
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP) ## streaming benchmark: ORT in-process vs naive vs the consumer; writes var/bench/results.{json,md}
