@@ -22,12 +22,12 @@ ROWS = 200
 DOWNSTREAM = ["train", "register", "compile", "qc", "qc_gate", "deploy"]
 
 
-def task_states(home: Path, output: str) -> dict[str, str | None]:
+def task_states(home: Path, output: str, dag_id: str = "retrain") -> dict[str, str | None]:
     run_id = re.search(r"run_id=(manual__[^,\s]+)", output).group(1)
     db = sqlite3.connect(home / "airflow" / "airflow.db")
     try:
-        rows = db.execute("SELECT task_id, state FROM task_instance WHERE dag_id='retrain' AND run_id=?",
-                          (run_id,)).fetchall()
+        rows = db.execute("SELECT task_id, state FROM task_instance WHERE dag_id=? AND run_id=?",
+                          (dag_id, run_id)).fetchall()
     finally:
         db.close()
     return dict(rows)

@@ -66,3 +66,13 @@ def test_retrain_deploys_then_gate_blocks_a_worse_model(stack):
     assert registry.champion(store, "digits")["version"] == 1
     assert model_repo.serving_version(home / "model_repo", "digits") == 1
     assert TritonClient(triton.grpc_url).ready_versions("digits_classifier") == [1]
+
+    # The rollback DAG refuses a version QC rejected: the run fails naming why, the serving version is unchanged.
+    run3 = dags_test("rollback", {"version": 2, "reason": "e2e: try the rejected one"}, env=env)
+    out3 = run3.stdout + run3.stderr
+    assert run3.returncode != 0
+    assert task_states(home, out3, "rollback")["rollback"] == "failed"
+    assert "v2 was rejected by QC" in out3, out3[-3000:]
+    assert model_repo.serving_version(home / "model_repo", "digits") == 1
+    assert registry.champion(store, "digits")["version"] == 1
+    assert TritonClient(triton.grpc_url).ready_versions("digits_classifier") == [1]
