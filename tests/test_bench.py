@@ -1,0 +1,57 @@
+"""Smoke test of the benchmark machinery (``tasks.bench``) with tiny counts.
+
+Starts the real local services (Tansu, Triton, the consumer as a subprocess) like
+``make bench`` does and checks that the results file has its keys and positive
+numbers. No timing is asserted: timings belong to ``make bench``, not to tests.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tasks.bench import RESULT_KEYS, main
+from tests.triton_fixtures import _tiny_onnx_cache  # noqa: F401
+
+pytestmark = pytest.mark.integration
+
+
+def test_bench_writes_results_with_every_key(tmp_path, mlpipe_env, _tiny_onnx_cache, capsys):  # noqa: F811
+    out = tmp_path / "bench"
+    rc = main(["--out-dir", str(out), "--onnx", str(_tiny_onnx_cache), "--frames", "300", "--naive-frames", "30",
+               "--latency-seconds", "1", "--latency-fractions", "0.5", "--ort-seconds", "0.2", "--policies", "default", "--profile", "always",
+               "--profile-frames", "200", "--dag-repeats", "1", "--phase-timeout", "120",
+               "--session-timeout-ms", "2000"])
+    printed = capsys.readouterr()
+    assert rc == 0, printed.err[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    for key in RESULT_KEYS + ("dag_parse_s",):
+        assert isinstance(results[key], (int, float)) and results[key] > 0, (key, results.get(key))
+    d = results["details"]
+    assert d["naive"]["frames"] == 30
+    assert d["naive"]["qdrant_policy"] == "low_confidence:0.9,sample:0.05"  # (b) does the same sink work as (c)
+    assert d["config"]["partitions"] == 1
+    drain = d["consumer"]["default"]["max"]
+    assert drain["predicted"] >= 300 and drain["complete"], drain
+    assert drain["policy"] == "low_confidence:0.9,sample:0.05"
+    lat = d["consumer"]["default"]["latency"]
+    assert lat["complete"] and lat["e2e"]["n"] == lat["frames"] > 0
+    assert d["profile"]["main_thread"], d["profile"]
+    # DAG import errors are tests/test_dag_structure.py's business; here: every DAG file was timed
+    assert d["dag_parse"]["files"] and all(f["median_s"] > 0 for f in d["dag_parse"]["files"].values())
+    assert 0 < results["targets"]["fraction_of_ort"]
+    table = (out / "results.md").read_text()
+    assert "| scenario | images/s | p50 ms | p95 ms | notes |" in table
+    assert "(c) consumer" in table and table in printed.out  # the table is printed too
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--frames", "0"], "--frames must be positive"),
+    (["--onnx", "/nonexistent/model.onnx"], "is not a file"),
+    (["--policies", "everything"], "bad Qdrant policy"),
+])
+def test_bad_arguments_are_one_line_errors(args, message, tmp_path, capsys):
+    assert main(["--out-dir", str(tmp_path), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err
