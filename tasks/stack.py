@@ -563,7 +563,7 @@ def up(spec: StackSpec, *, env: Mapping[str, str] | None = None, out: Callable[[
         if not missing:
             out(f"the mlpipe stack is already running (home {home}, started {state.get('started_at')}); "
                 "nothing to do. `make down` stops it.")
-            return status(home)
+            return settled_status(home, spec.timeout)
         out(f"the mlpipe stack is partly running; starting the services that are down: {', '.join(missing)}"
             + (f" (recorded but dead: {', '.join(sorted(recorded & set(missing)))})"
                if recorded & set(missing) else ""))
@@ -632,7 +632,20 @@ def up(spec: StackSpec, *, env: Mapping[str, str] | None = None, out: Callable[[
                 state_path(home).unlink(missing_ok=True)
         raise
     out(f"all {len(spec.services)} services healthy after {time.monotonic() - t0:.0f}s")
-    return status(home)
+    return settled_status(home, spec.timeout)
+
+
+def settled_status(home: Path, timeout: float = 60.0, interval: float = 1.0) -> dict[str, Any]:
+    """``status()``, asked again while a live service's health check fails, up to ``timeout`` seconds: an
+    api-server busy just after start (parsing, scheduling) can miss one 2 s health probe; that is not down."""
+    deadline = time.monotonic() + timeout
+    while True:
+        st = status(home)
+        sick = [n for n, i in st["services"].items() if i.get("alive") and not i.get("healthy")]
+        if not sick or time.monotonic() >= deadline:
+            return st
+        logger.info("waiting for %s to answer its health check", ", ".join(sick))
+        time.sleep(interval)
 
 
 def _wait_healthy(wave: Sequence[Service], state: Mapping[str, Any], spec: StackSpec, t0: float) -> None:
