@@ -5,8 +5,8 @@
    cosine distance, MMD) of the newest ``window`` predictions from Kafka ``predictions`` or Qdrant
    against the champion run over its training data. Writes ``monitoring/<ts>/report.html`` (with plots)
    and ``report.json`` to the object store.
-2. ``drifted``: short-circuit: no drift (or too few predictions) ends the run here, ``request_retrain``
-   shows as *skipped* and no asset event is emitted.
+2. ``drifted``: short-circuit: no drift (or too few predictions, or no champion deployed yet) ends the
+   run here, ``request_retrain`` shows as *skipped* and no asset event is emitted.
 3. ``request_retrain``: emits an event of the ``mlpipe_drift`` asset (extra: the summary, the report URI
    and the check values); ``scheduled_retrain`` is scheduled on it and retrains on the validated drops
    since the champion.
@@ -64,7 +64,7 @@ def monitor():
     analyze = step("analyze", "monitor",
                    ["--source", "{{ params.source }}", "--window", "{{ params.window }}",
                     "--min-samples", "{{ params.min_samples }}", "--max-class-psi", "{{ params.max_class_psi }}",
-                    "--max-embedding-cosine", "{{ params.max_embedding_cosine }}"],
+                    "--max-embedding-cosine", "{{ params.max_embedding_cosine }}", "--no-champion-ok"],
                    retries=2, inlets=[DEPLOYMENTS])
 
     @task.short_circuit

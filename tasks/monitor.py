@@ -32,8 +32,9 @@
    ``report.html`` (verdict, checks, plots) and the plots as PNG; ``monitoring/latest.json``.
 
 Exit codes: 0 evaluated (drift or not: read ``drift`` in the result), 1 drift with
-``--fail-on-drift``, 2 bad usage or nothing to compare with (no champion), 3 the source
-could not be read (transient: retried by Airflow).
+``--fail-on-drift``, 2 bad usage or nothing to compare with (no champion; with
+``--no-champion-ok``, as the DAG runs it, that is status ``no_champion`` and exit 0), 3 the
+source could not be read (transient: retried by Airflow).
 """
 
 from __future__ import annotations
@@ -75,6 +76,10 @@ EPS = 1e-4
 
 class MonitorError(ValueError):
     """Nothing to monitor against (no champion, unreadable model) or bad options."""
+
+
+class NoChampion(MonitorError):
+    """No production version: nothing to compare live predictions with (yet)."""
 
 
 class SourceUnavailable(RuntimeError):
@@ -231,7 +236,7 @@ def champion(store: "Store", model: str) -> dict[str, Any]:
 
     champ = registry.champion(store, model)
     if champ is None:
-        raise MonitorError(f"model {model!r} has no production version in {store.url}: nothing to compare live "
+        raise NoChampion(f"model {model!r} has no production version in {store.url}: nothing to compare live "
                            "predictions with; deploy a model first (the retrain DAG)")
     return champ
 
@@ -708,6 +713,9 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument(f"--max-{name.replace('_', '-')}", dest=name, type=float, default=getattr(d, name),
                        help=f"threshold: {help_} (default {getattr(d, name)})")
     p.add_argument("--fail-on-drift", action="store_true", help="exit 1 when drift is found")
+    p.add_argument("--no-champion-ok", action="store_true",
+                   help="no production version yet: report status no_champion (no verdict, exit 0) instead of "
+                        "exit 2 (the scheduled DAG on a stack that has not deployed a model yet)")
     p.add_argument("--result-json", type=Path, default=None, help="write the report summary here (Airflow XCom)")
     p.add_argument("--log-level", default=os.environ.get("MLPIPE_LOG_LEVEL") or "INFO")
     return p
@@ -736,6 +744,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         report = run_monitor(open_store(cfg), args.model or cfg.model_name, source=args.source, window=args.window,
                              thresholds=th, kafka=kafka, qdrant_url=args.qdrant_url, qdrant_path=args.qdrant_path,
                              reference_size=args.reference_size, timeout=args.timeout)
+    except NoChampion as exc:
+        if not args.no_champion_ok:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        logger.warning("%s: no verdict", exc)
+        report = {"status": "no_champion", "drift": False, "summary": f"no verdict: {exc}", "samples": 0,
+                  "model": args.model or cfg.model_name, "champion": None, "report_uri": None, "json_uri": None,
+                  "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "checks": []}
     except (MonitorError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -177,6 +177,13 @@ def test_cli(served, tmp_path):
     assert bad.returncode == 2 and bad.stderr.strip() == "error: --window must be positive, got 0"
     empty = _cli([], {**served.env, "MLPIPE_STORE_URL": f"file://{tmp_path / 'empty'}"})
     assert empty.returncode == 2 and "has no production version" in empty.stderr and "Traceback" not in empty.stderr
+    # As the scheduled DAG runs it: no champion yet is no verdict, not a failure.
+    waiting = _cli(["--no-champion-ok", "--result-json", str(tmp_path / "w.json")],
+                   {**served.env, "MLPIPE_STORE_URL": f"file://{tmp_path / 'empty'}"})
+    assert waiting.returncode == 0, waiting.stderr[-1500:]
+    result = json.loads((tmp_path / "w.json").read_text())
+    assert (result["status"], result["drift"]) == ("no_champion", False)
+    assert "has no production version" in result["summary"]
     down = _cli(["--bootstrap", "127.0.0.1:1", "--timeout", "3"], served.env)
     assert down.returncode == 3 and "error: topic" in down.stderr
 
