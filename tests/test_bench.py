@@ -30,11 +30,11 @@ def test_bench_writes_results_with_every_key(tmp_path, mlpipe_env, _tiny_onnx_ca
         assert isinstance(results[key], (int, float)) and results[key] > 0, (key, results.get(key))
     d = results["details"]
     assert d["naive"]["frames"] == 30
-    assert d["naive"]["qdrant_policy"] == "low_confidence:0.9,sample:0.05"  # (b) does the same sink work as (c)
+    assert d["naive"]["qdrant_policy"] == "low_confidence:0.7,sample:0.05"  # (b) does the same sink work as (c)
     assert d["config"]["partitions"] == 1
     drain = d["consumer"]["default"]["max"]
     assert drain["predicted"] >= 300 and drain["complete"], drain
-    assert drain["policy"] == "low_confidence:0.9,sample:0.05"
+    assert drain["policy"] == "low_confidence:0.7,sample:0.05"
     lat = d["consumer"]["default"]["latency"]
     assert lat["complete"] and lat["e2e"]["n"] == lat["frames"] > 0
     assert d["profile"]["main_thread"], d["profile"]

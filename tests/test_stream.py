@@ -76,7 +76,7 @@ def test_qdrant_policy_parsing_and_choice():
     assert 800 < len(chosen) < 1200
     assert chosen == [i for i in ids if sample.reason(i, 1.0)]  # deterministic: a redelivery chooses the same
     default = QdrantPolicy.parse(DEFAULT_QDRANT_POLICY)
-    assert default.low_confidence == 0.9 and default.sample == 0.05
+    assert default.low_confidence == 0.7 and default.sample == 0.05
     for bad in ("sometimes", "sample:2", "low_confidence:x"):
         with pytest.raises(ValueError, match="Qdrant policy"):
             QdrantPolicy.parse(bad)
