@@ -279,20 +279,7 @@ def _put_back_config(target: ServingTarget, model: str, data: bytes) -> None:
     from tasks import model_repo
 
     path = target.repo_dir / model_repo.classifier_name(model) / "config.pbtxt"
-    old_ns = path.stat().st_mtime_ns if path.exists() else 0
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        now = max(time.time_ns(), old_ns + 1_000_000)
-        os.utime(tmp, ns=(now, now))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    model_repo.atomic_write_bytes(path, data, only_if_changed=False)
 
 
 def _restore(client, target: ServingTarget, model: str, previous: int | None, config: bytes | None,

@@ -624,21 +624,24 @@ def _check_flavour(flavour: str) -> str:
     return flavour
 
 
-def _atomic_write_text(path: Path, text: str, *, only_if_changed: bool = True) -> bool:
-    """Write ``text`` to ``path`` through a temp file + rename. Returns False when unchanged (mtime kept)."""
+def atomic_write_bytes(path: Path, data: bytes, *, only_if_changed: bool = True) -> bool:
+    """Write ``data`` to ``path`` through a temp file + rename, with a strictly newer mtime.
+
+    Returns False when the content is unchanged and ``only_if_changed`` (file and mtime kept).
+    """
     path = Path(path)
     try:
-        old = path.read_text()
+        old = path.read_bytes()
     except FileNotFoundError:
         old = None
-    if only_if_changed and old == text:
+    if only_if_changed and old == data:
         return False
     old_ns = path.stat().st_mtime_ns if old is not None else 0
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o644)
@@ -650,6 +653,11 @@ def _atomic_write_text(path: Path, text: str, *, only_if_changed: bool = True) -
         Path(tmp).unlink(missing_ok=True)
         raise
     return True
+
+
+def _atomic_write_text(path: Path, text: str, *, only_if_changed: bool = True) -> bool:
+    """:func:`atomic_write_bytes` for text (UTF-8)."""
+    return atomic_write_bytes(path, text.encode(), only_if_changed=only_if_changed)
 
 
 def _copy_if_changed(src: Path, dst: Path) -> bool:
