@@ -475,7 +475,7 @@ class StreamConfig:
     model: str = "digits"
     triton_url: str = "127.0.0.1:8001"
     max_batch: int = 256
-    max_wait_ms: int = 20
+    max_wait_ms: int = 5
     max_model_batch: int = 64
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
     qdrant_policy: QdrantPolicy = field(default_factory=lambda: QdrantPolicy.parse(DEFAULT_QDRANT_POLICY))
@@ -975,7 +975,7 @@ class StreamConsumer:
         while not self._stop.is_set():
             self._heartbeat = time.monotonic()
             busy = pending is not None or to_confirm is not None
-            records = consumer.poll_batch(self.cfg.max_batch, min(wait_s, 0.005) if busy else wait_s)
+            records = consumer.poll_batch(self.cfg.max_batch, min(wait_s, 0.002) if busy else wait_s)
             batch = None
             if records:
                 self._last_message = time.monotonic()
@@ -1039,7 +1039,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="Triton ensemble name (default MLPIPE_MODEL_NAME or digits)")
     p.add_argument("--max-batch", type=int, default=int(env("MLPIPE_CONSUMER_MAX_BATCH") or 256),
                    help="most frames per micro-batch")
-    p.add_argument("--max-wait-ms", type=int, default=int(env("MLPIPE_CONSUMER_MAX_WAIT_MS") or 20),
+    p.add_argument("--max-wait-ms", type=int, default=int(env("MLPIPE_CONSUMER_MAX_WAIT_MS") or 5),
                    help="longest wait to fill a micro-batch")
     p.add_argument("--model-max-batch", type=int, default=64,
                    help="the model's max_batch_size: larger micro-batches are split into concurrent calls")
