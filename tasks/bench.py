@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import hashlib
 import json
 import logging
 import os
@@ -406,14 +407,17 @@ def golden_scores(onnx_path: Path) -> dict[str, Any]:
 
     from tasks.drops import golden_set
     from tasks.model import onnx_session, to_input
+    from tasks.stream import DEFAULT_QDRANT_POLICY, QdrantPolicy
 
     X, y = golden_set()
     logits = onnx_session(onnx_path).run(["logits"], {"input": to_input(X)})[0]
     z = np.exp(logits - logits.max(axis=1, keepdims=True))
     p = z / z.sum(axis=1, keepdims=True)
     score = p.max(axis=1)
+    threshold = QdrantPolicy.parse(DEFAULT_QDRANT_POLICY).low_confidence or 0.0
     return {"golden_accuracy": round(float((p.argmax(axis=1) == y).mean()), 4),
-            "frac_score_below_0.9": round(float((score < 0.9).mean()), 4)}
+            "low_confidence_threshold": threshold,
+            "frac_score_below_threshold": round(float((score < threshold).mean()), 4)}
 
 
 def prepare_model(cfg: BenchConfig) -> tuple[Path, dict[str, Any]]:
@@ -426,13 +430,16 @@ def prepare_model(cfg: BenchConfig) -> tuple[Path, dict[str, Any]]:
     from tasks.train import train_arrays
 
     mdir = cfg.out_dir / "model"
-    params = {"train_images": cfg.train_images, "epochs": cfg.train_epochs, "seed": cfg.seed}
+    # the trainer's source is part of the key: a change to the model or the recipe trains a new one
+    code = hashlib.sha256(b"".join((Path(__file__).parent / f).read_bytes() for f in ("model.py", "train.py")))
+    params = {"train_images": cfg.train_images, "epochs": cfg.train_epochs, "seed": cfg.seed,
+              "trainer_sha256": code.hexdigest()[:16]}
     meta_path, onnx_path = mdir / "model.json", mdir / "model.onnx"
     try:
         meta = json.loads(meta_path.read_text())
         if meta.get("params") == params and onnx_path.is_file():
             logger.info("reusing the benchmark model %s (%s)", onnx_path, params)
-            return onnx_path, meta["info"]
+            return onnx_path, {**meta["info"], **golden_scores(onnx_path)}
     except (FileNotFoundError, json.JSONDecodeError, KeyError):
         pass
     print(f"training a benchmark classifier on {cfg.train_images} MNIST digits, {cfg.train_epochs} epochs "
@@ -1216,7 +1223,8 @@ def render_markdown(r: dict[str, Any]) -> str:
              f"Machine: {d['machine']['cpus']} CPU(s) {d['machine']['cpu_model']}, {d['machine']['mem_gib']} GiB, "
              f"load average at start {d['machine']['loadavg_start']}, at end {d['machine'].get('loadavg_end')}; "
              f"model: {d['model'].get('source')} (golden accuracy {d['model'].get('golden_accuracy')}, "
-             f"{d['model'].get('frac_score_below_0.9')} of golden frames score < 0.9); "
+             f"{d['model'].get('frac_score_below_threshold')} of golden frames score < "
+             f"{d['model'].get('low_confidence_threshold')}, the default policy's low-confidence threshold); "
              f"topics with {d['config'].get('partitions')} partition(s). "
              f"Run took {d.get('bench_seconds')} s.", "",
              "| scenario | images/s | p50 ms | p95 ms | notes |", "|---|---:|---:|---:|---|"]
