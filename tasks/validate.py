@@ -494,8 +494,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"drop_id": result.drop_id, "success": True, "report_uri": result.report_uri,
                           "result_uri": result.result_uri, "rows": result.statistics["rows"]}, indent=2))
         return 0
-    for line in result.failure_lines():
-        print(line)
+    # the failed expectations were logged by validate_drop, one line each: not printed a second time
     print(f"drop {result.drop_id} failed validation ({len(result.failures)} failed expectations); "
           f"report: {result.report_uri}")
     return EXIT_FAILED

@@ -154,7 +154,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=180)
 
 
-def test_cli_exit_codes(mlpipe_env, store, tmp_path, capsys):
+def test_cli_exit_codes(mlpipe_env, store, tmp_path, capsys, caplog):
     drops.make_drop(store, "ok", size=ROWS, seed=1)
     out = tmp_path / "result.json"
     p = _cli("--drop-id", "latest", "--result-json", str(out))
@@ -168,9 +168,13 @@ def test_cli_exit_codes(mlpipe_env, store, tmp_path, capsys):
 
     # the failing path in-process (same main(), no second interpreter start-up)
     drops.make_drop(store, "bad", size=ROWS, seed=2, faults=["bad_label"])
+    caplog.clear()
     assert validate.main(["--drop-id", "bad", "--min-rows", "50"]) == 1
     printed = capsys.readouterr().out
-    assert "validation failed: expect_column_values_to_be_in_set(label): 10 of 200 rows" in printed
+    line = "validation failed: expect_column_values_to_be_in_set(label): 10 of 200 rows"
+    logged = [r.getMessage() for r in caplog.records if r.name == "tasks.validate" and r.levelname == "ERROR"]
+    assert sum(line in m for m in logged) == 1, logged  # one log line per failed expectation, once
+    assert line not in printed  # not printed a second time (the task log would show it twice)
     assert f"report: {store.uri('drops/bad/validation/data_docs/index.html')}" in printed
     drops.make_drop(store, "unfinished", size=ROWS, seed=3, complete=False)
     assert validate.main(["--drop-id", "unfinished"]) == 2
