@@ -41,7 +41,7 @@ down: ## stop the local stack started by `make up` (by recorded PIDs)
 	@if [ -x $(PY) ]; then $(PY) -m tasks.stack down; else echo "no venv: nothing was started"; fi
 
 status: $(STAMP) ## health of the local stack's services, URLs and the UI login
-	$(PY) -m tasks.stack status
+	@$(PY) -m tasks.stack status || true
 
 clean: ## remove generated state (var/)
 	rm -rf var
