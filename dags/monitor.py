@@ -16,26 +16,19 @@ Schedule: ``MLPIPE_MONITOR_CRON`` (cron, UTC; default every 30 minutes; ``off`` 
 
 from __future__ import annotations
 
-import os
-
 import pendulum
 from airflow.sdk import CronTriggerTimetable, Param, dag, task
 
 from mlpipe_assets import DEPLOYMENTS, DRIFT
 from mlpipe_steps import step
+from mlpipe_triggers import cron_from_env
 
 DEFAULT_CRON = "*/30 * * * *"
 
 
 def monitor_schedule():
-    cron = (os.environ.get("MLPIPE_MONITOR_CRON") or DEFAULT_CRON).strip()
-    if cron.lower() in {"off", "none", "never"}:
-        return None
-    from croniter import croniter
-
-    if not croniter.is_valid(cron):
-        raise ValueError(f"MLPIPE_MONITOR_CRON={cron!r} is not a cron expression (e.g. '*/30 * * * *', or 'off')")
-    return CronTriggerTimetable(cron, timezone="UTC")
+    cron = cron_from_env("MLPIPE_MONITOR_CRON", DEFAULT_CRON, "'*/30 * * * *'")
+    return None if cron is None else CronTriggerTimetable(cron, timezone="UTC")
 
 
 @dag(

@@ -15,26 +15,20 @@ request), whichever comes first. A manual run from the UI takes ``epochs`` and `
 
 from __future__ import annotations
 
-import os
-
 import pendulum
 from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
 from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, task
 
 from mlpipe_assets import DRIFT
+from mlpipe_triggers import cron_from_env
 
 DEFAULT_CRON = "0 3 * * *"
 
 
 def retrain_schedule():
-    cron = (os.environ.get("MLPIPE_RETRAIN_CRON") or DEFAULT_CRON).strip()
-    if cron.lower() in {"off", "none", "never"}:
+    cron = cron_from_env("MLPIPE_RETRAIN_CRON", DEFAULT_CRON, "'0 3 * * *' for 03:00 UTC daily")
+    if cron is None:
         return [DRIFT]
-    from croniter import croniter
-
-    if not croniter.is_valid(cron):
-        raise ValueError(f"MLPIPE_RETRAIN_CRON={cron!r} is not a cron expression (e.g. '0 3 * * *' for 03:00 UTC "
-                         "daily, or 'off')")
     return AssetOrTimeSchedule(timetable=CronTriggerTimetable(cron, timezone="UTC"), assets=[DRIFT])
 
 

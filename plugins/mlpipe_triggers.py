@@ -30,6 +30,12 @@ Scheduled retraining
 ``retrain_plan(store, model)``: every complete drop newer than the newest drop the champion
 was trained on, split into validated (trained on), not validated yet and failed validation.
 
+Schedules
+---------
+``cron_from_env(var, default, example)``: the cron expression a DAG file reads from its
+environment variable when parsed (``off``/``none``/``never``: no time schedule), refused with
+the variable named when it is not a cron expression.
+
 Everything here except the trigger class is plain Python on the object store (no Airflow),
 tested directly in tests/test_triggers.py.
 """
@@ -40,6 +46,7 @@ import asyncio
 import datetime as dt
 import hashlib
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -234,3 +241,19 @@ class DropArrivalTrigger(BaseEventTrigger):
             for drop_id in [d for d in emitted if d not in pending]:
                 emitted.pop(drop_id)  # claimed: forget it
             await asyncio.sleep(self.poll_interval)
+
+
+def cron_from_env(var: str, default: str, example: str) -> str | None:
+    """The cron expression in ``$var`` (``default`` when unset); None for ``off``/``none``/``never``.
+
+    Raises ValueError naming the variable when the value is not a cron expression (the DAG file
+    then shows an import error saying so).
+    """
+    cron = (os.environ.get(var) or default).strip()
+    if cron.lower() in {"off", "none", "never"}:
+        return None
+    from croniter import croniter
+
+    if not croniter.is_valid(cron):
+        raise ValueError(f"{var}={cron!r} is not a cron expression (e.g. {example}, or 'off')")
+    return cron

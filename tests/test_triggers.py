@@ -208,6 +208,15 @@ def test_retrain_schedule_is_configurable():
     assert "MLPIPE_RETRAIN_CRON='every tuesday' is not a cron expression" in next(iter(bad["errors"].values()))
 
 
+def test_monitor_schedule_is_configurable():
+    every5, off, bad = _parse("monitor.py", [{"MLPIPE_MONITOR_CRON": "*/5 * * * *"},
+                                             {"MLPIPE_MONITOR_CRON": "off"},
+                                             {"MLPIPE_MONITOR_CRON": "often"}])
+    assert not every5["errors"] and every5["dags"]["monitor"] == {"kind": "CronTriggerTimetable", "cron": "*/5 * * * *"}
+    assert off["dags"]["monitor"] == {"kind": "NullTimetable", "cron": None}  # manual runs only
+    assert "MLPIPE_MONITOR_CRON='often' is not a cron expression" in next(iter(bad["errors"].values()))
+
+
 def test_retrain_trains_and_registers_on_the_extra_drops():
     """``retrain`` with ``extra_drop_ids`` (what ``scheduled_retrain`` passes): the templated arguments, rendered
     as Airflow renders them and parsed by the step CLIs, train on every drop and register exactly those."""
