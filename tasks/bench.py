@@ -67,6 +67,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from tasks.procs import LOOPBACK, ManagedProcess, free_port, http_ok, wait_until
+from tasks.storage import atomic_write
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -162,13 +163,6 @@ def percentile(values: Sequence[float], q: float) -> float | None:
 def _summary(values_ms: Sequence[float]) -> dict[str, Any]:
     return {"n": len(values_ms), "p50_ms": percentile(values_ms, 50), "p95_ms": percentile(values_ms, 95),
             "p99_ms": percentile(values_ms, 99), "max_ms": round(max(values_ms), 3) if values_ms else None}
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _iso(t: float) -> str:
@@ -450,7 +444,7 @@ def prepare_model(cfg: BenchConfig) -> tuple[Path, dict[str, Any]]:
     export_onnx(model, onnx_path)
     info = {"source": "trained by tasks.bench", **params, "train_seconds": round(time.perf_counter() - t0, 1),
             "val_accuracy": round(float(metrics["val_accuracy"]), 4), **golden_scores(onnx_path)}
-    _atomic_write(meta_path, json.dumps({"params": params, "info": info}, indent=2))
+    atomic_write(meta_path, json.dumps({"params": params, "info": info}, indent=2), mode=0o644)
     return onnx_path, info
 
 
@@ -1438,8 +1432,8 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     }
     if "dag_parse" in details and "dag_parse_s" in details["dag_parse"]:
         results["dag_parse_s"] = details["dag_parse"]["dag_parse_s"]
-    _atomic_write(out / "results.json", json.dumps(results, indent=2) + "\n")
-    _atomic_write(out / "results.md", render_markdown(results))
+    atomic_write(out / "results.json", json.dumps(results, indent=2) + "\n", mode=0o644)
+    atomic_write(out / "results.md", render_markdown(results), mode=0o644)
     return results
 
 

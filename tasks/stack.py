@@ -52,6 +52,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from tasks.config import PROJECT_ROOT, load_settings
 from tasks.procs import LOOPBACK, ManagedProcess, free_port, http_ok, port_open
+from tasks.storage import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -95,15 +96,6 @@ def state_path(home: Path) -> Path:
     return stack_dir(home) / "stack.json"
 
 
-def _atomic_write(path: Path, text: str, mode: int | None = None) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    if mode is not None:
-        os.chmod(tmp, mode)
-    os.replace(tmp, path)
-
-
 def read_state(home: Path) -> dict[str, Any] | None:
     try:
         return json.loads(state_path(home).read_text())
@@ -127,7 +119,7 @@ def load_secrets(home: Path) -> dict[str, str]:
             values[key] = make()
             changed = True
     if changed:
-        _atomic_write(path, json.dumps(values, indent=2), mode=0o600)
+        atomic_write(path, json.dumps(values, indent=2), mode=0o600)
     return values
 
 
@@ -615,8 +607,8 @@ def up(spec: StackSpec, *, env: Mapping[str, str] | None = None, out: Callable[[
                 started.append((name, mp.pid, ticks))
                 state["services"][name] = {"pid": mp.pid, "start_ticks": ticks, "argv": svc.argv,
                                            "log": str(log_path), "started_at": time.time()}
-                _atomic_write(spec.pid_dir / f"{name}.pid", f"{mp.pid}\n")
-                _atomic_write(state_path(home), json.dumps(state, indent=2))
+                atomic_write(spec.pid_dir / f"{name}.pid", f"{mp.pid}\n", mode=0o644)
+                atomic_write(state_path(home), json.dumps(state, indent=2), mode=0o644)
                 out(f"  started {name:<14} pid {mp.pid:<7} log {log_path}")
             _wait_healthy([services[n] for n in wave], state, spec, t0)
     except BaseException:
@@ -627,7 +619,7 @@ def up(spec: StackSpec, *, env: Mapping[str, str] | None = None, out: Callable[[
                 state["services"].pop(name, None)
                 (spec.pid_dir / f"{name}.pid").unlink(missing_ok=True)
             if state["services"]:
-                _atomic_write(state_path(home), json.dumps(state, indent=2))
+                atomic_write(state_path(home), json.dumps(state, indent=2), mode=0o644)
             else:
                 state_path(home).unlink(missing_ok=True)
         raise
@@ -700,7 +692,7 @@ def down(home: Path | None = None, *, grace: float = STOP_GRACE_S, services: Ite
         (stack_dir(home) / "pids" / f"{name}.pid").unlink(missing_ok=True)
         out(f"  {name:<14} {result[name]}")
     if state["services"]:
-        _atomic_write(state_path(home), json.dumps(state, indent=2))
+        atomic_write(state_path(home), json.dumps(state, indent=2), mode=0o644)
     else:
         state_path(home).unlink(missing_ok=True)
     return result

@@ -92,6 +92,28 @@ class _JsonMixin:
         return sorted(names)
 
 
+def atomic_write(path: str | Path, data: bytes | str, mode: int | None = None) -> None:
+    """Write ``data`` to ``path`` through a temp file in the same folder, fsync, then rename.
+
+    Readers see the old content or the new one, never a part. The file gets ``mode`` (default:
+    the temp file's 0600).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data.encode() if isinstance(data, str) else data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if mode is not None:
+            os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 class LocalStore(_JsonMixin):
     """A directory used as an object store."""
 
@@ -107,18 +129,7 @@ class LocalStore(_JsonMixin):
         return str(self._path(key))
 
     def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(self._path(key), data)
 
     def put_file(self, key: str, path: str | Path) -> None:
         self.put_bytes(key, Path(path).read_bytes())
