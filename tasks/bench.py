@@ -66,7 +66,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
-from tasks.procs import LOOPBACK, ManagedProcess, free_port, http_ok, wait_until
+from tasks.procs import LOOPBACK, ManagedProcess, free_port, http_ok, proc_stat_fields, wait_until
 from tasks.storage import atomic_write
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -207,18 +207,9 @@ def machine_info() -> dict[str, Any]:
 _CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
-def _stat_fields(pid: int) -> list[str] | None:
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # "pid (comm) state ppid pgrp session ... utime stime": comm may hold spaces
-    return raw[raw.rfind(")") + 2:].split()
-
-
 def proc_cpu_s(pid: int) -> float | None:
     """User + system CPU seconds of one live process (None when gone)."""
-    f = _stat_fields(pid)
+    f = proc_stat_fields(pid)
     if f is None:
         return None
     return (int(f[11]) + int(f[12])) / _CLK_TCK
@@ -230,7 +221,7 @@ def session_members(sid: int) -> list[int]:
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
-        f = _stat_fields(int(entry))
+        f = proc_stat_fields(int(entry))
         if f is not None and (int(f[2]) == sid or int(f[3]) == sid):
             out.append(int(entry))
     return out

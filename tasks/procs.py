@@ -43,6 +43,19 @@ def http_ok(url: str, timeout: float = 1.0) -> bool:
         return False
 
 
+def proc_stat_fields(pid: int) -> list[str] | None:
+    """The fields of ``/proc/<pid>/stat`` after ``(comm)``: state, ppid, pgrp, session, ...; None when gone.
+
+    Index 0 is the state, 1 the parent pid, 2 the process group, 3 the session, 11/12 user/system
+    CPU ticks, 19 the start time in clock ticks (``man 5 proc``, fields 3 and on).
+    """
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return raw[raw.rfind(")") + 2:].split()  # comm may hold spaces and parentheses
+
+
 def wait_until(check: Callable[[], bool], timeout: float, what: str, interval: float = 0.1,
                alive: Callable[[], bool] | None = None) -> None:
     """Poll ``check`` until true; raise TimeoutError naming ``what`` otherwise."""

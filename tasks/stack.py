@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from tasks.config import PROJECT_ROOT, load_settings
-from tasks.procs import LOOPBACK, ManagedProcess, free_port, http_ok, port_open
+from tasks.procs import LOOPBACK, ManagedProcess, free_port, http_ok, port_open, proc_stat_fields
 from tasks.storage import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -143,12 +143,8 @@ def admin_password(home: Path, user: str = ADMIN_USER) -> str | None:
 
 def _proc_stat(pid: int) -> tuple[str, int, int] | None:
     """(state, ppid, start time in clock ticks) of a process, None when there is none."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError, PermissionError, OSError):
-        return None
-    rest = raw[raw.rfind(")") + 2:].split()
-    return rest[0], int(rest[1]), int(rest[19])
+    rest = proc_stat_fields(pid)
+    return None if rest is None else (rest[0], int(rest[1]), int(rest[19]))
 
 
 def start_ticks(pid: int) -> int | None:
