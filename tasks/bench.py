@@ -566,8 +566,8 @@ class PredictionReader:
         from tasks.bus import H_FRAME_ID, TailFollower
 
         follower = TailFollower(self.kafka, [self.kafka.predictions_topic], window=0,
-                                # 20 ms, as the consumer: a hop costs the same (~7 ms) as at 5 ms, and
-                                # Tansu spends half the CPU on the fetches
+                                # 20 ms: a hop costs the same (~7 ms) as at 5 ms, and Tansu spends
+                                # half its CPU on the fetches (the reader is not what is measured)
                                 **{"fetch.wait.max.ms": 20})
         try:
             deadline = time.monotonic() + 30
