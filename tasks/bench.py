@@ -897,7 +897,7 @@ def consumer_max(services: Services, source: FrameSource, cfg: BenchConfig, poli
         "predicted": predicted, "fps": round(predicted / busy, 1) if busy > 0 else None, "busy_s": busy,
         "batches": stats.get("batches"), "avg_batch": round(predicted / max(1, int(stats.get("batches") or 1)), 1),
         "qdrant_points": stats.get("qdrant_points"), "dead_letter": stats.get("dead_letter"),
-        "triton_errors": stats.get("triton_errors"),
+        "triton_errors": stats.get("triton_errors"), "consumer_loop_s": stats.get("stage_s"),
         "predictions_read": seen, "complete": complete and seen >= cfg.frames,
         "fps_seen_by_reader": round(seen / (reader.last_new - reader.first_new), 1)
         if reader.last_new > reader.first_new else None,
@@ -974,16 +974,35 @@ def _produce_at_rate(producer: Any, frames: Sequence[tuple[str, bytes, bytes, li
 
 def consumer_latency(services: Services, source: FrameSource, cfg: BenchConfig, policy_name: str,
                      rates: Sequence[float], work: Path, warmup_frames: int = 300) -> list[dict[str, Any]]:
-    """One running consumer; for each rate (frames/s, in the order given) frames are produced for
-    ``cfg.latency_seconds``, then every prediction is awaited: end-to-end latency per rate."""
+    """End-to-end latency at each rate (frames/s, in the order given): frames are produced for
+    ``cfg.latency_seconds``, then every prediction is awaited.
+
+    Each rate gets fresh topics, a fresh consumer (own Qdrant folder) and a fresh reader. The local
+    Tansu broker's memory engine spends CPU per fetch in proportion to the record batches already in
+    the partition, so a rate measured on the topics of the rates before it would pay for their frames
+    (measured: the broker's CPU doubles within 8 s at half load on a topic that starts empty).
+    """
+    results = []
+    for i, rate in enumerate(rates):
+        result = _latency_at_rate(services, source, cfg, policy_name, rate, work, f"lat{i}-{_slug(policy_name)}",
+                                  warmup_frames)
+        results.append(result)
+        e = result["e2e"]
+        print(f"      {rate:,.0f} frames/s: end-to-end p50 {e['p50_ms']} ms, p95 {e['p95_ms']} ms", flush=True)
+    return results
+
+
+def _latency_at_rate(services: Services, source: FrameSource, cfg: BenchConfig, policy_name: str, rate: float,
+                     work: Path, name: str, warmup_frames: int) -> dict[str, Any]:
     from tasks.bus import BusProducer
 
-    kafka = services.kafka(f"lat-{_slug(policy_name)}")
-    run = ConsumerRun(kafka, services.triton.grpc_url, work, f"lat-{_slug(policy_name)}", policy_text(policy_name),
-                      cfg.session_timeout_ms, cfg.consumer_args)
+    kafka = services.kafka(name)
+    latency_log = work / f"{name}-latency.json"
+    latency_log.unlink(missing_ok=True)
+    run = ConsumerRun(kafka, services.triton.grpc_url, work, name, policy_text(policy_name),
+                      cfg.session_timeout_ms, [*cfg.consumer_args, "--latency-log", str(latency_log)])
     metrics_url = f"http://{LOOPBACK}:{run.http_port}/metrics"
-    reader = PredictionReader(kafka, parse=True).start()
-    results: list[dict[str, Any]] = []
+    reader = PredictionReader(kafka).start()  # for the warm-up only
     try:
         run.start()
         producer = BusProducer(kafka)
@@ -1000,62 +1019,74 @@ def consumer_latency(services: Services, source: FrameSource, cfg: BenchConfig, 
             producer.flush_confirmed(timeout=30)
             reader.wait_for(set(warm), timeout=60, alive=run.proc.alive)
             warm_ms = [(reader.seen[f] - c) * 1000 for f, c in warm.items() if f in reader.seen]
-            for rate in rates:
-                captured: dict[str, float] = {}
-                frames = source.prepared(max(1, int(rate * cfg.latency_seconds)), kafka.frames_topic)
-                before = _metric_values(metrics_url, _BATCH_METRICS)
-                with CpuSampler(services.cpu_groups(lambda: run.pid), interval=0.25) as sampler:
-                    w0 = time.time()
-                    produce_s = _produce_at_rate(producer, frames, rate, captured)
-                producer.flush_confirmed(timeout=30)
-                complete = reader.wait_for(set(captured), timeout=max(30.0, cfg.latency_seconds * 3),
-                                           alive=run.proc.alive)
-                after = _metric_values(metrics_url, _BATCH_METRICS)
-                result = _latency_result(policy_name, rate, captured, reader, produce_s, complete)
-                result["cpu_cores"] = sampler.usage(w0, w0 + produce_s)
-                n_batches = after.get(_BATCH_METRICS[1], 0.0) - before.get(_BATCH_METRICS[1], 0.0)
-                n_frames = after.get(_BATCH_METRICS[0], 0.0) - before.get(_BATCH_METRICS[0], 0.0)
-                result["avg_batch"] = round(n_frames / n_batches, 1) if n_batches > 0 else None
-                result["warmup"] = {"frames": warmup_frames, "max_ms": round(max(warm_ms), 1) if warm_ms else None}
-                results.append(result)
-                e = result["e2e"]
-                print(f"      {rate:,.0f} frames/s: end-to-end p50 {e['p50_ms']} ms, p95 {e['p95_ms']} ms", flush=True)
+            # No reader while frames are timed: its fetches would take broker CPU from the measured cores.
+            # Afterwards a fresh one reads `predictions` from the start to check every frame's prediction.
+            reader.stop()
+            captured: dict[str, float] = {}
+            frames = source.prepared(max(1, int(rate * cfg.latency_seconds)), kafka.frames_topic)
+            before = _metric_values(metrics_url, _BATCH_METRICS)
+            with CpuSampler(services.cpu_groups(lambda: run.pid), interval=0.25) as sampler:
+                w0 = time.time()
+                produce_s = _produce_at_rate(producer, frames, rate, captured)
+            producer.flush_confirmed(timeout=30)
+            reader = PredictionReader(kafka, parse=True).start()
+            complete = reader.wait_for(set(captured), timeout=max(30.0, cfg.latency_seconds * 3),
+                                       alive=run.proc.alive)
+            after = _metric_values(metrics_url, _BATCH_METRICS)
         finally:
             producer.close()
     finally:
         run.stop()
         reader.stop()
         services.drop_topics(kafka)
+    try:
+        sink_log = json.loads(latency_log.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        sink_log = []
+    result = _latency_result(policy_name, rate, captured, reader, produce_s, complete, sink_log, w0)
+    result["cpu_cores"] = sampler.usage(w0, w0 + produce_s)
+    n_batches = after.get(_BATCH_METRICS[1], 0.0) - before.get(_BATCH_METRICS[1], 0.0)
+    n_frames = after.get(_BATCH_METRICS[0], 0.0) - before.get(_BATCH_METRICS[0], 0.0)
+    result["avg_batch"] = round(n_frames / n_batches, 1) if n_batches > 0 else None
+    result["warmup"] = {"frames": warmup_frames, "max_ms": round(max(warm_ms), 1) if warm_ms else None}
     stats = run.stats()
-    for r in results:
-        r["qdrant_points_whole_run"] = stats.get("qdrant_points")
-    return results
+    result["qdrant_points_incl_warmup"] = stats.get("qdrant_points")
+    result["consumer_loop_s"] = stats.get("stage_s")  # main thread, by step (warm-up included)
+    return result
 
 
 def _latency_result(policy_name: str, rate: float, captured: dict[str, float], reader: PredictionReader,
-                    produce_s: float, complete: bool) -> dict[str, Any]:
-    e2e = [(reader.seen[f] - c) * 1000 for f, c in captured.items() if f in reader.seen]
-    t_first = min(captured.values()) if captured else 0.0
+                    produce_s: float, complete: bool, sink_log: Sequence[Sequence[float]] = (),
+                    since: float = 0.0) -> dict[str, Any]:
+    """``e2e``: captured_at -> both sinks written, per frame from the consumer's ``--latency-log`` (Kafka
+    acknowledged the prediction and the Qdrant upsert returned; the consumer and the bench share the
+    clock). ``reader`` read `predictions` back after the window: every frame must have its prediction."""
+    read = sum(1 for f in captured if f in reader.seen)
+    first = min(captured.values()) if captured else 0.0
+    # warm-up frames were stamped before ``since``; the measured window's frames at or after it
+    sinks = [(cap, secs * 1000) for cap, secs in sink_log if cap >= min(since, first) - 1e-6]
     buckets: dict[int, list[float]] = {}
-    for f, c in captured.items():
-        if f in reader.seen:
-            buckets.setdefault(int(c - t_first), []).append((reader.seen[f] - c) * 1000)
+    for cap, ms in sinks:
+        buckets.setdefault(int(cap - first), []).append(ms)
     timeline = [{"second": s, "n": len(v), "p50_ms": percentile(v, 50), "p95_ms": percentile(v, 95)}
                 for s, v in sorted(buckets.items())]
     reported = [ms for ms in (reader.reported_ms(f) for f in captured) if ms is not None]
     result = {
         "policy": policy_text(policy_name), "target_rate": round(rate, 1), "frames": len(captured),
         "achieved_rate": round(len(captured) / produce_s, 1) if produce_s > 0 else None,
-        "predictions_read": len(e2e), "complete": complete,
-        "e2e": _summary(e2e),
-        "e2e_definition": "captured_at header -> the bench reads the prediction from `predictions`",
+        "predictions_read": read, "complete": complete,
+        "e2e": _summary([ms for _, ms in sinks]),
+        "e2e_definition": "captured_at header -> both sinks written (Kafka acknowledged the prediction, the "
+                          "Qdrant upsert returned), per frame from the consumer's --latency-log",
         "consumer_reported": _summary(reported),
-        "consumer_reported_definition": "the prediction's latency_ms: captured_at -> processed_at (before the "
-                                        "Kafka write and the Qdrant upsert)",
+        "consumer_reported_definition": "the prediction's latency_ms: captured_at -> processed_at (Triton "
+                                        "answered; before the Kafka write and the Qdrant upsert)",
         "timeline": timeline,
     }
     if not complete:
-        result["note"] = f"{len(captured) - len(e2e)} of {len(captured)} predictions were not read back in time"
+        result["note"] = f"{len(captured) - read} of {len(captured)} predictions were not read back in time"
+    elif len(sinks) < len(captured):
+        result["note"] = f"the consumer logged {len(sinks)} of {len(captured)} frames as written to both sinks"
     return result
 
 
@@ -1239,8 +1270,8 @@ def render_markdown(r: dict[str, Any]) -> str:
             head = pt is lt or pt == lt
             lines.append(f"| (c) consumer, Qdrant `{pt['policy']}`: {pt['fraction_of_max']:.0%} load "
                          f"({_fmt(pt.get('target_rate'))}/s) | {_fmt(pt.get('achieved_rate'))} | "
-                         f"{_fmt(e.get('p50_ms'), 1)} | {f'**{p95}**' if head else p95} | end to end, "
-                         f"{pt.get('predictions_read'):,} frames, avg batch {pt.get('avg_batch')}; consumer-reported "
+                         f"{_fmt(e.get('p50_ms'), 1)} | {f'**{p95}**' if head else p95} | captured -> both sinks, "
+                         f"{e.get('n', 0):,} frames, avg batch {pt.get('avg_batch')}; to Triton's answer (consumer-reported): "
                          f"p95 {_fmt(pt.get('consumer_reported', {}).get('p95_ms'), 1)} ms"
                          f"{'' if pt.get('complete') else ' (fell behind)'} |")
     t = r["targets"]

@@ -584,7 +584,9 @@ class BusProducer:
             left = deadline - time.monotonic()
             if left <= 0:
                 break
-            self._producer.poll(min(left, 0.05))
+            # flush, not poll: it sends what is queued at once instead of after linger.ms (and serves the
+            # delivery reports); the caller waits for these acks anyway
+            self._producer.flush(min(left, 0.05))
         if ticket.errors and ticket.pending == 0:
             raise DeliveryError(f"{len(ticket.errors)} message(s) not delivered to {self.cfg.bootstrap}: "
                                 f"{ticket.errors[0]}")

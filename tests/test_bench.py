@@ -36,7 +36,10 @@ def test_bench_writes_results_with_every_key(tmp_path, mlpipe_env, _tiny_onnx_ca
     assert drain["predicted"] >= 300 and drain["complete"], drain
     assert drain["policy"] == "low_confidence:0.7,sample:0.05"
     lat = d["consumer"]["default"]["latency"]
-    assert lat["complete"] and lat["e2e"]["n"] == lat["frames"] > 0
+    # every frame: its prediction read back from Kafka, and its latency to both sinks logged by the consumer
+    assert lat["complete"] and lat["predictions_read"] == lat["e2e"]["n"] == lat["frames"] > 0
+    # both sinks are written after Triton answered
+    assert lat["e2e"]["p50_ms"] >= lat["consumer_reported"]["p50_ms"]
     assert d["profile"]["main_thread"], d["profile"]
     # DAG import errors are tests/test_dag_structure.py's business; here: every DAG file was timed
     assert d["dag_parse"]["files"] and all(f["median_s"] > 0 for f in d["dag_parse"]["files"].values())

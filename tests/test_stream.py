@@ -306,8 +306,9 @@ def test_triton_killed_and_restarted_mid_stream_loses_nothing(kafka_cfg, triton_
 
 def test_sigterm_drains_commits_and_exits_within_10s(kafka_cfg, triton_server, tmp_path):  # noqa: F811
     feeder = _Feeder(kafka_cfg, total=1000, rate=500)
+    latency_log = tmp_path / "latency.json"
     consumer = _consumer(kafka_cfg, triton_server.grpc_url, tmp_path, policy="all",
-                         extra=["--max-batch", "64"]).start()
+                         extra=["--max-batch", "64", "--latency-log", str(latency_log)]).start()
     consumer.wait_ready(30)
     feeder.start()
     wait_until(lambda: (consumer.metric("mlpipe_consumer_frames_total", 'outcome="predicted"') or 0) >= 100, 30,
@@ -319,6 +320,17 @@ def test_sigterm_drains_commits_and_exits_within_10s(kafka_cfg, triton_server, t
     assert "consumer stopped" in consumer.log()
     stats = consumer.stats()
     assert stats["predicted"] >= 100 and stats["commits"] >= 1
+    # commits go at most every --commit-interval-ms (100), not once per batch: at 500 frames/s the
+    # batches are small and many
+    assert stats["commits"] < stats["batches"], stats
+    # the main thread's time per step is accounted for, and adds up to no more than the run
+    steps = stats["stage_s"]
+    assert set(steps) == {"poll", "decode", "wait_triton", "build_produce", "wait_kafka_acks", "qdrant", "commit"}
+    assert all(v >= 0 for v in steps.values()) and steps["decode"] > 0 and steps["qdrant"] > 0
+    # --latency-log: one [captured_at, seconds to both sinks] per predicted frame, written on exit
+    lat = json.loads(latency_log.read_text())
+    assert len(lat) == stats["predicted"]
+    assert all(cap > 1.7e9 and 0 < secs < 30 for cap, secs in lat)
 
     # nothing was committed past a frame without a prediction
     committed = committed_offsets(kafka_cfg, consumer.group, kafka_cfg.frames_topic)
@@ -388,3 +400,10 @@ def test_cli_help_and_bad_arguments():
     bad = subprocess.run([sys.executable, "-m", "tasks.stream", "--qdrant-policy", "sometimes"],
                          capture_output=True, text=True, timeout=30)
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr
+    for args, message in ((["--kafka-config", "fetch.wait.max.mss=5"], "fetch.wait.max.mss"),
+                          (["--kafka-config", "fetch.min.bytes"], "expected KEY=VALUE"),
+                          (["--inflight", "0"], "--inflight must be positive")):
+        bad = subprocess.run([sys.executable, "-m", "tasks.stream", "--http-port", "-1", *args],
+                             capture_output=True, text=True, timeout=30)
+        assert bad.returncode == 2 and bad.stderr.startswith("error: ") and message in bad.stderr, bad.stderr
+        assert "Traceback" not in bad.stderr
