@@ -119,6 +119,15 @@ def test_consumer_config_from_configmap_and_secrets(docs, monkeypatch):
     assert ca_dir in {m["mountPath"] for m in consumer["volumeMounts"]}
     QdrantPolicy.parse(cm["data"]["MLPIPE_QDRANT_POLICY"])
     assert cm["data"]["MLPIPE_QDRANT_URL"].startswith("http")
+    # the consumer's CLI reads its MLPIPE_CONSUMER_* settings from that environment
+    from tasks.stream import _parser
+
+    args = _parser().parse_args([])
+    assert args.max_batch == int(cm["data"]["MLPIPE_CONSUMER_MAX_BATCH"])
+    assert args.max_wait_ms == int(cm["data"]["MLPIPE_CONSUMER_MAX_WAIT_MS"])
+    assert args.inflight == int(cm["data"]["MLPIPE_CONSUMER_INFLIGHT"])
+    assert args.commit_interval_ms == int(cm["data"]["MLPIPE_CONSUMER_COMMIT_INTERVAL_MS"])
+    assert args.qdrant_policy == cm["data"]["MLPIPE_QDRANT_POLICY"] and args.group == cm["data"]["MLPIPE_CONSUMER_GROUP"]
 
 
 def test_service_exposes_named_ports(docs):
