@@ -8,7 +8,7 @@ Where TensorRT or a GPU is absent, nothing is faked: the step records
 
 Outputs on the version: ``model.plan`` (when compiled) and ``compile.json``.
 
-    python -m tasks.compile --version 3 [--max-batch 64] [--no-fp16]
+    python -m tasks.compile --version 3 [--max-batch 256] [--no-fp16]
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from typing import Any, Sequence
 
 from tasks import registry
 from tasks.config import load_settings
+from tasks.model_repo import MAX_BATCH
 from tasks.storage import Store, open_store
 
 logger = logging.getLogger(__name__)
@@ -114,7 +115,7 @@ def build_engine_trtexec(onnx_path: Path, plan_path: Path, *, max_batch: int, fp
             "profile": {"min": 1, "opt": opt, "max": max_batch}}
 
 
-def compile_version(store: Store, model: str, version: int, *, max_batch: int = 64, fp16: bool = True,
+def compile_version(store: Store, model: str, version: int, *, max_batch: int = MAX_BATCH, fp16: bool = True,
                     force_skip_reason: str | None = None) -> dict[str, Any]:
     """Compile ``models/<model>/<version>/model.onnx`` to ``model.plan``; record compile.json either way."""
     manifest = registry.get_version(store, model, version)
@@ -152,7 +153,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", type=int, required=True, help="registered model version to compile")
     parser.add_argument("--model", default=None, help="model name (default $MLPIPE_MODEL_NAME or 'digits')")
-    parser.add_argument("--max-batch", type=int, default=64, help="upper end of the batch optimization profile")
+    parser.add_argument("--max-batch", type=int, default=MAX_BATCH,
+                        help="upper end of the batch optimization profile (the repository's max_batch_size)")
     parser.add_argument("--no-fp16", action="store_true", help="build an FP32 engine")
     parser.add_argument("--result-json", type=Path, help="write the result here (Airflow XCom)")
     args = parser.parse_args(argv)

@@ -59,6 +59,10 @@ VERSION_META = "mlpipe-version.json"
 PYTHON_SOURCES = PROJECT_ROOT / "model_repo" / "python"
 TEMPLATES_DIR = PROJECT_ROOT / "model_repo" / "templates"
 PREPROCESS = "preprocess"
+# max_batch_size of every model: the consumer sends each micro-batch (256 frames by default) as one
+# request. 64 split it into four concurrent gRPC calls whose client-side Python work competed with the
+# consumer's loop for the GIL: about 10 % less throughput in `make bench` (docs/BENCH.md).
+MAX_BATCH = 256
 POSTPROCESS = "postprocess"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _VERSION_RE = re.compile(r"^[1-9][0-9]*$")
@@ -142,7 +146,7 @@ def _check_model_name(model_name: str) -> str:
     return model_name
 
 
-def repo_spec(model_name: str = "digits", max_batch_size: int = 64, *, image_size: int = 28,
+def repo_spec(model_name: str = "digits", max_batch_size: int = MAX_BATCH, *, image_size: int = 28,
               num_classes: int = 10, embedding_dim: int = 64, top_k: int = 3,
               intra_op_threads: int = 1) -> RepoSpec:
     """The repository spec; the ONNX contract of docs/CONTRACTS.md (``input`` -> ``logits``, ``embedding``)."""
@@ -690,7 +694,7 @@ def _spec_for(repo_dir: Path, model_name: str) -> tuple[RepoSpec, str]:
     return repo_spec(model_name, int(marker.get("max_batch_size", 64))), marker["flavour"]
 
 
-def render_repo(flavour: str, out_dir: Path, model_name: str = "digits", max_batch_size: int = 64, *,
+def render_repo(flavour: str, out_dir: Path, model_name: str = "digits", max_batch_size: int = MAX_BATCH, *,
                 serving_version: int | None = None) -> Path:
     """Render the static parts of the repository for ``model_name`` into ``out_dir``; returns ``out_dir``.
 
@@ -738,7 +742,7 @@ def render_repo(flavour: str, out_dir: Path, model_name: str = "digits", max_bat
     return out_dir
 
 
-def export_templates(out_dir: Path = TEMPLATES_DIR, model_name: str = "digits", max_batch_size: int = 64) -> list[Path]:
+def export_templates(out_dir: Path = TEMPLATES_DIR, model_name: str = "digits", max_batch_size: int = MAX_BATCH) -> list[Path]:
     """Write the config.pbtxt of every model for both flavours to ``out_dir/<flavour>/<model>/`` (for reading,
     and for images that copy a fixed repository); ``tests/test_model_repo.py`` checks they are current."""
     spec = repo_spec(model_name, max_batch_size)

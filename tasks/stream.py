@@ -88,6 +88,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
+from tasks.model_repo import MAX_BATCH
+
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
 
@@ -403,7 +405,7 @@ class TritonBackend:
     split into chunks that are sent concurrently.
     """
 
-    def __init__(self, url: str, model: str, timeout_s: float = 10.0, max_model_batch: int = 64,
+    def __init__(self, url: str, model: str, timeout_s: float = 10.0, max_model_batch: int = MAX_BATCH,
                  concurrency: int = 4) -> None:
         from tasks.triton import TritonClient
 
@@ -483,7 +485,7 @@ class StreamConfig:
     triton_url: str = "127.0.0.1:8001"
     max_batch: int = 256
     max_wait_ms: int = 5
-    max_model_batch: int = 64
+    max_model_batch: int = MAX_BATCH
     inflight: int = 2  # micro-batches at Triton at once: the next one is queued there while one is answered
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
     qdrant_policy: QdrantPolicy = field(default_factory=lambda: QdrantPolicy.parse(DEFAULT_QDRANT_POLICY))
@@ -1118,7 +1120,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="most frames per micro-batch")
     p.add_argument("--max-wait-ms", type=int, default=int(env("MLPIPE_CONSUMER_MAX_WAIT_MS") or 5),
                    help="longest wait to fill a micro-batch")
-    p.add_argument("--model-max-batch", type=int, default=64,
+    p.add_argument("--model-max-batch", type=int, default=MAX_BATCH,
                    help="the model's max_batch_size: larger micro-batches are split into concurrent calls")
     p.add_argument("--inflight", type=int, default=int(env("MLPIPE_CONSUMER_INFLIGHT") or 2),
                    help="micro-batches sent to Triton at once (2: the next one waits in Triton's queue while "

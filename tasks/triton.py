@@ -35,6 +35,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence, TypeVar
 
+from tasks.model_repo import MAX_BATCH
 from tasks.procs import LOOPBACK, ManagedProcess, free_port, http_ok, wait_until
 
 logger = logging.getLogger(__name__)
@@ -363,7 +364,7 @@ class TritonClient:
     """
 
     def __init__(self, url: str, protocol: str = "grpc", *, timeout: float = DEFAULT_TIMEOUT_S,
-                 max_batch_size: int = 64) -> None:
+                 max_batch_size: int = MAX_BATCH) -> None:
         if protocol not in ("grpc", "http"):
             raise ValueError(f"protocol must be 'grpc' or 'http', got {protocol!r}")
         for prefix in ("http://", "https://", "grpc://"):

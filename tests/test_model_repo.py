@@ -31,7 +31,7 @@ def test_both_flavours_render_and_every_config_parses(tmp_path, flavour, tiny_on
     for name, text in texts.items():
         cfg = mr.validate_config_text(text)
         assert cfg["name"] == name
-        assert cfg["max_batch_size"] == 64
+        assert cfg["max_batch_size"] == mr.MAX_BATCH == 256
         # the built-in reader agrees with the protobuf parser
         assert mr.parse_config_text(text, use_protobuf=False) == mr.parse_config_text(text, use_protobuf=True)
         if name != "digits":

@@ -150,8 +150,8 @@ def test_malformed_input_gives_clear_error_and_server_stays_up(triton_server):
         assert not err.value.unreachable
         with pytest.raises(TritonError, match="data-type is 'FP32', but model 'digits' expects 'UINT8'"):
             client.infer(MODEL_NAME, {"IMAGE": np.zeros((2, 28, 28), np.float32)}, ["LABEL"])
-        with pytest.raises(TritonError, match="batch-size must be <= 64"):
-            client.infer(MODEL_NAME, {"IMAGE": np.zeros((65, 28, 28), np.uint8)}, ["LABEL"])
+        with pytest.raises(TritonError, match="batch-size must be <= 256"):
+            client.infer(MODEL_NAME, {"IMAGE": np.zeros((257, 28, 28), np.uint8)}, ["LABEL"])
         with pytest.raises(TritonError, match="must be uint8 pixels 0..255"):
             client.infer_images(MODEL_NAME, np.full((1, 28, 28), 300, np.int32))
         # bad values reaching a Python model: an error for that request, not a crash
