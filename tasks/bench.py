@@ -1346,6 +1346,14 @@ def render_markdown(r: dict[str, Any]) -> str:
         lines.append("Naive loop, ms per frame: " + ", ".join(f"{k} {v:.2f}" for k, v in naive["ms_per_frame"].items())
                      + ".")
         lines.append("")
+    for c in d.get("consumer", {}).values():
+        for phase, what in (("max", "drain"), ("latency", "50 % load run")):
+            steps = c.get(phase, {}).get("consumer_loop_s")
+            if steps:
+                lines.append(f"Consumer main thread, `{c['max'].get('policy')}` {what}, seconds per step (`stage_s`; "
+                             "poll includes idle time before the first frame and after the last): "
+                             + ", ".join(f"{k} {v:.2f}" for k, v in steps.items()) + ".")
+    lines.append("")
     prof = d.get("profile")
     if prof and "main_thread" in prof:
         lines += [f"cProfile of the consumer's main thread (default policy, {prof['frames']:,} queued frames, "

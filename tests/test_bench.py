@@ -47,6 +47,8 @@ def test_bench_writes_results_with_every_key(tmp_path, mlpipe_env, _tiny_onnx_ca
     table = (out / "results.md").read_text()
     assert "| scenario | images/s | p50 ms | p95 ms | notes |" in table
     assert "(c) consumer" in table and table in printed.out  # the table is printed too
+    assert "Consumer main thread, `low_confidence:0.7,sample:0.05` drain, seconds per step" in table
+    assert set(drain["consumer_loop_s"]) >= {"decode", "wait_triton", "qdrant", "commit"}
 
 
 @pytest.mark.parametrize("args, message", [
