@@ -980,7 +980,8 @@ def consumer_latency(services: Services, source: FrameSource, cfg: BenchConfig, 
     Each rate gets fresh topics, a fresh consumer (own Qdrant folder) and a fresh reader. The local
     Tansu broker's memory engine spends CPU per fetch in proportion to the record batches already in
     the partition, so a rate measured on the topics of the rates before it would pay for their frames
-    (measured: the broker's CPU doubles within 8 s at half load on a topic that starts empty).
+    (measured with a plain producer and consumer at 3.9k frames/s in 5 ms batches: the broker went from
+    0.26 to 0.88 cores within 12 s on topics that started empty).
     """
     results = []
     for i, rate in enumerate(rates):
