@@ -25,6 +25,7 @@ from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOpe
 from airflow.sdk import dag, task
 
 from mlpipe_assets import DROPS
+from mlpipe_triggers import RETRAIN_TRIGGER_KWARGS
 
 
 @dag(
@@ -73,14 +74,7 @@ def drop_arrival():
         return plan
 
     plan = new_drops()
-    triggered = TriggerDagRunOperator.partial(
-        task_id="trigger_retrain",
-        trigger_dag_id="retrain",
-        logical_date=None,
-        skip_when_already_exists=True,
-        wait_for_completion=False,
-        openlineage_inject_parent_info=False,
-    ).expand_kwargs(plan)
+    triggered = TriggerDagRunOperator.partial(task_id="trigger_retrain", **RETRAIN_TRIGGER_KWARGS).expand_kwargs(plan)
 
     @task(trigger_rule="all_done", inlets=[DROPS])
     def claim(plan: list[dict] | None, triggering_asset_events=None, dag_run=None, ti=None) -> list[str]:

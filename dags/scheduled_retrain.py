@@ -20,7 +20,7 @@ from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOpe
 from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, task
 
 from mlpipe_assets import DRIFT
-from mlpipe_triggers import cron_from_env
+from mlpipe_triggers import RETRAIN_TRIGGER_KWARGS, cron_from_env
 
 DEFAULT_CRON = "0 3 * * *"
 
@@ -74,13 +74,9 @@ def scheduled_retrain():
     planned = plan()
     trigger = TriggerDagRunOperator(
         task_id="trigger_retrain",
-        trigger_dag_id="retrain",
         trigger_run_id="{{ ti.xcom_pull(task_ids='plan')['run_id'] }}",
         conf="{{ ti.xcom_pull(task_ids='plan')['conf'] | tojson }}",
-        logical_date=None,
-        skip_when_already_exists=True,
-        wait_for_completion=False,
-        openlineage_inject_parent_info=False,
+        **RETRAIN_TRIGGER_KWARGS,
     )
     planned >> trigger
 

@@ -62,6 +62,15 @@ logger = logging.getLogger(__name__)
 
 CLAIM_PREFIX = "triggers/drop_arrival/"
 RETRAIN_DAG = "retrain"
+# How both trigger DAGs (drop_arrival, scheduled_retrain) start a retrain run: idempotent on the run id
+# (a second trigger of the same drop is a no-op), fire-and-forget, no logical date.
+RETRAIN_TRIGGER_KWARGS: dict[str, Any] = {
+    "trigger_dag_id": RETRAIN_DAG,
+    "logical_date": None,
+    "skip_when_already_exists": True,
+    "wait_for_completion": False,
+    "openlineage_inject_parent_info": False,
+}
 
 
 # --------------------------------------------------------------------------- bookkeeping (no Airflow)
