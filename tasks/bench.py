@@ -1065,7 +1065,8 @@ def _latency_result(policy_name: str, rate: float, captured: dict[str, float], r
     read = sum(1 for f in captured if f in reader.seen)
     first = min(captured.values()) if captured else 0.0
     # warm-up frames were stamped before ``since``; the measured window's frames at or after it
-    sinks = [(cap, secs * 1000) for cap, secs in sink_log if cap >= min(since, first) - 1e-6]
+    window = [entry for entry in sink_log if entry[0] >= min(since, first) - 1e-6]
+    sinks = [(entry[0], entry[1] * 1000) for entry in window]
     buckets: dict[int, list[float]] = {}
     for cap, ms in sinks:
         buckets.setdefault(int(cap - first), []).append(ms)
@@ -1083,12 +1084,32 @@ def _latency_result(policy_name: str, rate: float, captured: dict[str, float], r
         "consumer_reported_definition": "the prediction's latency_ms: captured_at -> processed_at (Triton "
                                         "answered; before the Kafka write and the Qdrant upsert)",
         "timeline": timeline,
+        "steps": latency_steps(window),
     }
     if not complete:
         result["note"] = f"{len(captured) - read} of {len(captured)} predictions were not read back in time"
     elif len(sinks) < len(captured):
         result["note"] = f"the consumer logged {len(sinks)} of {len(captured)} frames as written to both sinks"
     return result
+
+
+LATENCY_STEPS = (("kafka_to_poll", "captured -> polled by the loop (producer, broker, fetch, loop turn)"),
+                 ("triton", "polled -> Triton answered (decode, Triton's queue and the ensemble)"),
+                 ("answer_taken", "Triton answered -> the loop took the answer"),
+                 ("sinks", "answer taken -> both sinks written (build, produce, acks, Qdrant)"))
+
+
+def latency_steps(entries: Sequence[Sequence[float]]) -> dict[str, dict[str, Any]]:
+    """p50/p95 of each step of the consumer's ``--latency-log`` entries ([captured_at, to sinks, to polled,
+    to Triton's answer, to the answer taken], seconds): where a frame's end-to-end time goes."""
+    full = [e for e in entries if len(e) >= 5]
+    if not full:
+        return {}
+    per_step = {name: [] for name, _ in LATENCY_STEPS}
+    for _, sinks, polled, answered, taken, *_ in full:
+        for (name, _), a, b in zip(LATENCY_STEPS, (0.0, polled, answered, taken), (polled, answered, taken, sinks)):
+            per_step[name].append((b - a) * 1000)
+    return {name: _summary(values) for name, values in per_step.items()}
 
 
 def _slug(policy_name: str) -> str:
@@ -1347,6 +1368,20 @@ def render_markdown(r: dict[str, Any]) -> str:
         lines.append("Naive loop, ms per frame: " + ", ".join(f"{k} {v:.2f}" for k, v in naive["ms_per_frame"].items())
                      + ".")
         lines.append("")
+    step_rows = [(c["latency"], c["latency"]["steps"]) for c in d.get("consumer", {}).values()
+                 if c.get("latency", {}).get("steps")]
+    if step_rows:
+        lines += ["Where a frame's end-to-end time goes at 50 % load (from the consumer's `--latency-log`; "
+                  "p50 / p95 of each step, ms; the steps' p95s do not add up to the end-to-end p95):", "",
+                  "| Qdrant policy | " + " | ".join(name.replace("_", " ") for name, _ in LATENCY_STEPS)
+                  + " | end to end |", "|---|" + "---:|" * (len(LATENCY_STEPS) + 1)]
+        for pt, steps in step_rows:
+            cells = [f"{_fmt(steps.get(name, {}).get('p50_ms'), 1)} / {_fmt(steps.get(name, {}).get('p95_ms'), 1)}"
+                     for name, _ in LATENCY_STEPS]
+            e = pt.get("e2e", {})
+            lines.append(f"| `{pt['policy']}` | " + " | ".join(cells)
+                         + f" | {_fmt(e.get('p50_ms'), 1)} / {_fmt(e.get('p95_ms'), 1)} |")
+        lines += [""] + [f"- {name.replace('_', ' ')}: {what}" for name, what in LATENCY_STEPS] + [""]
     for c in d.get("consumer", {}).values():
         for phase, what in (("max", "drain"), ("latency", "50 % load run")):
             steps = c.get(phase, {}).get("consumer_loop_s")

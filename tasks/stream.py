@@ -38,7 +38,8 @@ Triton at once, so the next one waits in Triton's queue while one is answered.
 With batches in hand the loop takes only the frames already fetched (no wait).
 Batches are confirmed strictly in order, and nothing after a batch that could
 not be finished is committed. ``--stats-json`` gets the main thread's seconds
-per step (``stage_s``); ``--latency-log`` each frame's time to both sinks.
+per step (``stage_s``); ``--latency-log`` each frame's time to both sinks and
+to each step before (polled, Triton answered, answer taken by the loop).
 
 Faults: Triton down or slow -> the partitions are paused (``poll`` keeps being
 called, so the member stays in the group and rebalances are served; partitions
@@ -500,7 +501,7 @@ class StreamConfig:
     create_topics: bool = True
     kafka_overrides: dict[str, Any] = field(default_factory=dict)
     commit_interval_ms: int = 100  # confirmed offsets are committed at most this often (and when idle)
-    record_latency: bool = False  # keep (captured_at, sinks latency) per frame for --latency-log
+    record_latency: bool = False  # keep per frame captured_at and the seconds to each step (--latency-log)
 
 
 @dataclass
@@ -511,6 +512,9 @@ class _Batch:
     rejected: list[tuple[int, FrameRejected]]
     frame_ids: list[str]
     polled_at: float
+    polled_wall: float = 0.0  # epoch seconds, for the per-frame latency breakdown
+    answered_wall: float = 0.0
+    processed_wall: float = 0.0  # the loop took Triton's answer
     future: Future | None = None
     submitted_at: float = 0.0
     infer_s: float = 0.0
@@ -576,7 +580,9 @@ class StreamConsumer:
         self._committed: dict[tuple[str, int], int] = {}  # confirmed offsets, committed at shutdown again
         self._to_commit: dict[tuple[str, int], int] = {}  # confirmed, not committed yet
         self._last_commit = 0.0
-        self.latencies: list[tuple[float, float]] = []  # (captured_at epoch, s to both sinks), if recorded
+        # per frame, if recorded: captured_at (epoch), then seconds from it until: both sinks written, the
+        # loop polled the frame, Triton answered, the loop took the answer
+        self.latencies: list[tuple[float, float, float, float, float]] = []
         # main-thread seconds per step of the loop (in --stats-json: where the time goes)
         self.stage_s = dict.fromkeys(("poll", "decode", "wait_triton", "build_produce", "wait_kafka_acks",
                                       "qdrant", "commit"), 0.0)
@@ -676,7 +682,7 @@ class StreamConsumer:
         images = np.frombuffer(bytes(buf[:n * RAW_BYTES]), dtype=np.uint8).reshape(n, IMAGE_SIZE, IMAGE_SIZE) \
             if n else None
         return _Batch(records=records, good=good, images=images, rejected=rejected, frame_ids=frame_ids,
-                      polled_at=time.monotonic())
+                      polled_at=time.monotonic(), polled_wall=time.time())
 
     def _submit(self, batch: _Batch) -> None:
         if batch.images is not None and self.backend is not None:
@@ -684,11 +690,12 @@ class StreamConsumer:
             batch.submitted_at = time.monotonic()
             batch.future = self._infer_pool.submit(self._timed_infer, batch.images)
 
-    def _timed_infer(self, images: "np.ndarray") -> tuple[dict, float]:
+    def _timed_infer(self, images: "np.ndarray") -> tuple[dict, float, float]:
+        """Triton's outputs, the seconds the call took and when it returned (epoch)."""
         assert self.backend is not None
         t0 = time.perf_counter()
         out = self.backend.infer(images)
-        return out, time.perf_counter() - t0
+        return out, time.perf_counter() - t0, time.time()
 
     # ----------------------------------------------------------------- waiting while paused
     def _idle_poll(self, seconds: float) -> None:
@@ -729,10 +736,10 @@ class StreamConsumer:
         while True:
             try:
                 if batch.future is not None:
-                    out, secs = batch.future.result()
+                    out, secs, batch.answered_wall = batch.future.result()
                     batch.future = None
                 else:
-                    out, secs = self._timed_infer(batch.images)
+                    out, secs, batch.answered_wall = self._timed_infer(batch.images)
                 batch.infer_s = secs
                 self._last_infer_ok = time.monotonic()
                 self.metrics.triton_latency.observe(secs)
@@ -807,6 +814,7 @@ class StreamConsumer:
             return False
         self.metrics.batch_size.observe(len(batch.records))
         processed = _now()
+        batch.processed_wall = processed.timestamp()
         processed_iso = _iso(processed)
         version = self.backend.version if self.backend is not None else ""  # refreshed by the health thread
         messages: list[tuple[str, bytes | None, bytes | None, list[tuple[str, bytes]]]] = []
@@ -919,7 +927,8 @@ class StreamConsumer:
                 t_cap = cap.timestamp()
                 observe(max(0.0, written - t_cap))
                 if record is not None:
-                    record((t_cap, written - t_cap))
+                    record((t_cap, written - t_cap, batch.polled_wall - t_cap, batch.answered_wall - t_cap,
+                            batch.processed_wall - t_cap))
 
         self._to_commit.update(batch.offsets())
         if not self._commit_confirmed():
@@ -1152,8 +1161,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="extra librdkafka setting for the frames consumer (repeatable), e.g. fetch.min.bytes=16384")
     p.add_argument("--stats-json", default=None, help="write the final counters to this file on exit")
     p.add_argument("--latency-log", default=None, metavar="PATH",
-                   help="on exit, write [captured_at epoch, seconds to both sinks] of every predicted frame "
-                        "to this JSON file (benchmarks)")
+                   help="on exit, write one entry per predicted frame to this JSON file (benchmarks): "
+                        "[captured_at epoch, then seconds from it until both sinks were written, the loop "
+                        "polled the frame, Triton answered, the loop took the answer]")
     p.add_argument("--log-level", default=env("MLPIPE_LOG_LEVEL") or "INFO")
     return p
 

@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from tasks.bench import RESULT_KEYS, main
+from tasks.bench import LATENCY_STEPS, RESULT_KEYS, latency_steps, main
 from tests.triton_fixtures import _tiny_onnx_cache  # noqa: F401
 
 pytestmark = pytest.mark.integration
@@ -40,6 +40,10 @@ def test_bench_writes_results_with_every_key(tmp_path, mlpipe_env, _tiny_onnx_ca
     assert lat["complete"] and lat["predictions_read"] == lat["e2e"]["n"] == lat["frames"] > 0
     # both sinks are written after Triton answered
     assert lat["e2e"]["p50_ms"] >= lat["consumer_reported"]["p50_ms"]
+    # and where the time went, step by step, for every frame
+    assert [name for name, _ in LATENCY_STEPS] == list(lat["steps"])
+    assert all(st["n"] == lat["frames"] and st["p50_ms"] >= 0 for st in lat["steps"].values())
+    assert "Where a frame's end-to-end time goes at 50 % load" in (out / "results.md").read_text()
     assert d["profile"]["main_thread"], d["profile"]
     # DAG import errors are tests/test_dag_structure.py's business; here: every DAG file was timed
     assert d["dag_parse"]["files"] and all(f["median_s"] > 0 for f in d["dag_parse"]["files"].values())
@@ -49,6 +53,18 @@ def test_bench_writes_results_with_every_key(tmp_path, mlpipe_env, _tiny_onnx_ca
     assert "(c) consumer" in table and table in printed.out  # the table is printed too
     assert "Consumer main thread, `low_confidence:0.7,sample:0.05` drain, seconds per step" in table
     assert set(drain["consumer_loop_s"]) >= {"decode", "wait_triton", "qdrant", "commit"}
+
+
+def test_latency_steps_split_each_frame_at_its_timestamps():
+    # [captured_at, to sinks, to polled, to Triton's answer, to the answer taken] in seconds
+    entries = [[1.7e9, 0.030, 0.010, 0.018, 0.019], [1.7e9 + 1, 0.050, 0.020, 0.030, 0.040]]
+    steps = latency_steps(entries + [[1.7e9, 0.02]])  # an entry without the breakdown is left out
+    assert list(steps) == [name for name, _ in LATENCY_STEPS]
+    assert steps["kafka_to_poll"]["p50_ms"] == pytest.approx(15.0)
+    assert steps["triton"]["max_ms"] == pytest.approx(10.0)
+    assert steps["answer_taken"]["p50_ms"] == pytest.approx(5.5)
+    assert steps["sinks"]["p50_ms"] == pytest.approx(10.5) and all(st["n"] == 2 for st in steps.values())
+    assert latency_steps([[1.7e9, 0.02]]) == {}
 
 
 @pytest.mark.parametrize("args, message", [

@@ -324,10 +324,12 @@ def test_sigterm_drains_commits_and_exits_within_10s(kafka_cfg, triton_server, t
     steps = stats["stage_s"]
     assert set(steps) == {"poll", "decode", "wait_triton", "build_produce", "wait_kafka_acks", "qdrant", "commit"}
     assert all(v >= 0 for v in steps.values()) and steps["decode"] > 0 and steps["qdrant"] > 0
-    # --latency-log: one [captured_at, seconds to both sinks] per predicted frame, written on exit
+    # --latency-log: per predicted frame, written on exit: captured_at, then the seconds until both sinks
+    # were written, the frame was polled, Triton answered, the loop took the answer (in that order in time)
     lat = json.loads(latency_log.read_text())
     assert len(lat) == stats["predicted"]
-    assert all(cap > 1.7e9 and 0 < secs < 30 for cap, secs in lat)
+    assert all(cap > 1.7e9 and 0 < secs < 30 for cap, secs, *_ in lat)
+    assert all(0 <= polled <= answered <= taken <= secs for _, secs, polled, answered, taken in lat)
 
     # nothing was committed past a frame without a prediction
     committed = committed_offsets(kafka_cfg, consumer.group, kafka_cfg.frames_topic)
