@@ -656,6 +656,7 @@ class StreamConsumer:
 
         from tasks.bus import H_CONTENT_TYPE, H_FRAME_ID
 
+        polled_wall = time.time()  # before decoding: the latency log's "polled" step ends here
         good: list[int] = []
         rejected: list[tuple[int, FrameRejected]] = []
         frame_ids: list[str] = []
@@ -682,7 +683,7 @@ class StreamConsumer:
         images = np.frombuffer(bytes(buf[:n * RAW_BYTES]), dtype=np.uint8).reshape(n, IMAGE_SIZE, IMAGE_SIZE) \
             if n else None
         return _Batch(records=records, good=good, images=images, rejected=rejected, frame_ids=frame_ids,
-                      polled_at=time.monotonic(), polled_wall=time.time())
+                      polled_at=time.monotonic(), polled_wall=polled_wall)
 
     def _submit(self, batch: _Batch) -> None:
         if batch.images is not None and self.backend is not None:
