@@ -1368,14 +1368,14 @@ def render_markdown(r: dict[str, Any]) -> str:
         lines.append("Naive loop, ms per frame: " + ", ".join(f"{k} {v:.2f}" for k, v in naive["ms_per_frame"].items())
                      + ".")
         lines.append("")
-    step_rows = [(c["latency"], c["latency"]["steps"]) for c in d.get("consumer", {}).values()
-                 if c.get("latency", {}).get("steps")]
-    if step_rows:
+    step_points = [c["latency"] for c in d.get("consumer", {}).values() if c.get("latency", {}).get("steps")]
+    if step_points:
         lines += ["Where a frame's end-to-end time goes at 50 % load (from the consumer's `--latency-log`; "
                   "p50 / p95 of each step, ms; the steps' p95s do not add up to the end-to-end p95):", "",
                   "| Qdrant policy | " + " | ".join(name.replace("_", " ") for name, _ in LATENCY_STEPS)
                   + " | end to end |", "|---|" + "---:|" * (len(LATENCY_STEPS) + 1)]
-        for pt, steps in step_rows:
+        for pt in step_points:
+            steps = pt["steps"]
             cells = [f"{_fmt(steps.get(name, {}).get('p50_ms'), 1)} / {_fmt(steps.get(name, {}).get('p95_ms'), 1)}"
                      for name, _ in LATENCY_STEPS]
             e = pt.get("e2e", {})

@@ -987,7 +987,8 @@ class StreamConsumer:
     def _revoked(self, partitions: list[tuple[str, int]]) -> None:
         """Before partitions move to another member: commit what was confirmed for them (synchronously)."""
         assert self._consumer is not None
-        offsets = {tp: o for tp, o in self._to_commit.items() if tp in set(partitions)}
+        revoked = set(partitions)
+        offsets = {tp: o for tp, o in self._to_commit.items() if tp in revoked}
         if offsets:
             res = self._consumer.commit(offsets)
             if res.ok:
