@@ -260,20 +260,25 @@ def _release_orphaned_shm(before: set[str]) -> None:
             pass
 
 
-def test_triton_killed_and_restarted_mid_stream_loses_nothing(kafka_cfg, triton_server, tmp_path):  # noqa: F811
+def _own_triton(triton_server, tmp_path, ports: dict[str, int]):
+    """A Triton of the test's own (on ``ports``), serving the shared fixture's model repository."""
     from tasks.triton import LocalTriton
 
+    t = LocalTriton(triton_server.repo, tmp_path / "triton-logs", backend_dir=triton_server.work / "backends",
+                    load_models=["digits"], **ports)
+    t.start(timeout=60)
+    with t.client() as c:
+        c.wait_model_ready("digits", timeout=60)
+    return t
+
+
+def test_triton_killed_and_restarted_mid_stream_loses_nothing(kafka_cfg, triton_server, tmp_path):  # noqa: F811
     shm_before = _shm_regions()
 
     ports = dict(http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())
 
-    def start_triton() -> LocalTriton:
-        t = LocalTriton(triton_server.repo, tmp_path / "triton-logs", backend_dir=triton_server.work / "backends",
-                        load_models=["digits"], **ports)
-        t.start(timeout=60)
-        with t.client() as c:
-            c.wait_model_ready("digits", timeout=60)
-        return t
+    def start_triton():
+        return _own_triton(triton_server, tmp_path, ports)
 
     triton = start_triton()
     consumer = _consumer(kafka_cfg, triton.grpc_url, tmp_path, policy="all",
@@ -297,6 +302,49 @@ def test_triton_killed_and_restarted_mid_stream_loses_nothing(kafka_cfg, triton_
         wait_until(lambda: consumer.metric("mlpipe_consumer_paused") == 0, 10, "consumer resumed")
         consumer.wait_ready(10)
     finally:
+        code, _ = consumer.terminate()
+        triton.stop()
+    assert code == 0, consumer.log()
+    count, point_ids, _ = qdrant_ids(tmp_path / "qdrant")
+    assert count == 200 and set(point_ids) == set(ids)
+
+
+def test_slow_triton_pauses_retries_and_loses_nothing(kafka_cfg, triton_server, tmp_path):  # noqa: F811
+    """Triton hung (SIGSTOP: it accepts connections but answers nothing) for longer than --triton-timeout:
+    every call times out, the consumer pauses and retries with backoff, commits nothing past the held frames,
+    stays alive, and finishes everything once Triton answers again."""
+    import os
+    import signal
+
+    triton = _own_triton(triton_server, tmp_path,
+                         dict(http_port=free_port(), grpc_port=free_port(), metrics_port=free_port()))
+    consumer = _consumer(kafka_cfg, triton.grpc_url, tmp_path, policy="all",
+                         extra=["--max-batch", "32", "--triton-timeout", "1", "--backoff-max", "1"]).start()
+    frozen = False
+    try:
+        ids = send_frames(kafka_cfg, digit_images(100))
+        assert predicted_ids(kafka_cfg, set(ids), timeout=40) == set(ids), consumer.log()
+        wait_until(lambda: _committed(kafka_cfg, consumer.group) == 100, 10, "first 100 frames committed")
+        assert triton.pid is not None
+        os.kill(triton.pid, signal.SIGSTOP)
+        frozen = True
+        ids += send_frames(kafka_cfg, digit_images(100, start=100))
+        wait_until(lambda: consumer.metric("mlpipe_consumer_paused") == 1, 20, "consumer paused")
+        wait_until(lambda: (consumer.metric("mlpipe_consumer_triton_errors_total") or 0) >= 2, 20,
+                   "retried with backoff")
+        assert "Triton unavailable" in consumer.log()
+        assert consumer.get("/healthz")[0] == 200  # alive: waiting, not crashing
+        assert consumer.metric("mlpipe_consumer_frames_total", 'outcome="predicted"') == 100
+        assert _committed(kafka_cfg, consumer.group) == 100  # nothing committed past the held frames
+        os.kill(triton.pid, signal.SIGCONT)
+        frozen = False
+        assert predicted_ids(kafka_cfg, set(ids), timeout=40) == set(ids), consumer.log()
+        wait_until(lambda: consumer.metric("mlpipe_consumer_paused") == 0, 10, "consumer resumed")
+        wait_until(lambda: _committed(kafka_cfg, consumer.group) == 200, 10, "all 200 frames committed")
+        consumer.wait_ready(10)
+    finally:
+        if frozen:
+            os.kill(triton.pid, signal.SIGCONT)
         code, _ = consumer.terminate()
         triton.stop()
     assert code == 0, consumer.log()
