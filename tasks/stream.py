@@ -580,6 +580,7 @@ class StreamConsumer:
         self._committed: dict[tuple[str, int], int] = {}  # confirmed offsets, committed at shutdown again
         self._to_commit: dict[tuple[str, int], int] = {}  # confirmed, not committed yet
         self._last_commit = 0.0
+        self._last_lag = -1e9  # when the lag gauges were last updated
         # per frame, if recorded: captured_at (epoch), then seconds from it until: both sinks written, the
         # loop polled the frame, Triton answered, the loop took the answer
         self.latencies: list[tuple[float, float, float, float, float]] = []
@@ -713,6 +714,7 @@ class StreamConsumer:
                 key = (rec.topic, rec.partition)
                 if rec.offset < self._rewind.get(key, 1 << 62):
                     self._rewind[key] = rec.offset
+            self._update_lag()
             if self._stop.is_set() and self._draining_too_long():
                 return
 
@@ -998,8 +1000,16 @@ class StreamConsumer:
             else:
                 logger.warning("commit on revoke failed (%s): the new owner re-reads those frames", res.error)
 
-    def _update_lag(self) -> None:
+    def _update_lag(self, every_s: float = 1.0) -> None:
+        """Copy the consumer's lag (librdkafka statistics) into the gauges, at most every ``every_s``.
+
+        Called from the loop and while it waits (a Triton outage, a sink retry): the held frames are
+        exactly the lag an operator looks for then."""
         assert self._consumer is not None
+        now = time.monotonic()
+        if now - self._last_lag < every_s:
+            return
+        self._last_lag = now
         lag = self._consumer.lag()
         total = 0
         for (topic, part), value in lag.items():
@@ -1051,7 +1061,6 @@ class StreamConsumer:
         to_confirm: _Batch | None = None  # produced, waiting for acks / Qdrant / commit
         pending: _Batch | None = None  # sent to Triton
         wait_s = self.cfg.max_wait_ms / 1000.0
-        last_lag = 0.0
         while not self._stop.is_set():
             self._heartbeat = time.monotonic()
             busy = pending is not None or to_confirm is not None
@@ -1079,10 +1088,8 @@ class StreamConsumer:
             elif not self._commit_confirmed(force=True):  # nothing in hand but what was confirmed
                 return
             pending = batch
+            self._update_lag()
             now = time.monotonic()
-            if now - last_lag > 1.0:
-                self._update_lag()
-                last_lag = now
             if (self.cfg.exit_when_idle_s is not None and pending is None and to_confirm is None
                     and consumer.assigned_once and now - self._last_message > self.cfg.exit_when_idle_s):
                 logger.info("no frames for %.1fs: exiting (--exit-when-idle)", self.cfg.exit_when_idle_s)

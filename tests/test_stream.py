@@ -333,14 +333,18 @@ def test_slow_triton_pauses_retries_and_loses_nothing(kafka_cfg, triton_server, 
         wait_until(lambda: (consumer.metric("mlpipe_consumer_triton_errors_total") or 0) >= 2, 20,
                    "retried with backoff")
         assert "Triton unavailable" in consumer.log()
+        assert consumer.get("/readyz")[0] == 503
         assert consumer.get("/healthz")[0] == 200  # alive: waiting, not crashing
         assert consumer.metric("mlpipe_consumer_frames_total", 'outcome="predicted"') == 100
         assert _committed(kafka_cfg, consumer.group) == 100  # nothing committed past the held frames
+        # the lag gauge goes on being updated while the consumer waits: the held frames are the lag
+        wait_until(lambda: consumer.metric("mlpipe_consumer_lag_total_messages") == 100, 15, "lag of 100 shown")
         os.kill(triton.pid, signal.SIGCONT)
         frozen = False
         assert predicted_ids(kafka_cfg, set(ids), timeout=40) == set(ids), consumer.log()
         wait_until(lambda: consumer.metric("mlpipe_consumer_paused") == 0, 10, "consumer resumed")
         wait_until(lambda: _committed(kafka_cfg, consumer.group) == 200, 10, "all 200 frames committed")
+        wait_until(lambda: consumer.metric("mlpipe_consumer_lag_total_messages") == 0, 15, "lag back to 0")
         consumer.wait_ready(10)
     finally:
         if frozen:
