@@ -356,6 +356,48 @@ def test_slow_triton_pauses_retries_and_loses_nothing(kafka_cfg, triton_server, 
     assert count == 200 and set(point_ids) == set(ids)
 
 
+def test_sigterm_while_triton_hangs_exits_in_time_and_the_held_frames_are_redelivered(
+        kafka_cfg, triton_server, tmp_path):  # noqa: F811
+    """SIGTERM during a Triton outage: the drain is bounded (exit within 10 s), the held frames are not
+    committed, and the next consumer of the group predicts them once Triton answers."""
+    import os
+    import signal
+
+    triton = _own_triton(triton_server, tmp_path,
+                         dict(http_port=free_port(), grpc_port=free_port(), metrics_port=free_port()))
+    args = ["--max-batch", "32", "--triton-timeout", "1", "--backoff-max", "1"]
+    first = _consumer(kafka_cfg, triton.grpc_url, tmp_path, name="first", extra=args).start()
+    second = None
+    frozen = False
+    try:
+        ids = send_frames(kafka_cfg, digit_images(50))
+        assert predicted_ids(kafka_cfg, set(ids), timeout=40) == set(ids), first.log()
+        wait_until(lambda: _committed(kafka_cfg, first.group) == 50, 10, "first 50 frames committed")
+        os.kill(triton.pid, signal.SIGSTOP)
+        frozen = True
+        ids += send_frames(kafka_cfg, digit_images(50, start=50))
+        wait_until(lambda: first.metric("mlpipe_consumer_paused") == 1, 20, "consumer paused")
+        code, secs = first.terminate(timeout=15)
+        assert code == 0 and secs < 10, (code, secs, first.log())
+        assert "is not committed and will be redelivered" in first.log()
+        assert _committed(kafka_cfg, first.group) == 50  # the held frames stay uncommitted
+        os.kill(triton.pid, signal.SIGCONT)
+        frozen = False
+        second = _consumer(kafka_cfg, triton.grpc_url, tmp_path, name="second", extra=args).start()
+        assert predicted_ids(kafka_cfg, set(ids), timeout=40) == set(ids), second.log()
+        wait_until(lambda: _committed(kafka_cfg, second.group) == 100, 15, "all 100 frames committed")
+    finally:
+        if frozen:
+            os.kill(triton.pid, signal.SIGCONT)
+        first.kill()
+        if second is not None:
+            code, _ = second.terminate()
+            assert code == 0, second.log()
+        triton.stop()
+    count, point_ids, _ = qdrant_ids(tmp_path / "qdrant")
+    assert count == 100 and set(point_ids) == set(ids)
+
+
 def test_sigterm_drains_commits_and_exits_within_10s(kafka_cfg, triton_server, tmp_path):  # noqa: F811
     feeder = _Feeder(kafka_cfg, total=1000, rate=500)
     latency_log = tmp_path / "latency.json"
