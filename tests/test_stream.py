@@ -130,6 +130,24 @@ def test_predictions_and_qdrant_points_for_every_frame(kafka_cfg, triton_server,
     assert count == 200 and set(point_ids) == set(ids)
     assert payloads[0]["indexed_because"] == "all" and "label" in payloads[0]
 
+    # each point: payload = the prediction with its model version, vector = the ensemble's embedding
+    from tasks.vectors import open_vectors
+
+    by_id = {p["frame_id"]: p for p in preds}
+    sample = [0, 1, 5, 77, 199]  # 0 and 5 were sent raw, the others as PNG
+    with open_vectors(path=str(tmp_path / "qdrant"), create=False) as vs:
+        points = {pt["id"]: pt for pt in vs.get([ids[i] for i in sample], with_vectors=True)}
+    with triton_server.client() as client:
+        emb = client.infer_images("digits", digit_images(200)[sample])["EMBEDDING"].reshape(len(sample), -1)
+    for row, i in enumerate(sample):
+        point = points[ids[i]]
+        pred = by_id[ids[i]]
+        assert point["payload"]["model_version"] == "1" and point["payload"]["frame_id"] == ids[i]
+        assert point["payload"]["label"] == pred["label"] and point["payload"]["score"] == pred["score"]
+        want = emb[row] / np.linalg.norm(emb[row])  # a cosine collection stores vectors normalised
+        got = np.asarray(point["vector"], dtype=np.float64)
+        assert got.shape == (64,) and np.allclose(got / np.linalg.norm(got), want, atol=1e-5)
+
 
 def test_poison_frames_land_in_the_dlq_with_their_reason(kafka_cfg, triton_server, tmp_path):  # noqa: F811
     import io
