@@ -45,6 +45,9 @@ Faults: Triton down or slow -> the partitions are paused (``poll`` keeps being
 called, so the member stays in the group and rebalances are served; partitions
 assigned meanwhile are paused too), the batch is retried with exponential
 backoff and nothing is committed past it; fetching resumes when Triton answers.
+A call counts as failed after ``--triton-timeout`` seconds (a hung or overloaded
+Triton is treated like a down one). While paused the lag gauges keep being
+updated, so the held frames show as consumer lag.
 Broker down -> librdkafka reconnects, writes and commits are retried with
 backoff; the process never exits for it. SIGTERM/SIGINT -> stop fetching,
 finish the batches in hand (bounded by ``--drain-timeout``), commit, leave the
