@@ -7,7 +7,10 @@ has stopped.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import threading
 import time
 import uuid
@@ -262,7 +265,6 @@ def _release_orphaned_shm(before: set[str]) -> None:
     """Remove Python-backend shared-memory regions a kill -9'd Triton left behind: created during this
     test and mapped by no live process (so never another server's)."""
     import glob
-    import os
 
     mapped: set[str] = set()
     for maps in glob.glob("/proc/[0-9]*/maps"):
@@ -327,46 +329,48 @@ def test_triton_killed_and_restarted_mid_stream_loses_nothing(kafka_cfg, triton_
     assert count == 200 and set(point_ids) == set(ids)
 
 
+@contextlib.contextmanager
+def _frozen(pid: int | None):
+    """The process stopped (SIGSTOP: its sockets stay open, nothing answers) for the block, continued after."""
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
 def test_slow_triton_pauses_retries_and_loses_nothing(kafka_cfg, triton_server, tmp_path):  # noqa: F811
     """Triton hung (SIGSTOP: it accepts connections but answers nothing) for longer than --triton-timeout:
     every call times out, the consumer pauses and retries with backoff, commits nothing past the held frames,
     stays alive, and finishes everything once Triton answers again."""
-    import os
-    import signal
-
     triton = _own_triton(triton_server, tmp_path,
                          dict(http_port=free_port(), grpc_port=free_port(), metrics_port=free_port()))
     consumer = _consumer(kafka_cfg, triton.grpc_url, tmp_path, policy="all",
                          extra=["--max-batch", "32", "--triton-timeout", "1", "--backoff-max", "1"]).start()
-    frozen = False
     try:
         ids = send_frames(kafka_cfg, digit_images(100))
         assert predicted_ids(kafka_cfg, set(ids), timeout=40) == set(ids), consumer.log()
         wait_until(lambda: _committed(kafka_cfg, consumer.group) == 100, 10, "first 100 frames committed")
-        assert triton.pid is not None
-        os.kill(triton.pid, signal.SIGSTOP)
-        frozen = True
-        ids += send_frames(kafka_cfg, digit_images(100, start=100))
-        wait_until(lambda: consumer.metric("mlpipe_consumer_paused") == 1, 20, "consumer paused")
-        wait_until(lambda: (consumer.metric("mlpipe_consumer_triton_errors_total") or 0) >= 2, 20,
-                   "retried with backoff")
-        assert "Triton unavailable" in consumer.log()
-        assert consumer.get("/readyz")[0] == 503
-        assert consumer.get("/healthz")[0] == 200  # alive: waiting, not crashing
-        assert consumer.metric("mlpipe_consumer_frames_total", 'outcome="predicted"') == 100
-        assert _committed(kafka_cfg, consumer.group) == 100  # nothing committed past the held frames
-        # the lag gauge goes on being updated while the consumer waits: the held frames are the lag
-        wait_until(lambda: consumer.metric("mlpipe_consumer_lag_total_messages") == 100, 15, "lag of 100 shown")
-        os.kill(triton.pid, signal.SIGCONT)
-        frozen = False
+        with _frozen(triton.pid):
+            ids += send_frames(kafka_cfg, digit_images(100, start=100))
+            wait_until(lambda: consumer.metric("mlpipe_consumer_paused") == 1, 20, "consumer paused")
+            wait_until(lambda: (consumer.metric("mlpipe_consumer_triton_errors_total") or 0) >= 2, 20,
+                       "retried with backoff")
+            assert "Triton unavailable" in consumer.log()
+            assert consumer.get("/readyz")[0] == 503
+            assert consumer.get("/healthz")[0] == 200  # alive: waiting, not crashing
+            assert consumer.metric("mlpipe_consumer_frames_total", 'outcome="predicted"') == 100
+            assert _committed(kafka_cfg, consumer.group) == 100  # nothing committed past the held frames
+            # the lag gauge goes on being updated while the consumer waits: the held frames are the lag
+            wait_until(lambda: consumer.metric("mlpipe_consumer_lag_total_messages") == 100, 15,
+                       "lag of 100 shown")
         assert predicted_ids(kafka_cfg, set(ids), timeout=40) == set(ids), consumer.log()
         wait_until(lambda: consumer.metric("mlpipe_consumer_paused") == 0, 10, "consumer resumed")
         wait_until(lambda: _committed(kafka_cfg, consumer.group) == 200, 10, "all 200 frames committed")
         wait_until(lambda: consumer.metric("mlpipe_consumer_lag_total_messages") == 0, 15, "lag back to 0")
         consumer.wait_ready(10)
     finally:
-        if frozen:
-            os.kill(triton.pid, signal.SIGCONT)
         code, _ = consumer.terminate()
         triton.stop()
     assert code == 0, consumer.log()
@@ -378,35 +382,26 @@ def test_sigterm_while_triton_hangs_exits_in_time_and_the_held_frames_are_redeli
         kafka_cfg, triton_server, tmp_path):  # noqa: F811
     """SIGTERM during a Triton outage: the drain is bounded (exit within 10 s), the held frames are not
     committed, and the next consumer of the group predicts them once Triton answers."""
-    import os
-    import signal
-
     triton = _own_triton(triton_server, tmp_path,
                          dict(http_port=free_port(), grpc_port=free_port(), metrics_port=free_port()))
     args = ["--max-batch", "32", "--triton-timeout", "1", "--backoff-max", "1"]
     first = _consumer(kafka_cfg, triton.grpc_url, tmp_path, name="first", extra=args).start()
     second = None
-    frozen = False
     try:
         ids = send_frames(kafka_cfg, digit_images(50))
         assert predicted_ids(kafka_cfg, set(ids), timeout=40) == set(ids), first.log()
         wait_until(lambda: _committed(kafka_cfg, first.group) == 50, 10, "first 50 frames committed")
-        os.kill(triton.pid, signal.SIGSTOP)
-        frozen = True
-        ids += send_frames(kafka_cfg, digit_images(50, start=50))
-        wait_until(lambda: first.metric("mlpipe_consumer_paused") == 1, 20, "consumer paused")
-        code, secs = first.terminate(timeout=15)
-        assert code == 0 and secs < 10, (code, secs, first.log())
-        assert "is not committed and will be redelivered" in first.log()
-        assert _committed(kafka_cfg, first.group) == 50  # the held frames stay uncommitted
-        os.kill(triton.pid, signal.SIGCONT)
-        frozen = False
+        with _frozen(triton.pid):
+            ids += send_frames(kafka_cfg, digit_images(50, start=50))
+            wait_until(lambda: first.metric("mlpipe_consumer_paused") == 1, 20, "consumer paused")
+            code, secs = first.terminate(timeout=15)
+            assert code == 0 and secs < 10, (code, secs, first.log())
+            assert "is not committed and will be redelivered" in first.log()
+            assert _committed(kafka_cfg, first.group) == 50  # the held frames stay uncommitted
         second = _consumer(kafka_cfg, triton.grpc_url, tmp_path, name="second", extra=args).start()
         assert predicted_ids(kafka_cfg, set(ids), timeout=40) == set(ids), second.log()
         wait_until(lambda: _committed(kafka_cfg, second.group) == 100, 15, "all 100 frames committed")
     finally:
-        if frozen:
-            os.kill(triton.pid, signal.SIGCONT)
         first.kill()
         if second is not None:
             code, _ = second.terminate()
@@ -490,9 +485,6 @@ def test_broker_unavailable_at_start_is_waited_for(triton_server, tmp_path):  # 
 
 
 def test_broker_outage_mid_stream_is_survived(triton_server, tmp_path):  # noqa: F811
-    import os
-    import signal
-
     # A broker of our own, frozen with SIGSTOP (Tansu's memory engine would lose everything on a restart):
     # connections hang, the group session expires, produce and commit time out.
     with LocalBroker(tmp_path / "frozen-broker") as own:
@@ -503,12 +495,9 @@ def test_broker_outage_mid_stream_is_survived(triton_server, tmp_path):  # noqa:
             consumer.wait_ready(30)
             ids = send_frames(cfg, digit_images(50))
             assert predicted_ids(cfg, set(ids), timeout=20) == set(ids)
-            os.kill(own.pid, signal.SIGSTOP)
-            try:
+            with _frozen(own.pid):
                 wait_until(lambda: consumer.get("/readyz")[0] == 503, 15, "consumer unready during the outage")
                 assert consumer.proc.alive() and consumer.get("/healthz")[0] == 200
-            finally:
-                os.kill(own.pid, signal.SIGCONT)
             ids += send_frames(cfg, digit_images(50, start=50))
             assert predicted_ids(cfg, set(ids), timeout=40) == set(ids), consumer.log()
             consumer.wait_ready(20)
