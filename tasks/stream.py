@@ -50,8 +50,10 @@ Triton is treated like a down one). While paused the lag gauges keep being
 updated, so the held frames show as consumer lag.
 Broker down -> librdkafka reconnects, writes and commits are retried with
 backoff; the process never exits for it. SIGTERM/SIGINT -> stop fetching,
-finish the batches in hand (bounded by ``--drain-timeout``), commit, leave the
-group, exit 0.
+finish the batches in hand (bounded by ``--drain-timeout``, 7 s, also while
+Triton or the broker hangs: no wait outlasts it), commit, leave the group, exit 0
+within 10 s. With the broker unreachable the final commit and leaving the group
+get ~1.5 s and are then abandoned (the uncommitted frames are redelivered).
 
 Qdrant policy (``--qdrant-policy``, comma-separated union of rules):
 ``all`` | ``none`` | ``sample:<fraction>`` (deterministic on the frame id, so a
@@ -88,6 +90,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FuturesTimeout
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any, Callable, Sequence
@@ -499,7 +502,7 @@ class StreamConfig:
     triton_timeout_s: float = 10.0
     backoff_initial_s: float = 0.2
     backoff_max_s: float = 5.0
-    drain_timeout_s: float = 8.0
+    drain_timeout_s: float = 7.0
     exit_when_idle_s: float | None = None
     create_topics: bool = True
     kafka_overrides: dict[str, Any] = field(default_factory=dict)
@@ -584,6 +587,7 @@ class StreamConsumer:
         self._to_commit: dict[tuple[str, int], int] = {}  # confirmed, not committed yet
         self._last_commit = 0.0
         self._last_lag = -1e9  # when the lag gauges were last updated
+        self.abandoned = False  # shutdown gave up on the broker: the process must not wait for librdkafka
         # per frame, if recorded: captured_at (epoch), then seconds from it until: both sinks written, the
         # loop polled the frame, Triton answered, the loop took the answer
         self.latencies: list[tuple[float, float, float, float, float]] = []
@@ -695,6 +699,17 @@ class StreamConsumer:
             batch.submitted_at = time.monotonic()
             batch.future = self._infer_pool.submit(self._timed_infer, batch.images)
 
+    def _await(self, future: Future | None) -> Any:
+        """``future.result()``; raises ``FuturesTimeout`` once a stop request's drain budget is spent (a hung
+        Triton holds a call for up to ``--triton-timeout``: SIGTERM must not wait for it)."""
+        assert future is not None, "a batch with images needs a Triton backend"
+        while True:
+            try:
+                return future.result(timeout=0.25)
+            except FuturesTimeout:
+                if self._stop.is_set() and self._draining_too_long():
+                    raise
+
     def _timed_infer(self, images: "np.ndarray") -> tuple[dict, float, float]:
         """Triton's outputs, the seconds the call took and when it returned (epoch)."""
         assert self.backend is not None
@@ -741,11 +756,10 @@ class StreamConsumer:
         attempt = 0
         while True:
             try:
-                if batch.future is not None:
-                    out, secs, batch.answered_wall = batch.future.result()
-                    batch.future = None
-                else:
-                    out, secs, batch.answered_wall = self._timed_infer(batch.images)
+                if batch.future is None:  # a retry: through the pool too, so a stop request need not wait out
+                    self._submit(batch)   # Triton's timeout
+                out, secs, batch.answered_wall = self._await(batch.future)
+                batch.future = None
                 batch.infer_s = secs
                 self._last_infer_ok = time.monotonic()
                 self.metrics.triton_latency.observe(secs)
@@ -756,6 +770,8 @@ class StreamConsumer:
                     logger.info("Triton answers again after %d failed attempt(s)", attempt)
                 self._resume()
                 return out
+            except FuturesTimeout:  # stopping, and the drain budget ran out while Triton had not answered
+                return None
             except InferenceUnavailable as exc:
                 stale = batch.future is not None and batch.submitted_at < self._last_infer_ok
                 batch.future = None
@@ -902,12 +918,22 @@ class StreamConsumer:
             from tasks.bus import DeliveryError
 
             assert batch.ticket is not None
-            try:
-                producer.wait(batch.ticket, timeout=10.0)
-            except DeliveryError:
-                if batch.ticket.pending == 0 and batch.ticket.failed:
-                    batch.ticket = producer.produce_batch(batch.ticket.failed)  # re-send just the failures
-                raise
+            started = time.monotonic()
+            while True:
+                left = started + 10.0 - time.monotonic()
+                try:  # in slices: a stop request during a broker outage must not wait out the 10 s
+                    producer.wait(batch.ticket, timeout=max(0.0, min(0.5, left)))
+                    return
+                except DeliveryError as exc:
+                    if batch.ticket.pending:  # not all acknowledged yet
+                        if left > 0.5 and not (self._stop.is_set() and self._draining_too_long()):
+                            continue
+                        raise DeliveryError(f"{batch.ticket.pending} message(s) still unacknowledged after "
+                                            f"{time.monotonic() - started:.1f}s: is the broker at "
+                                            f"{self.kafka.bootstrap} reachable?") from exc
+                    if batch.ticket.failed:
+                        batch.ticket = producer.produce_batch(batch.ticket.failed)  # re-send just the failures
+                    raise
 
         t0 = time.perf_counter()
         if batch.ticket is not None and not self._retry(
@@ -1103,15 +1129,31 @@ class StreamConsumer:
             self._confirm(pending)
 
     def _shutdown(self) -> None:
+        # After a stop request everything here must fit in ~1.5 s past the drain budget: with the broker
+        # unreachable, a synchronous commit and leaving the group block for a minute or more (librdkafka's
+        # request timeouts), so they run in a thread the process stops waiting for (``abandoned``).
+        exit_by = (self._stop_deadline if self._stop_deadline is not None else time.monotonic() + 8.0) + 1.5
         self._committed.update(self._to_commit)
-        if self._consumer is not None and self._committed:
-            res = self._consumer.commit(self._committed)  # synchronous: the last async commits may be in flight
-            if not res.ok:
-                logger.warning("final commit failed (%s): the last frames will be redelivered", res.error)
-        if self._consumer is not None:
-            self._consumer.close()  # leaves the group at once: partitions move without waiting for the timeout
+        consumer, committed = self._consumer, dict(self._committed)
+
+        def leave() -> None:
+            if consumer is None:
+                return
+            if committed:
+                res = consumer.commit(committed)  # synchronous: the last async commits may be in flight
+                if not res.ok:
+                    logger.warning("final commit failed (%s): the last frames will be redelivered", res.error)
+            consumer.close()  # leaves the group at once: partitions move without waiting for the timeout
+
+        leaving = threading.Thread(target=leave, name="leave-group", daemon=True)
+        leaving.start()
+        leaving.join(max(0.5, exit_by - 0.5 - time.monotonic()))
+        if leaving.is_alive():
+            self.abandoned = True
+            logger.warning("the broker did not answer the final commit / leaving the group in time: exiting "
+                           "without them; frames after the last acknowledged commit will be redelivered")
         if self._producer is not None:
-            self._producer.close(timeout=2.0)
+            self._producer.close(timeout=max(0.1, min(2.0, exit_by - time.monotonic())))
         if self._infer_pool is not None:
             self._infer_pool.shutdown(wait=False, cancel_futures=True)
         self._stop.set()
@@ -1164,8 +1206,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--triton-timeout", type=float, default=10.0, help="seconds before a Triton call counts as failed")
     p.add_argument("--backoff-max", type=float, default=5.0,
                    help="longest wait between retries while Triton, Kafka or Qdrant is unavailable")
-    p.add_argument("--drain-timeout", type=float, default=8.0,
-                   help="on SIGTERM, seconds allowed to finish the batches in hand")
+    p.add_argument("--drain-timeout", type=float, default=7.0,
+                   help="on SIGTERM, seconds allowed to finish the batches in hand (even while Triton or the "
+                        "broker hangs); leaving the group and closing take ~1 s more, so the default exits "
+                        "within 10 s")
     p.add_argument("--exit-when-idle", type=float, default=None, metavar="SECONDS",
                    help="exit after this long without frames (benchmarks, batch back-fills)")
     p.add_argument("--no-create-topics", action="store_true", help="do not create missing topics at start")
@@ -1259,6 +1303,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         with open(args.latency_log + ".tmp", "w") as fh:
             json.dump(consumer.latencies, fh)
         os.replace(args.latency_log + ".tmp", args.latency_log)
+    if consumer.abandoned:  # librdkafka's handles would block the interpreter's exit on the unreachable broker
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 

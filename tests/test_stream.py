@@ -378,13 +378,15 @@ def test_slow_triton_pauses_retries_and_loses_nothing(kafka_cfg, triton_server, 
     assert count == 200 and set(point_ids) == set(ids)
 
 
+@pytest.mark.parametrize("triton_timeout", ["1", "30"], ids=["paused-between-retries", "call-hanging"])
 def test_sigterm_while_triton_hangs_exits_in_time_and_the_held_frames_are_redelivered(
-        kafka_cfg, triton_server, tmp_path):  # noqa: F811
-    """SIGTERM during a Triton outage: the drain is bounded (exit within 10 s), the held frames are not
-    committed, and the next consumer of the group predicts them once Triton answers."""
+        kafka_cfg, triton_server, tmp_path, triton_timeout):  # noqa: F811
+    """SIGTERM during a Triton outage, either between retries (calls time out after 1 s, fetching paused) or
+    while a call hangs (its 30 s timeout is far beyond the drain budget): the consumer exits within 10 s
+    without committing the held frames, and the group's next consumer predicts them once Triton answers."""
     triton = _own_triton(triton_server, tmp_path,
                          dict(http_port=free_port(), grpc_port=free_port(), metrics_port=free_port()))
-    args = ["--max-batch", "32", "--triton-timeout", "1", "--backoff-max", "1"]
+    args = ["--max-batch", "32", "--triton-timeout", triton_timeout, "--backoff-max", "1"]
     first = _consumer(kafka_cfg, triton.grpc_url, tmp_path, name="first", extra=args).start()
     second = None
     try:
@@ -393,7 +395,10 @@ def test_sigterm_while_triton_hangs_exits_in_time_and_the_held_frames_are_redeli
         wait_until(lambda: _committed(kafka_cfg, first.group) == 50, 10, "first 50 frames committed")
         with _frozen(triton.pid):
             ids += send_frames(kafka_cfg, digit_images(50, start=50))
-            wait_until(lambda: first.metric("mlpipe_consumer_paused") == 1, 20, "consumer paused")
+            if triton_timeout == "1":
+                wait_until(lambda: first.metric("mlpipe_consumer_paused") == 1, 20, "consumer paused")
+            else:
+                time.sleep(2)  # polled and sent to the frozen Triton: that call hangs for up to 30 s
             code, secs = first.terminate(timeout=15)
             assert code == 0 and secs < 10, (code, secs, first.log())
             assert "is not committed and will be redelivered" in first.log()
@@ -506,6 +511,39 @@ def test_broker_outage_mid_stream_is_survived(triton_server, tmp_path):  # noqa:
         assert code == 0, consumer.log()
     count, point_ids, _ = qdrant_ids(tmp_path / "qdrant")
     assert count == 100 and set(point_ids) == set(ids)
+
+
+def test_sigterm_during_a_broker_outage_exits_within_10s_and_loses_nothing(triton_server, tmp_path):  # noqa: F811
+    """SIGTERM while the broker hangs, with the production session timeout (the member keeps its partitions
+    meanwhile): acks, the final commit and leaving the group cannot complete, yet the consumer exits within
+    10 s; whatever it had not committed is predicted by the group's next consumer once the broker is back."""
+    with LocalBroker(tmp_path / "frozen-broker") as own:
+        cfg = KafkaConfig(bootstrap=own.bootstrap, topic_prefix="outage2.", partitions=3)
+        ensure_topics(cfg)
+        args = ["--backoff-max", "1", "--session-timeout-ms", "10000"]
+        first = _consumer(cfg, triton_server.grpc_url, tmp_path, name="first", extra=args).start()
+        second = None
+        feeder = _Feeder(cfg, total=600, rate=300)
+        try:
+            first.wait_ready(30)
+            feeder.start()
+            wait_until(lambda: (first.metric("mlpipe_consumer_frames_total", 'outcome="predicted"') or 0) >= 100,
+                       30, "100 frames predicted")
+            with _frozen(own.pid):
+                time.sleep(1.0)
+                code, secs = first.terminate(timeout=20)
+                assert code == 0 and secs < 10, (code, secs, first.log())
+            feeder.join(60)
+            assert feeder.error is None and len(feeder.ids) == 600
+            second = _consumer(cfg, triton_server.grpc_url, tmp_path, name="second", extra=args).start()
+            assert predicted_ids(cfg, set(feeder.ids), timeout=60) == set(feeder.ids), second.log()
+        finally:
+            first.kill()
+            if second is not None:
+                code, _ = second.terminate()
+                assert code == 0, second.log()
+    count, point_ids, _ = qdrant_ids(tmp_path / "qdrant")
+    assert count == 600 and set(point_ids) == set(feeder.ids)  # one point per frame, none twice
 
 
 def test_cli_help_and_bad_arguments():
