@@ -1130,8 +1130,8 @@ class StreamConsumer:
 
     def _shutdown(self) -> None:
         # After a stop request everything here must fit in ~1.5 s past the drain budget: with the broker
-        # unreachable, a synchronous commit and leaving the group block for a minute or more (librdkafka's
-        # request timeouts), so they run in a thread the process stops waiting for (``abandoned``).
+        # unreachable, a synchronous commit blocks for 30 s and more (librdkafka's request timeouts), and
+        # leaving the group waits on the same broker, so they run in a thread the process stops waiting for (``abandoned``).
         exit_by = (self._stop_deadline if self._stop_deadline is not None else time.monotonic() + 8.0) + 1.5
         self._committed.update(self._to_commit)
         consumer, committed = self._consumer, dict(self._committed)
