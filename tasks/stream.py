@@ -1131,7 +1131,8 @@ class StreamConsumer:
     def _shutdown(self) -> None:
         # After a stop request everything here must fit in ~1.5 s past the drain budget: with the broker
         # unreachable, a synchronous commit blocks for 30 s and more (librdkafka's request timeouts), and
-        # leaving the group waits on the same broker, so they run in a thread the process stops waiting for (``abandoned``).
+        # leaving the group waits on the same broker, so both run in a thread the process stops waiting
+        # for (``abandoned``).
         exit_by = (self._stop_deadline if self._stop_deadline is not None else time.monotonic() + 8.0) + 1.5
         self._committed.update(self._to_commit)
         consumer, committed = self._consumer, dict(self._committed)
