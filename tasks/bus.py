@@ -573,16 +573,19 @@ class BusProducer:
                     self._producer.poll(0.05)
         return ticket
 
-    def wait(self, ticket: "DeliveryTicket", timeout: float = 30.0) -> None:
+    def wait(self, ticket: "DeliveryTicket", timeout: float = 30.0,
+             give_up: Callable[[], bool] | None = None) -> None:
         """Serve delivery reports until every message of ``ticket`` is acknowledged.
 
         Raises ``DeliveryError`` if some failed (``ticket.failed`` holds them, ready for
-        ``produce_batch`` again) or are still unacknowledged after ``timeout``.
+        ``produce_batch`` again) or are still unacknowledged after ``timeout``, or earlier once
+        ``give_up()`` is true (checked every 50 ms: a shutdown must not wait out a broker outage).
         """
-        deadline = time.monotonic() + timeout
+        started = time.monotonic()
+        deadline = started + timeout
         while ticket.pending > 0:
             left = deadline - time.monotonic()
-            if left <= 0:
+            if left <= 0 or (give_up is not None and give_up()):
                 break
             # flush, not poll: it sends what is queued at once instead of after linger.ms (and serves the
             # delivery reports); the caller waits for these acks anyway
@@ -591,7 +594,8 @@ class BusProducer:
             raise DeliveryError(f"{len(ticket.errors)} message(s) not delivered to {self.cfg.bootstrap}: "
                                 f"{ticket.errors[0]}")
         if ticket.pending:
-            raise DeliveryError(f"{ticket.pending} message(s) still unacknowledged after {timeout:.0f}s: "
+            raise DeliveryError(f"{ticket.pending} message(s) still unacknowledged after "
+                                f"{time.monotonic() - started:.1f}s: "
                                 f"is the broker at {self.cfg.bootstrap} reachable?")
 
     def poll(self, timeout: float = 0.0) -> int:

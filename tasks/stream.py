@@ -918,22 +918,13 @@ class StreamConsumer:
             from tasks.bus import DeliveryError
 
             assert batch.ticket is not None
-            started = time.monotonic()
-            while True:
-                left = started + 10.0 - time.monotonic()
-                try:  # in slices: a stop request during a broker outage must not wait out the 10 s
-                    producer.wait(batch.ticket, timeout=max(0.0, min(0.5, left)))
-                    return
-                except DeliveryError as exc:
-                    if batch.ticket.pending:  # not all acknowledged yet
-                        if left > 0.5 and not (self._stop.is_set() and self._draining_too_long()):
-                            continue
-                        raise DeliveryError(f"{batch.ticket.pending} message(s) still unacknowledged after "
-                                            f"{time.monotonic() - started:.1f}s: is the broker at "
-                                            f"{self.kafka.bootstrap} reachable?") from exc
-                    if batch.ticket.failed:
-                        batch.ticket = producer.produce_batch(batch.ticket.failed)  # re-send just the failures
-                    raise
+            try:  # a stop request during a broker outage must not wait out the 10 s
+                producer.wait(batch.ticket, timeout=10.0,
+                              give_up=lambda: self._stop.is_set() and self._draining_too_long())
+            except DeliveryError:
+                if batch.ticket.pending == 0 and batch.ticket.failed:
+                    batch.ticket = producer.produce_batch(batch.ticket.failed)  # re-send just the failures
+                raise
 
         t0 = time.perf_counter()
         if batch.ticket is not None and not self._retry(
@@ -1133,7 +1124,8 @@ class StreamConsumer:
         # unreachable, a synchronous commit blocks for 30 s and more (librdkafka's request timeouts), and
         # leaving the group waits on the same broker, so both run in a thread the process stops waiting
         # for (``abandoned``).
-        exit_by = (self._stop_deadline if self._stop_deadline is not None else time.monotonic() + 8.0) + 1.5
+        exit_by = (self._stop_deadline if self._stop_deadline is not None
+                   else time.monotonic() + self.cfg.drain_timeout_s) + 1.5
         self._committed.update(self._to_commit)
         consumer, committed = self._consumer, dict(self._committed)
 
@@ -1209,7 +1201,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="longest wait between retries while Triton, Kafka or Qdrant is unavailable")
     p.add_argument("--drain-timeout", type=float, default=7.0,
                    help="on SIGTERM, seconds allowed to finish the batches in hand (even while Triton or the "
-                        "broker hangs); leaving the group and closing take ~1 s more, so the default exits "
+                        "broker hangs); leaving the group and closing get up to ~1.5 s more, so the default exits "
                         "within 10 s")
     p.add_argument("--exit-when-idle", type=float, default=None, metavar="SECONDS",
                    help="exit after this long without frames (benchmarks, batch back-fills)")

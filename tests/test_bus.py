@@ -113,6 +113,17 @@ def test_delivery_failure_is_raised_not_swallowed(tmp_path):
         producer.flush_confirmed(timeout=3)
 
 
+def test_wait_for_a_ticket_gives_up_early_when_asked(tmp_path):
+    # nothing listens on this port: acks never come; give_up ends the wait long before its timeout
+    cfg = KafkaConfig(bootstrap=f"127.0.0.1:{free_port()}")
+    producer = BusProducer(cfg)
+    ticket = producer.produce_batch([("frames", b"x", b"k", [])])
+    t0 = time.monotonic()
+    with pytest.raises(BusError, match=r"1 message\(s\) still unacknowledged after 0\.[0-9]s"):
+        producer.wait(ticket, timeout=30, give_up=lambda: time.monotonic() - t0 > 0.3)
+    assert time.monotonic() - t0 < 2
+
+
 def test_kafka_config_from_env_sasl_and_secrets(monkeypatch, caplog):
     monkeypatch.setenv("MLPIPE_KAFKA_BOOTSTRAP", "kafka-0:9093,kafka-1:9093")
     monkeypatch.setenv("MLPIPE_KAFKA_SECURITY_PROTOCOL", "sasl_ssl")
