@@ -11,37 +11,38 @@ PYTEST_ARGS ?=
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
 
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt pyproject.toml
 	@echo ">> setting up $(VENV) with $(PYTHON) (pinned requirements; first time takes a few minutes)"
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .  # the `mlpipe` command
 	$(PY) -m pip check
 	@touch $(STAMP)
 
 setup: $(STAMP) ## create the venv and install the pinned requirements
 
 demo: $(STAMP) ## run the retrain pipeline end to end on a generated drop; writes var/demo/summary.json
-	$(PY) -m tasks.demo
+	$(PY) -m tasks.tools.demo
 
 demo-regression: $(STAMP) ## the demo, then a deliberately worse model that the QC gate must block
-	$(PY) -m tasks.demo --regression
+	$(PY) -m tasks.tools.demo --regression
 
 test: $(STAMP) ## run the test suite (starts its own local services)
 	@bash .ci/ensure-chromium
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP) ## streaming benchmark: ORT in-process vs naive vs the consumer; writes var/bench/results.{json,md}
-	$(PY) -m tasks.bench
+	$(PY) -m tasks.tools.bench
 
 up: $(STAMP) ## start the local stack (Airflow UI on 127.0.0.1:8080, Triton, broker, consumer, gateway)
-	$(PY) -m tasks.stack up
+	$(PY) -m tasks.local.stack up
 
 down: ## stop the local stack started by `make up` (by recorded PIDs)
-	@if [ -x $(PY) ]; then $(PY) -m tasks.stack down; else echo "no venv: nothing was started"; fi
+	@if [ -x $(PY) ]; then $(PY) -m tasks.local.stack down; else echo "no venv: nothing was started"; fi
 
 status: $(STAMP) ## health of the local stack's services, URLs and the UI login
-	@$(PY) -m tasks.stack status || true
+	@$(PY) -m tasks.local.stack status || true
 
 clean: ## remove generated state (var/)
 	rm -rf var

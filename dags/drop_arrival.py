@@ -47,8 +47,8 @@ def drop_arrival():
         import logging
 
         from mlpipe_triggers import RETRAIN_DAG, drop_ids_from_events, pending_drops, retrain_run_id
-        from tasks import drops
-        from tasks.storage import open_store
+        from tasks.steps import drops
+        from tasks.adapters.storage import open_store
 
         log = logging.getLogger("mlpipe.drop_arrival")
         events = [ev for evs in (triggering_asset_events or {}).values() for ev in evs]
@@ -83,8 +83,8 @@ def drop_arrival():
 
         from mlpipe_triggers import RETRAIN_DAG, drop_ids_from_events, retrain_run_id
         from mlpipe_triggers import claim as write_claim
-        from tasks import drops
-        from tasks.storage import open_store
+        from tasks.steps import drops
+        from tasks.adapters.storage import open_store
 
         log = logging.getLogger("mlpipe.drop_arrival")
         store = open_store()

@@ -1,6 +1,6 @@
 """monitor: live predictions vs the champion's training reference; drift past a threshold requests a retrain.
 
-1. ``analyze``: ``python -m tasks.monitor`` (a local process, or a pod with MLPIPE_EXECUTION=kubernetes):
+1. ``analyze``: ``python -m tasks.steps.monitor`` (a local process, or a pod with MLPIPE_EXECUTION=kubernetes):
    class distribution (PSI, Jensen-Shannon), confidence (mean drop, KS) and embedding drift (mean
    cosine distance, MMD) of the newest ``window`` predictions from Kafka ``predictions`` or Qdrant
    against the champion run over its training data. Writes ``monitoring/<ts>/report.html`` (with plots)

@@ -55,7 +55,7 @@ def scheduled_retrain():
 
         from mlpipe_triggers import describe_plan, retrain_plan
         from tasks.config import load_settings
-        from tasks.storage import open_store
+        from tasks.adapters.storage import open_store
 
         log = logging.getLogger("mlpipe.scheduled_retrain")
         for events in (triggering_asset_events or {}).values():

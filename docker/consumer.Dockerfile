@@ -1,4 +1,4 @@
-# Streaming consumer, the Triton sidecar: python -m tasks.stream (docker/k8s/serving-deployment.yaml).
+# Streaming consumer, the Triton sidecar: mlpipe stream (docker/k8s/serving-deployment.yaml).
 # Build from the repository root:  docker build -f docker/consumer.Dockerfile -t mlpipe/consumer .
 # Only what the consumer imports is installed, at the exact pins of requirements.txt (the grep keeps
 # requirements.txt the single source of versions; no torch or Airflow in this image).
@@ -19,5 +19,5 @@ USER 65534
 EXPOSE 9108
 # SIGTERM: stop fetching, finish the batch in hand, commit, exit (well within 10 s).
 STOPSIGNAL SIGTERM
-ENTRYPOINT ["python", "-m", "tasks.stream"]
+ENTRYPOINT ["python", "-m", "tasks.cli", "stream"]
 CMD []

@@ -1,4 +1,4 @@
-# Ingest gateway (FastAPI + uvicorn): python -m tasks.gateway.
+# Ingest gateway (FastAPI + uvicorn): mlpipe gateway.
 # Build from the repository root:  docker build -f docker/gateway.Dockerfile -t mlpipe/gateway .
 # Run:  docker run -e MLPIPE_GATEWAY_TOKEN=... -e MLPIPE_KAFKA_BOOTSTRAP=kafka:9092 -p 8080:8080 mlpipe/gateway
 # Dependencies at the pins of requirements.txt; python-multipart (multipart uploads) is not pinned there.
@@ -14,5 +14,5 @@ ENV PYTHONPATH=/opt/mlpipe PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 MLPIPE_H
 USER 65534
 EXPOSE 8080
 HEALTHCHECK --interval=15s --timeout=3s CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=2)"]
-ENTRYPOINT ["python", "-m", "tasks.gateway"]
+ENTRYPOINT ["python", "-m", "tasks.cli", "gateway"]
 CMD []

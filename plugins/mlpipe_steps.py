@@ -1,6 +1,6 @@
 """Airflow adapter: run a pipeline step locally or as a Kubernetes pod.
 
-Every step is ``python -m tasks.<module> <arguments> --result-json <path>``.
+Every step is ``mlpipe <command> <arguments> --result-json <path>`` (``python -m tasks.cli <command>``).
 ``step()`` returns
 
 * a ``LocalStepOperator`` (the default, ``MLPIPE_EXECUTION=local``): the CLI as a
@@ -52,26 +52,26 @@ def execution_mode() -> str:
 
 
 class LocalStepOperator(BaseOperator):
-    """Run ``python -m tasks.<module>`` as a subprocess; push its result JSON to XCom."""
+    """Run ``mlpipe <command>`` as a subprocess; push its result JSON to XCom."""
 
     template_fields: Sequence[str] = ("arguments",)
     ui_color = "#e8f4ea"
 
-    def __init__(self, *, module: str, arguments: Sequence[str] = (), **kwargs: Any) -> None:
+    def __init__(self, *, command: str, arguments: Sequence[str] = (), **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.module = module
+        self.command = command
         self.arguments = list(arguments)
         self._proc: subprocess.Popen[str] | None = None
 
     def execute(self, context: Any) -> Any:
-        with tempfile.TemporaryDirectory(prefix=f"mlpipe-{self.module}-") as tmp:
+        with tempfile.TemporaryDirectory(prefix=f"mlpipe-{self.command}-") as tmp:
             result_path = Path(tmp) / "result.json"
-            cmd = [sys.executable, "-m", f"tasks.{self.module}", *map(str, self.arguments),
+            cmd = [sys.executable, "-m", "tasks.cli", self.command, *map(str, self.arguments),
                    "--result-json", str(result_path)]
             env = dict(os.environ)
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
             env.setdefault("PYTHONUNBUFFERED", "1")
-            self.log.info("step %s: %s", self.module, shlex.join(cmd))
+            self.log.info("step %s: %s", self.command, shlex.join(cmd))
             tail: deque[str] = deque(maxlen=20)
             self._proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                           cwd=PROJECT_ROOT, env=env, start_new_session=True)
@@ -85,8 +85,8 @@ class LocalStepOperator(BaseOperator):
                 errors = [ln for ln in tail if ln.startswith("error:") or "failed" in ln.lower()]
                 reason = (errors[-1] if errors else (tail[-1] if tail else "no output")).strip()
                 if rc in FINAL_EXIT_CODES:
-                    raise AirflowFailException(f"step {self.module} {FINAL_EXIT_CODES[rc]} (exit {rc}): {reason}")
-                raise AirflowException(f"step {self.module} failed (exit {rc}, will retry if retries remain): {reason}")
+                    raise AirflowFailException(f"step {self.command} {FINAL_EXIT_CODES[rc]} (exit {rc}): {reason}")
+                raise AirflowException(f"step {self.command} failed (exit {rc}, will retry if retries remain): {reason}")
             if result_path.exists():
                 return json.loads(result_path.read_text())
             return None
@@ -106,7 +106,7 @@ def _parse_toleration(spec: str) -> dict[str, str]:
     return tol
 
 
-def pod_operator(task_id: str, module: str, arguments: Sequence[str], *, gpu: bool, image: str,
+def pod_operator(task_id: str, command: str, arguments: Sequence[str], *, gpu: bool, image: str,
                  **kwargs: Any) -> BaseOperator:
     from kubernetes.client import models as k8s
     from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
@@ -130,14 +130,14 @@ def pod_operator(task_id: str, module: str, arguments: Sequence[str], *, gpu: bo
         name=f"mlpipe-{task_id}",
         namespace=namespace,
         image=image,
-        cmds=["python", "-m", f"tasks.{module}"],
+        cmds=["python", "-m", "tasks.cli", command],
         arguments=[*arguments, "--result-json", POD_XCOM_PATH],
         env_vars=env_vars,
         env_from=[k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name="mlpipe-credentials", optional=True))],
         container_resources=resources,
         node_selector=node_selector,
         tolerations=tolerations,
-        labels={"app.kubernetes.io/part-of": "mlpipe", "mlpipe/step": module},
+        labels={"app.kubernetes.io/part-of": "mlpipe", "mlpipe/step": command},
         do_xcom_push=True,
         get_logs=True,
         on_finish_action="delete_succeeded_pod",
@@ -152,7 +152,7 @@ IMAGES = {  # env var naming the image -> default
 }
 
 
-def step(task_id: str, module: str, arguments: Sequence[str], *, gpu: bool = False,
+def step(task_id: str, command: str, arguments: Sequence[str], *, gpu: bool = False,
          image_env: str | None = None, **kwargs: Any) -> BaseOperator:
     """The operator for one pipeline step, chosen by ``MLPIPE_EXECUTION`` (local | kubernetes).
 
@@ -162,10 +162,10 @@ def step(task_id: str, module: str, arguments: Sequence[str], *, gpu: bool = Fal
     if mode == "kubernetes":
         image_env = image_env or ("MLPIPE_TRAINER_IMAGE" if gpu else "MLPIPE_TASKS_IMAGE")
         image = os.environ.get(image_env) or IMAGES[image_env]
-        return pod_operator(task_id, module, arguments, gpu=gpu, image=image, **kwargs)
+        return pod_operator(task_id, command, arguments, gpu=gpu, image=image, **kwargs)
     if mode != "local":
         raise ValueError(f"MLPIPE_EXECUTION must be 'local' or 'kubernetes', got {mode!r}")
-    return LocalStepOperator(task_id=task_id, module=module, arguments=arguments, **kwargs)
+    return LocalStepOperator(task_id=task_id, command=command, arguments=arguments, **kwargs)
 
 
 def qc_gate(task_id: str = "qc_gate"):

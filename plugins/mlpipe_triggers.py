@@ -4,7 +4,7 @@ Drop arrival, exactly once per drop
 -----------------------------------
 ``DropArrivalTrigger`` is a ``BaseEventTrigger`` run by the triggerer for the ``mlpipe_drops``
 asset's ``AssetWatcher``. Every ``poll_interval`` seconds it lists the object store (through
-``tasks.storage`` / ``tasks.drops``) and emits one event ``{"drop_id": ...}`` per drop that is
+``tasks.adapters.storage`` / ``tasks.steps.drops``) and emits one event ``{"drop_id": ...}`` per drop that is
 
 * complete (``drops/<id>/_SUCCESS`` exists; an incomplete drop is ignored until its marker
   appears, however long that takes),
@@ -110,7 +110,7 @@ def claims(store: Any) -> dict[str, dict[str, Any]]:
 
 def pending_drops(store: Any) -> list[str]:
     """Complete drops with no claim and no validation result, oldest first."""
-    from tasks import drops
+    from tasks.steps import drops
 
     claimed = {k[len(CLAIM_PREFIX):-len(".json")] for k in store.list(CLAIM_PREFIX) if k.endswith(".json")}
     out = []
@@ -149,7 +149,8 @@ def retrain_plan(store: Any, model: str) -> dict[str, Any]:
     arrived while it trained count), never a drop the champion already saw. Without a champion
     every validated drop counts.
     """
-    from tasks import drops, registry
+    from tasks.steps import drops
+    from tasks.steps import registry
 
     champ = registry.champion(store, model)
     seen = [d["drop_id"] for d in (champ or {}).get("lineage", {}).get("drops", [])]
@@ -218,7 +219,7 @@ class DropArrivalTrigger(BaseEventTrigger):
                  "store_url": self.store_url})
 
     def _pending(self) -> list[str]:
-        from tasks.storage import open_store
+        from tasks.adapters.storage import open_store
 
         return pending_drops(open_store(url=self.store_url))
 

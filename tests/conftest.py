@@ -13,8 +13,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from tasks.config import load_settings  # noqa: E402
-from tasks.procs import ManagedProcess, free_port, port_open, wait_until  # noqa: E402
-from tasks.storage import LocalStore, S3Store  # noqa: E402
+from tasks.local.procs import ManagedProcess, free_port, port_open, wait_until  # noqa: E402
+from tasks.adapters.storage import LocalStore, S3Store  # noqa: E402
 from tasks.config import S3Settings  # noqa: E402
 
 # ClearML never touches the network in tests.
@@ -62,10 +62,13 @@ def s3_store(s3_endpoint, request):
     return S3Store(bucket, s3_endpoint)
 
 
-# The local stack (`make up` on free ports), shared by the stack, trigger, REST API and UI tests; the tests
-# that use it run last, so its processes never run beside the other tests (tests/stack_fixtures.py).
-from tests.stack_fixtures import airflow_stack, mlpipe_stack, stack_tests_last  # noqa: E402,F401
+# Fixtures shared by the suites (tests/support/): trained models, a tiny ONNX classifier and a Triton
+# server, a broker, and the local stack (`make up` on free ports). The stack's tests run last, so its
+# processes never run beside the other tests.
+pytest_plugins = ("tests.support.models", "tests.support.triton", "tests.support.stream", "tests.support.stack")
 
 
 def pytest_collection_modifyitems(session, config, items):
+    from tests.support.stack import stack_tests_last
+
     stack_tests_last(items)

@@ -1,0 +1,106 @@
+"""Airflow's REST API v2: a small client (JWT from ``POST /auth/token``, then ``/api/v2/...``)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Iterable, Mapping, Sequence
+
+logger = logging.getLogger(__name__)
+
+
+class AirflowError(RuntimeError):
+    """An Airflow API call failed (the message names the call and the HTTP answer)."""
+
+
+class AirflowClient:
+    """A small client of Airflow's REST API v2 (JWT from ``POST /auth/token``)."""
+
+    def __init__(self, base_url: str, username: str, password: str, timeout: float = 60.0) -> None:
+        import httpx
+
+        self.base_url = base_url.rstrip("/")
+        self._http = httpx.Client(base_url=self.base_url, timeout=timeout)
+        self._creds = {"username": username, "password": password}
+        self._token: str | None = None
+
+    def token(self) -> str:
+        if self._token is None:
+            resp = self._http.post("/auth/token", json=self._creds)
+            if resp.status_code not in (200, 201):
+                raise AirflowError(f"login to {self.base_url} as {self._creds['username']} failed: "
+                                 f"HTTP {resp.status_code} {resp.text[:200]}")
+            self._token = resp.json()["access_token"]
+        return self._token
+
+    def request(self, method: str, path: str, retries: int = 2, **kwargs: Any) -> Any:
+        """The raw ``httpx.Response`` (callers check status codes themselves). Reads (GET, PATCH) are
+        retried on a timeout: a busy single-worker api-server on SQLite can be slow to answer."""
+        import httpx
+
+        headers = {"Authorization": f"Bearer {self.token()}", **kwargs.pop("headers", {})}
+        for attempt in range(retries + 1):
+            try:
+                return self._http.request(method, path, headers=headers, **kwargs)
+            except (httpx.TimeoutException, httpx.NetworkError) as exc:
+                if method.upper() not in ("GET", "PATCH") or attempt == retries:
+                    raise AirflowError(f"{method} {self.base_url}{path}: {type(exc).__name__} ({exc})") from exc
+                logger.warning("%s %s: %s, retrying", method, path, type(exc).__name__)
+        raise AssertionError("unreachable")
+
+    def get(self, path: str, **params: Any) -> Any:
+        resp = self.request("GET", path, params=params or None)
+        if resp.status_code != 200:
+            raise AirflowError(f"GET {path}: HTTP {resp.status_code} {resp.text[:300]}")
+        return resp.json()
+
+    def trigger(self, dag_id: str, conf: Mapping[str, Any] | None = None, run_id: str | None = None) -> Any:
+        """``POST /api/v2/dags/<dag_id>/dagRuns``; the raw response (400/422 for refused params)."""
+        body: dict[str, Any] = {"logical_date": None, "conf": dict(conf or {})}
+        if run_id:
+            body["dag_run_id"] = run_id
+        return self.request("POST", f"/api/v2/dags/{dag_id}/dagRuns", json=body)
+
+    def dag_runs(self, dag_id: str) -> list[dict[str, Any]]:
+        return self.get(f"/api/v2/dags/{dag_id}/dagRuns", limit=100, order_by="-run_after")["dag_runs"]
+
+    def dag_run(self, dag_id: str, run_id: str) -> dict[str, Any]:
+        return self.get(f"/api/v2/dags/{dag_id}/dagRuns/{run_id}")
+
+    def wait_run(self, dag_id: str, run_id: str, timeout: float = 120.0,
+                 states: Sequence[str] = ("success", "failed")) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        run: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            run = self.dag_run(dag_id, run_id)
+            if run.get("state") in states:
+                return run
+            time.sleep(1.0)
+        raise TimeoutError(f"dag run {dag_id}/{run_id} still {run.get('state')!r} after {timeout:.0f}s")
+
+    def task_instances(self, dag_id: str, run_id: str) -> dict[str, str | None]:
+        tis = self.get(f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances", limit=100)["task_instances"]
+        return {(ti["task_id"] if ti.get("map_index", -1) < 0 else f"{ti['task_id']}[{ti['map_index']}]"):
+                ti.get("state") for ti in tis}
+
+    def set_paused(self, dag_id: str, paused: bool) -> None:
+        resp = self.request("PATCH", f"/api/v2/dags/{dag_id}", json={"is_paused": paused})
+        if resp.status_code != 200:
+            raise AirflowError(f"pausing {dag_id}: HTTP {resp.status_code} {resp.text[:300]}")
+
+    def wait_dags(self, dag_ids: Iterable[str], timeout: float = 90.0) -> dict[str, Any]:
+        """Wait until the dag-processor has serialized ``dag_ids``; returns the DAGs by id."""
+        want = set(dag_ids)
+        deadline = time.monotonic() + timeout
+        found: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            found = {d["dag_id"]: d for d in self.get("/api/v2/dags", limit=100)["dags"]}
+            if want <= set(found):
+                return found
+            time.sleep(1.0)
+        errors = self.get("/api/v2/importErrors").get("import_errors", [])
+        raise TimeoutError(f"DAGs {sorted(want - set(found))} not parsed after {timeout:.0f}s; "
+                           f"import errors: {[e.get('stack_trace', '')[-300:] for e in errors]}")
+
+    def close(self) -> None:
+        self._http.close()

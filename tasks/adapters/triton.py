@@ -1,0 +1,292 @@
+"""Triton client: the only module that talks to a Triton server.
+
+``TritonClient``: health, repository control (load / unload / index) and
+``infer_images`` for the ensemble, over gRPC (default) or HTTP. Every failure
+is a ``TritonError`` naming the server URL, the model and what failed.
+The local server (the ``tritonserver`` binary of the nvidia-pytriton wheel) is
+``tasks.local.triton``; ``tasks.model.serve.serve_classifier_version`` pins and
+loads one classifier version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence, TypeVar
+
+from tasks.contracts.serving import MAX_BATCH
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+ENSEMBLE_OUTPUTS = ("LABEL", "SCORE", "TOPK_LABELS", "TOPK_SCORES", "EMBEDDING")
+DEFAULT_TIMEOUT_S = 30.0
+
+
+class TritonError(RuntimeError):
+    """A Triton call failed. ``url``, ``model`` and ``what`` say where; ``unreachable`` if the server was down."""
+
+    def __init__(self, message: str, *, url: str = "", model: str = "", what: str = "",
+                 unreachable: bool = False) -> None:
+        super().__init__(message)
+        self.url = url
+        self.model = model
+        self.what = what
+        self.unreachable = unreachable
+
+
+class TritonNotFound(TritonError):
+    """The ``tritonserver`` binary (nvidia-pytriton wheel) or its backends could not be found."""
+
+
+# ----------------------------------------------------------------------------------------------
+# The client
+# ----------------------------------------------------------------------------------------------
+
+class TritonClient:
+    """Talks to one Triton server over gRPC (``host:port`` of the gRPC endpoint) or HTTP.
+
+    Health probes (``is_live``, ``is_ready``) answer False when the server is unreachable;
+    everything else raises ``TritonError`` naming the URL, the model and what failed.
+    """
+
+    def __init__(self, url: str, protocol: str = "grpc", *, timeout: float = DEFAULT_TIMEOUT_S,
+                 max_batch_size: int = MAX_BATCH) -> None:
+        if protocol not in ("grpc", "http"):
+            raise ValueError(f"protocol must be 'grpc' or 'http', got {protocol!r}")
+        for prefix in ("http://", "https://", "grpc://"):
+            if url.startswith(prefix):
+                url = url[len(prefix):]
+        self.url = url.rstrip("/")
+        self.protocol = protocol
+        self.timeout = timeout
+        self.max_batch_size = max_batch_size
+        self._client: Any = None
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"TritonClient({self.url!r}, protocol={self.protocol!r})"
+
+    # -- plumbing -------------------------------------------------------------------------
+    @property
+    def raw(self) -> Any:
+        """The underlying ``tritonclient`` client (created on first use)."""
+        with self._lock:
+            if self._client is None:
+                if self.protocol == "grpc":
+                    import tritonclient.grpc as grpcclient
+
+                    self._client = grpcclient.InferenceServerClient(self.url)
+                else:
+                    import tritonclient.http as httpclient
+
+                    self._client = httpclient.InferenceServerClient(
+                        self.url, connection_timeout=min(self.timeout, 10.0), network_timeout=self.timeout)
+            return self._client
+
+    def close(self) -> None:
+        with self._lock:
+            if self._client is not None:
+                try:
+                    self._client.close()
+                except Exception:  # noqa: BLE001 - closing a broken channel must not raise
+                    pass
+                self._client = None
+
+    def __enter__(self) -> "TritonClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _timeout_kw(self) -> dict[str, Any]:
+        return {"client_timeout": self.timeout} if self.protocol == "grpc" else {}
+
+    def _error(self, what: str, model: str, exc: BaseException) -> TritonError:
+        text = str(exc).strip() or type(exc).__name__
+        status = ""
+        try:
+            from tritonclient.utils import InferenceServerException
+
+            if isinstance(exc, InferenceServerException):
+                status = str(exc.status() or "")
+                text = exc.message() or text
+        except ImportError:  # pragma: no cover
+            pass
+        about = f"{what}{f' of model {model!r}' if model else ''}"
+        if status.endswith("DEADLINE_EXCEEDED") or isinstance(exc, TimeoutError):
+            msg = f"Triton at {self.url} did not answer within {self.timeout:.0f}s ({about}): {text}"
+            return TritonError(msg, url=self.url, model=model, what=what, unreachable=True)
+        # gRPC: UNAVAILABLE; HTTP: socket errors (refused, reset, closed) surface as OSError subclasses
+        if status.endswith("UNAVAILABLE") or isinstance(exc, (ConnectionError, OSError)):
+            msg = f"Triton at {self.url} is not reachable ({about}): {text}"
+            return TritonError(msg, url=self.url, model=model, what=what, unreachable=True)
+        return TritonError(f"Triton at {self.url}: {about} failed: {text}", url=self.url, model=model, what=what)
+
+    def _call(self, what: str, model: str, fn: Callable[[], T]) -> T:
+        try:
+            return fn()
+        except TritonError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - every client failure becomes a TritonError
+            raise self._error(what, model, exc) from exc
+
+    # -- health ---------------------------------------------------------------------------
+    def is_live(self) -> bool:
+        try:
+            return bool(self.raw.is_server_live(**self._timeout_kw()))
+        except Exception:  # noqa: BLE001 - a probe answers False when the server is down
+            return False
+
+    def is_ready(self) -> bool:
+        try:
+            return bool(self.raw.is_server_ready(**self._timeout_kw()))
+        except Exception:  # noqa: BLE001
+            return False
+
+    def wait_live(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.is_live():
+            if time.monotonic() > deadline:
+                raise TritonError(f"Triton at {self.url} is not reachable: not live after {timeout:.0f}s",
+                                  url=self.url, what="wait live", unreachable=True)
+            time.sleep(0.1)
+
+    def model_ready(self, name: str, version: str | int = "") -> bool:
+        """Whether ``name`` (``version`` or any version) is loaded and ready. Raises if the server is down."""
+        return bool(self._call("readiness check", name,
+                               lambda: self.raw.is_model_ready(name, str(version), **self._timeout_kw())))
+
+    def wait_model_ready(self, name: str, version: str | int = "", timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.model_ready(name, version):
+            failed = [m for m in self.repository_index() if m["name"] == name and m["state"] == "UNAVAILABLE"
+                      and m["reason"] and m["reason"] != "unloaded" and (not version or m["version"] == str(version))]
+            if failed:
+                raise TritonError(f"Triton at {self.url}: model {name!r} version {version or 'any'} is UNAVAILABLE: "
+                                  f"{failed[0]['reason']}", url=self.url, model=name, what="wait ready")
+            if time.monotonic() > deadline:
+                raise TritonError(f"Triton at {self.url}: model {name!r} version {version or 'any'} not ready "
+                                  f"after {timeout:.0f}s", url=self.url, model=name, what="wait ready")
+            time.sleep(0.1)
+
+    def server_metadata(self) -> dict[str, Any]:
+        return self._call("server metadata", "", lambda: self.raw.get_server_metadata(**self._json_kw()))
+
+    # -- repository -----------------------------------------------------------------------
+    def _json_kw(self) -> dict[str, Any]:
+        return {"as_json": True, **self._timeout_kw()} if self.protocol == "grpc" else {}
+
+    def repository_index(self) -> list[dict[str, Any]]:
+        """Every model folder of the repository: ``[{"name", "version", "state", "reason"}]``.
+
+        A model never loaded has version and state "".
+        """
+        def fetch() -> list[dict[str, Any]]:
+            raw = self.raw.get_model_repository_index(**self._json_kw())
+            models = raw.get("models", []) if isinstance(raw, dict) else list(raw or [])
+            return [{"name": m.get("name", ""), "version": str(m.get("version", "")),
+                     "state": m.get("state", ""), "reason": m.get("reason", "")} for m in models]
+        return self._call("repository index", "", fetch)
+
+    def ready_versions(self, name: str) -> list[int]:
+        """The versions of ``name`` Triton reports READY in its repository index, sorted."""
+        return sorted(int(m["version"]) for m in self.repository_index()
+                      if m["name"] == name and m["state"] == "READY" and str(m["version"]).isdigit())
+
+    def load_model(self, name: str) -> None:
+        """(Re)load ``name`` from the repository files. Never sends a config override: Triton would keep
+        an override until a file's mtime changes, hiding later config.pbtxt edits."""
+        def load() -> None:
+            if self.protocol == "grpc":
+                self.raw.load_model(name, client_timeout=max(self.timeout, 120.0))
+            else:
+                self.raw.load_model(name)
+        self._call("load", name, load)
+
+    def unload_model(self, name: str, unload_dependents: bool = False) -> None:
+        self._call("unload", name, lambda: self.raw.unload_model(
+            name, unload_dependents=unload_dependents, **self._timeout_kw()))
+
+    def model_config(self, name: str, version: str | int = "") -> dict[str, Any]:
+        def fetch() -> dict[str, Any]:
+            cfg = self.raw.get_model_config(name, str(version), **self._json_kw())
+            return cfg.get("config", cfg) if isinstance(cfg, dict) else cfg
+        return self._call("config", name, fetch)
+
+    # -- inference ------------------------------------------------------------------------
+    def infer(self, model_name: str, inputs: Mapping[str, Any], outputs: Sequence[str],
+              version: str | int = "") -> dict[str, Any]:
+        """One request: ``inputs`` name -> numpy array (dtype gives the Triton type); returns name -> array."""
+        import numpy as np
+        from tritonclient.utils import np_to_triton_dtype
+
+        mod = self._module()
+
+        def run() -> dict[str, Any]:
+            req_inputs = []
+            for name, array in inputs.items():
+                arr = np.ascontiguousarray(array)
+                inp = mod.InferInput(name, list(arr.shape), np_to_triton_dtype(arr.dtype))
+                inp.set_data_from_numpy(arr)
+                req_inputs.append(inp)
+            req_outputs = [mod.InferRequestedOutput(o) for o in outputs]
+            kw = {"client_timeout": self.timeout} if self.protocol == "grpc" else {}
+            result = self.raw.infer(model_name, req_inputs, model_version=str(version), outputs=req_outputs, **kw)
+            return {o: result.as_numpy(o) for o in outputs}
+        return self._call("inference", model_name, run)
+
+    def _module(self) -> Any:
+        if self.protocol == "grpc":
+            import tritonclient.grpc as mod
+        else:
+            import tritonclient.http as mod
+        return mod
+
+    def infer_images(self, model_name: str, images: Any, version: str | int = "",
+                     outputs: Sequence[str] = ENSEMBLE_OUTPUTS) -> dict[str, Any]:
+        """Run the ensemble on uint8 images ``[N, 28, 28]`` (a single ``[28, 28]`` image is allowed).
+
+        Batches larger than ``max_batch_size`` are split into several requests. Returns
+        ``LABEL`` int64 ``[N, 1]``, ``SCORE`` float32 ``[N, 1]``, ``TOPK_LABELS`` int64 ``[N, 3]``,
+        ``TOPK_SCORES`` float32 ``[N, 3]``, ``EMBEDDING`` float32 ``[N, 64]``. The server checks shapes;
+        a wrong one comes back as a ``TritonError`` quoting Triton's message.
+        """
+        import numpy as np
+
+        arr = np.asarray(images)
+        if arr.dtype != np.uint8:
+            if np.issubdtype(arr.dtype, np.integer) and arr.size and (arr.min() < 0 or arr.max() > 255):
+                raise TritonError(f"Triton at {self.url}: images for model {model_name!r} must be uint8 pixels "
+                                  f"0..255, got {arr.dtype} values {arr.min()}..{arr.max()}",
+                                  url=self.url, model=model_name, what="input check")
+            if not np.issubdtype(arr.dtype, np.integer):
+                raise TritonError(f"Triton at {self.url}: images for model {model_name!r} must be uint8, "
+                                  f"got {arr.dtype} (scale float images to 0..255 and cast first)",
+                                  url=self.url, model=model_name, what="input check")
+            arr = arr.astype(np.uint8)
+        if arr.ndim == 2:
+            arr = arr[None]
+        if arr.shape[0] == 0:
+            raise TritonError(f"Triton at {self.url}: no images given for model {model_name!r}",
+                              url=self.url, model=model_name, what="input check")
+        parts = [self.infer(model_name, {"IMAGE": arr[i:i + self.max_batch_size]}, outputs, version)
+                 for i in range(0, arr.shape[0], self.max_batch_size)]
+        if len(parts) == 1:
+            return parts[0]
+        return {o: np.concatenate([p[o] for p in parts], axis=0) for o in outputs}
+
+

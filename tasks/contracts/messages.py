@@ -1,0 +1,59 @@
+"""Message formats that cross the Kafka boundary: topics, headers, frame encodings, dead-letter reasons.
+
+* ``frames``: key = device id; value = the encoded image; headers ``frame_id``,
+  ``content-type``, ``captured_at`` (ISO 8601), ``traceparent`` (W3C).
+* ``predictions``: one JSON object per frame (frame id, outputs, model version,
+  latency, processed-at), keyed like the frame.
+* ``frames.dlq``: the original value and headers plus ``reason`` (one of
+  ``DLQ_REASONS``) and a human-readable detail.
+
+The decoder of frame values is ``tasks.model.frames``; this module holds only
+the names and limits both sides agree on.
+"""
+
+from __future__ import annotations
+
+FRAMES = "frames"
+PREDICTIONS = "predictions"
+FRAMES_DLQ = "frames.dlq"
+
+# Frame headers (ARCHITECTURE.md "Frame"); ``reason`` is added on dead letters.
+H_FRAME_ID = "frame_id"
+H_CONTENT_TYPE = "content-type"
+H_CAPTURED_AT = "captured_at"
+H_TRACEPARENT = "traceparent"
+H_REASON = "reason"
+H_DEVICE_ID = "device_id"
+
+IMAGE_SIZE = 28
+RAW_BYTES = IMAGE_SIZE * IMAGE_SIZE
+DEFAULT_MAX_FRAME_BYTES = 64 * 1024
+
+#: content types whose value is the raw pixels: 784 bytes, row-major, uint8.
+RAW_CONTENT_TYPES = frozenset({"application/x-raw-uint8", "application/x-mlpipe-raw"})
+#: ``application/octet-stream`` is raw when exactly 784 bytes, else decoded as an image file.
+OCTET_STREAM = "application/octet-stream"
+
+# Dead-letter reasons (the ``reason`` header of ``frames.dlq``).
+R_MISSING_ID = "missing_frame_id"
+R_INVALID_ID = "invalid_frame_id"
+R_OVERSIZE = "oversize"
+R_EMPTY = "empty"
+R_UNDECODABLE = "undecodable"
+R_WRONG_SHAPE = "wrong_shape"
+R_UNSUPPORTED = "unsupported_content_type"
+DLQ_REASONS = (R_MISSING_ID, R_INVALID_ID, R_OVERSIZE, R_EMPTY, R_UNDECODABLE, R_WRONG_SHAPE, R_UNSUPPORTED)
+
+
+class FrameRejected(ValueError):
+    """A frame that can never be processed: ``reason`` (one of DLQ_REASONS) and a human ``detail``."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def media_type(content_type: str | None) -> str:
+    """``"image/png; foo=bar"`` -> ``"image/png"`` (lower case, "" when missing)."""
+    return (content_type or "").split(";", 1)[0].strip().lower()

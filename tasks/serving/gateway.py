@@ -1,0 +1,455 @@
+"""The ingest gateway: HTTP in, frames on Kafka; predictions looked up by frame id.
+
+``mlpipe gateway --help`` runs it with uvicorn on 127.0.0.1.
+
+* ``POST /v1/frames``: the image as the raw request body (``Content-Type:
+  image/png``, or ``application/x-raw-uint8`` for 784 raw pixels) or as
+  ``multipart/form-data`` with a ``file`` part; ``X-Device-Id`` names the
+  device (the Kafka key), ``X-Captured-At`` (ISO 8601) the capture time
+  (default: now), ``traceparent`` an incoming W3C trace to continue. The frame
+  is validated exactly like the consumer does (size limit, decodable, 28x28
+  8-bit grayscale), produced to ``frames`` with the headers ``frame_id``,
+  ``content-type``, ``captured_at``, ``traceparent``, and the answer (202
+  ``{"frame_id"}``) is sent only after the broker acknowledged the write.
+* ``GET /v1/frames/{frame_id}``: 200 with the prediction once it exists, 202
+  ``{"status": "pending"}`` while a frame accepted here is not processed yet,
+  200 ``{"status": "failed", "reason"}`` if the consumer dead-lettered it,
+  404 for unknown ids.
+
+Where predictions come from: every gateway process follows ``predictions``
+and ``frames.dlq`` with its own assign-only reader (no consumer group, so each
+replica sees every partition; it starts from the last ``--cache-size``
+messages) into a bounded in-memory LRU cache. This needs nothing besides
+Kafka, works with any number of replicas and any Qdrant policy (Qdrant holds
+only a sample of predictions by default, and local-mode Qdrant is locked by
+the consumer). Trade-off: a prediction older than the cache window is
+reported as unknown, and "pending" is known only by the replica that accepted
+the frame (another replica answers 404 until the prediction arrives).
+
+Auth: ``Authorization: Bearer <MLPIPE_GATEWAY_TOKEN>`` on ``/v1/*`` (401
+without it or with a wrong one; compared in constant time, never logged).
+Unauthenticated: ``/healthz``, ``/readyz``, ``/openapi.json``, ``/docs``.
+"""
+
+
+
+import argparse
+import asyncio
+import datetime as dt
+import hmac
+import logging
+import os
+import re
+import sys
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, AsyncIterator, Sequence
+
+if TYPE_CHECKING:  # pragma: no cover
+    from fastapi import FastAPI
+
+    from tasks.adapters.kafka import KafkaConfig
+
+logger = logging.getLogger(__name__)
+
+DEVICE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}$")
+MULTIPART_SLACK = 16 * 1024  # multipart envelope allowed on top of the frame size limit
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    token: str | None = None  # None only together with auth_disabled=True
+    auth_disabled: bool = False
+    max_frame_bytes: int = 64 * 1024
+    cache_size: int = 100_000
+    produce_timeout_s: float = 10.0
+    create_topics: bool = True
+    follow_predictions: bool = True
+
+    def __repr__(self) -> str:  # never show the token
+        return (f"GatewaySettings(auth={'off' if self.auth_disabled else 'bearer'}, max_frame_bytes="
+                f"{self.max_frame_bytes}, cache_size={self.cache_size})")
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> "GatewaySettings":
+        values: dict[str, Any] = dict(
+            token=os.environ.get("MLPIPE_GATEWAY_TOKEN") or None,
+            max_frame_bytes=int(os.environ.get("MLPIPE_MAX_FRAME_BYTES") or 64 * 1024),
+            cache_size=int(os.environ.get("MLPIPE_GATEWAY_CACHE_SIZE") or 100_000),
+        )
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        s = cls(**values)
+        if not s.auth_disabled and not s.token:
+            raise ValueError("MLPIPE_GATEWAY_TOKEN is not set: set it to the bearer token clients must send "
+                             "(or pass --no-auth for a local demo)")
+        return s
+
+
+class _LRU:
+    """A small thread-safe LRU map."""
+
+    def __init__(self, size: int) -> None:
+        self.size = max(1, size)
+        self._d: OrderedDict[str, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def put(self, key: str, value: Any) -> None:
+        with self._lock:
+            self._d[key] = value
+            self._d.move_to_end(key)
+            while len(self._d) > self.size:
+                self._d.popitem(last=False)
+
+    def get(self, key: str) -> Any:
+        with self._lock:
+            return self._d.get(key)
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+
+class _Results:
+    """Follows ``predictions`` and ``frames.dlq`` into bounded caches (a daemon thread)."""
+
+    def __init__(self, kafka: "KafkaConfig", size: int) -> None:
+        self.kafka = kafka
+        self.predictions = _LRU(size)
+        self.failed = _LRU(max(1000, size // 10))
+        self.accepted = _LRU(size)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="predictions-follower", daemon=True)
+        self.following = False
+        self.window = size
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        import json
+
+        from tasks.adapters.kafka import TailFollower
+
+        from tasks.contracts.messages import H_FRAME_ID, H_REASON
+
+        follower = None
+        try:
+            while follower is None and not self._stop.is_set():
+                try:
+                    follower = TailFollower(self.kafka, [self.kafka.predictions_topic, self.kafka.dlq_topic],
+                                            window=self.window)
+                except Exception as exc:  # noqa: BLE001
+                    logger.warning("cannot create the predictions reader: %s", exc)
+                    self._stop.wait(2)
+            if follower is None:
+                return
+            last_refresh = 0.0
+            complete = False
+            while not self._stop.is_set():
+                now = time.monotonic()
+                if now - last_refresh > (5.0 if complete else 0.5):
+                    complete = follower.refresh(timeout=2.0)
+                    self.following = complete
+                    last_refresh = now
+                for rec in follower.poll_batch(500, 0.2):
+                    if rec.topic == self.kafka.predictions_topic:
+                        try:
+                            pred = json.loads(rec.value or b"")
+                            self.predictions.put(str(pred["frame_id"]), pred)
+                        except (ValueError, KeyError, TypeError):
+                            logger.debug("ignoring malformed prediction at offset %d", rec.offset)
+                    else:
+                        fid = rec.header(H_FRAME_ID)
+                        if fid:
+                            self.failed.put(fid.strip().lower(), {
+                                "reason": rec.header(H_REASON) or "unknown",
+                                "detail": rec.header("reason_detail") or ""})
+        finally:
+            if follower is not None:
+                follower.close()
+
+
+def _error(status: int, reason: str, message: str, headers: dict[str, str] | None = None) -> Any:
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse(status_code=status, content={"detail": {"reason": reason, "message": message}},
+                        headers=headers)
+
+
+def create_app(kafka: "KafkaConfig", settings: GatewaySettings) -> "FastAPI":
+    """The FastAPI application (producer and predictions reader start with the app's lifespan)."""
+    from fastapi import Depends, FastAPI, Header, Path, Request
+    from fastapi.responses import JSONResponse
+    from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+    from pydantic import BaseModel, Field
+
+    from tasks.adapters.kafka import BusProducer, ensure_topics, new_traceparent
+
+    from tasks.contracts.messages import H_CAPTURED_AT, H_CONTENT_TYPE, H_FRAME_ID, H_TRACEPARENT
+    from tasks.contracts.messages import OCTET_STREAM, RAW_BYTES, RAW_CONTENT_TYPES, FrameRejected, media_type
+    from tasks.model.frames import decode_pixels
+
+    state: dict[str, Any] = {}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if settings.create_topics:
+            try:
+                await asyncio.to_thread(ensure_topics, kafka, None, None, None, 10.0)
+            except Exception as exc:  # noqa: BLE001 - the gateway still starts; produces answer 503
+                logger.warning("could not ensure topics at start-up: %s", exc)
+        producer = BusProducer(kafka, **{"linger.ms": 1, "message.timeout.ms": int(settings.produce_timeout_s * 1000)})
+        stop = threading.Event()
+
+        def pump() -> None:
+            while not stop.is_set():
+                producer.poll(0.05)
+
+        poller = threading.Thread(target=pump, name="producer-poll", daemon=True)
+        poller.start()
+        results = _Results(kafka, settings.cache_size)
+        if settings.follow_predictions:
+            results.start()
+        state.update(producer=producer, results=results, delivered=0, failed=0)
+        logger.info("gateway up: frames -> %s, %r", kafka.frames_topic, settings)
+        try:
+            yield
+        finally:
+            stop.set()
+            poller.join(timeout=2)
+            producer.close(timeout=5)
+            if settings.follow_predictions:
+                results.stop()
+
+    app = FastAPI(
+        title="mlpipe ingest gateway",
+        version="1.0",
+        description="Accepts 28x28 grayscale frames, queues them on Kafka for the streaming consumer, "
+                    "and returns predictions by frame id.",
+        lifespan=lifespan,
+    )
+    bearer = HTTPBearer(auto_error=False, description="MLPIPE_GATEWAY_TOKEN")
+
+    class AuthError(Exception):
+        pass
+
+    @app.exception_handler(AuthError)
+    async def _auth_error(request: Request, exc: AuthError) -> JSONResponse:
+        return _error(401, "unauthorized", str(exc), {"WWW-Authenticate": "Bearer"})
+
+    async def require_token(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        if settings.auth_disabled:
+            return
+        if creds is None or creds.scheme.lower() != "bearer" or not creds.credentials:
+            raise AuthError("missing bearer token: send 'Authorization: Bearer <token>'")
+        assert settings.token is not None
+        if not hmac.compare_digest(creds.credentials.encode(), settings.token.encode()):
+            raise AuthError("invalid bearer token")
+
+    class Accepted(BaseModel):
+        frame_id: str = Field(description="UUID of the frame; poll GET /v1/frames/{frame_id}")
+
+    class Pending(BaseModel):
+        frame_id: str
+        status: str = "pending"
+
+    class ErrorDetail(BaseModel):
+        reason: str
+        message: str
+
+    class ErrorBody(BaseModel):
+        detail: ErrorDetail
+
+    errors: dict[int | str, dict[str, Any]] = {
+        401: {"model": ErrorBody, "description": "missing or wrong bearer token"},
+        413: {"model": ErrorBody, "description": "frame larger than the limit"},
+        415: {"model": ErrorBody, "description": "content type is not an image"},
+        422: {"model": ErrorBody, "description": "not decodable, or not 28x28 8-bit grayscale"},
+        503: {"model": ErrorBody, "description": "the message bus did not acknowledge the frame; retry"},
+    }
+
+    async def _read_body(request: Request, limit: int) -> bytes | None:
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                return None
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    @app.post("/v1/frames", status_code=202, response_model=Accepted, dependencies=[Depends(require_token)],
+              responses=errors, summary="Submit one frame for inference",
+              openapi_extra={"requestBody": {"required": True, "content": {
+                  "image/png": {"schema": {"type": "string", "format": "binary"}},
+                  "application/x-raw-uint8": {"schema": {"type": "string", "format": "binary"}},
+                  "multipart/form-data": {"schema": {"type": "object", "properties": {
+                      "file": {"type": "string", "format": "binary"}}, "required": ["file"]}}}}})
+    async def post_frame(
+        request: Request,
+        x_device_id: str = Header(default="anonymous", description="device id (the Kafka key)"),
+        x_captured_at: str | None = Header(default=None, description="ISO 8601 capture time (default: now)"),
+        traceparent: str | None = Header(default=None, description="W3C trace context to continue"),
+    ) -> Any:
+        limit = settings.max_frame_bytes
+        ctype = request.headers.get("content-type", "")
+        mtype = media_type(ctype)
+        declared = request.headers.get("content-length")
+        slack = MULTIPART_SLACK if mtype == "multipart/form-data" else 0
+        if declared and declared.isdigit() and int(declared) > limit + slack:
+            return _error(413, "oversize", f"request body is {declared} bytes, the frame limit is {limit}")
+        if not DEVICE_RE.match(x_device_id):
+            return _error(422, "invalid_device_id", "X-Device-Id must be 1-128 characters of letters, digits "
+                                                    "and . _ : @ / -, starting with a letter or digit")
+        captured = dt.datetime.now(dt.timezone.utc)
+        if x_captured_at:
+            try:
+                captured = dt.datetime.fromisoformat(x_captured_at.strip().replace("Z", "+00:00"))
+            except ValueError:
+                return _error(422, "invalid_captured_at", "X-Captured-At must be an ISO 8601 timestamp")
+            if captured.tzinfo is None:
+                captured = captured.replace(tzinfo=dt.timezone.utc)
+        if mtype == "multipart/form-data":
+            body = await _read_body(request, limit + slack)
+            if body is None:
+                return _error(413, "oversize", f"request body is larger than the frame limit ({limit} bytes)")
+            from starlette.datastructures import UploadFile
+            from starlette.requests import Request as StarletteRequest
+
+            async def receive() -> dict[str, Any]:
+                return {"type": "http.request", "body": body, "more_body": False}
+
+            try:
+                form = await StarletteRequest(request.scope, receive).form()
+            except Exception as exc:  # noqa: BLE001 - malformed multipart
+                return _error(422, "undecodable", f"malformed multipart body: {exc}")
+            part = form.get("file")
+            if not isinstance(part, UploadFile):
+                return _error(422, "missing_file", "multipart body needs a 'file' part holding the image")
+            payload = await part.read()
+            mtype = media_type(part.content_type) or OCTET_STREAM
+        else:
+            payload = await _read_body(request, limit)
+            if payload is None:
+                return _error(413, "oversize", f"request body is larger than the frame limit ({limit} bytes)")
+        try:
+            decode_pixels(payload, mtype or None, limit)
+        except FrameRejected as exc:
+            status = {"oversize": 413, "unsupported_content_type": 415}.get(exc.reason, 422)
+            return _error(status, exc.reason, exc.detail)
+        if mtype in RAW_CONTENT_TYPES or (mtype in ("", OCTET_STREAM) and len(payload) == RAW_BYTES):
+            frame_ctype = "application/x-raw-uint8"
+        elif payload.startswith(b"\x89PNG\r\n\x1a\n"):
+            frame_ctype = "image/png"
+        else:
+            frame_ctype = mtype if mtype.startswith("image/") else OCTET_STREAM
+        frame_id = str(uuid.uuid4())
+        headers = [
+            (H_FRAME_ID, frame_id.encode()),
+            (H_CONTENT_TYPE, frame_ctype.encode()),
+            (H_CAPTURED_AT, captured.astimezone(dt.timezone.utc).isoformat(timespec="microseconds")
+             .replace("+00:00", "Z").encode()),
+            (H_TRACEPARENT, new_traceparent(traceparent).encode()),
+        ]
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[str | None] = loop.create_future()
+
+        def delivered(err: str | None) -> None:
+            loop.call_soon_threadsafe(lambda: done.done() or done.set_result(err))
+
+        producer = state["producer"]
+        try:
+            producer.produce(kafka.frames_topic, payload, key=x_device_id.encode(), headers=headers,
+                             on_delivery=delivered)
+            err = await asyncio.wait_for(done, timeout=settings.produce_timeout_s + 1)
+        except (asyncio.TimeoutError, Exception) as exc:  # noqa: BLE001
+            err = f"{type(exc).__name__}: {exc}" if not isinstance(exc, asyncio.TimeoutError) else "timed out"
+        if err is not None:
+            state["failed"] += 1
+            logger.warning("frame %s not acknowledged by Kafka: %s", frame_id, err)
+            return _error(503, "bus_unavailable", f"the message bus did not acknowledge the frame ({err}); "
+                                                  "retry later", {"Retry-After": "1"})
+        state["delivered"] += 1
+        state["results"].accepted.put(frame_id, time.time())
+        return JSONResponse(status_code=202, content={"frame_id": frame_id},
+                            headers={"Location": f"/v1/frames/{frame_id}"})
+
+    @app.get("/v1/frames/{frame_id}", dependencies=[Depends(require_token)],
+             responses={202: {"model": Pending, "description": "accepted, not processed yet"},
+                        404: {"model": ErrorBody, "description": "unknown frame id"},
+                        401: errors[401]},
+             summary="The prediction for a frame")
+    async def get_frame(frame_id: str = Path(description="frame id returned by POST /v1/frames")) -> Any:
+        try:
+            fid = str(uuid.UUID(frame_id))
+        except ValueError:
+            return _error(404, "unknown_frame", f"{frame_id!r} is not a frame id (UUID)")
+        results: _Results = state["results"]
+        pred = results.predictions.get(fid)
+        if pred is not None:
+            return {"status": "done", **pred}
+        failed = results.failed.get(fid)
+        if failed is not None:
+            return {"frame_id": fid, "status": "failed", **failed}
+        if results.accepted.get(fid) is not None:
+            return JSONResponse(status_code=202, content={"frame_id": fid, "status": "pending"})
+        return _error(404, "unknown_frame", f"no frame {fid} is known here (never accepted, or older than the "
+                                            f"prediction cache of {settings.cache_size})")
+
+    @app.get("/healthz", summary="Liveness")
+    async def healthz() -> dict[str, Any]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", summary="Readiness: the predictions reader follows its topics")
+    async def readyz() -> Any:
+        results = state.get("results")
+        ok = results is not None and (results.following or not settings.follow_predictions)
+        body = {"status": "ok" if ok else "unavailable", "following": bool(results and results.following),
+                "delivered": state.get("delivered", 0), "failed": state.get("failed", 0)}
+        return JSONResponse(status_code=200 if ok else 503, content=body)
+
+    return app
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="mlpipe gateway",
+        description="Ingest gateway (FastAPI/uvicorn): POST /v1/frames -> Kafka 'frames'; GET /v1/frames/{id}. "
+                    "Kafka from MLPIPE_KAFKA_*, bearer token from MLPIPE_GATEWAY_TOKEN.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--host", default=os.environ.get("MLPIPE_GATEWAY_HOST") or "127.0.0.1")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("MLPIPE_GATEWAY_PORT") or 8080))
+    parser.add_argument("--bootstrap", default=None, help="overrides MLPIPE_KAFKA_BOOTSTRAP")
+    parser.add_argument("--topic-prefix", default=None, help="overrides MLPIPE_KAFKA_TOPIC_PREFIX")
+    parser.add_argument("--max-frame-bytes", type=int, default=None, help="default MLPIPE_MAX_FRAME_BYTES or 65536")
+    parser.add_argument("--cache-size", type=int, default=None, help="predictions kept for GET (default 100000)")
+    parser.add_argument("--no-auth", action="store_true", help="no bearer token (local demo only)")
+    parser.add_argument("--log-level", default=os.environ.get("MLPIPE_LOG_LEVEL") or "INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("tasks.adapters.kafka.librdkafka").setLevel(logging.WARNING)
+    from tasks.adapters.kafka import KafkaConfig
+
+    try:
+        kafka = KafkaConfig.from_env(bootstrap=args.bootstrap, topic_prefix=args.topic_prefix)
+        settings = GatewaySettings.from_env(auth_disabled=args.no_auth or None,
+                                            max_frame_bytes=args.max_frame_bytes, cache_size=args.cache_size)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    import uvicorn
+
+    uvicorn.run(create_app(kafka, settings), host=args.host, port=args.port, log_level=args.log_level.lower(),
+                timeout_graceful_shutdown=5)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,775 @@
+"""Drift monitor: live predictions against the champion's training reference.
+
+``mlpipe monitor --help``. One run:
+
+1. **Reference** (cached at ``monitoring/reference/<model>/v<version>.npz``): the champion
+   (the ``production`` version in the registry) run with ONNX Runtime over a sample of the
+   drops it was trained on (its lineage; the golden set when those cannot be read):
+   predicted class distribution, top-1 confidence, 64-d embeddings.
+2. **Live window**, a bounded read:
+
+   * ``--source kafka`` (default): the newest ``--window`` predictions on ``predictions``
+     (read with an assign-only tail reader: no consumer group, nothing committed), and
+     their frames from ``frames``, embedded with the champion (the prediction messages
+     carry no embedding);
+   * ``--source qdrant``: the newest ``--window`` points of the prediction collection, with
+     their stored embeddings. The consumer's default policy indexes every low-confidence
+     prediction plus an unbiased sample; only the sample (``indexed_because`` ``sample`` or
+     ``all``) is used when it holds ``--min-samples`` points, otherwise all points with a
+     warning. (Local-mode Qdrant is locked while the consumer runs: use kafka then.)
+
+   Predictions of the champion's version are used when there are enough of them.
+3. **Checks**, each against a threshold (all configurable):
+
+   * class distribution: PSI and Jensen-Shannon distance (base 2) of the predicted labels;
+   * confidence: the drop of the mean top-1 score, and the two-sample KS statistic;
+   * embeddings: cosine distance between the mean embeddings and the (biased) squared MMD
+     with an RBF kernel (median-distance bandwidth), with a permutation p-value.
+
+   Drift = any check past its threshold with at least ``--min-samples`` live predictions
+   (fewer: status ``insufficient_data``, never drift).
+4. **Report** in the object store under ``monitoring/<UTC timestamp>/``: ``report.json``,
+   ``report.html`` (verdict, checks, plots) and the plots as PNG; ``monitoring/latest.json``.
+
+Exit codes: 0 evaluated (drift or not: read ``drift`` in the result), 1 drift with
+``--fail-on-drift``, 2 bad usage or nothing to compare with (no champion; with
+``--no-champion-ok``, as the DAG runs it, that is status ``no_champion`` and exit 0), 3 the
+source could not be read (transient: retried by Airflow).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import datetime as dt
+import html
+import io
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
+
+    from tasks.adapters.kafka import KafkaConfig
+    from tasks.adapters.storage import Store
+
+logger = logging.getLogger(__name__)
+
+NUM_CLASSES = 10
+EMBED_DIM = 64
+EXIT_OK, EXIT_DRIFT, EXIT_USAGE, EXIT_SOURCE = 0, 1, 2, 3
+REFERENCE_PREFIX = "monitoring/reference"
+REPORT_PREFIX = "monitoring"
+SOURCES = ("kafka", "qdrant")
+UNBIASED_REASONS = {"sample", "all"}
+EPS = 1e-4
+
+
+class MonitorError(ValueError):
+    """Nothing to monitor against (no champion, unreadable model) or bad options."""
+
+
+class NoChampion(MonitorError):
+    """No production version: nothing to compare live predictions with (yet)."""
+
+
+class SourceUnavailable(RuntimeError):
+    """The live source (Kafka, Qdrant) could not be read."""
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Drift thresholds. A check whose value exceeds its threshold is drift."""
+
+    class_psi: float = 0.25  # population stability index of the predicted class distribution
+    class_js: float = 0.15  # Jensen-Shannon distance (base 2, 0..1) of the same
+    confidence_drop: float = 0.08  # mean top-1 score: reference minus live
+    confidence_ks: float = 0.3  # two-sample KS statistic of the top-1 scores
+    embedding_cosine: float = 0.05  # cosine distance between the mean embeddings
+    embedding_mmd: float = 0.05  # squared MMD, RBF kernel with the median-distance bandwidth
+    min_samples: int = 200  # fewer live predictions: insufficient data, no verdict
+
+    def __post_init__(self) -> None:
+        for name, value in asdict(self).items():
+            if value < 0:
+                raise MonitorError(f"threshold {name} must be >= 0, got {value}")
+        if self.min_samples < 10:
+            raise MonitorError(f"min_samples must be at least 10, got {self.min_samples}")
+
+
+# --------------------------------------------------------------------------- statistics (pure numpy)
+
+
+def class_distribution(labels: "np.ndarray", num_classes: int = NUM_CLASSES) -> "np.ndarray":
+    import numpy as np
+
+    labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+    labels = labels[(labels >= 0) & (labels < num_classes)]
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    return counts / counts.sum() if counts.sum() else np.full(num_classes, 1.0 / num_classes)
+
+
+def psi(reference: "np.ndarray", live: "np.ndarray", eps: float = EPS) -> float:
+    """Population stability index between two distributions over the same bins (smoothed)."""
+    import numpy as np
+
+    p = np.clip(np.asarray(reference, dtype=np.float64), eps, None)
+    q = np.clip(np.asarray(live, dtype=np.float64), eps, None)
+    p, q = p / p.sum(), q / q.sum()
+    return float(np.sum((q - p) * np.log(q / p)))
+
+
+def js_distance(reference: "np.ndarray", live: "np.ndarray") -> float:
+    """Jensen-Shannon distance (base 2): 0 for equal distributions, 1 for disjoint ones."""
+    from scipy.spatial.distance import jensenshannon
+
+    return float(jensenshannon(reference, live, base=2))
+
+
+def ks_statistic(a: "np.ndarray", b: "np.ndarray") -> tuple[float, float]:
+    from scipy.stats import ks_2samp
+
+    res = ks_2samp(a, b)
+    return float(res.statistic), float(res.pvalue)
+
+
+def cosine_distance(a: "np.ndarray", b: "np.ndarray") -> float:
+    import numpy as np
+
+    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
+    if na == 0 or nb == 0:
+        return 1.0 if na != nb else 0.0
+    return float(1.0 - np.dot(a, b) / (na * nb))
+
+
+def mmd_rbf(x: "np.ndarray", y: "np.ndarray", permutations: int = 100, max_n: int = 500,
+            seed: int = 0) -> tuple[float, float, float]:
+    """(squared MMD, permutation p-value, bandwidth) with an RBF kernel; inputs L2-normalised rows.
+
+    Rows are L2-normalised first (embeddings are compared by direction, as in Qdrant's cosine
+    space) and at most ``max_n`` of each are used. Bandwidth: the median pairwise distance.
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+
+    def prep(a: np.ndarray) -> np.ndarray:
+        a = np.asarray(a, dtype=np.float64)
+        if len(a) > max_n:
+            a = a[rng.choice(len(a), max_n, replace=False)]
+        norms = np.linalg.norm(a, axis=1, keepdims=True)
+        return a / np.where(norms == 0, 1.0, norms)
+
+    x, y = prep(x), prep(y)
+    z = np.concatenate([x, y])
+    sq = np.sum(z * z, axis=1)
+    d2 = np.clip(sq[:, None] + sq[None, :] - 2 * z @ z.T, 0, None)
+    off = d2[np.triu_indices(len(z), 1)]
+    med = float(np.median(off[off > 0])) if np.any(off > 0) else 1.0
+    k = np.exp(-d2 / med)
+    n = len(x)
+
+    def stat(idx: np.ndarray) -> float:
+        a, b = idx[:n], idx[n:]
+        return float(k[np.ix_(a, a)].mean() + k[np.ix_(b, b)].mean() - 2 * k[np.ix_(a, b)].mean())
+
+    base = np.arange(len(z))
+    observed = stat(base)
+    hits = sum(stat(rng.permutation(base)) >= observed for _ in range(permutations))
+    return observed, (hits + 1) / (permutations + 1), float(np.sqrt(med))
+
+
+def pca_2d(reference: "np.ndarray", *others: "np.ndarray") -> list["np.ndarray"]:
+    """Project ``reference`` and ``others`` on the reference's first two principal components."""
+    import numpy as np
+
+    mu = reference.mean(axis=0)
+    _, _, vt = np.linalg.svd(reference - mu, full_matrices=False)
+    comps = vt[:2].T
+    return [(a - mu) @ comps for a in (reference, *others)]
+
+
+# --------------------------------------------------------------------------- the champion and its reference
+
+
+@dataclass
+class Reference:
+    model: str
+    version: int
+    source: str  # "training drops a, b" | "golden set"
+    labels: "np.ndarray"  # predicted labels
+    scores: "np.ndarray"  # top-1 softmax scores
+    embeddings: "np.ndarray"  # [N, 64]
+    true_labels: "np.ndarray"
+
+    def to_bytes(self) -> bytes:
+        import numpy as np
+
+        buf = io.BytesIO()
+        np.savez_compressed(buf, labels=self.labels, scores=self.scores, embeddings=self.embeddings,
+                            true_labels=self.true_labels,
+                            meta=np.array(json.dumps({"model": self.model, "version": self.version,
+                                                      "source": self.source})))
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "Reference":
+        import numpy as np
+
+        z = np.load(io.BytesIO(data), allow_pickle=False)
+        meta = json.loads(str(z["meta"]))
+        return cls(model=meta["model"], version=int(meta["version"]), source=meta["source"], labels=z["labels"],
+                   scores=z["scores"], embeddings=z["embeddings"], true_labels=z["true_labels"])
+
+
+def champion(store: "Store", model: str) -> dict[str, Any]:
+    from tasks.steps import registry
+
+    champ = registry.champion(store, model)
+    if champ is None:
+        raise NoChampion(f"model {model!r} has no production version in {store.url}: nothing to compare live "
+                           "predictions with; deploy a model first (the retrain DAG)")
+    return champ
+
+
+class ChampionModel:
+    """The champion's ONNX model in ONNX Runtime: images -> (labels, scores, embeddings)."""
+
+    def __init__(self, store: "Store", model: str, version: int) -> None:
+        from tasks.model.networks import onnx_session
+
+        key = f"models/{model}/{version}/model.onnx"
+        self._tmp = tempfile.TemporaryDirectory(prefix="mlpipe-monitor-")
+        try:
+            path = store.get_file(key, Path(self._tmp.name) / "model.onnx")
+        except Exception as exc:  # noqa: BLE001 - ObjectNotFound or a store error: name the key
+            raise MonitorError(f"cannot read the champion's model {store.uri(key)}: {exc}") from exc
+        self.session = onnx_session(path)
+        self.version = version
+
+    def run(self, images: "np.ndarray", batch: int = 256) -> tuple["np.ndarray", "np.ndarray", "np.ndarray"]:
+        import numpy as np
+
+        from tasks.model.networks import INPUT_NAME, OUTPUT_NAMES, to_input
+
+        labels, scores, embs = [], [], []
+        for start in range(0, len(images), batch):
+            logits, emb = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: to_input(images[start:start + batch])})
+            z = logits - logits.max(axis=1, keepdims=True)
+            prob = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+            labels.append(prob.argmax(axis=1))
+            scores.append(prob.max(axis=1))
+            embs.append(emb)
+        if not labels:
+            return np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros((0, EMBED_DIM), np.float32)
+        return (np.concatenate(labels).astype(np.int64), np.concatenate(scores).astype(np.float32),
+                np.concatenate(embs).astype(np.float32))
+
+    def close(self) -> None:
+        self._tmp.cleanup()
+
+
+def reference_key(model: str, version: int) -> str:
+    return f"{REFERENCE_PREFIX}/{model}/v{version}.npz"
+
+
+def build_reference(store: "Store", champ: dict[str, Any], runner: ChampionModel, size: int = 2000,
+                    seed: int = 0) -> Reference:
+    """The champion on a sample of its training drops (the golden set if they cannot be read)."""
+    import numpy as np
+
+    from tasks.steps import drops
+
+    model, version = champ["model"] if "model" in champ else "digits", int(champ["version"])
+    drop_ids = [d["drop_id"] for d in champ.get("lineage", {}).get("drops", [])]
+    try:
+        if not drop_ids:
+            raise MonitorError("no drops in the champion's lineage")
+        images, labels = drops.load_arrays(store, drop_ids)
+        source = f"training drops {', '.join(drop_ids)}"
+    except Exception as exc:  # noqa: BLE001 - fall back to the golden set, say why
+        logger.warning("reference: cannot read the champion's training drops (%s); using the golden set", exc)
+        images, labels = drops.golden_set()
+        source = "golden set"
+    if len(images) > size:
+        idx = np.sort(np.random.default_rng(seed).choice(len(images), size, replace=False))
+        images, labels = images[idx], labels[idx]
+    pred, scores, embs = runner.run(images)
+    return Reference(model=model, version=version, source=source, labels=pred, scores=scores, embeddings=embs,
+                     true_labels=np.asarray(labels, dtype=np.int64))
+
+
+def load_reference(store: "Store", champ: dict[str, Any], model: str, runner: ChampionModel,
+                   size: int = 2000) -> Reference:
+    key = reference_key(model, int(champ["version"]))
+    if store.exists(key):
+        try:
+            ref = Reference.from_bytes(store.get_bytes(key))
+            if len(ref.labels):
+                return ref
+        except Exception as exc:  # noqa: BLE001 - a corrupt cache is rebuilt
+            logger.warning("reference cache %s unreadable (%s): rebuilding", store.uri(key), exc)
+    t0 = time.monotonic()
+    ref = build_reference(store, {**champ, "model": model}, runner, size=size)
+    store.put_bytes(key, ref.to_bytes())
+    logger.info("reference for %s v%s: %d images from %s in %.1fs, cached at %s", model, ref.version,
+                len(ref.labels), ref.source, time.monotonic() - t0, store.uri(key))
+    return ref
+
+
+# --------------------------------------------------------------------------- live windows
+
+
+@dataclass
+class LiveWindow:
+    source: str
+    labels: "np.ndarray"
+    scores: "np.ndarray"
+    embeddings: "np.ndarray | None"
+    versions: dict[str, int]
+    first: str | None
+    last: str | None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def n(self) -> int:
+        return int(len(self.labels))
+
+
+def _newest(preds: list[dict[str, Any]], window: int) -> list[dict[str, Any]]:
+    """One prediction per frame id (the newest copy), the newest ``window`` by processed_at."""
+    by_id: dict[str, dict[str, Any]] = {}
+    for p in preds:
+        fid = str(p.get("frame_id") or uuid.uuid4())
+        old = by_id.get(fid)
+        if old is None or str(p.get("processed_at") or "") >= str(old.get("processed_at") or ""):
+            by_id[fid] = p
+    ordered = sorted(by_id.values(), key=lambda p: str(p.get("processed_at") or ""))
+    return ordered[-window:]
+
+
+def _select_version(preds: list[dict[str, Any]], version: int, min_samples: int,
+                    notes: list[str]) -> list[dict[str, Any]]:
+    mine = [p for p in preds if str(p.get("model_version") or "") == str(version)]
+    if len(mine) == len(preds):
+        return preds
+    if len(mine) >= min_samples:
+        notes.append(f"{len(preds) - len(mine)} prediction(s) of other model versions left out")
+        return mine
+    notes.append(f"only {len(mine)} of {len(preds)} predictions are from the champion v{version}: all are used")
+    return preds
+
+
+def _tail(kafka: "KafkaConfig", topic: str, window: int, timeout: float, idle: float = 1.5) -> list[Any]:
+    """Up to ``window`` newest records per partition of ``topic`` (bounded: stops when idle)."""
+    from tasks.adapters.kafka import TailFollower
+
+    follower = TailFollower(kafka, [topic], window=window)
+    records: list[Any] = []
+    try:
+        deadline = time.monotonic() + timeout
+        while not follower.refresh(timeout=min(5.0, timeout)):
+            if time.monotonic() > deadline:
+                raise SourceUnavailable(f"topic {topic!r} not found on {kafka.bootstrap} within {timeout:.0f}s "
+                                        "(is the broker up and the consumer writing predictions?)")
+            time.sleep(0.2)
+        quiet_since = time.monotonic()
+        while time.monotonic() < deadline:
+            batch = follower.poll_batch(1000, 0.3)
+            if batch:
+                records.extend(batch)
+                quiet_since = time.monotonic()
+            elif time.monotonic() - quiet_since >= idle:
+                break
+    finally:
+        follower.close()
+    return records
+
+
+def kafka_window(kafka: "KafkaConfig", runner: ChampionModel, window: int, min_samples: int,
+                 timeout: float = 30.0) -> LiveWindow:
+    """The newest ``window`` predictions and the embeddings of their frames (by the champion)."""
+    import numpy as np
+
+    from tasks.contracts.messages import FrameRejected
+
+    from tasks.model.frames import decode_pixels
+
+    preds = []
+    for rec in _tail(kafka, kafka.predictions_topic, window, timeout):
+        try:
+            preds.append(json.loads(rec.value or b""))
+        except ValueError:
+            continue
+    notes: list[str] = []
+    preds = _select_version(_newest(preds, window), runner.version, min_samples, notes)
+    wanted = {str(p.get("frame_id")) for p in preds}
+    images = []
+    if preds:
+        for rec in _tail(kafka, kafka.frames_topic, max(window, len(preds)) * 2, timeout):
+            fid = rec.header("frame_id")
+            if fid not in wanted:
+                continue
+            try:
+                pixels = decode_pixels(rec.value, rec.header("content-type"))
+            except FrameRejected:
+                continue
+            images.append(np.frombuffer(pixels, dtype=np.uint8).reshape(28, 28))
+            wanted.discard(fid)
+    embeddings = None
+    if images:
+        _, _, embeddings = runner.run(np.stack(images))
+        if len(images) < len(preds):
+            notes.append(f"{len(preds) - len(images)} frame(s) of the window are no longer on the frames topic: "
+                         f"embeddings from {len(images)} frames")
+    elif preds:
+        notes.append("no frames of the window on the frames topic: embedding drift not checked")
+    return LiveWindow(
+        source=f"kafka {kafka.predictions_topic} @ {kafka.bootstrap}",
+        labels=np.array([int(p.get("label", -1)) for p in preds], dtype=np.int64),
+        scores=np.array([float(p.get("score", 0.0)) for p in preds], dtype=np.float32),
+        embeddings=embeddings,
+        versions=dict(Counter(str(p.get("model_version")) for p in preds)),
+        first=preds[0].get("processed_at") if preds else None,
+        last=preds[-1].get("processed_at") if preds else None,
+        notes=notes,
+    )
+
+
+def qdrant_window(version: int, window: int, min_samples: int, url: str | None = None,
+                  path: str | None = None) -> LiveWindow:
+    """The newest ``window`` points (unbiased sample when large enough) with their embeddings."""
+    import numpy as np
+
+    from tasks.adapters.qdrant import VectorStoreError, open_vectors
+
+    try:
+        with open_vectors(create=False, url=url, path=path) as vs:
+            ids = vs.all_ids()
+            points = []
+            for start in range(0, len(ids), 1000):
+                points.extend(vs.get(ids[start:start + 1000], with_vectors=True))
+            where = vs.settings.describe()
+    except (VectorStoreError, RuntimeError, OSError) as exc:
+        raise SourceUnavailable(f"cannot read Qdrant: {exc}") from exc
+    notes: list[str] = []
+    rows = [{**p["payload"], "frame_id": p["id"], "_vector": p.get("vector")} for p in points if p.get("vector")]
+    unbiased = [r for r in rows if r.get("indexed_because") in UNBIASED_REASONS]
+    if len(unbiased) >= min_samples:
+        if len(unbiased) < len(rows):
+            notes.append(f"{len(rows) - len(unbiased)} point(s) indexed for low confidence left out (biased)")
+        rows = unbiased
+    elif rows:
+        notes.append(f"only {len(unbiased)} unbiased sample point(s): all {len(rows)} points used, including "
+                     "those indexed for low confidence (the statistics lean towards low confidence)")
+    rows = _select_version(_newest(rows, window), version, min_samples, notes)
+    return LiveWindow(
+        source=f"qdrant {where}",
+        labels=np.array([int(r.get("label", -1)) for r in rows], dtype=np.int64),
+        scores=np.array([float(r.get("score", 0.0)) for r in rows], dtype=np.float32),
+        embeddings=np.array([r["_vector"] for r in rows], dtype=np.float32) if rows else None,
+        versions=dict(Counter(str(r.get("model_version")) for r in rows)),
+        first=rows[0].get("processed_at") if rows else None,
+        last=rows[-1].get("processed_at") if rows else None,
+        notes=notes,
+    )
+
+
+# --------------------------------------------------------------------------- comparison
+
+
+def _check(name: str, value: float | None, threshold: float, detail: str, **extra: Any) -> dict[str, Any]:
+    drift = value is not None and value > threshold
+    status = "skipped" if value is None else ("drift" if drift else "ok")
+    return {"name": name, "value": None if value is None else round(float(value), 6), "threshold": threshold,
+            "status": status, "drift": drift, "detail": detail, **extra}
+
+
+def compare(ref: Reference, live: LiveWindow, th: Thresholds) -> dict[str, Any]:
+    """All checks of ``live`` against ``ref``; ``drift`` is true when any check is past its threshold."""
+    import numpy as np
+
+    out: dict[str, Any] = {"samples": live.n, "reference_samples": int(len(ref.labels))}
+    p_ref = class_distribution(ref.labels)
+    if live.n < th.min_samples:
+        out.update(status="insufficient_data", drift=False, checks=[],
+                   class_distribution={"reference": p_ref.round(4).tolist(), "live": None})
+        return out
+    p_live = class_distribution(live.labels)
+    mean_ref, mean_live = float(np.mean(ref.scores)), float(np.mean(live.scores))
+    ks, ks_p = ks_statistic(ref.scores, live.scores)
+    shift = np.abs(p_live - p_ref)
+    top = [int(c) for c in np.argsort(-shift)[:3]]
+    checks = [
+        _check("class_psi", psi(p_ref, p_live), th.class_psi,
+               "PSI of the predicted class distribution; largest moves: "
+               + ", ".join(f"class {c} {p_ref[c]:.1%} -> {p_live[c]:.1%}" for c in top)),
+        _check("class_js", js_distance(p_ref, p_live), th.class_js,
+               "Jensen-Shannon distance (base 2) of the predicted class distribution"),
+        _check("confidence_drop", mean_ref - mean_live, th.confidence_drop,
+               f"mean top-1 score {mean_ref:.3f} (reference) -> {mean_live:.3f} (live)",
+               reference_mean=round(mean_ref, 6), live_mean=round(mean_live, 6)),
+        _check("confidence_ks", ks, th.confidence_ks, f"KS statistic of the top-1 scores (p={ks_p:.2g})",
+               p_value=ks_p),
+    ]
+    if live.embeddings is not None and len(live.embeddings) >= th.min_samples // 2:
+        cos = cosine_distance(ref.embeddings.mean(axis=0), live.embeddings.mean(axis=0))
+        mmd, mmd_p, bw = mmd_rbf(ref.embeddings, live.embeddings)
+        checks += [
+            _check("embedding_cosine", cos, th.embedding_cosine, "cosine distance between the mean embeddings"),
+            _check("embedding_mmd", mmd, th.embedding_mmd,
+                   f"squared MMD, RBF kernel (bandwidth {bw:.3f}), permutation p={mmd_p:.3f}", p_value=mmd_p),
+        ]
+    else:
+        have = 0 if live.embeddings is None else len(live.embeddings)
+        reason = f"only {have} live embedding(s)"
+        checks += [_check("embedding_cosine", None, th.embedding_cosine, f"skipped: {reason}"),
+                   _check("embedding_mmd", None, th.embedding_mmd, f"skipped: {reason}")]
+    drift = any(c["drift"] for c in checks)
+    out.update(status="drift" if drift else "ok", drift=drift, checks=checks,
+               class_distribution={"reference": p_ref.round(4).tolist(), "live": p_live.round(4).tolist()})
+    return out
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _png(fig: Any) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def plots(ref: Reference, live: LiveWindow) -> dict[str, bytes]:
+    """PNG plots: class distribution, confidence histograms, embeddings (PCA of the reference)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    out: dict[str, bytes] = {}
+    x = np.arange(NUM_CLASSES)
+    fig, ax = plt.subplots(figsize=(6.5, 3.2))
+    ax.bar(x - 0.2, class_distribution(ref.labels), 0.4, label=f"reference ({len(ref.labels)})")
+    if live.n:
+        ax.bar(x + 0.2, class_distribution(live.labels), 0.4, label=f"live ({live.n})")
+    ax.set_xticks(x)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("share")
+    ax.set_title("Predicted class distribution")
+    ax.legend()
+    out["class_distribution.png"] = _png(fig)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.2))
+    bins = np.linspace(0, 1, 41)
+    ax.hist(ref.scores, bins=bins, alpha=0.6, density=True, label="reference")
+    if live.n:
+        ax.hist(live.scores, bins=bins, alpha=0.6, density=True, label="live")
+    ax.set_xlabel("top-1 score")
+    ax.set_title("Confidence")
+    ax.legend()
+    out["confidence.png"] = _png(fig)
+    plt.close(fig)
+
+    if live.embeddings is not None and len(live.embeddings):
+        ref_2d, live_2d = pca_2d(ref.embeddings.astype(np.float64), live.embeddings.astype(np.float64))
+        fig, ax = plt.subplots(figsize=(5.5, 4.5))
+        ax.scatter(ref_2d[:, 0], ref_2d[:, 1], s=4, alpha=0.35, label="reference")
+        ax.scatter(live_2d[:, 0], live_2d[:, 1], s=4, alpha=0.35, label="live")
+        ax.set_title("Embeddings (PCA of the reference)")
+        ax.legend(markerscale=3)
+        out["embeddings.png"] = _png(fig)
+        plt.close(fig)
+    return out
+
+
+def _fmt(value: float | None) -> str:
+    return "" if value is None else f"{value:.4f}"
+
+
+def render_html(report: dict[str, Any], images: dict[str, bytes]) -> str:
+    e = html.escape
+    verdict = {"drift": "DRIFT: retrain requested", "ok": "no drift",
+               "insufficient_data": "insufficient data: no verdict"}[report["status"]]
+    color = {"drift": "#b00020", "ok": "#1b7f3b", "insufficient_data": "#8a6d00"}[report["status"]]
+    rows = "".join(
+        f"<tr><td>{e(c['name'])}</td><td>{_fmt(c['value'])}</td>"
+        f"<td>{c['threshold']}</td><td class='{e(c['status'])}'>{e(c['status'])}</td><td>{e(c['detail'])}</td></tr>"
+        for c in report.get("checks", []))
+    notes = "".join(f"<li>{e(n)}</li>" for n in report["live"].get("notes", []))
+    figs = "".join(f"<figure><img alt='{e(name)}' src='data:image/png;base64,{base64.b64encode(data).decode()}'>"
+                   f"<figcaption>{e(name)}</figcaption></figure>" for name, data in images.items())
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>Drift report {e(report['created_at'])}</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:70em}} td,th{{border:1px solid #ccc;padding:4px 8px}}
+table{{border-collapse:collapse}} .drift{{color:#b00020;font-weight:bold}} .ok{{color:#1b7f3b}}
+.skipped{{color:#777}} figure{{display:inline-block;margin:1em}}</style></head><body>
+<h1>Drift report: <span style="color:{color}">{e(verdict)}</span></h1>
+<p>Model <b>{e(report['model'])}</b> champion v{report['champion']} &middot; {report['samples']} live predictions
+from {e(report['live']['source'])} ({e(str(report['live'].get('first')))} &ndash; {e(str(report['live'].get('last')))},
+versions {e(json.dumps(report['live'].get('versions')))}) &middot; reference: {report['reference_samples']} images from
+{e(report['reference']['source'])} &middot; {e(report['created_at'])}</p>
+<table><tr><th>check</th><th>value</th><th>threshold</th><th>status</th><th>detail</th></tr>{rows}</table>
+<ul>{notes}</ul>
+{figs}
+</body></html>
+"""
+
+
+def run_monitor(store: "Store", model: str, *, source: str = "kafka", window: int = 2000,
+                thresholds: Thresholds | None = None, kafka: "KafkaConfig | None" = None,
+                qdrant_url: str | None = None, qdrant_path: str | None = None, reference_size: int = 2000,
+                timeout: float = 30.0) -> dict[str, Any]:
+    """One monitoring pass; writes the report under ``monitoring/<ts>/`` and returns its summary."""
+    th = thresholds or Thresholds()
+    if source not in SOURCES:
+        raise MonitorError(f"unknown source {source!r}: choose {' or '.join(SOURCES)}")
+    if window < th.min_samples:
+        raise MonitorError(f"window {window} is smaller than min_samples {th.min_samples}: no verdict could be "
+                           "reached; widen --window or lower --min-samples")
+    t0 = time.monotonic()
+    champ = champion(store, model)
+    runner = ChampionModel(store, model, int(champ["version"]))
+    try:
+        ref = load_reference(store, champ, model, runner, size=reference_size)
+        if source == "kafka":
+            from tasks.adapters.kafka import KafkaConfig
+
+            live = kafka_window(kafka or KafkaConfig.from_env(), runner, window, th.min_samples, timeout=timeout)
+        else:
+            live = qdrant_window(runner.version, window, th.min_samples, url=qdrant_url, path=qdrant_path)
+    finally:
+        runner.close()
+    result = compare(ref, live, th)
+    now = dt.datetime.now(dt.timezone.utc)
+    stamp = now.strftime("%Y%m%dT%H%M%S%fZ")
+    prefix = f"{REPORT_PREFIX}/{stamp}/"
+    report = {
+        "model": model, "champion": runner.version, "created_at": now.isoformat(timespec="seconds"),
+        **result,
+        "thresholds": asdict(th),
+        "reference": {"source": ref.source, "version": ref.version,
+                      "key": store.uri(reference_key(model, ref.version))},
+        "live": {"source": live.source, "versions": live.versions, "first": live.first, "last": live.last,
+                 "notes": live.notes, "window": window},
+    }
+    images = plots(ref, live)
+    for name, data in images.items():
+        store.put_bytes(prefix + name, data, content_type="image/png")
+    report["report_uri"] = store.uri(prefix + "report.html")
+    report["json_uri"] = store.uri(prefix + "report.json")
+    report["plots"] = {name: store.uri(prefix + name) for name in images}
+    drifted = [c["name"] for c in report.get("checks", []) if c["drift"]]
+    report["summary"] = {
+        "drift": "drift past the threshold in " + ", ".join(drifted) + f" over {live.n} live predictions",
+        "ok": f"no drift over {live.n} live predictions",
+        "insufficient_data": f"only {live.n} live predictions (need {th.min_samples}): no verdict",
+    }[report["status"]]
+    store.put_text(prefix + "report.html", render_html(report, images), content_type="text/html; charset=utf-8")
+    store.put_json(prefix + "report.json", report)  # written last: the report is complete
+    store.put_json(f"{REPORT_PREFIX}/latest.json", report)
+    report["seconds"] = round(time.monotonic() - t0, 2)
+    logger.info("monitor %s v%s: %s; report %s (%.1fs)", model, runner.version, report["summary"],
+                report["report_uri"], report["seconds"])
+    for note in live.notes:
+        logger.warning("%s", note)
+    return report
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _parser() -> argparse.ArgumentParser:
+    d = Thresholds()
+    p = argparse.ArgumentParser(prog="mlpipe monitor", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--source", choices=SOURCES, default=os.environ.get("MLPIPE_MONITOR_SOURCE") or "kafka",
+                   help="where live predictions come from (default kafka)")
+    p.add_argument("--window", type=int, default=2000, help="newest live predictions compared (default 2000)")
+    p.add_argument("--min-samples", type=int, default=d.min_samples,
+                   help=f"fewer live predictions give no verdict (default {d.min_samples})")
+    p.add_argument("--model", default=None, help="model name (default $MLPIPE_MODEL_NAME or digits)")
+    p.add_argument("--bootstrap", default=None, help="Kafka bootstrap (overrides MLPIPE_KAFKA_BOOTSTRAP)")
+    p.add_argument("--topic-prefix", default=None, help="topic prefix (overrides MLPIPE_KAFKA_TOPIC_PREFIX)")
+    p.add_argument("--qdrant-url", default=None, help="Qdrant server (overrides MLPIPE_QDRANT_URL)")
+    p.add_argument("--qdrant-path", default=None, help="Qdrant local folder (overrides MLPIPE_QDRANT_PATH)")
+    p.add_argument("--reference-size", type=int, default=2000, help="training images in the reference (default 2000)")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds allowed to read the live source")
+    for name, help_ in (("class_psi", "PSI of the predicted class distribution"),
+                        ("class_js", "Jensen-Shannon distance of the predicted class distribution"),
+                        ("confidence_drop", "drop of the mean top-1 score"),
+                        ("confidence_ks", "KS statistic of the top-1 scores"),
+                        ("embedding_cosine", "cosine distance of the mean embeddings"),
+                        ("embedding_mmd", "squared MMD of the embeddings")):
+        p.add_argument(f"--max-{name.replace('_', '-')}", dest=name, type=float, default=getattr(d, name),
+                       help=f"threshold: {help_} (default {getattr(d, name)})")
+    p.add_argument("--fail-on-drift", action="store_true", help="exit 1 when drift is found")
+    p.add_argument("--no-champion-ok", action="store_true",
+                   help="no production version yet: report status no_champion (no verdict, exit 0) instead of "
+                        "exit 2 (the scheduled DAG on a stack that has not deployed a model yet)")
+    p.add_argument("--result-json", type=Path, default=None, help="write the report summary here (Airflow XCom)")
+    p.add_argument("--log-level", default=os.environ.get("MLPIPE_LOG_LEVEL") or "INFO")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=str(args.log_level).upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("tasks.adapters.kafka.librdkafka").setLevel(logging.WARNING)
+    from tasks.config import load_settings
+    from tasks.adapters.storage import StoreError, open_store
+
+    try:
+        if args.window <= 0:
+            raise MonitorError(f"--window must be positive, got {args.window}")
+        th = Thresholds(class_psi=args.class_psi, class_js=args.class_js, confidence_drop=args.confidence_drop,
+                        confidence_ks=args.confidence_ks, embedding_cosine=args.embedding_cosine,
+                        embedding_mmd=args.embedding_mmd, min_samples=args.min_samples)
+        cfg = load_settings()
+        kafka = None
+        if args.source == "kafka":
+            from tasks.adapters.kafka import KafkaConfig
+
+            kafka = KafkaConfig.from_env(bootstrap=args.bootstrap, topic_prefix=args.topic_prefix)
+        report = run_monitor(open_store(cfg), args.model or cfg.model_name, source=args.source, window=args.window,
+                             thresholds=th, kafka=kafka, qdrant_url=args.qdrant_url, qdrant_path=args.qdrant_path,
+                             reference_size=args.reference_size, timeout=args.timeout)
+    except NoChampion as exc:
+        if not args.no_champion_ok:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        logger.warning("%s: no verdict", exc)
+        report = {"status": "no_champion", "drift": False, "summary": f"no verdict: {exc}", "samples": 0,
+                  "model": args.model or cfg.model_name, "champion": None, "report_uri": None, "json_uri": None,
+                  "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "checks": []}
+    except (MonitorError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (SourceUnavailable, StoreError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_SOURCE
+    summary = {k: report[k] for k in ("status", "drift", "summary", "samples", "model", "champion", "report_uri",
+                                      "json_uri", "created_at")}
+    summary["checks"] = {c["name"]: {"value": c["value"], "threshold": c["threshold"], "status": c["status"]}
+                         for c in report.get("checks", [])}
+    if args.result_json:
+        args.result_json.parent.mkdir(parents=True, exist_ok=True)
+        args.result_json.write_text(json.dumps(summary, indent=2, default=str))
+    print(json.dumps(summary, indent=2, default=str))
+    return EXIT_DRIFT if (args.fail_on_drift and report["drift"]) else EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,517 @@
+"""qc: the gate a candidate must pass before it can be deployed.
+
+In the spirit of TFX's Evaluator (blessing) and InfraValidator, on the fixed
+golden set (1,000 real digits never put in any drop, ``tasks.steps.drops.golden_set``):
+
+* ``loads``: the ONNX model loads in ONNX Runtime and its outputs have the contract shapes;
+* ``accuracy``: golden-set accuracy >= ``min_accuracy``;
+* ``class_recall``: every class's recall >= ``min_class_recall``;
+* ``no_regression``: champion accuracy - candidate accuracy <= ``max_regression`` (same set);
+* ``parity_onnx_torch``: max |ONNX - PyTorch| over logits and embedding <= ``max_parity_diff``;
+* ``parity_trt_onnx``: the same for the TensorRT engine when one was compiled (else skipped, with why);
+* ``triton_serves``: the candidate loads in a real Triton (a throw-away server on loopback) and its
+  answers through the ensemble agree with ONNX Runtime;
+* ``latency_p95``: p95 latency at batch 1 through that Triton <= ``p95_latency_ms``.
+
+Thresholds come from ``MLPIPE_QC_*`` environment variables (or CLI flags). Output:
+``qc_report.json`` and ``qc_report.html`` (confusion matrix, per-class recall bars) on the
+version; a failed gate sets the stage to ``rejected`` with the reasons.
+
+    mlpipe qc --version 3            # exit 0 passed, 1 rejected (or --no-fail: exit 0, verdict in JSON)
+    MLPIPE_QC_MIN_ACCURACY=0.97 mlpipe qc --version 3 --latency-requests 50
+
+Exit codes: 0 passed (or failed with ``--no-fail``), 1 failed gate or object-store error,
+2 unknown version or a nonsensical threshold (one ``error:`` line, no traceback).
+A corrupt or wrongly shaped ``model.onnx`` is a failed ``loads`` check, never a crash.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import datetime as dt
+import html
+import io
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Sequence
+
+from tasks.steps import registry
+from tasks.config import load_settings
+from tasks.adapters.storage import Store, open_store
+
+logger = logging.getLogger(__name__)
+NUM_CLASSES = 10
+EXIT_REJECTED, EXIT_USAGE, EXIT_ERROR = 1, 2, 1
+
+
+@dataclass(frozen=True)
+class QCThresholds:
+    min_accuracy: float = 0.95
+    min_class_recall: float = 0.90
+    max_regression: float = 0.01
+    max_parity_diff: float = 1e-4
+    max_trt_parity_diff: float = 5e-2
+    p95_latency_ms: float = 50.0
+    latency_requests: int = 200
+    triton_check: bool = True
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> "QCThresholds":
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = os.environ.get(f"MLPIPE_QC_{f.name.upper()}")
+            if raw not in (None, ""):
+                if f.type in ("bool", bool):
+                    values[f.name] = raw.strip().lower() in {"1", "true", "yes", "on"}
+                else:
+                    try:
+                        values[f.name] = (int if f.type in ("int", int) else float)(raw)
+                    except ValueError:
+                        raise ValueError(f"MLPIPE_QC_{f.name.upper()}={raw!r} is not a number") from None
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        th = cls(**values)
+        th.validate()
+        return th
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first threshold that makes no sense."""
+        for name in ("min_accuracy", "min_class_recall"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"QC threshold {name} (MLPIPE_QC_{name.upper()}) must be a fraction in [0, 1], "
+                                 f"got {value}")
+        for name in ("max_regression", "max_parity_diff", "max_trt_parity_diff", "p95_latency_ms"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"QC threshold {name} (MLPIPE_QC_{name.upper()}) must be >= 0, "
+                                 f"got {getattr(self, name)}")
+        if self.latency_requests < 1:
+            raise ValueError(f"QC latency_requests (MLPIPE_QC_LATENCY_REQUESTS) must be >= 1, "
+                             f"got {self.latency_requests}")
+
+
+def _check(name: str, passed: bool | None, detail: str, value: Any = None, threshold: Any = None) -> dict[str, Any]:
+    return {"name": name, "passed": passed, "status": {True: "passed", False: "failed", None: "skipped"}[passed],
+            "value": value, "threshold": threshold, "detail": detail}
+
+
+def _ort_predict(onnx_path: Path, x) -> tuple[Any, Any]:
+    import numpy as np
+
+    from tasks.model.networks import INPUT_NAME, OUTPUT_NAMES, onnx_session
+
+    sess = onnx_session(onnx_path)
+    logits, embs = [], []
+    for start in range(0, len(x), 256):
+        lo, em = sess.run(list(OUTPUT_NAMES), {INPUT_NAME: x[start:start + 256]})
+        logits.append(lo)
+        embs.append(em)
+    return np.concatenate(logits), np.concatenate(embs)
+
+
+def _confusion(y_true, y_pred):
+    import numpy as np
+
+    cm = np.zeros((NUM_CLASSES, NUM_CLASSES), dtype=np.int64)
+    np.add.at(cm, (y_true, y_pred), 1)
+    return cm
+
+
+def _recalls(cm) -> list[float]:
+    return [float(cm[i, i] / cm[i].sum()) if cm[i].sum() else 0.0 for i in range(NUM_CLASSES)]
+
+
+DEFAULT_TRITON_RUNNER = "tasks.local.triton:LocalTriton"
+
+
+def triton_runner():
+    """The class that starts the throw-away Triton for the infra check (``module:Class``).
+
+    Chosen by configuration (``MLPIPE_QC_TRITON_RUNNER``, default the bundled ``tritonserver``
+    launcher), so this step never imports the local stack: a deployment can plug in its own runner
+    with the same interface (context manager with ``grpc_url`` and ``log_tail(n)``)."""
+    import importlib
+
+    spec = os.environ.get("MLPIPE_QC_TRITON_RUNNER", "").strip() or DEFAULT_TRITON_RUNNER
+    module, _, attr = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise ValueError(f"MLPIPE_QC_TRITON_RUNNER={spec!r} does not name a class as 'module:Class' ({exc})") from exc
+
+
+def _triton_checks(model: str, version: int, onnx_path: Path, images, ort_labels, th: QCThresholds,
+                   work: Path) -> list[dict[str, Any]]:
+    """Load the candidate in a throw-away local Triton (InfraValidator); check its answers and batch-1 latency."""
+    import numpy as np
+
+    from tasks.adapters.triton import TritonClient
+    from tasks.model import repo as model_repo
+
+    not_measured = "not measured: the candidate did not {} in Triton"
+    try:
+        repo = model_repo.render_repo("local", work / "repo", model)
+        model_repo.write_classifier_version(repo, model, version, onnx_path)
+        model_repo.set_serving_version(repo, model, version)
+    except Exception as exc:  # noqa: BLE001 - a model that cannot be put in a repository fails the gate
+        return [_check("triton_serves", False, f"the candidate cannot be put in a Triton model repository: {exc}"),
+                _check("latency_p95", None, not_measured.format("load"))]
+    try:
+        with triton_runner()(repo, work / "logs", backend_dir=work / "backends") as server:
+            with TritonClient(server.grpc_url, protocol="grpc") as client:
+                try:
+                    client.load_model(model)
+                    client.wait_model_ready(model, timeout=120)
+                    n = min(256, len(images))
+                    out = client.infer_images(model, images[:n])
+                except Exception as exc:  # noqa: BLE001
+                    tail = "\n".join(server.log_tail(15).splitlines()[-5:])
+                    return [_check("triton_serves", False, f"Triton did not load or answer: {exc}"
+                                   + (f" (server log: {tail})" if tail else "")),
+                            _check("latency_p95", None, not_measured.format("answer"))]
+                labels = np.asarray(out["LABEL"]).reshape(-1)
+                emb_shape = list(np.asarray(out["EMBEDDING"]).shape)
+                agree = float(np.mean(labels == ort_labels[:len(labels)])) if len(labels) == n else 0.0
+                ok = len(labels) == n and emb_shape == [n, 64] and agree >= 0.99
+                serves = _check("triton_serves", ok,
+                                f"{n} golden images through the ensemble {model!r} (classifier v{version}): "
+                                f"{agree:.1%} of labels agree with ONNX Runtime; LABEL {len(labels)} rows, "
+                                f"EMBEDDING {emb_shape}", round(agree, 4), 0.99)
+                if not ok:
+                    return [serves, _check("latency_p95", None, "not measured: the answers were wrong")]
+                for i in range(10):  # warm-up
+                    client.infer_images(model, images[i:i + 1])
+                lat = []
+                for i in range(th.latency_requests):
+                    j = i % len(images)
+                    t0 = time.perf_counter()
+                    client.infer_images(model, images[j:j + 1])
+                    lat.append((time.perf_counter() - t0) * 1000)
+                p50, p95 = float(np.percentile(lat, 50)), float(np.percentile(lat, 95))
+                latency = _check("latency_p95", p95 <= th.p95_latency_ms,
+                                 f"{len(lat)} requests at batch 1 over gRPC: p50 {p50:.2f} ms, p95 {p95:.2f} ms "
+                                 f"(budget {th.p95_latency_ms:g} ms)", round(p95, 3), th.p95_latency_ms)
+                latency["p50_ms"] = round(p50, 3)
+                return [serves, latency]
+    except Exception as exc:  # noqa: BLE001 - a server that cannot start is a failed infra check
+        return [_check("triton_serves", False, f"local Triton could not start or failed mid-check: {exc}"),
+                _check("latency_p95", None, "not measured: Triton did not run")]
+
+
+def _trt_parity(store: Store, model: str, version: int, x, ort_logits, ort_emb, th: QCThresholds,
+                work: Path) -> dict[str, Any]:
+    prefix = f"models/{model}/{version}/"
+    if not store.exists(prefix + "model.plan"):
+        reason = "no TensorRT engine for this version"
+        if store.exists(prefix + "compile.json"):
+            try:
+                why = store.get_json(prefix + "compile.json").get("reason")
+            except Exception:  # noqa: BLE001 - the reason is informative only
+                why = None
+            reason = f"no TensorRT engine: compile {why or 'skipped'}"
+        return _check("parity_trt_onnx", None, f"skipped: {reason}")
+    # A plan exists and would be served (production flavour): it must be shown to agree with ONNX.
+    try:
+        import tensorrt as trt
+        import torch
+    except ImportError as exc:
+        return _check("parity_trt_onnx", False, f"model.plan exists but TensorRT/torch cannot be imported here "
+                      f"({exc}): run QC on a GPU node with TensorRT, or delete the plan to serve ONNX")
+    try:
+        import numpy as np
+
+        if not torch.cuda.is_available():
+            raise RuntimeError("no CUDA GPU is visible")
+        plan = store.get_file(prefix + "model.plan", work / "model.plan")
+        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        engine = runtime.deserialize_cuda_engine(plan.read_bytes())
+        if engine is None:
+            raise RuntimeError("the engine could not be deserialized (built for another GPU or TensorRT version?)")
+        ctx = engine.create_execution_context()
+        max_batch = int(engine.get_tensor_profile_shape("input", 0)[2][0])
+        batch = np.ascontiguousarray(x[:max(1, min(32, max_batch))])
+        inp = torch.from_numpy(batch).cuda()
+        outs = {"logits": torch.empty((len(batch), 10), device="cuda"),
+                "embedding": torch.empty((len(batch), 64), device="cuda")}
+        ctx.set_input_shape("input", tuple(inp.shape))
+        ctx.set_tensor_address("input", inp.data_ptr())
+        for name, t in outs.items():
+            ctx.set_tensor_address(name, t.data_ptr())
+        ctx.execute_async_v3(torch.cuda.current_stream().cuda_stream)
+        torch.cuda.synchronize()
+        diff = max(float(np.max(np.abs(outs["logits"].cpu().numpy() - ort_logits[:len(batch)]))),
+                   float(np.max(np.abs(outs["embedding"].cpu().numpy() - ort_emb[:len(batch)]))))
+        return _check("parity_trt_onnx", diff <= th.max_trt_parity_diff,
+                      f"max |TensorRT - ONNX| over logits and embedding, {len(batch)} golden images: {diff:.3g}",
+                      diff, th.max_trt_parity_diff)
+    except Exception as exc:  # noqa: BLE001
+        return _check("parity_trt_onnx", False, f"TensorRT engine could not be run for parity: {exc}")
+
+
+def _load_failure(report: dict[str, Any], checks: list[dict[str, Any]], detail: str) -> dict[str, Any]:
+    checks.append(_check("loads", False, detail))
+    report["verdict"] = "failed"
+    report["reasons"] = [f"loads: {detail}"]
+    return report
+
+
+def evaluate(store: Store, model: str, version: int, th: QCThresholds, work: Path) -> dict[str, Any]:
+    """Run every check; return the report dict (no side effects on the registry)."""
+    import numpy as np
+
+    from tasks.steps.drops import golden_set
+    from tasks.model.networks import EMBEDDING_DIM, check_onnx_parity, load_torch, to_input
+    from tasks.adapters.storage import ObjectNotFound
+
+    manifest = registry.get_version(store, model, version)
+    prefix = f"models/{model}/{version}/"
+    images, y = golden_set()
+    x = to_input(images)
+    checks: list[dict[str, Any]] = []
+    report: dict[str, Any] = {"model": model, "version": version, "stage": manifest.get("stage"),
+                              "golden_set_size": int(len(y)), "thresholds": asdict(th), "checks": checks}
+
+    try:
+        onnx_path = store.get_file(prefix + "model.onnx", work / "model.onnx")
+    except ObjectNotFound:
+        return _load_failure(report, checks, f"model.onnx is missing from {store.uri(prefix)}")
+    try:
+        logits, emb = _ort_predict(onnx_path, x)
+    except Exception as exc:  # noqa: BLE001 - a corrupt or wrong model is a failed gate, not a crash
+        return _load_failure(report, checks, f"model.onnx does not load or run in ONNX Runtime: "
+                             f"{type(exc).__name__}: {str(exc).strip()[:500]}")
+    expected = (len(y), NUM_CLASSES), (len(y), EMBEDDING_DIM)
+    if (logits.shape, emb.shape) != expected:
+        return _load_failure(report, checks, f"model.onnx outputs have the wrong shape: logits {list(logits.shape)}, "
+                             f"embedding {list(emb.shape)}; the contract (docs/CONTRACTS.md) needs "
+                             f"[N, {NUM_CLASSES}] and [N, {EMBEDDING_DIM}]")
+    if not (np.isfinite(logits).all() and np.isfinite(emb).all()):
+        return _load_failure(report, checks, "model.onnx gives NaN or infinite outputs on the golden set")
+    checks.append(_check("loads", True, "model.onnx loads in ONNX Runtime; outputs logits "
+                         f"[N, {NUM_CLASSES}] and embedding [N, {EMBEDDING_DIM}] as in the contract"))
+
+    pred = logits.argmax(1)
+    cm = _confusion(y, pred)
+    acc = float((pred == y).mean())
+    recalls = _recalls(cm)
+    report.update(accuracy=acc, per_class_recall=recalls, confusion_matrix=cm.tolist())
+    checks.append(_check("accuracy", acc >= th.min_accuracy, f"golden-set accuracy {acc:.4f} "
+                         f"(threshold {th.min_accuracy:g})", round(acc, 4), th.min_accuracy))
+    worst = int(np.argmin(recalls))
+    low = [str(c) for c, r in enumerate(recalls) if r < th.min_class_recall]
+    checks.append(_check("class_recall", not low,
+                         f"lowest recall {recalls[worst]:.3f} for class {worst} (threshold {th.min_class_recall:g})"
+                         + (f"; classes below: {', '.join(low)}" if low else ""),
+                         round(min(recalls), 4), th.min_class_recall))
+
+    champ = registry.champion(store, model)
+    report["champion"] = None
+    if champ is None:
+        checks.append(_check("no_regression", True, "no champion in production yet: nothing to regress against"))
+    elif champ["version"] == version:
+        checks.append(_check("no_regression", True, f"v{version} is the champion itself"))
+    else:
+        try:
+            c_onnx = store.get_file(f"models/{model}/{champ['version']}/model.onnx", work / "champion.onnx")
+            c_pred = _ort_predict(c_onnx, x)[0].argmax(1)
+        except Exception as exc:  # noqa: BLE001 - a broken champion must not block its replacement
+            logger.warning("champion v%s cannot be evaluated: %s", champ["version"], exc)
+            checks.append(_check("no_regression", None, f"skipped: champion v{champ['version']} could not be "
+                                 f"evaluated on the golden set ({type(exc).__name__}: {exc})"))
+        else:
+            c_acc = float((c_pred == y).mean())
+            drop = c_acc - acc
+            report["champion"] = {"version": champ["version"], "accuracy": c_acc,
+                                  "per_class_recall": _recalls(_confusion(y, c_pred))}
+            checks.append(_check("no_regression", drop <= th.max_regression + 1e-12,
+                                 f"champion v{champ['version']} {c_acc:.4f} vs candidate {acc:.4f} on the same "
+                                 f"golden set (change {-drop:+.4f}, tolerance -{th.max_regression:g})",
+                                 round(-drop, 4), -th.max_regression))
+
+    if store.exists(prefix + "model.pt"):
+        try:
+            torch_model = load_torch(store.get_file(prefix + "model.pt", work / "model.pt"))
+            diff = check_onnx_parity(torch_model, onnx_path, inputs=x[:64], tolerance=th.max_parity_diff)
+            checks.append(_check("parity_onnx_torch", True, f"max |ONNX - PyTorch| over logits and embedding "
+                                 f"(batches 1, 7, 32): {diff:.3g}", diff, th.max_parity_diff))
+        except Exception as exc:  # noqa: BLE001 - ParityError, a bad state_dict, an unreadable file
+            checks.append(_check("parity_onnx_torch", False, f"{type(exc).__name__}: {exc}",
+                                 threshold=th.max_parity_diff))
+    else:
+        checks.append(_check("parity_onnx_torch", False, "model.pt missing: parity with PyTorch cannot be shown"))
+
+    checks.append(_trt_parity(store, model, version, x, logits, emb, th, work))
+    if th.triton_check:
+        checks.extend(_triton_checks(model, version, onnx_path, images, pred, th, work))
+    else:
+        checks.append(_check("triton_serves", None, "skipped: MLPIPE_QC_TRITON_CHECK=0"))
+        checks.append(_check("latency_p95", None, "skipped: MLPIPE_QC_TRITON_CHECK=0"))
+
+    failed = [c for c in checks if c["passed"] is False]
+    report["verdict"] = "failed" if failed else "passed"
+    report["reasons"] = [f"{c['name']}: {c['detail']}" for c in failed]
+    report["training_metrics"] = {k: manifest.get("metrics", {}).get(k) for k in ("val_accuracy", "golden_accuracy")}
+    return report
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def render_html(report: dict[str, Any]) -> str:
+    """A self-contained HTML page: verdict, checks table, confusion matrix, per-class recall bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    images = []
+    if "confusion_matrix" in report:
+        cm = np.array(report["confusion_matrix"])
+        fig, ax = plt.subplots(figsize=(5, 4.4))
+        im = ax.imshow(cm, cmap="Blues")
+        for i in range(NUM_CLASSES):
+            for j in range(NUM_CLASSES):
+                ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7,
+                        color="white" if cm[i, j] > cm.max() / 2 else "black")
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_xticks(range(NUM_CLASSES))
+        ax.set_yticks(range(NUM_CLASSES))
+        ax.set_title(f"confusion matrix, golden set (v{report['version']})")
+        fig.colorbar(im, ax=ax, fraction=0.046)
+        images.append(("Confusion matrix", _png(fig)))
+        plt.close(fig)
+        fig, ax = plt.subplots(figsize=(6, 3.2))
+        xs = np.arange(NUM_CLASSES)
+        champ = report.get("champion")
+        w = 0.4 if champ else 0.8
+        ax.bar(xs - (w / 2 if champ else 0), report["per_class_recall"], w, label=f"candidate v{report['version']}")
+        if champ:
+            ax.bar(xs + w / 2, champ["per_class_recall"], w, label=f"champion v{champ['version']}")
+        ax.axhline(report["thresholds"]["min_class_recall"], color="red", linestyle="--", label="threshold")
+        ax.set_ylim(0, 1.02)
+        ax.set_xticks(xs)
+        ax.set_xlabel("class")
+        ax.set_ylabel("recall")
+        ax.legend(loc="lower right", fontsize=8)
+        images.append(("Per-class recall", _png(fig)))
+        plt.close(fig)
+    colour = {"passed": "#1a7f37", "failed": "#cf222e", "skipped": "#6e7781"}
+    rows = "".join(
+        f"<tr><td>{html.escape(c['name'])}</td><td style='color:{colour[c['status']]};font-weight:bold'>"
+        f"{c['status']}</td><td>{html.escape(str(c['value']) if c['value'] is not None else '')}</td>"
+        f"<td>{html.escape(str(c['threshold']) if c['threshold'] is not None else '')}</td>"
+        f"<td>{html.escape(c['detail'])}</td></tr>" for c in report["checks"])
+    figs = "".join(f"<figure><img src='data:image/png;base64,{b64}' alt='{t}'><figcaption>{t}</figcaption></figure>"
+                   for t, b64 in images)
+    verdict = report["verdict"]
+    return f"""<!doctype html><html><head><meta charset="utf-8">
+<title>QC {html.escape(report['model'])} v{report['version']}: {verdict}</title>
+<style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1100px}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #d0d7de;padding:4px 8px;text-align:left;vertical-align:top}}figure{{display:inline-block;margin:1em}}
+.verdict{{font-size:1.6em;color:{colour[verdict]}}}</style></head><body>
+<h1>QC gate: {html.escape(report['model'])} v{report['version']}</h1>
+<p class="verdict">{verdict.upper()}</p><p>{html.escape(report.get('at', ''))} &middot; golden set of
+{report['golden_set_size']} real digits never seen in training</p>
+<ul>{''.join(f'<li>{html.escape(r)}</li>' for r in report['reasons'])}</ul>
+<table><tr><th>check</th><th>status</th><th>value</th><th>threshold</th><th>detail</th></tr>{rows}</table>
+{figs}</body></html>"""
+
+
+def run_qc(store: Store, model: str, version: int, th: QCThresholds | None = None,
+           work_dir: Path | None = None) -> dict[str, Any]:
+    """Evaluate, store ``qc_report.json``/``.html`` on the version, and reject a failing candidate.
+
+    Only a ``candidate`` is moved to ``rejected``; re-running QC on a version in another stage records
+    the new verdict on it (``version.json`` ``qc``) without changing its stage.
+    """
+    th = th or QCThresholds.from_env()
+    registry.get_version(store, model, version)  # unknown version: RegistryError before any work
+    work_root = Path(work_dir) if work_dir else load_settings().home / "qc"
+    work_root.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    logger.info("QC of %s v%s on the golden set (thresholds %s)", model, version, asdict(th))
+    with tempfile.TemporaryDirectory(prefix=f"{model}-v{version}-", dir=work_root) as tmp:
+        report = evaluate(store, model, version, th, Path(tmp))
+    report["seconds"] = round(time.monotonic() - t0, 2)
+    report["at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    report["report_uri"] = store.uri(f"models/{model}/{version}/qc_report.html")
+    report["report_json_uri"] = store.uri(f"models/{model}/{version}/qc_report.json")
+    registry.put_version_file(store, model, version, "qc_report.html", render_html(report).encode())
+    registry.put_version_file(store, model, version, "qc_report.json", report)
+    for c in report["checks"]:
+        log = logger.info if c["passed"] is not False else logger.warning
+        log("qc %-18s %-7s %s", c["name"], c["status"], c["detail"])
+    manifest = registry.get_version(store, model, version)
+    manifest["qc"] = {"verdict": report["verdict"], "reasons": report["reasons"], "report": report["report_uri"],
+                      "report_json": report["report_json_uri"], "at": report["at"]}
+    store.put_json(f"models/{model}/{version}/version.json", manifest)
+    stage = manifest.get("stage")
+    if report["verdict"] == "failed":
+        if stage == "candidate":
+            registry.set_stage(store, model, version, "rejected", "QC gate failed: " + "; ".join(report["reasons"]))
+        elif stage != "rejected":
+            logger.warning("%s v%s is in stage %r, not a candidate: its stage is left as it is", model, version, stage)
+        logger.warning("QC FAILED for %s v%s: %s (report %s)", model, version, "; ".join(report["reasons"]),
+                       report["report_uri"])
+    else:
+        logger.info("QC passed for %s v%s in %.1fs (report %s)", model, version, report["seconds"],
+                    report["report_uri"])
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mlpipe qc", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", type=int, required=True, help="registered candidate version")
+    parser.add_argument("--model", default=None, help="model name (default $MLPIPE_MODEL_NAME or 'digits')")
+    for f in fields(QCThresholds):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, type=lambda s: s.lower() in {"1", "true", "yes", "on"}, default=None,
+                                help=f"(env MLPIPE_QC_{f.name.upper()}, default {f.default})")
+        else:
+            parser.add_argument(flag, type=int if f.type in ("int", int) else float, default=None,
+                                help=f"(env MLPIPE_QC_{f.name.upper()}, default {f.default})")
+    parser.add_argument("--no-fail", action="store_true",
+                        help="exit 0 on a failed gate (the verdict is in the result); the DAG's gate task decides")
+    parser.add_argument("--result-json", type=Path, help="write the verdict here (Airflow XCom)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from tasks.adapters.storage import StoreError
+
+    try:
+        cfg = load_settings()
+        th = QCThresholds.from_env(**{f.name: getattr(args, f.name) for f in fields(QCThresholds)})
+        report = run_qc(open_store(cfg), args.model or cfg.model_name, args.version, th)
+    except (registry.RegistryError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except StoreError as exc:
+        print(f"error: object store: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    result = {k: report[k] for k in ("model", "version", "verdict", "reasons", "report_uri")}
+    result["accuracy"] = report.get("accuracy")
+    print(json.dumps(result, indent=2))
+    if args.result_json:
+        args.result_json.parent.mkdir(parents=True, exist_ok=True)
+        args.result_json.write_text(json.dumps(result))
+    if report["verdict"] == "failed":
+        print(f"error: QC gate failed for {report['model']} v{args.version}: " + "; ".join(report["reasons"]),
+              file=sys.stderr)
+        return 0 if args.no_fail else EXIT_REJECTED
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,703 @@
+"""Train the digit classifier on one or more data drops; export ONNX; log to ClearML.
+
+Outputs, under ``runs/<run_id>/`` in the object store:
+
+* ``model.onnx``   the classifier per docs/CONTRACTS.md (opset 17, dynamic batch),
+                   checked against PyTorch with ONNX Runtime (batches 1, 7, 32);
+* ``model.pt``     the PyTorch state_dict (``tasks.model.networks.load_torch`` reloads it);
+* ``metrics.json`` validation and golden-set accuracy, per-class recall, epochs,
+                   early stopping, timings, parameters, parity, versions;
+* ``history.json`` per-epoch loss / accuracy / seconds;
+* ``curves.png``   training curves;
+* ``result.json``  the step result, written last: a run with it is complete.
+
+The default run id is derived from the drop ids and the training parameters, so
+a retry with the same inputs overwrites the same run (idempotent step).
+
+Training is deterministic for a given seed on a given device and thread count.
+It uses a GPU when one is present (``--device auto``), as in the Kubernetes pod
+that requests ``nvidia.com/gpu: 1``; the same CLI runs as a local process.
+
+CLI::
+
+    mlpipe train --drop-id d1 [--drop-id d2 ...] [--epochs 8] [--seed 0]
+        [--batch-size 64] [--lr 0.002] [--patience 2] [--device auto]
+        [--run-id ID] [--result-json PATH]
+
+The store comes from the environment (``MLPIPE_STORE_URL``, see tasks/config.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
+    from torch import nn
+
+    from tasks.adapters.storage import Store
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_EPOCHS = 8
+DEFAULT_SEED = 0
+DEFAULT_BATCH_SIZE = 64
+DEFAULT_LR = 2e-3
+DEFAULT_PATIENCE = 2
+DEFAULT_VAL_FRACTION = 0.2
+WEIGHT_DECAY = 1e-4
+LABEL_SMOOTHING = 0.1  # training loss only; val/golden losses are plain cross-entropy
+MIN_DELTA = 1e-4  # a val loss must improve by more than this to count as better
+EXIT_ERROR, EXIT_USAGE = 1, 2
+RUN_FILES = ("model.onnx", "model.pt", "metrics.json", "history.json", "curves.png")
+
+EpochCallback = Callable[[dict[str, Any]], None]
+
+
+class TrainError(RuntimeError):
+    """Training could not produce a usable model (bad input arrays, unavailable device...)."""
+
+
+# --------------------------------------------------------------------------- set-up
+
+
+def default_threads() -> int:
+    """Torch intra-op threads: ``MLPIPE_TORCH_THREADS`` if set, else min(2, cores)."""
+    env = os.environ.get("MLPIPE_TORCH_THREADS", "").strip()
+    if env:
+        try:
+            value = int(env)
+        except ValueError:
+            raise TrainError(f"MLPIPE_TORCH_THREADS must be a positive integer, got {env!r}") from None
+        if value < 1:
+            raise TrainError(f"MLPIPE_TORCH_THREADS must be a positive integer, got {env!r}")
+        return value
+    return max(1, min(2, os.cpu_count() or 1))
+
+
+def resolve_device(device: str = "auto") -> str:
+    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; ``cuda`` without a GPU is an error."""
+    import torch
+
+    device = (device or "auto").lower()
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" or device.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise TrainError(
+                f"--device {device} requested but torch {torch.__version__} sees no CUDA GPU; "
+                "use --device auto or cpu, or run the trainer image on a GPU node"
+            )
+        return device
+    if device == "cpu":
+        return device
+    raise TrainError(f"unknown device {device!r}: use auto, cpu or cuda")
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def default_run_id(drop_ids: Sequence[str], *, seed: int, epochs: int, batch_size: int = DEFAULT_BATCH_SIZE,
+                   lr: float = DEFAULT_LR, patience: int = DEFAULT_PATIENCE,
+                   val_fraction: float = DEFAULT_VAL_FRACTION) -> str:
+    """A run id that depends only on the inputs (drop ids in order + training parameters)."""
+    key = {
+        "drops": list(drop_ids), "seed": int(seed), "epochs": int(epochs), "batch_size": int(batch_size),
+        "lr": float(lr), "patience": int(patience), "val_fraction": float(val_fraction),
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return f"train-{digest}"
+
+
+def stratified_split(y: "np.ndarray", val_fraction: float, seed: int) -> tuple["np.ndarray", "np.ndarray"]:
+    """Deterministic per-class split: (train indices, val indices), each sorted."""
+    import numpy as np
+
+    if not 0.0 < val_fraction < 1.0:
+        raise TrainError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+    rng = np.random.default_rng(seed)
+    train_idx, val_idx = [], []
+    for label in np.unique(y):
+        idx = np.flatnonzero(y == label)
+        idx = idx[rng.permutation(len(idx))]
+        n_val = int(round(len(idx) * val_fraction))
+        if len(idx) >= 2:
+            n_val = min(max(n_val, 1), len(idx) - 1)
+        else:
+            n_val = 0
+        val_idx.append(idx[:n_val])
+        train_idx.append(idx[n_val:])
+    return np.sort(np.concatenate(train_idx)), np.sort(np.concatenate(val_idx))
+
+
+def _check_arrays(X: "np.ndarray", y: "np.ndarray") -> tuple["np.ndarray", "np.ndarray"]:
+    import numpy as np
+
+    X = np.asarray(X)
+    y = np.asarray(y)
+    if X.ndim != 3 or X.shape[1:] != (28, 28):
+        raise TrainError(f"expected images of shape [N, 28, 28], got {list(X.shape)}")
+    if X.dtype != np.uint8:
+        raise TrainError(f"expected uint8 images (0..255), got dtype {X.dtype}")
+    if y.shape != (len(X),):
+        raise TrainError(f"expected {len(X)} labels, got shape {list(y.shape)}")
+    y = y.astype(np.int64)
+    if len(X) < 20:
+        raise TrainError(f"need at least 20 images to train and validate, got {len(X)}")
+    if y.min() < 0 or y.max() > 9:
+        raise TrainError(f"labels must be digits 0..9, got range {int(y.min())}..{int(y.max())}")
+    return X, y
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _evaluate(model: "nn.Module", x: Any, y: Any, batch_size: int = 1024) -> tuple[float, float, Any]:
+    """(mean loss, accuracy, predictions) of ``model`` on device tensors ``x`` (float) and ``y``."""
+    import torch
+    import torch.nn.functional as F
+
+    model.eval()
+    total_loss, preds = 0.0, []
+    with torch.no_grad():
+        for start in range(0, len(x), batch_size):
+            logits, _ = model(x[start:start + batch_size])
+            total_loss += float(F.cross_entropy(logits, y[start:start + batch_size], reduction="sum"))
+            preds.append(logits.argmax(dim=1))
+    pred = torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long, device=x.device)
+    n = max(len(x), 1)
+    return total_loss / n, float((pred == y).float().mean()) if len(x) else 0.0, pred.cpu().numpy()
+
+
+def _shift_batch(xb: Any, gen: Any, max_shift: int = 2) -> Any:
+    """Translate each image by its own random offset of up to ``max_shift`` pixels (zero fill).
+
+    One gather per batch: pad by ``max_shift``, then read a 28x28 window at a
+    per-image offset drawn from ``gen`` (deterministic for a seeded generator).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    n, _, h, w = xb.shape
+    pw = w + 2 * max_shift
+    offsets = torch.randint(0, 2 * max_shift + 1, (2, n), generator=gen).to(xb.device)
+    padded = F.pad(xb, (max_shift, max_shift, max_shift, max_shift)).reshape(n, -1)
+    rows = offsets[0][:, None, None] + torch.arange(h, device=xb.device)[None, :, None]
+    cols = offsets[1][:, None, None] + torch.arange(w, device=xb.device)[None, None, :]
+    return padded.gather(1, (rows * pw + cols).reshape(n, -1)).reshape(n, 1, h, w)
+
+
+def train_arrays(
+    X: "np.ndarray",
+    y: "np.ndarray",
+    *,
+    epochs: int = DEFAULT_EPOCHS,
+    seed: int = DEFAULT_SEED,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    lr: float = DEFAULT_LR,
+    patience: int = DEFAULT_PATIENCE,
+    val_fraction: float = DEFAULT_VAL_FRACTION,
+    device: str = "cpu",
+    augment: bool = True,
+    on_epoch: EpochCallback | None = None,
+) -> tuple["nn.Module", list[dict[str, Any]], dict[str, Any]]:
+    """Train the CNN on uint8 images ``X`` [N,28,28] and labels ``y`` [N].
+
+    Stratified train/val split, random +-2 px shifts of the training images
+    (``augment``), Adam with a one-cycle learning-rate schedule (warm-up to
+    ``lr``, cosine decay over ``epochs``), early stopping on validation loss
+    (stop after more than ``patience`` epochs without improvement; the best
+    weights are restored). Training loss that is not finite raises TrainError. Returns ``(model, history, metrics)``: the model
+    (in eval mode, on ``device``), one dict per epoch, and summary metrics with
+    ``val_accuracy``, ``val_loss``, ``best_epoch``, ``epochs_run``,
+    ``early_stopped``, ``train_seconds``, ``n_train``, ``n_val``, ``seed``.
+    ``on_epoch`` is called with each epoch's dict (for tracking).
+    """
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from tasks.model import networks as model_lib
+
+    X, y = _check_arrays(X, y)
+    if epochs < 1:
+        raise TrainError(f"epochs must be >= 1, got {epochs}")
+    if batch_size < 1:
+        raise TrainError(f"batch_size must be >= 1, got {batch_size}")
+    if patience < 0:
+        raise TrainError(f"patience must be >= 0, got {patience}")
+    if not lr > 0:
+        raise TrainError(f"lr must be > 0, got {lr}")
+
+    device = resolve_device(device)
+    threads = default_threads()
+    prev_threads = torch.get_num_threads()
+    prev_det = torch.are_deterministic_algorithms_enabled()
+    prev_det_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    if device.startswith("cuda"):
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        seed_everything(seed)
+        train_idx, val_idx = stratified_split(y, val_fraction, seed)
+        x_all = torch.from_numpy(model_lib.to_input(X))
+        y_all = torch.from_numpy(y)
+        x_tr, y_tr = x_all[train_idx].to(device), y_all[train_idx].to(device)
+        x_va, y_va = x_all[val_idx].to(device), y_all[val_idx].to(device)
+
+        model = model_lib.build_model().to(device)
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=WEIGHT_DECAY)
+        steps_per_epoch = math.ceil(len(train_idx) / batch_size)
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=lr, epochs=epochs, steps_per_epoch=steps_per_epoch, pct_start=0.15,
+        )
+        gen = torch.Generator().manual_seed(seed)
+
+        history: list[dict[str, Any]] = []
+        best_loss, best_epoch, best_state, bad_epochs = math.inf, 0, None, 0
+        early_stopped = False
+        t_start = time.perf_counter()
+        logger.info(
+            "training on %d images (%d train / %d val), %d epochs max, batch %d, lr %g, device %s, %d threads",
+            len(X), len(train_idx), len(val_idx), epochs, batch_size, lr, device, threads,
+        )
+        for epoch in range(1, epochs + 1):
+            t_epoch = time.perf_counter()
+            model.train()
+            order = torch.randperm(len(train_idx), generator=gen).to(device)
+            run_loss, run_correct = 0.0, 0
+            for start in range(0, len(order), batch_size):
+                idx = order[start:start + batch_size]
+                xb, yb = x_tr[idx], y_tr[idx]
+                if augment:
+                    xb = _shift_batch(xb, gen)
+                logits, _ = model(xb)
+                loss = F.cross_entropy(logits, yb, label_smoothing=LABEL_SMOOTHING)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                run_loss += float(loss.detach()) * len(idx)
+                run_correct += int((logits.detach().argmax(dim=1) == yb).sum())
+            if not math.isfinite(run_loss):
+                raise TrainError(
+                    f"training diverged at epoch {epoch} (loss {run_loss / len(train_idx)}): "
+                    f"lower the learning rate (--lr, now {lr:g}) or check the labels"
+                )
+            val_loss, val_acc, _ = _evaluate(model, x_va, y_va)
+            seconds = time.perf_counter() - t_epoch
+            row = {
+                "epoch": epoch,
+                "train_loss": run_loss / len(train_idx),
+                "train_accuracy": run_correct / len(train_idx),
+                "val_loss": val_loss,
+                "val_accuracy": val_acc,
+                "lr": float(optimizer.param_groups[0]["lr"]),
+                "seconds": seconds,
+            }
+            history.append(row)
+            improved = val_loss < best_loss - MIN_DELTA
+            if improved:
+                best_loss, best_epoch, bad_epochs = val_loss, epoch, 0
+                best_state = copy.deepcopy(model.state_dict())
+            else:
+                bad_epochs += 1
+            logger.info(
+                "epoch %d/%d loss %.4f train_acc %.4f val_loss %.4f val_acc %.4f %.1fs%s",
+                epoch, epochs, row["train_loss"], row["train_accuracy"], val_loss, val_acc, seconds,
+                "" if improved else f" (no improvement {bad_epochs}/{patience})",
+            )
+            if on_epoch is not None:
+                on_epoch(row)
+            if bad_epochs > patience and epoch < epochs:
+                early_stopped = True
+                logger.info("early stopping after epoch %d: best val_loss %.4f at epoch %d",
+                            epoch, best_loss, best_epoch)
+                break
+        train_seconds = time.perf_counter() - t_start
+        if best_state is not None:
+            model.load_state_dict(best_state)
+        val_loss, val_acc, _ = _evaluate(model, x_va, y_va)
+        model.eval()
+        metrics = {
+            "val_accuracy": val_acc,
+            "val_loss": val_loss,
+            "best_epoch": best_epoch,
+            "epochs_run": len(history),
+            "early_stopped": early_stopped,
+            "train_seconds": round(train_seconds, 3),
+            "n_train": int(len(train_idx)),
+            "n_val": int(len(val_idx)),
+            "seed": int(seed),
+            "device": device,
+            "threads": threads,
+            "num_parameters": model_lib.count_params(model),
+        }
+        logger.info("trained in %.1fs: val_acc %.4f val_loss %.4f (best epoch %d of %d)",
+                    train_seconds, val_acc, val_loss, best_epoch, len(history))
+        return model, history, metrics
+    finally:
+        torch.use_deterministic_algorithms(prev_det, warn_only=prev_det_warn)
+        torch.set_num_threads(prev_threads)
+
+
+def evaluate_arrays(model: "nn.Module", X: "np.ndarray", y: "np.ndarray") -> dict[str, Any]:
+    """Accuracy, mean loss and per-class recall of ``model`` on uint8 images ``X`` and labels ``y``."""
+    import numpy as np
+    import torch
+
+    from tasks.model import networks as model_lib
+
+    X, y = np.asarray(X), np.asarray(y).astype(np.int64)
+    logits, _ = model_lib.predict_torch(model, model_lib.to_input(X))
+    pred = logits.argmax(axis=1)
+    loss = float(torch.nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(y)))
+    recall = {}
+    for label in range(model_lib.NUM_CLASSES):
+        mask = y == label
+        recall[str(label)] = float((pred[mask] == label).mean()) if mask.any() else None
+    return {"accuracy": float((pred == y).mean()) if len(y) else 0.0, "loss": loss,
+            "per_class_recall": recall, "n": int(len(y))}
+
+
+def plot_curves(history: Sequence[dict[str, Any]], path: str | Path, best_epoch: int | None = None,
+                title: str = "") -> Path:
+    """Loss and accuracy per epoch as a PNG (matplotlib, Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.5))
+    try:
+        ax_loss.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
+        ax_loss.plot(epochs, [h["val_loss"] for h in history], "o-", label="val")
+        ax_loss.set_xlabel("epoch")
+        ax_loss.set_ylabel("cross-entropy")
+        ax_loss.set_title("loss")
+        ax_acc.plot(epochs, [h["train_accuracy"] for h in history], "o-", label="train")
+        ax_acc.plot(epochs, [h["val_accuracy"] for h in history], "o-", label="val")
+        ax_acc.set_xlabel("epoch")
+        ax_acc.set_ylabel("accuracy")
+        ax_acc.set_title("accuracy")
+        for ax in (ax_loss, ax_acc):
+            if best_epoch:
+                ax.axvline(best_epoch, color="grey", linestyle="--", linewidth=1, label=f"best ({best_epoch})")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        if title:
+            fig.suptitle(title, fontsize=9)
+        fig.tight_layout()
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=100)
+    finally:
+        plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------- the pipeline step
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class _Tracker:
+    """Wraps tasks.adapters.clearml so a tracking failure is recorded and never loses a trained model."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.run: Any = None
+        self.errors: list[str] = []
+
+    def call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if not self.enabled:
+            return None
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - tracking is best effort, the store is the record
+            logger.warning("ClearML %s failed: %s", what, exc)
+            self.errors.append(f"{what}: {exc}")
+            return None
+
+
+def train(
+    store: "Store",
+    drop_ids: Sequence[str],
+    *,
+    run_id: str | None = None,
+    epochs: int = DEFAULT_EPOCHS,
+    seed: int = DEFAULT_SEED,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    lr: float = DEFAULT_LR,
+    patience: int = DEFAULT_PATIENCE,
+    val_fraction: float = DEFAULT_VAL_FRACTION,
+    device: str = "auto",
+    track: bool = True,
+) -> dict[str, Any]:
+    """Train on the drops, evaluate, export ONNX, upload to ``runs/<run_id>/``, log to ClearML.
+
+    Raises ``tasks.steps.drops.DropError`` (a ``ValueError``) for an unknown or
+    incomplete drop, ``TrainError`` for bad arrays or an unavailable device and
+    ``tasks.model.networks.ParityError`` if the ONNX export disagrees with PyTorch.
+    Returns the result dict (also stored as ``runs/<run_id>/result.json``).
+    """
+    import torch
+
+    from tasks.steps import drops
+    from tasks.model import networks as model_lib
+    from tasks.config import load_settings
+
+    if not drop_ids:
+        raise TrainError("no drop ids given: pass at least one --drop-id")
+    # "latest" becomes the drop it names now, so the run id (and a retry) always means the same data.
+    drop_ids = list(dict.fromkeys(drops.resolve_drop_id(store, str(d)) for d in drop_ids))
+    cfg = load_settings()
+    device = resolve_device(device)
+    run_id = run_id or default_run_id(drop_ids, seed=seed, epochs=epochs, batch_size=batch_size, lr=lr,
+                                      patience=patience, val_fraction=val_fraction)
+    run_prefix = f"runs/{run_id}/"
+    params = {
+        "drop_ids": drop_ids, "epochs": epochs, "seed": seed, "batch_size": batch_size, "lr": lr,
+        "patience": patience, "val_fraction": val_fraction, "weight_decay": WEIGHT_DECAY,
+        "label_smoothing": LABEL_SMOOTHING,
+        "device": device, "augment": True, "model": cfg.model_name,
+    }
+
+    t0 = time.perf_counter()
+    X, y = drops.load_arrays(store, drop_ids)
+    logger.info("loaded %d images from drops %s in %.1fs", len(X), drop_ids, time.perf_counter() - t0)
+    X_golden, y_golden = drops.golden_set()
+
+    tracker = _Tracker(track)
+    if track:
+        from tasks.adapters import clearml as tracking
+
+        tracker.run = tracker.call(
+            "start_run", tracking.start_run, cfg.clearml_project, f"train {run_id}",
+            {k: (",".join(v) if isinstance(v, list) else v) for k, v in params.items()},
+            tags=("train", *drop_ids),
+        )
+    run = tracker.run
+
+    def on_epoch(row: dict[str, Any]) -> None:
+        if run is not None:
+            tracker.call("log_metrics", run.log_metrics,
+                         {"loss/train": row["train_loss"], "loss/val": row["val_loss"],
+                          "accuracy/train": row["train_accuracy"], "accuracy/val": row["val_accuracy"],
+                          "lr/lr": row["lr"], "seconds/epoch": row["seconds"]}, row["epoch"])
+
+    close_info: dict[str, Any] = {}
+    work = Path(tempfile.mkdtemp(prefix=f"train-{run_id}-", dir=_work_root(cfg.home)))
+    try:
+        model, history, fit = train_arrays(
+            X, y, epochs=epochs, seed=seed, batch_size=batch_size, lr=lr, patience=patience,
+            val_fraction=val_fraction, device=device, on_epoch=on_epoch,
+        )
+        model = model.cpu().eval()
+        golden = evaluate_arrays(model, X_golden, y_golden)
+        logger.info("golden set: accuracy %.4f on %d images", golden["accuracy"], golden["n"])
+
+        onnx_path = model_lib.export_onnx(model, work / "model.onnx")
+        parity_x = model_lib.to_input(X_golden[:32]) if len(X_golden) >= 32 else None
+        parity = model_lib.check_onnx_parity(model, onnx_path, batch_sizes=(1, 7, 32), inputs=parity_x)
+        model_lib.save_torch(model, work / "model.pt")
+
+        metrics: dict[str, Any] = {
+            "run_id": run_id,
+            "drop_ids": drop_ids,
+            "val_accuracy": fit["val_accuracy"],
+            "val_loss": fit["val_loss"],
+            "golden_accuracy": golden["accuracy"],
+            "golden_loss": golden["loss"],
+            "golden_n": golden["n"],
+            "per_class_recall": golden["per_class_recall"],
+            "epochs_run": fit["epochs_run"],
+            "best_epoch": fit["best_epoch"],
+            "early_stopped": fit["early_stopped"],
+            "train_seconds": fit["train_seconds"],
+            "n_train": fit["n_train"],
+            "n_val": fit["n_val"],
+            "seed": seed,
+            "params": params,
+            "num_parameters": fit["num_parameters"],
+            "onnx_parity_max_abs_diff": parity,
+            "onnx_opset": model_lib.OPSET,
+            "onnx_sha256": _sha256_file(onnx_path),
+            "torch_version": torch.__version__,
+            "device": fit["device"],
+            "threads": fit["threads"],
+            "clearml_task_id": getattr(run, "task_id", None),
+        }
+        (work / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+        (work / "history.json").write_text(json.dumps(history, indent=2))
+        plot_curves(history, work / "curves.png", best_epoch=fit["best_epoch"],
+                    title=f"{run_id}  val_acc {fit['val_accuracy']:.3f}  golden_acc {golden['accuracy']:.3f}")
+
+        # Upload: the result object is written last and marks the run complete.
+        store.delete(run_prefix + "result.json")
+        for name in RUN_FILES:
+            store.put_file(run_prefix + name, work / name)
+        logger.info("uploaded %s to %s", ", ".join(RUN_FILES), store.uri(run_prefix))
+
+        clearml_model_id = None
+        if run is not None:
+            tracker.call("log_metrics", run.log_metrics, {
+                "final/val_accuracy": fit["val_accuracy"], "final/val_loss": fit["val_loss"],
+                "final/golden_accuracy": golden["accuracy"], "final/onnx_parity_max_abs_diff": parity,
+                **{f"golden_recall/{k}": v for k, v in golden["per_class_recall"].items() if v is not None},
+            }, fit["epochs_run"])
+            clearml_model_id = tracker.call("upload_model", run.upload_model, onnx_path, cfg.model_name,
+                                            ("onnx", run_id))
+            for name in ("metrics.json", "curves.png"):
+                tracker.call("log_artifact", run.log_artifact, name, work / name)
+            close_info = tracker.call("close", run.close) or {}
+            run = None
+    finally:
+        if run is not None:  # training failed: still close the tracking run
+            tracker.call("close", run.close)
+        shutil.rmtree(work, ignore_errors=True)
+
+    result = {
+        "run_id": run_id,
+        "run_prefix": run_prefix,
+        "store_url": store.url,
+        "drop_ids": drop_ids,
+        "onnx_key": run_prefix + "model.onnx",
+        "onnx_uri": store.uri(run_prefix + "model.onnx"),
+        "model_pt_key": run_prefix + "model.pt",
+        "metrics_key": run_prefix + "metrics.json",
+        "curves_key": run_prefix + "curves.png",
+        "history_key": run_prefix + "history.json",
+        "metrics": metrics,
+        "clearml_task_id": metrics["clearml_task_id"],
+        "clearml_model_id": clearml_model_id,
+        "clearml_offline": getattr(tracker.run, "offline", None),
+        "clearml_offline_session": close_info.get("offline_session"),
+        "clearml_warning": getattr(tracker.run, "warning", None),
+        "tracking_errors": tracker.errors,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    store.put_json(run_prefix + "result.json", result)
+    logger.info("run %s done in %.1fs: val_acc %.4f golden_acc %.4f", run_id, result["seconds"],
+                metrics["val_accuracy"], metrics["golden_accuracy"])
+    return result
+
+
+def _work_root(home: Path) -> Path:
+    root = Path(home) / "tmp"
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mlpipe train",
+        description="Train the digit classifier on data drops, export ONNX, upload to runs/<run_id>/ "
+                    "in the object store and log to ClearML.",
+        epilog="The store comes from MLPIPE_STORE_URL (see tasks/config.py); ClearML is offline unless "
+               "CLEARML_API_HOST is set. Exit codes: 0 ok, 1 training failed, 2 bad input.",
+    )
+    parser.add_argument("--drop-id", dest="drop_ids", action="append", required=True, metavar="ID",
+                        help="drop to train on (drops/<ID>/ in the store; 'latest' = the newest complete drop); "
+                             "repeat, or give a comma-separated list, for several drops")
+    parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help=f"max epochs (default {DEFAULT_EPOCHS})")
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"random seed (default {DEFAULT_SEED})")
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+                        help=f"mini-batch size (default {DEFAULT_BATCH_SIZE})")
+    parser.add_argument("--lr", type=float, default=DEFAULT_LR, help=f"peak learning rate (default {DEFAULT_LR})")
+    parser.add_argument("--patience", type=int, default=DEFAULT_PATIENCE,
+                        help=f"early-stopping patience in epochs on val loss (default {DEFAULT_PATIENCE})")
+    parser.add_argument("--val-fraction", type=float, default=DEFAULT_VAL_FRACTION,
+                        help=f"stratified validation fraction (default {DEFAULT_VAL_FRACTION})")
+    parser.add_argument("--device", default="auto", help="auto (GPU if present), cpu or cuda (default auto)")
+    parser.add_argument("--run-id", default=None,
+                        help="run id (default: derived from the drop ids and parameters, so retries overwrite)")
+    parser.add_argument("--no-tracking", action="store_true", help="do not log to ClearML")
+    parser.add_argument("--result-json", type=Path, default=None, metavar="PATH",
+                        help="write the result dict (run_id, keys, metrics, ClearML ids) here")
+    parser.add_argument("--log-level", default=os.environ.get("MLPIPE_LOG_LEVEL", "INFO"),
+                        help="logging level (default INFO)")
+    return parser
+
+
+def split_drop_ids(values: Sequence[str]) -> list[str]:
+    """``["a", "b,c", "a"]`` -> ``["a", "b", "c"]``: comma lists expanded, repeats dropped, order kept."""
+    out = [part.strip() for value in values for part in str(value).split(",") if part.strip()]
+    return list(dict.fromkeys(out))
+
+
+def _write_result(path: Path, result: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(result, indent=2, sort_keys=True, default=str))
+    tmp.replace(path)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=str(args.log_level).upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from tasks.adapters.storage import StoreError, open_store
+
+    drop_ids = split_drop_ids(args.drop_ids)
+    try:
+        store = open_store()
+        result = train(
+            store, drop_ids, run_id=args.run_id, epochs=args.epochs, seed=args.seed,
+            batch_size=args.batch_size, lr=args.lr, patience=args.patience, val_fraction=args.val_fraction,
+            device=args.device, track=not args.no_tracking,
+        )
+    except (ValueError, TrainError) as exc:  # DropError is a ValueError: bad input
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except StoreError as exc:
+        print(f"error: object store: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except RuntimeError as exc:  # ParityError and other runtime failures
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    if args.result_json:
+        _write_result(args.result_json, result)
+    m = result["metrics"]
+    print(json.dumps({"run_id": result["run_id"], "val_accuracy": m["val_accuracy"],
+                      "golden_accuracy": m["golden_accuracy"], "epochs_run": m["epochs_run"],
+                      "onnx_uri": result["onnx_uri"], "clearml_task_id": result["clearml_task_id"]}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

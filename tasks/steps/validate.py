@@ -1,0 +1,504 @@
+"""Validate a data drop with Great Expectations before anything trains on it.
+
+The suite lives in the repository (``tasks/expectations/drop_suite.json``: the
+expectation types and kwargs). Thresholds are arguments of ``validate_drop``
+(row-count and class-share bounds) and are injected into the suite at run time.
+The suite runs on the drop's manifest plus per-row columns computed from the
+image files:
+
+* ``decodes`` / ``decode_error``: the PNG opens and fully decodes;
+* ``decoded_shape`` / ``decoded_shape_ok``: 28x28, 8-bit grayscale;
+* ``file_sha256`` / ``sha256_matches_file``: the bytes match the manifest's hash;
+* ``seen_before`` / ``seen_in``: the image (by sha256 of its bytes) was already
+  delivered in an earlier drop, i.e. another complete drop whose validation
+  passed (``drops/<id>/validation/result.json`` has ``success: true``);
+* ``class_share``: the share of the row's class in the drop.
+
+A missing manifest column is a named failure (``expect_column_to_exist``), not a
+crash: expectations on absent columns are skipped and everything else runs.
+
+Outputs, beside the drop (re-validation overwrites them)::
+
+    drops/<drop_id>/validation/result.json        success, failures, statistics, report_uri
+    drops/<drop_id>/validation/data_docs/index.html   the GX Data Docs site
+
+Every failed expectation is logged as exactly one line, e.g.
+``validation failed: expect_column_values_to_be_in_set(label): 12 of 500 rows unexpected (2.4%),
+sample [10, -1] -- labels must be in 0..9 (bad labels)`` (one line in the log).
+
+CLI: ``mlpipe validate --drop-id ID [--result-json PATH] [--min-rows N] ...``;
+exit 0 pass, 1 validation failed, 2 unknown / incomplete / unreadable drop or bad options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import re
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tasks.steps import drops
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from tasks.adapters.storage import Store
+
+logger = logging.getLogger(__name__)
+
+SUITE_PATH = Path(__file__).resolve().parent / "expectations" / "drop_suite.json"
+SITE_NAME = "drop_validation_site"  # "local_site" is taken by GX's own default
+DEFAULT_THRESHOLDS: dict[str, Any] = {
+    "min_rows": 100,
+    "max_rows": 100_000,
+    "min_class_share": 0.03,
+    "max_class_share": 0.30,
+}
+EXIT_FAILED, EXIT_USAGE = 1, 2
+SAMPLE_SIZE = 5
+_PLACEHOLDER = re.compile(r"^\$([a-z_]+)$")
+
+
+@dataclass
+class ValidationResult:
+    drop_id: str
+    success: bool
+    failures: list[dict[str, Any]]
+    statistics: dict[str, Any]
+    report_uri: str
+    result_uri: str
+    thresholds: dict[str, Any] = field(default_factory=dict)
+    validated_at: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def failure_lines(self) -> list[str]:
+        return [f"validation failed: {f['summary']}" for f in self.failures]
+
+
+def validation_prefix(drop_id: str) -> str:
+    return f"drops/{drop_id}/validation/"
+
+
+def result_key(drop_id: str) -> str:
+    return f"drops/{drop_id}/validation/result.json"
+
+
+def report_key(drop_id: str) -> str:
+    return f"drops/{drop_id}/validation/data_docs/index.html"
+
+
+def load_suite_spec() -> dict[str, Any]:
+    """The suite as kept in the repository (placeholders not yet filled in)."""
+    return json.loads(SUITE_PATH.read_text())
+
+
+def _check_thresholds(t: dict[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(t) - set(DEFAULT_THRESHOLDS))
+    if unknown:
+        raise ValueError(f"unknown threshold(s) {unknown}: known are {sorted(DEFAULT_THRESHOLDS)}")
+    out = {**DEFAULT_THRESHOLDS, **{k: v for k, v in t.items() if v is not None}}
+    out["min_rows"], out["max_rows"] = int(out["min_rows"]), int(out["max_rows"])
+    out["min_class_share"], out["max_class_share"] = float(out["min_class_share"]), float(out["max_class_share"])
+    if not 0 <= out["min_rows"] <= out["max_rows"]:
+        raise ValueError(f"need 0 <= min_rows <= max_rows, got {out['min_rows']} and {out['max_rows']}")
+    if not 0.0 <= out["min_class_share"] <= out["max_class_share"] <= 1.0:
+        raise ValueError("need 0 <= min_class_share <= max_class_share <= 1, got "
+                         f"{out['min_class_share']} and {out['max_class_share']}")
+    return out
+
+
+# ---------------------------------------------------------------- the frame
+
+def _earlier_hashes(store: "Store", drop_id: str) -> tuple[dict[str, str], list[str]]:
+    """sha256 -> drop id, over the other complete drops whose validation passed."""
+    seen: dict[str, str] = {}
+    used: list[str] = []
+    for other in drops.list_drops(store):
+        if other == drop_id:
+            continue
+        try:
+            if not store.get_json(result_key(other)).get("success"):
+                continue
+            df = drops.read_manifest(store, other)
+        except Exception as exc:  # noqa: BLE001 - an unreadable old drop must not block this one
+            logger.debug("skipping drop %s for the seen-before check: %s", other, exc)
+            continue
+        if "sha256" not in df.columns:
+            continue
+        used.append(other)
+        for h in df["sha256"].astype(str):
+            seen.setdefault(h, other)
+    return seen, used
+
+
+def _inspect_image(data: bytes | None) -> dict[str, Any]:
+    if data is None:
+        return {"decodes": False, "decode_error": "image file missing", "decoded_shape": None,
+                "decoded_shape_ok": None, "file_sha256": None}
+    sha = hashlib.sha256(data).hexdigest()
+    try:
+        img = drops.decode_png(data)
+    except ValueError as exc:
+        return {"decodes": False, "decode_error": str(exc)[:120], "decoded_shape": None,
+                "decoded_shape_ok": None, "file_sha256": sha}
+    h, w = img.shape[:2]
+    ok = img.ndim == 2 and (h, w) == (drops.IMAGE_SIZE, drops.IMAGE_SIZE)
+    return {"decodes": True, "decode_error": None, "decoded_shape": f"{h}x{w}", "decoded_shape_ok": ok,
+            "file_sha256": sha}
+
+
+def build_frame(store: "Store", drop_id: str, manifest: "pd.DataFrame") -> tuple["pd.DataFrame", dict[str, Any]]:
+    """The manifest plus the derived per-row columns the suite checks."""
+    import pandas as pd
+
+    from tasks.adapters.storage import ObjectNotFound
+
+    info: dict[str, Any] = {}
+    df = manifest.reset_index(drop=True).copy()
+    # GX checks value types on object columns (python str / pd.Timestamp): pandas'
+    # extension dtypes ("str", tz-aware datetime) are not understood by its type list.
+    for col in df.columns:
+        dtype = df[col].dtype
+        if isinstance(dtype, pd.StringDtype) or isinstance(dtype, pd.DatetimeTZDtype):
+            df[col] = df[col].astype(object)
+    if "label" in df.columns:
+        n = len(df)
+        shares = df["label"].map(df["label"].value_counts(dropna=False) / n) if n else df["label"]
+        df["class_share"] = pd.Series(shares, index=df.index, dtype="float64")
+    if "image_id" in df.columns:
+        ids = [str(i) for i in df["image_id"]]
+        unique_ids = list(dict.fromkeys(ids))
+
+        def fetch(image_id: str) -> bytes | None:
+            try:
+                return store.get_bytes(drops.image_key(drop_id, image_id))
+            except (ObjectNotFound, ValueError):  # ValueError: an id that is not a valid key
+                return None
+
+        t0 = time.monotonic()
+        blobs = dict(zip(unique_ids, drops._parallel(fetch, unique_ids)))
+        per_id = {i: _inspect_image(b) for i, b in blobs.items()}
+        info["images_read_seconds"] = round(time.monotonic() - t0, 3)
+        info["images_checked"] = len(per_id)
+        for col in ("decodes", "decode_error", "decoded_shape", "decoded_shape_ok", "file_sha256"):
+            df[col] = pd.Series([per_id[i][col] for i in ids], index=df.index, dtype=object)
+        if "sha256" in df.columns:
+            df["sha256_matches_file"] = pd.Series(
+                [None if f is None else bool(f == str(m)) for f, m in zip(df["file_sha256"], df["sha256"])],
+                index=df.index, dtype=object)
+        earlier, used = _earlier_hashes(store, drop_id)
+        info["earlier_drops_compared"] = used
+        info["earlier_hashes"] = len(earlier)
+        seen_in = [earlier.get(f) if f is not None else None for f in df["file_sha256"]]
+        df["seen_before"] = pd.Series([s is not None for s in seen_in], index=df.index, dtype=bool)
+        df["seen_in"] = pd.Series(seen_in, index=df.index, dtype=object)
+    return df, info
+
+
+# ---------------------------------------------------------------- the suite
+
+def _fill(value: Any, params: dict[str, Any]) -> Any:
+    if isinstance(value, str):
+        m = _PLACEHOLDER.match(value)
+        if m:
+            if m.group(1) not in params:
+                raise KeyError(f"suite placeholder ${m.group(1)} has no value")
+            return params[m.group(1)]
+        return value
+    if isinstance(value, list):
+        return [_fill(v, params) for v in value]
+    if isinstance(value, dict):
+        return {k: _fill(v, params) for k, v in value.items()}
+    return value
+
+
+def _fill_text(text: str, params: dict[str, Any]) -> str:
+    for name in sorted(params, key=len, reverse=True):
+        text = text.replace(f"${name}", str(params[name]))
+    return text
+
+
+def render_suite(spec: dict[str, Any], params: dict[str, Any], columns: set[str]) -> tuple[list[dict], list[dict]]:
+    """(expectations to run, skipped ones) with placeholders filled in."""
+    run, skipped = [], []
+    for exp in spec["expectations"]:
+        exp = copy.deepcopy(exp)
+        exp["kwargs"] = _fill(exp["kwargs"], params)
+        meta = exp.setdefault("meta", {})
+        if "message" in meta:
+            meta["message"] = _fill_text(meta["message"], params)
+        col = exp["kwargs"].get("column")
+        if col is not None and col not in columns and exp["type"] != "expect_column_to_exist":
+            skipped.append({"expectation": exp["type"], "column": col,
+                            "reason": f"column {col!r} is not in the manifest (or cannot be derived without it)"})
+            continue
+        run.append(exp)
+    return run, skipped
+
+
+# ---------------------------------------------------------------- failures
+
+def _jsonable(v: Any) -> Any:
+    import numpy as np
+
+    if isinstance(v, np.generic):
+        return v.item()
+    if v is None or isinstance(v, (str, int, float, bool)):
+        return v
+    return str(v)
+
+
+def _sample(values: list[Any]) -> list[Any]:
+    out: list[Any] = []
+    for v in values:
+        v = _jsonable(v)
+        if v not in out:
+            out.append(v)
+        if len(out) >= SAMPLE_SIZE:
+            break
+    return out
+
+
+def _failure(r: Any, df: "pd.DataFrame", params: dict[str, Any]) -> dict[str, Any]:
+    cfg = r.expectation_config
+    etype, kwargs, meta = cfg.type, dict(cfg.kwargs), dict(cfg.meta or {})
+    col = kwargs.get("column")
+    res = dict(r.result or {})
+    message = meta.get("message", etype)
+    label = f"{etype}({col})" if col else etype
+    f: dict[str, Any] = {"expectation": etype, "column": col, "check": meta.get("check"), "message": message,
+                         "unexpected_count": None, "element_count": None, "unexpected_percent": None,
+                         "observed_value": None, "sample": []}
+    exc = (r.exception_info or {}) if hasattr(r, "exception_info") else {}
+    if exc.get("raised_exception"):
+        f["error"] = str(exc.get("exception_message"))[:300]
+        f["summary"] = f"{label}: could not be evaluated ({f['error']}) -- {message}"
+        return f
+    if "unexpected_count" in res:
+        n_bad, n = int(res["unexpected_count"]), int(res.get("element_count") or 0)
+        pct = 100.0 * n_bad / n if n else 0.0
+        idx = res.get("partial_unexpected_index_list") or []
+        sample_col = meta.get("sample_column")
+        if sample_col and sample_col in df.columns and idx and all(isinstance(i, int) for i in idx):
+            sample = _sample(df.loc[[i for i in idx if i in df.index], sample_col].tolist())
+        else:
+            sample = _sample(res.get("partial_unexpected_list") or [])
+        f.update(unexpected_count=n_bad, element_count=n, unexpected_percent=round(pct, 3), sample=sample)
+        if "image_id" in df.columns and idx and all(isinstance(i, int) for i in idx):
+            f["sample_image_ids"] = _sample([df.at[i, "image_id"] for i in idx if i in df.index])
+        detail = ""
+        if col == "class_share" and "label" in df.columns and len(df):
+            shares = df["label"].value_counts(normalize=True)
+            bad = {k: v for k, v in shares.items()
+                   if not params["min_class_share"] <= v <= params["max_class_share"]}
+            f["classes_out_of_bounds"] = {str(_jsonable(k)): round(float(v), 4) for k, v in sorted(bad.items())}
+            detail = "; classes " + ", ".join(f"{_jsonable(k)} ({100 * v:.1f}%)" for k, v in sorted(bad.items()))
+            f["sample"] = sorted(_jsonable(k) for k in bad)[:SAMPLE_SIZE]
+        f["summary"] = (f"{label}: {n_bad} of {n} rows unexpected ({pct:.1f}%), sample {f['sample']} "
+                        f"-- {message}{detail}")
+        return f
+    observed = res.get("observed_value")
+    f["observed_value"] = _jsonable(observed) if not isinstance(observed, list) else [_jsonable(v) for v in observed]
+    if etype == "expect_column_to_exist":
+        f["summary"] = f"{label}: column {col!r} missing from the manifest -- {message}"
+    elif etype == "expect_table_columns_to_match_set":
+        mism = (res.get("details") or {}).get("mismatched") or {}
+        f["missing_columns"] = list(mism.get("missing") or [])
+        f["unexpected_columns"] = list(mism.get("unexpected") or [])
+        f["summary"] = (f"{label}: missing columns {f['missing_columns']}, unexpected columns "
+                        f"{f['unexpected_columns']} -- {message}")
+    elif etype == "expect_table_row_count_to_be_between":
+        f["summary"] = (f"{label}: observed {observed} rows, expected {kwargs.get('min_value')}.."
+                        f"{kwargs.get('max_value')} -- {message}")
+    elif etype == "expect_column_distinct_values_to_contain_set":
+        missing = [_jsonable(v) for v in (res.get("partial_missing_list") or [])]
+        if not missing:
+            present = set(df[col].dropna().tolist()) if col in df.columns else set()
+            missing = [v for v in kwargs.get("value_set", []) if v not in present]
+        f["missing_values"] = missing
+        f["sample"] = missing[:SAMPLE_SIZE]
+        f["summary"] = f"{label}: values {missing} never occur -- {message}"
+    elif etype == "expect_column_values_to_be_in_type_list":
+        f["summary"] = f"{label}: observed type {observed}, expected one of {kwargs.get('type_list')} -- {message}"
+    else:
+        f["summary"] = f"{label}: observed {observed} -- {message}"
+    return f
+
+
+# ---------------------------------------------------------------- GX run
+
+def _run_gx(df: "pd.DataFrame", expectations: list[dict], docs_dir: Path, suite_name: str,
+            run_name: str) -> Any:
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    gx_logger = logging.getLogger("great_expectations")
+    if gx_logger.level == logging.NOTSET:  # GX is chatty at INFO (docs decorators, temp dirs)
+        gx_logger.setLevel(logging.WARNING)
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+    from great_expectations.expectations.expectation_configuration import ExpectationConfiguration
+
+    base_logger = logging.getLogger("great_expectations.data_context.types.base")
+    if base_logger.level == logging.INFO:  # GX pins this one to INFO at import ("Created temporary directory")
+        base_logger.setLevel(logging.WARNING)
+    context = gx.get_context(mode="ephemeral")
+    context.variables.progress_bars = ProgressBarsConfig(globally=False)
+    context.add_data_docs_site(site_name=SITE_NAME, site_config={
+        "class_name": "SiteBuilder",
+        "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+        "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)},
+    })
+    source = context.data_sources.add_pandas("drops")
+    batch_def = source.add_dataframe_asset(name="manifest").add_batch_definition_whole_dataframe("whole_drop")
+    suite = gx.ExpectationSuite(
+        name=suite_name,
+        expectations=[ExpectationConfiguration(type=e["type"], kwargs=e["kwargs"], meta=e.get("meta")).to_domain_obj()
+                      for e in expectations],
+    )
+    suite = context.suites.add(suite)
+    vdef = context.validation_definitions.add(gx.ValidationDefinition(name=run_name, data=batch_def, suite=suite))
+    checkpoint = context.checkpoints.add(gx.Checkpoint(
+        name=f"{run_name}-checkpoint", validation_definitions=[vdef],
+        actions=[gx.checkpoint.UpdateDataDocsAction(name="update_data_docs", site_names=[SITE_NAME])],
+        result_format={"result_format": "SUMMARY"},
+    ))
+    from great_expectations.core.run_identifier import RunIdentifier
+
+    result = checkpoint.run(batch_parameters={"dataframe": df},
+                            run_id=RunIdentifier(run_name=run_name, run_time=dt.datetime.now(dt.timezone.utc)))
+    return next(iter(result.run_results.values()))
+
+
+def validate_drop(store: "Store", drop_id: str, *, min_rows: int | None = None, max_rows: int | None = None,
+                  min_class_share: float | None = None, max_class_share: float | None = None) -> ValidationResult:
+    """Validate ``drops/<drop_id>/`` and store ``validation/result.json`` + Data Docs beside it.
+
+    ``drop_id`` may be ``latest`` (the newest complete drop). Thresholds default to
+    ``DEFAULT_THRESHOLDS``. Raises DropNotFound / DropIncomplete / DropUnreadable
+    (all ``DropError``, a ``ValueError``) for a drop that cannot be read, and
+    ValueError for bad thresholds. A failing drop is not an exception: see
+    ``ValidationResult.success`` and ``.failures``.
+    """
+    t0 = time.monotonic()
+    thresholds = _check_thresholds({"min_rows": min_rows, "max_rows": max_rows,
+                                    "min_class_share": min_class_share, "max_class_share": max_class_share})
+    drop_id = drops.resolve_drop_id(store, drop_id)
+    manifest = drops.read_manifest(store, drop_id)
+    logger.info("validating drop %s: %d rows, columns %s", drop_id, len(manifest), list(manifest.columns))
+    df, frame_info = build_frame(store, drop_id, manifest)
+
+    spec = load_suite_spec()
+    derived_present = [c for c in spec["derived_columns"] if c in df.columns]
+    params = {
+        **thresholds,
+        "image_size": drops.IMAGE_SIZE,
+        "required_classes": list(range(drops.NUM_CLASSES)) if thresholds["min_class_share"] > 0 else [],
+        "frame_columns": list(spec["manifest_columns"]) + derived_present,
+    }
+    expectations, skipped = render_suite(spec, params, set(df.columns))
+
+    with tempfile.TemporaryDirectory(prefix="mlpipe-validate-") as tmp:
+        docs_dir = Path(tmp) / "data_docs"
+        t_gx = time.monotonic()
+        vres = _run_gx(df, expectations, docs_dir, spec["name"], f"drop-{drop_id}")
+        gx_seconds = time.monotonic() - t_gx
+        failures = [_failure(r, df, thresholds) for r in vres.results if not r.success]
+        # Re-validation overwrites: upload the new site, remove files of an older
+        # site that the new one does not have, write result.json last.
+        docs_prefix = f"{validation_prefix(drop_id)}data_docs/"
+        stale = set(store.list(docs_prefix))
+        uploaded = store.put_dir(docs_prefix, docs_dir)
+        drops._parallel(store.delete, sorted(stale - set(uploaded)))
+
+    checks = [{"expectation": r.expectation_config.type, "column": r.expectation_config.kwargs.get("column"),
+               "success": bool(r.success)} for r in vres.results]
+    stats = dict(vres.statistics or {})
+    statistics = {
+        "rows": int(len(manifest)),
+        "columns": [str(c) for c in manifest.columns],
+        "evaluated_expectations": int(stats.get("evaluated_expectations", len(checks))),
+        "successful_expectations": int(stats.get("successful_expectations", 0)),
+        "unsuccessful_expectations": int(stats.get("unsuccessful_expectations", len(failures))),
+        "skipped": skipped,
+        "checks": checks,
+        "class_counts": ({str(_jsonable(k)): int(v) for k, v in sorted(manifest["label"].value_counts().items())}
+                         if "label" in manifest.columns else {}),
+        **frame_info,
+        "data_docs_files": len(uploaded),
+        "gx_seconds": round(gx_seconds, 3),
+        "seconds": round(time.monotonic() - t0, 3),
+    }
+    result = ValidationResult(
+        drop_id=drop_id,
+        success=bool(vres.success) and not failures,
+        failures=failures,
+        statistics=statistics,
+        report_uri=store.uri(report_key(drop_id)),
+        result_uri=store.uri(result_key(drop_id)),
+        thresholds=thresholds,
+        validated_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    )
+    store.put_json(result_key(drop_id), {**result.to_dict(), "suite": spec["name"],
+                                         "manifest_sha256": _manifest_sha(store, drop_id)})
+    for line in result.failure_lines():
+        logger.error("%s", line)
+    logger.info("drop %s validation %s: %d/%d expectations passed, %d skipped, %.1fs; report %s",
+                drop_id, "PASSED" if result.success else "FAILED", statistics["successful_expectations"],
+                statistics["evaluated_expectations"], len(skipped), statistics["seconds"], result.report_uri)
+    return result
+
+
+def _manifest_sha(store: "Store", drop_id: str) -> str:
+    return hashlib.sha256(store.get_bytes(drops.manifest_key(drop_id))).hexdigest()
+
+
+# ---------------------------------------------------------------- CLI
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="mlpipe validate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--drop-id", required=True, help="drop to validate (drops/<ID>/ in the store), or 'latest'")
+    p.add_argument("--result-json", default=None, help="write the result dict here (for Airflow XCom)")
+    p.add_argument("--min-rows", type=int, default=None, help=f"default {DEFAULT_THRESHOLDS['min_rows']}")
+    p.add_argument("--max-rows", type=int, default=None, help=f"default {DEFAULT_THRESHOLDS['max_rows']}")
+    p.add_argument("--min-class-share", type=float, default=None,
+                   help=f"smallest allowed share of any class 0..9 (default {DEFAULT_THRESHOLDS['min_class_share']})")
+    p.add_argument("--max-class-share", type=float, default=None,
+                   help=f"largest allowed share of any class (default {DEFAULT_THRESHOLDS['max_class_share']})")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    from tasks.adapters.storage import StoreError, open_store
+
+    try:
+        store = open_store()
+        result = validate_drop(store, args.drop_id, min_rows=args.min_rows, max_rows=args.max_rows,
+                               min_class_share=args.min_class_share, max_class_share=args.max_class_share)
+    except (ValueError, StoreError) as exc:  # DropError is a ValueError
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    out = result.to_dict()
+    if args.result_json:
+        Path(args.result_json).write_text(json.dumps(out, indent=2, default=str))
+    if result.success:
+        print(json.dumps({"drop_id": result.drop_id, "success": True, "report_uri": result.report_uri,
+                          "result_uri": result.result_uri, "rows": result.statistics["rows"]}, indent=2))
+        return 0
+    # the failed expectations were logged by validate_drop, one line each: not printed a second time
+    print(f"drop {result.drop_id} failed validation ({len(result.failures)} failed expectations); "
+          f"report: {result.report_uri}")
+    return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

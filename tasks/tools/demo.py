@@ -1,0 +1,197 @@
+"""``make demo``: the main job end to end on the embedded defaults.
+
+1. a fresh local state under ``var/demo/`` (object store, Airflow DB, ClearML offline,
+   Triton model repository);
+2. a local Triton (the binary in the nvidia-pytriton wheel) on free loopback ports;
+3. a data drop of real MNIST digits written to the object store;
+4. the ``retrain`` DAG run in-process with ``airflow dags test``:
+   validate -> train -> register -> compile -> qc -> deploy;
+5. one live inference through Triton on a known digit;
+6. a few thousand frames streamed gateway -> Kafka -> consumer sidecar -> Triton -> Kafka + Qdrant
+   (``tasks.tools.demo_stream``), plus a few poison frames that must land in the dead-letter topic;
+7. with ``--regression`` (``make demo-regression``): a deliberately worse model trained on a
+   label-noised small drop; the QC gate must block it and the earlier version keeps serving;
+8. a summary printed and written to ``var/demo/summary.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tasks.config import PROJECT_ROOT, load_settings
+
+DEMO_HOME = PROJECT_ROOT / "var" / "demo"
+
+
+def _say(msg: str) -> None:
+    print(f"\n==> {msg}", flush=True)
+
+
+def _prepare_env(home: Path) -> None:
+    os.environ["MLPIPE_HOME"] = str(home)
+    os.environ["MLPIPE_STORE_URL"] = f"file://{home / 'store'}"
+    os.environ["MLPIPE_MODEL_REPO"] = str(home / "model_repo")
+    os.environ.setdefault("MLPIPE_EXECUTION", "local")
+    os.environ.setdefault("CLEARML_OFFLINE_MODE", "1")
+    os.environ.setdefault("CLEARML_NO_DEFAULT_SERVER", "1")
+
+
+def run_pipeline(store, drop_id: str, epochs: int, seed: int, home: Path, tag: str) -> dict[str, Any]:
+    """Run the retrain DAG for one drop and collect what happened from the store."""
+    from tasks.steps import registry
+    from tasks.local.airflow import dags_test
+
+    cfg = load_settings()
+    _say(f"running the retrain DAG for {drop_id} (airflow dags test retrain): "
+         "validate -> train -> register -> compile -> qc -> deploy")
+    proc = dags_test("retrain", {"drop_id": drop_id, "epochs": epochs, "seed": seed}, echo=True)
+    log_path = home / f"dag_run_{tag}.log"
+    log_path.write_text(proc.stdout)
+
+    vkey = f"drops/{drop_id}/validation/result.json"
+    validation = store.get_json(vkey) if store.exists(vkey) else None
+    mine = [v for v in registry.all_versions(store, cfg.model_name)
+            if drop_id in [d["drop_id"] for d in v["lineage"]["drops"]]]
+    version = mine[-1] if mine else None
+    metrics = (version or {}).get("metrics", {})
+    compile_info = (version or {}).get("compile") or {}
+    qc = (version or {}).get("qc") or {}
+    files = (version or {}).get("files", {})
+    vprefix = f"models/{cfg.model_name}/{version['version']}/" if version else None
+    return {
+        "drop_id": drop_id,
+        "dag_run": "success" if proc.returncode == 0 else f"failed (exit {proc.returncode})",
+        "validation": "passed" if validation and validation.get("success") else "failed",
+        "val_accuracy": metrics.get("val_accuracy"),
+        "golden_accuracy": metrics.get("golden_accuracy"),
+        "model_version": version["version"] if version else None,
+        "model_stage": version["stage"] if version else None,
+        "compile": {"status": compile_info.get("status"), "reason": compile_info.get("reason")},
+        "qc": qc.get("verdict"),
+        "qc_reasons": qc.get("reasons"),
+        "reports": {
+            "validation_result": store.uri(vkey),
+            "validation_data_docs": (validation or {}).get("report_uri"),
+            "metrics": files.get("metrics.json"),
+            "training_curves": files.get("curves.png"),
+            "lineage": store.uri(vprefix + "lineage.json") if vprefix else None,
+            "qc_report_html": qc.get("report"),
+            "qc_report_json": store.uri(vprefix + "qc_report.json") if vprefix else None,
+            "dag_run_log": str(log_path),
+        },
+    }
+
+
+def live_prediction(triton_url: str, model: str) -> dict[str, Any]:
+    """One known digit (the first golden-set 7) through the ensemble."""
+    import numpy as np
+
+    from tasks.steps.drops import golden_set
+    from tasks.adapters.triton import TritonClient
+
+    images, labels = golden_set()
+    i = int(np.flatnonzero(labels == 7)[0])
+    out = TritonClient(triton_url, protocol="http").infer_images(model, images[i:i + 1])
+    return {"true_label": 7, "label": int(np.asarray(out["LABEL"]).reshape(-1)[0]),
+            "score": round(float(np.asarray(out["SCORE"]).reshape(-1)[0]), 4),
+            "top3": [int(v) for v in np.asarray(out["TOPK_LABELS"]).reshape(-1)]}
+
+
+def run_demo(home: Path = DEMO_HOME, size: int = 3000, seed: int = 0, epochs: int = 8,
+             regression: bool = False, stream_frames: int = 3000) -> dict[str, Any]:
+    started = time.monotonic()
+    if home.exists():
+        shutil.rmtree(home)
+    home.mkdir(parents=True, exist_ok=True)
+    _prepare_env(home)
+    cfg = load_settings()
+
+    from tasks.steps import drops
+    from tasks.model import repo as model_repo
+    from tasks.steps import registry
+    from tasks.steps.deploy import ServingTarget, status
+    from tasks.adapters.storage import open_store
+    from tasks.local.triton import LocalTriton
+
+    store = open_store(cfg)
+    repo = model_repo.render_repo("local", home / "model_repo", cfg.model_name)
+    _say(f"starting a local Triton on loopback (model repository {repo})")
+    with LocalTriton(repo, home / "logs" / "triton") as triton:
+        os.environ["MLPIPE_TRITON_URL"] = triton.http_url
+        print(f"Triton: http {triton.http_url}, grpc {triton.grpc_url}, pid {triton.pid}")
+
+        drop_id = f"demo-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}"
+        _say(f"generating drop {drop_id}: {size} real MNIST digits (seed {seed}) into {store.url}")
+        print(json.dumps(drops.make_drop(store, drop_id, size=size, seed=seed), indent=2, default=str))
+        summary = run_pipeline(store, drop_id, epochs, seed, home, "main")
+        champ = registry.champion(store, cfg.model_name)
+        summary["deployed_version"] = champ["version"] if champ else None
+        if champ:
+            _say("one live inference through Triton (a known 7 from the golden set)")
+            summary["triton_prediction"] = live_prediction(triton.http_url, cfg.model_name)
+            print(json.dumps(summary["triton_prediction"]))
+            if stream_frames:
+                from tasks.tools.demo_stream import run_stream
+
+                _say(f"streaming {stream_frames} frames: gateway -> Kafka -> consumer sidecar -> Triton -> "
+                     "predictions (Kafka) + Qdrant, and 5 poison frames for the dead-letter topic")
+                summary["stream"] = run_stream(home, triton.grpc_url, frames=stream_frames)
+                print(json.dumps(summary["stream"]))
+        else:
+            summary["triton_prediction"] = None
+
+        if regression:
+            bad_id = f"{drop_id}-noisy"
+            _say(f"regression scenario: drop {bad_id} with 60% label noise, 400 images, 1 epoch")
+            drops.make_drop(store, bad_id, size=400, seed=seed + 101, label_noise=0.6)
+            bad = run_pipeline(store, bad_id, 1, seed, home, "regression")
+            champ_after = registry.champion(store, cfg.model_name)
+            serving = status(ServingTarget.from_env(), cfg.model_name)["serving_version"]
+            summary["regression"] = {
+                **{k: bad[k] for k in ("drop_id", "validation", "val_accuracy", "golden_accuracy",
+                                       "model_version", "model_stage", "qc", "qc_reasons")},
+                "qc_report_html": bad["reports"]["qc_report_html"],
+                "champion_after": champ_after["version"] if champ_after else None,
+                "serving_version_after": serving,
+                "blocked": bad["qc"] == "failed" and serving == summary["deployed_version"],
+                "triton_prediction_after": live_prediction(triton.http_url, cfg.model_name) if champ_after else None,
+            }
+    summary["seconds"] = round(time.monotonic() - started, 1)
+    out = home / "summary.json"
+    out.write_text(json.dumps(summary, indent=2, default=str))
+    _say(f"summary (also in {out})")
+    print(json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mlpipe demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=3000, help="images in the generated drop (default 3000)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--home", type=Path, default=DEMO_HOME, help="state folder (wiped first)")
+    parser.add_argument("--stream-frames", type=int, default=3000,
+                        help="frames to stream through gateway/Kafka/consumer after deploy (0: skip)")
+    parser.add_argument("--regression", action="store_true",
+                        help="also train a deliberately worse model and show the QC gate blocking it")
+    args = parser.parse_args(argv)
+    summary = run_demo(args.home, size=args.size, seed=args.seed, epochs=args.epochs, regression=args.regression,
+                       stream_frames=args.stream_frames)
+    ok = summary["validation"] == "passed" and summary["deployed_version"] is not None
+    if args.stream_frames:
+        ok = ok and summary.get("stream", {}).get("lost") == 0
+    if args.regression:
+        ok = ok and summary["regression"]["blocked"]
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""Smoke test of the benchmark machinery (``tasks.tools.bench``) with tiny counts.
+
+Starts the real local services (Tansu, Triton, the consumer as a subprocess) like
+``make bench`` does and checks that the results file has its keys and positive
+numbers. No timing is asserted: timings belong to ``make bench``, not to tests.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tasks.tools.bench import LATENCY_STEPS, RESULT_KEYS, latency_steps, main
+
+
+pytestmark = pytest.mark.integration
+
+
+def test_bench_writes_results_with_every_key(tmp_path, mlpipe_env, _tiny_onnx_cache, capsys):  # noqa: F811
+    out = tmp_path / "bench"
+    rc = main(["--out-dir", str(out), "--onnx", str(_tiny_onnx_cache), "--frames", "300", "--naive-frames", "30",
+               "--latency-seconds", "1", "--latency-fractions", "0.5", "--ort-seconds", "0.2", "--policies", "default", "--profile", "always",
+               "--profile-frames", "200", "--dag-repeats", "1", "--phase-timeout", "120",
+               "--session-timeout-ms", "2000"])
+    printed = capsys.readouterr()
+    assert rc == 0, printed.err[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    for key in RESULT_KEYS + ("dag_parse_s",):
+        assert isinstance(results[key], (int, float)) and results[key] > 0, (key, results.get(key))
+    d = results["details"]
+    assert d["naive"]["frames"] == 30
+    assert d["naive"]["qdrant_policy"] == "low_confidence:0.7,sample:0.05"  # (b) does the same sink work as (c)
+    assert d["config"]["partitions"] == 1
+    drain = d["consumer"]["default"]["max"]
+    assert drain["predicted"] >= 300 and drain["complete"], drain
+    assert drain["policy"] == "low_confidence:0.7,sample:0.05"
+    lat = d["consumer"]["default"]["latency"]
+    # every frame: its prediction read back from Kafka, and its latency to both sinks logged by the consumer
+    assert lat["complete"] and lat["predictions_read"] == lat["e2e"]["n"] == lat["frames"] > 0
+    # both sinks are written after Triton answered
+    assert lat["e2e"]["p50_ms"] >= lat["consumer_reported"]["p50_ms"]
+    # and where the time went, step by step, for every frame
+    assert [name for name, _ in LATENCY_STEPS] == list(lat["steps"])
+    assert all(st["n"] == lat["frames"] and st["p50_ms"] >= 0 for st in lat["steps"].values())
+    assert "Where a frame's end-to-end time goes at 50 % load" in (out / "results.md").read_text()
+    assert d["profile"]["main_thread"], d["profile"]
+    # DAG import errors are tests/test_dag_structure.py's business; here: every DAG file was timed
+    assert d["dag_parse"]["files"] and all(f["median_s"] > 0 for f in d["dag_parse"]["files"].values())
+    assert 0 < results["targets"]["fraction_of_ort"]
+    table = (out / "results.md").read_text()
+    assert "| scenario | images/s | p50 ms | p95 ms | notes |" in table
+    assert "(c) consumer" in table and table in printed.out  # the table is printed too
+    assert "Consumer main thread, `low_confidence:0.7,sample:0.05` drain, seconds per step" in table
+    assert set(drain["consumer_loop_s"]) >= {"decode", "wait_triton", "qdrant", "commit"}
+
+
+def test_latency_steps_split_each_frame_at_its_timestamps():
+    # [captured_at, to sinks, to polled, to Triton's answer, to the answer taken] in seconds
+    entries = [[1.7e9, 0.030, 0.010, 0.018, 0.019], [1.7e9 + 1, 0.050, 0.020, 0.030, 0.040]]
+    steps = latency_steps(entries + [[1.7e9, 0.02]])  # an entry without the breakdown is left out
+    assert list(steps) == [name for name, _ in LATENCY_STEPS]
+    assert steps["kafka_to_poll"]["p50_ms"] == pytest.approx(15.0)
+    assert steps["triton"]["max_ms"] == pytest.approx(10.0)
+    assert steps["answer_taken"]["p50_ms"] == pytest.approx(5.5)
+    assert steps["sinks"]["p50_ms"] == pytest.approx(10.5) and all(st["n"] == 2 for st in steps.values())
+    assert latency_steps([[1.7e9, 0.02]]) == {}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--frames", "0"], "--frames must be positive"),
+    (["--onnx", "/nonexistent/model.onnx"], "is not a file"),
+    (["--policies", "everything"], "bad Qdrant policy"),
+])
+def test_bad_arguments_are_one_line_errors(args, message, tmp_path, capsys):
+    assert main(["--out-dir", str(tmp_path), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err

@@ -1,0 +1,322 @@
+"""The drop generator and reader (tasks/drops.py): contract, determinism, faults, golden set, CLI."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from tasks.steps import drops
+from tasks.adapters.storage import LocalStore
+
+ROOT = Path(__file__).resolve().parents[3]
+GOLDEN_DIGEST = "48269d798d163c40280e5410b78bb40f9f8d963a8fd8600d56789eba1d0967a9"
+EXPECTED_DTYPES = {"image_id": "str", "label": "int64", "sha256": "str", "height": "int64", "width": "int64",
+                   "source": "str", "captured_at": "datetime64[us, UTC]"}
+
+
+class RecordingStore(LocalStore):
+    """A real local store that also records the order of writes."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.writes: list[str] = []
+
+    def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+        super().put_bytes(key, data, content_type)
+        self.writes.append(key)
+
+
+def _manifest(store, drop_id: str) -> pd.DataFrame:
+    return drops.read_manifest(store, drop_id)
+
+
+# ---------------------------------------------------------------- contract
+
+def test_drop_contract_and_success_written_last(mlpipe_env):
+    store = RecordingStore(mlpipe_env.home / "store")
+    summary = drops.make_drop(store, "d1", size=200, seed=1)
+    assert summary["rows"] == 200 and summary["complete"] is True
+
+    assert store.writes[-1] == "drops/d1/_SUCCESS", "the _SUCCESS marker must be the last write"
+    assert store.writes.index("drops/d1/manifest.parquet") > max(
+        i for i, k in enumerate(store.writes) if k.startswith("drops/d1/images/"))
+    marker = store.get_json("drops/d1/_SUCCESS")
+    assert marker["drop_id"] == "d1" and marker["rows"] == 200 and marker["created_at"]
+
+    df = _manifest(store, "d1")
+    assert list(df.columns) == list(drops.MANIFEST_COLUMNS)
+    assert {c: str(t) for c, t in df.dtypes.items()} == EXPECTED_DTYPES
+    assert df["image_id"].is_unique and df["sha256"].is_unique
+    assert set(df["label"]) == set(range(10))
+    assert (df["height"] == 28).all() and (df["width"] == 28).all() and (df["source"] == "mnist").all()
+    images = [k for k in store.list("drops/d1/images/")]
+    assert len(images) == 200
+    for row in df.head(50).itertuples():
+        data = store.get_bytes(f"drops/d1/images/{row.image_id}.png")
+        assert hashlib.sha256(data).hexdigest() == row.sha256
+        with Image.open(io.BytesIO(data)) as im:
+            assert im.format == "PNG" and im.mode == "L" and im.size == (28, 28)
+            arr = np.asarray(im)
+        assert arr.dtype == np.uint8 and arr.max() > 100 and arr[0, 0] == 0  # white digit on black
+
+    X, y = drops.load_arrays(store, ["d1"])
+    assert X.shape == (200, 28, 28) and X.dtype == np.uint8
+    assert y.dtype == np.int64 and list(y) == list(df["label"])
+    assert drops.list_drops(store) == ["d1"] and drops.is_complete(store, "d1")
+
+
+def test_load_arrays_concatenates_drops_in_order(store):
+    drops.make_drop(store, "a", size=120, seed=1)
+    drops.make_drop(store, "b", size=130, seed=2)
+    X, y = drops.load_arrays(store, ["a", "b"])
+    Xa, ya = drops.load_arrays(store, ["a"])
+    assert X.shape == (250, 28, 28) and np.array_equal(X[:120], Xa) and np.array_equal(y[:120], ya)
+    assert drops.list_drops(store) == ["a", "b"]
+    assert drops.resolve_drop_id(store, "latest") == "b"
+
+
+# ---------------------------------------------------------------- determinism and uniqueness
+
+def test_same_seed_same_images_different_seed_no_shared_hashes(store):
+    drops.make_drop(store, "s1", size=300, seed=7)
+    drops.make_drop(store, "s1-again", size=300, seed=7)
+    drops.make_drop(store, "s2", size=300, seed=8)
+    a, b, c = (_manifest(store, d) for d in ("s1", "s1-again", "s2"))
+    assert list(a["sha256"]) == list(b["sha256"]) and list(a["label"]) == list(b["label"])
+    assert np.array_equal(drops.load_arrays(store, ["s1"])[0], drops.load_arrays(store, ["s1-again"])[0])
+    assert not set(a["sha256"]) & set(c["sha256"]), "drops with different seeds must not share image bytes"
+
+
+def test_sampling_with_replacement_keeps_hashes_unique(store):
+    # 400 zeros from the 400-per-class mnist pool, and 600 zeros from ~178 sklearn zeros: with replacement.
+    s = drops.make_drop(store, "rep", size=600, seed=3, source="digits", class_mix={0: 1.0})
+    df = _manifest(store, "rep")
+    assert s["class_counts"] == {"0": 600} and (df["source"] == "sklearn-digits").all()
+    assert df["sha256"].is_unique and len(df) == 600
+    X, _ = drops.load_arrays(store, ["rep"])
+    assert X.shape == (600, 28, 28) and len({x.tobytes() for x in X}) == 600
+
+
+def test_class_mix_is_honoured(store):
+    mix = drops.parse_class_mix("0:0.5,1:0.25,2:0.25")
+    assert mix == {0: 0.5, 1: 0.25, 2: 0.25}
+    drops.make_drop(store, "mix", size=200, seed=1, class_mix=mix)
+    counts = _manifest(store, "mix")["label"].value_counts().to_dict()
+    assert counts == {0: 100, 1: 50, 2: 50}
+    with pytest.raises(drops.DropError, match="outside 0..9"):
+        drops.parse_class_mix("11:1")
+    with pytest.raises(drops.DropError, match="CLASS:WEIGHT"):
+        drops.parse_class_mix("zero")
+
+
+def test_label_noise_flips_that_fraction_to_other_classes(store):
+    drops.make_drop(store, "clean", size=200, seed=5)
+    s = drops.make_drop(store, "noisy", size=200, seed=5, label_noise=0.3)
+    clean, noisy = _manifest(store, "clean"), _manifest(store, "noisy")
+    assert list(clean["sha256"]) == list(noisy["sha256"])  # same images, only labels differ
+    changed = (clean["label"] != noisy["label"]).sum()
+    assert changed == 60 == s["label_noise_rows"]
+    assert noisy["label"].between(0, 9).all()
+
+
+def test_make_drop_is_idempotent_and_refuses_to_clobber(store):
+    first = drops.make_drop(store, "idem", size=100, seed=1)
+    again = drops.make_drop(store, "idem", size=100, seed=1)
+    assert again == first
+    with pytest.raises(drops.DropExists, match="--overwrite"):
+        drops.make_drop(store, "idem", size=100, seed=2)
+    replaced = drops.make_drop(store, "idem", size=120, seed=2, overwrite=True)
+    assert replaced["rows"] == 120 and len(store.list("drops/idem/images/")) == 120
+
+
+def test_bad_options_are_named(store):
+    with pytest.raises(drops.DropError, match="unknown fault"):
+        drops.make_drop(store, "x", size=10, faults=["nope"])
+    with pytest.raises(drops.DropError, match="invalid drop id"):
+        drops.make_drop(store, "../evil", size=10)
+    with pytest.raises(drops.DropError, match="label noise"):
+        drops.make_drop(store, "x", size=10, label_noise=2)
+    with pytest.raises(drops.DropNotFound, match="no complete drop"):
+        drops.make_drop(store, "x", size=10, faults=["seen_before"])
+
+
+# ---------------------------------------------------------------- faults
+
+@pytest.fixture
+def base_drop(store):
+    drops.make_drop(store, "base", size=200, seed=1)
+    return "base"
+
+
+def test_fault_bad_label(store, base_drop):
+    s = drops.make_drop(store, "f", size=200, seed=2, faults=["bad_label"])
+    labels = _manifest(store, "f")["label"]
+    bad = labels[~labels.between(0, 9)]
+    assert len(bad) == s["fault_rows"]["bad_label"] == 10 and set(bad) == {10, -1}
+    with pytest.raises(drops.DropError, match=r"label .* outside 0..9"):
+        drops.load_arrays(store, ["f"])
+
+
+def test_fault_wrong_shape(store, base_drop):
+    drops.make_drop(store, "f", size=200, seed=2, faults=["wrong_shape"])
+    df = _manifest(store, "f")
+    wrong = df[df["height"] != 28]
+    assert len(wrong) == 10 and (wrong["width"] == 32).all()
+    img = drops.decode_png(store.get_bytes(f"drops/f/images/{wrong.iloc[0]['image_id']}.png"))
+    assert img.shape == (32, 32)
+    with pytest.raises(drops.DropUnreadable, match=r"image f-\d+ has shape 32x32"):
+        drops.load_arrays(store, ["f"])
+
+
+def test_fault_duplicate_ids(store, base_drop):
+    drops.make_drop(store, "f", size=200, seed=2, faults=["duplicate_ids"])
+    df = _manifest(store, "f")
+    assert df["image_id"].duplicated().sum() == 10 and df["sha256"].is_unique
+
+
+def test_fault_corrupt_image(store, base_drop):
+    drops.make_drop(store, "f", size=200, seed=2, faults=["corrupt_image"])
+    df = _manifest(store, "f")
+    broken = []
+    for row in df.itertuples():
+        data = store.get_bytes(f"drops/f/images/{row.image_id}.png")
+        assert hashlib.sha256(data).hexdigest() == row.sha256  # hashes describe the bytes as delivered
+        try:
+            drops.decode_png(data)
+        except ValueError:
+            broken.append(row.image_id)
+    assert len(broken) == 10
+    with pytest.raises(drops.DropUnreadable, match=f"image {broken[0]}|not a decodable PNG"):
+        drops.load_arrays(store, ["f"])
+
+
+def test_fault_missing_column(store, base_drop):
+    drops.make_drop(store, "f", size=200, seed=2, faults=["missing_column"])
+    df = _manifest(store, "f")
+    assert "sha256" not in df.columns and len(df.columns) == 6
+
+
+def test_fault_empty(store, base_drop):
+    s = drops.make_drop(store, "f", size=200, seed=2, faults=["empty"])
+    df = _manifest(store, "f")
+    assert len(df) == 0 and s["rows"] == 0 and list(df.columns) == list(drops.MANIFEST_COLUMNS)
+    assert str(df["label"].dtype) == "int64"
+    X, y = drops.load_arrays(store, ["f"])
+    assert X.shape == (0, 28, 28) and y.shape == (0,)
+
+
+def test_fault_skewed(store, base_drop):
+    drops.make_drop(store, "f", size=200, seed=2, faults=["skewed"])
+    shares = _manifest(store, "f")["label"].value_counts(normalize=True)
+    assert shares[0] >= 0.55 and shares.get(1, 0) <= 0.02
+
+
+def test_fault_seen_before(store, base_drop):
+    s = drops.make_drop(store, "f", size=200, seed=2, faults=["seen_before"])  # default: newest complete
+    assert s["params"]["seen_from"] == "base"
+    overlap = set(_manifest(store, "f")["sha256"]) & set(_manifest(store, "base")["sha256"])
+    assert len(overlap) == s["fault_rows"]["seen_before"] == 20
+    s2 = drops.make_drop(store, "g", size=200, seed=3, faults=["seen_before"], seen_from="base")
+    assert s2["params"]["seen_from"] == "base"
+
+
+# ---------------------------------------------------------------- incomplete / unknown / unreadable
+
+def test_incomplete_drop_is_never_read(store):
+    s = drops.make_drop(store, "half", size=100, seed=1, complete=False)
+    assert s["complete"] is False and not store.exists("drops/half/_SUCCESS")
+    assert store.exists("drops/half/manifest.parquet")
+    assert not drops.is_complete(store, "half")
+    assert drops.list_drops(store) == [] and drops.list_drops(store, complete_only=False) == ["half"]
+    with pytest.raises(drops.DropIncomplete, match=r"'half' is incomplete \(no _SUCCESS"):
+        drops.read_manifest(store, "half")
+    with pytest.raises(drops.DropIncomplete):
+        drops.load_arrays(store, ["half"])
+    # finishing it later replaces the leftover
+    drops.make_drop(store, "half", size=100, seed=1)
+    assert len(drops.read_manifest(store, "half")) == 100
+
+
+def test_unknown_drop_is_named(store):
+    with pytest.raises(drops.DropNotFound) as err:
+        drops.read_manifest(store, "nope")
+    assert "'nope' not found" in str(err.value) and "mlpipe drops list" in str(err.value)
+    with pytest.raises(drops.DropNotFound):
+        drops.load_arrays(store, ["nope"])
+    assert isinstance(err.value, ValueError)
+
+
+def test_unreadable_manifest(store):
+    store.put_bytes("drops/junk/manifest.parquet", b"this is not parquet")
+    store.put_json("drops/junk/_SUCCESS", {"drop_id": "junk", "rows": 1, "created_at": "2026-01-01T00:00:00+00:00"})
+    with pytest.raises(drops.DropUnreadable, match="'junk': manifest .* not readable Parquet"):
+        drops.read_manifest(store, "junk")
+
+
+# ---------------------------------------------------------------- golden set
+
+def test_golden_set_is_fixed_and_disjoint_from_drops(store):
+    X, y = drops.golden_set()
+    assert X.shape == (1000, 28, 28) and X.dtype == np.uint8 and y.dtype == np.int64
+    assert np.bincount(y).tolist() == [100] * 10
+    assert hashlib.sha256(X.tobytes() + y.tobytes()).hexdigest() == GOLDEN_DIGEST
+    X2, y2 = drops.golden_set()
+    assert np.array_equal(X, X2) and np.array_equal(y, y2)
+    X2[0, 0, 0] = 255  # callers get copies
+    assert drops.golden_set()[0][0, 0, 0] == X[0, 0, 0]
+
+    golden_idx, pool_idx = drops._golden_and_pool_indices()
+    assert len(pool_idx) == 4000 and not set(golden_idx) & set(pool_idx)
+    for seed, size in [(0, 2000), (1, 4000), (2, 9000)]:  # 9000 > pool: sampled with replacement
+        plan = drops._sample_plan(size, seed, "mnist", None)
+        assert len(plan) == size and not set(plan.tolist()) & set(golden_idx.tolist())
+    # no golden image (as a PNG) appears in a drop
+    drops.make_drop(store, "g", size=200, seed=0)
+    golden_hashes = {hashlib.sha256(drops.encode_png(img)).hexdigest() for img in X}
+    assert not golden_hashes & set(drops.read_manifest(store, "g")["sha256"])
+
+
+# ---------------------------------------------------------------- CLI
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "tasks.cli", "drops", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_cli_make_list_show_and_errors(mlpipe_env, tmp_path):
+    out = tmp_path / "r.json"
+    p = _cli("make", "--drop-id", "cli1", "--size", "120", "--seed", "3", "--fault", "bad_label",
+             "--fault", "skewed", "--result-json", str(out))
+    assert p.returncode == 0, p.stderr
+    summary = json.loads(p.stdout)
+    assert summary["drop_id"] == "cli1" and summary["rows"] == 120
+    assert summary["params"]["faults"] == ["bad_label", "skewed"] and json.loads(out.read_text()) == summary
+
+    p = _cli("make", "--size", "100", "--no-success", "--class-mix", "0:1,1:1")
+    assert p.returncode == 0, p.stderr
+    auto_id = json.loads(p.stdout)["drop_id"]
+    assert auto_id.startswith("drop-") and json.loads(p.stdout)["complete"] is False
+
+    p = _cli("list")
+    assert p.returncode == 0 and json.loads(p.stdout) == {"drops": ["cli1"]}
+    p = _cli("show", "cli1")
+    assert p.returncode == 0 and json.loads(p.stdout)["manifest"]["rows"] == 120
+
+    p = _cli("show", "nope")
+    assert p.returncode == 2 and p.stderr.strip().splitlines()[-1].startswith("error: drop 'nope' not found")
+    assert "Traceback" not in p.stderr
+    p = _cli("make", "--drop-id", "x", "--class-mix", "0:abc")
+    assert p.returncode == 2 and "error: bad class mix entry '0:abc'" in p.stderr
+    p = _cli("make", "--drop-id", "x", "--fault", "bogus")
+    assert p.returncode == 2 and "invalid choice" in p.stderr
