@@ -23,26 +23,26 @@ $(STAMP): requirements.txt pyproject.toml
 setup: $(STAMP) ## create the venv and install the pinned requirements
 
 demo: $(STAMP) ## run the retrain pipeline end to end on a generated drop; writes var/demo/summary.json
-	$(PY) -m tasks.tools.demo
+	$(VENV)/bin/mlpipe demo
 
 demo-regression: $(STAMP) ## the demo, then a deliberately worse model that the QC gate must block
-	$(PY) -m tasks.tools.demo --regression
+	$(VENV)/bin/mlpipe demo --regression
 
 test: $(STAMP) ## run the test suite (starts its own local services)
 	@bash .ci/ensure-chromium
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP) ## streaming benchmark: ORT in-process vs naive vs the consumer; writes var/bench/results.{json,md}
-	$(PY) -m tasks.tools.bench
+	$(VENV)/bin/mlpipe bench
 
 up: $(STAMP) ## start the local stack (Airflow UI on 127.0.0.1:8080, Triton, broker, consumer, gateway)
-	$(PY) -m tasks.local.stack up
+	$(VENV)/bin/mlpipe stack up
 
 down: ## stop the local stack started by `make up` (by recorded PIDs)
-	@if [ -x $(PY) ]; then $(PY) -m tasks.local.stack down; else echo "no venv: nothing was started"; fi
+	@if [ -x $(PY) ]; then $(VENV)/bin/mlpipe stack down; else echo "no venv: nothing was started"; fi
 
 status: $(STAMP) ## health of the local stack's services, URLs and the UI login
-	@$(PY) -m tasks.local.stack status || true
+	@$(VENV)/bin/mlpipe stack status || true
 
 clean: ## remove generated state (var/)
 	rm -rf var
