@@ -1,0 +1,170 @@
+"""``mlpipe stream`` / ``python -m tasks.serving.consumer``: flags and MLPIPE_* variables -> a running consumer.
+
+Exit codes: 0 stopped (SIGTERM/SIGINT, or ``--exit-when-idle``), 1 the vector store cannot be
+opened, 2 a usage error (bad flag value, ``--kafka-config`` librdkafka rejects, bad Triton URL).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+from typing import Any, Sequence
+
+from tasks.contracts.messages import DEFAULT_MAX_FRAME_BYTES
+from tasks.contracts.serving import MAX_BATCH
+from tasks.serving.consumer.backend import TritonBackend
+from tasks.serving.consumer.config import DEFAULT_GROUP, StreamConfig
+from tasks.serving.consumer.loop import StreamConsumer
+from tasks.serving.consumer.policy import DEFAULT_QDRANT_POLICY, QdrantPolicy
+
+logger = logging.getLogger(__name__)
+
+
+def _parser() -> argparse.ArgumentParser:
+    env = os.environ.get
+    p = argparse.ArgumentParser(
+        prog="mlpipe stream",
+        description="Streaming inference consumer: frames (Kafka) -> Triton -> predictions (Kafka) + Qdrant. "
+                    "Kafka settings come from MLPIPE_KAFKA_* (see tasks.adapters.kafka.KafkaConfig), Qdrant from "
+                    "MLPIPE_QDRANT_URL / MLPIPE_QDRANT_PATH.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--bootstrap", default=None, help="Kafka bootstrap servers (overrides MLPIPE_KAFKA_BOOTSTRAP)")
+    p.add_argument("--topic-prefix", default=None, help="topic name prefix (overrides MLPIPE_KAFKA_TOPIC_PREFIX)")
+    p.add_argument("--group", default=env("MLPIPE_CONSUMER_GROUP") or DEFAULT_GROUP, help="consumer group id")
+    p.add_argument("--triton-url", default=env("MLPIPE_TRITON_GRPC_URL") or "127.0.0.1:8001",
+                   help="Triton gRPC host:port (the sidecar uses localhost:8001)")
+    p.add_argument("--model", default=None, help="Triton ensemble name (default MLPIPE_MODEL_NAME or digits)")
+    p.add_argument("--max-batch", type=int, default=int(env("MLPIPE_CONSUMER_MAX_BATCH") or 256),
+                   help="most frames per micro-batch")
+    p.add_argument("--max-wait-ms", type=int, default=int(env("MLPIPE_CONSUMER_MAX_WAIT_MS") or 5),
+                   help="longest wait to fill a micro-batch")
+    p.add_argument("--model-max-batch", type=int, default=MAX_BATCH,
+                   help="the model's max_batch_size: larger micro-batches are split into concurrent calls")
+    p.add_argument("--inflight", type=int, default=int(env("MLPIPE_CONSUMER_INFLIGHT") or 2),
+                   help="micro-batches sent to Triton at once (2: the next one waits in Triton's queue while "
+                        "one is answered, so the model does not idle between batches)")
+    p.add_argument("--commit-interval-ms", type=int, default=int(env("MLPIPE_CONSUMER_COMMIT_INTERVAL_MS") or 100),
+                   help="commit the offsets of finished batches at most this often (and whenever idle); a crash "
+                        "redelivers at most this much, which the idempotent sinks absorb")
+    p.add_argument("--max-frame-bytes", type=int, default=int(env("MLPIPE_MAX_FRAME_BYTES") or DEFAULT_MAX_FRAME_BYTES),
+                   help="larger frames are dead-lettered as oversize")
+    p.add_argument("--qdrant-policy", default=env("MLPIPE_QDRANT_POLICY") or DEFAULT_QDRANT_POLICY,
+                   help="which predictions go to Qdrant: all | none | sample:F | low_confidence:T (comma = union)")
+    p.add_argument("--qdrant-url", default=None, help="Qdrant server URL (overrides MLPIPE_QDRANT_URL)")
+    p.add_argument("--qdrant-path", default=None, help="Qdrant local-mode folder or :memory: "
+                   "(overrides MLPIPE_QDRANT_PATH; default $MLPIPE_HOME/qdrant)")
+    p.add_argument("--http-host", default=env("MLPIPE_CONSUMER_HTTP_HOST") or "127.0.0.1",
+                   help="address of /metrics /healthz /readyz (0.0.0.0 in a pod, for the kubelet probes)")
+    p.add_argument("--http-port", type=int, default=int(env("MLPIPE_CONSUMER_HTTP_PORT") or 9108),
+                   help="port of /metrics /healthz /readyz (0: a free one, -1: no HTTP server)")
+    p.add_argument("--session-timeout-ms", type=int, default=int(env("MLPIPE_KAFKA_SESSION_TIMEOUT_MS") or 10000))
+    p.add_argument("--triton-timeout", type=float, default=10.0, help="seconds before a Triton call counts as failed")
+    p.add_argument("--backoff-max", type=float, default=5.0,
+                   help="longest wait between retries while Triton, Kafka or Qdrant is unavailable")
+    p.add_argument("--drain-timeout", type=float, default=7.0,
+                   help="on SIGTERM, seconds allowed to finish the batches in hand (even while Triton or the "
+                        "broker hangs); leaving the group and closing get up to ~1.5 s more, so the default exits "
+                        "within 10 s")
+    p.add_argument("--exit-when-idle", type=float, default=None, metavar="SECONDS",
+                   help="exit after this long without frames (benchmarks, batch back-fills)")
+    p.add_argument("--no-create-topics", action="store_true", help="do not create missing topics at start")
+    p.add_argument("--kafka-config", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra librdkafka setting for the frames consumer (repeatable), e.g. fetch.min.bytes=16384")
+    p.add_argument("--stats-json", default=None, help="write the final counters to this file on exit")
+    p.add_argument("--latency-log", default=None, metavar="PATH",
+                   help="on exit, write one entry per predicted frame to this JSON file (benchmarks): "
+                        "[captured_at epoch, then seconds from it until both sinks were written, the loop "
+                        "polled the frame, Triton answered, the loop took the answer]")
+    p.add_argument("--log-level", default=env("MLPIPE_LOG_LEVEL") or "INFO")
+    return p
+
+
+def _check_kafka_overrides(overrides: dict[str, Any]) -> None:
+    """ValueError naming the setting when librdkafka does not accept one (no connection is made)."""
+    from confluent_kafka import Consumer, KafkaException
+
+    try:
+        # no bootstrap servers: librdkafka parses the settings and never connects; log_level 0: silent
+        Consumer({"group.id": "mlpipe-config-check", "log_level": 0, **overrides}).close()
+    except (KafkaException, ValueError, TypeError) as exc:
+        raise ValueError(f"--kafka-config: {exc}") from None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("tasks.adapters.kafka.librdkafka").setLevel(logging.WARNING)
+    from tasks.adapters.kafka import KafkaConfig
+    from tasks.config import load_settings
+
+    try:
+        kafka = KafkaConfig.from_env(bootstrap=args.bootstrap, topic_prefix=args.topic_prefix)
+        policy = QdrantPolicy.parse(args.qdrant_policy)
+        for name in ("max_batch", "max_wait_ms", "model_max_batch", "inflight", "max_frame_bytes"):
+            if getattr(args, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive")
+        model = args.model or load_settings().model_name
+        kafka_overrides: dict[str, Any] = {}
+        for item in args.kafka_config:
+            key, sep, value = item.partition("=")
+            if not sep or not key.strip():
+                raise ValueError(f"--kafka-config {item!r}: expected KEY=VALUE")
+            kafka_overrides[key.strip()] = value.strip()
+        if kafka_overrides:
+            _check_kafka_overrides(kafka_overrides)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    logger.info("kafka: %s", kafka)  # dataclass repr hides the password and key
+    cfg = StreamConfig(
+        group_id=args.group, model=model, triton_url=args.triton_url, max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms, max_model_batch=args.model_max_batch, inflight=args.inflight,
+        commit_interval_ms=max(0, args.commit_interval_ms), max_frame_bytes=args.max_frame_bytes,
+        qdrant_policy=policy, http_host=args.http_host, http_port=None if args.http_port < 0 else args.http_port,
+        session_timeout_ms=args.session_timeout_ms, triton_timeout_s=args.triton_timeout,
+        drain_timeout_s=args.drain_timeout, exit_when_idle_s=args.exit_when_idle, backoff_max_s=args.backoff_max,
+        create_topics=not args.no_create_topics, kafka_overrides=kafka_overrides,
+        record_latency=bool(args.latency_log))
+    vectors = None
+    if policy.enabled:
+        from tasks.adapters.qdrant import VectorStoreError, open_vectors
+
+        try:
+            vectors = open_vectors(url=args.qdrant_url, path=args.qdrant_path)
+        except VectorStoreError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+    try:
+        chunks = -(-cfg.max_batch // cfg.max_model_batch)  # Triton calls per micro-batch
+        backend = TritonBackend(cfg.triton_url, cfg.model, timeout_s=cfg.triton_timeout_s,
+                                max_model_batch=cfg.max_model_batch, concurrency=chunks * cfg.inflight)
+    except Exception as exc:  # noqa: BLE001 - a bad URL is a usage error
+        print(f"error: cannot create a Triton client for {cfg.triton_url}: {exc}", file=sys.stderr)
+        return 2
+    consumer = StreamConsumer(kafka, cfg, backend=backend, vectors=vectors)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: consumer.stop())
+    try:
+        stats = consumer.run()
+    finally:
+        backend.close()
+        if vectors is not None:
+            vectors.close()
+    if args.stats_json:
+        with open(args.stats_json + ".tmp", "w") as fh:
+            json.dump(stats, fh)
+        os.replace(args.stats_json + ".tmp", args.stats_json)
+    if args.latency_log:
+        with open(args.latency_log + ".tmp", "w") as fh:
+            json.dump(consumer.latencies, fh)
+        os.replace(args.latency_log + ".tmp", args.latency_log)
+    if consumer.abandoned:  # librdkafka's handles would block the interpreter's exit on the unreachable broker
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    return 0

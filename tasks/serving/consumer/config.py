@@ -1,0 +1,38 @@
+"""The consumer's settings (``StreamConfig``); the CLI (``cli.py``) fills them from flags and MLPIPE_* variables."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from tasks.contracts.messages import DEFAULT_MAX_FRAME_BYTES
+from tasks.contracts.serving import MAX_BATCH
+from tasks.serving.consumer.policy import DEFAULT_QDRANT_POLICY, QdrantPolicy
+
+DEFAULT_GROUP = "mlpipe-consumer"
+
+
+@dataclass
+class StreamConfig:
+    group_id: str = DEFAULT_GROUP
+    model: str = "digits"
+    triton_url: str = "127.0.0.1:8001"
+    max_batch: int = 256
+    max_wait_ms: int = 5
+    max_model_batch: int = MAX_BATCH
+    inflight: int = 2  # micro-batches at Triton at once: the next one is queued there while one is answered
+    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
+    qdrant_policy: QdrantPolicy = field(default_factory=lambda: QdrantPolicy.parse(DEFAULT_QDRANT_POLICY))
+    http_host: str = "127.0.0.1"
+    http_port: int | None = 9108  # None: no HTTP server
+    session_timeout_ms: int = 10000
+    triton_timeout_s: float = 10.0
+    backoff_initial_s: float = 0.2
+    backoff_max_s: float = 5.0
+    backoff_jitter: float = 0.5  # each wait is drawn from [(1 - jitter) x, x] of the exponential step x
+    drain_timeout_s: float = 7.0
+    exit_when_idle_s: float | None = None
+    create_topics: bool = True
+    kafka_overrides: dict[str, Any] = field(default_factory=dict)
+    commit_interval_ms: int = 100  # confirmed offsets are committed at most this often (and when idle)
+    record_latency: bool = False  # keep per frame captured_at and the seconds to each step (--latency-log)

@@ -1,0 +1,208 @@
+"""Pure record building: consumed frames and Triton's outputs -> the messages and points to write.
+
+No I/O and no clock (the caller passes ``processed``): the same inputs give the same records.
+
+* ``decode_frames``: a polled micro-batch -> uint8 ``[N, 28, 28]`` plus the rejected frames (no or
+  invalid ``frame_id`` header, oversize, undecodable, wrong shape: ``FrameRejected``).
+* ``prediction_records``: one JSON prediction per frame to ``predictions`` (key = frame id; headers
+  ``frame_id``, ``content-type``, ``traceparent`` if the frame had one) and the Qdrant points the
+  policy selects. Prediction value: ``frame_id``, ``device_id`` (the frame's key), ``label``,
+  ``score``, ``topk`` (``[{"label", "score"}]`` x3), ``model_name`` (the ensemble),
+  ``model_version`` (the served classifier version), ``latency_ms`` (captured_at -> processed_at),
+  ``inference_ms`` (the Triton call of the micro-batch), ``processed_at``, ``captured_at``,
+  ``traceparent``. The Qdrant payload is the same without ``traceparent``, plus ``indexed_because``.
+* ``dead_letter_records``: a rejected frame to ``frames.dlq`` with its original key, bytes and
+  headers plus ``reason``, ``reason_detail``, ``source_topic``/``_partition``/``_offset`` and
+  ``dead_lettered_at``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import uuid
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+from tasks.adapters.qdrant import PredictionPoint
+from tasks.contracts.messages import (
+    H_CONTENT_TYPE,
+    H_FRAME_ID,
+    H_REASON,
+    H_TRACEPARENT,
+    IMAGE_SIZE,
+    R_INVALID_ID,
+    R_MISSING_ID,
+    RAW_BYTES,
+    FrameRejected,
+)
+from tasks.model.frames import decode_pixels
+from tasks.serving.consumer.policy import QdrantPolicy
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
+
+    from tasks.adapters.kafka import Record
+
+#: ``(topic, value, key, headers)``, as ``BusProducer.produce_batch`` takes it.
+Message = tuple[str, bytes | None, bytes | None, list[tuple[str, bytes]]]
+
+_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True)
+
+
+def parse_time(value: str | None) -> dt.datetime | None:
+    """An ISO-8601 timestamp (``Z`` allowed; naive = UTC), or None when missing or unparsable."""
+    if not value:
+        return None
+    try:
+        t = dt.datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)
+
+
+def now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def iso(t: dt.datetime) -> str:
+    return t.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+# --------------------------------------------------------------------------- frames in
+
+
+@dataclass
+class Decoded:
+    """A micro-batch after validation: ``images[j]`` is ``records[good[j]]`` with id ``frame_ids[j]``."""
+
+    good: list[int]  # indexes into records
+    images: "np.ndarray | None"  # None when no frame was usable
+    rejected: list[tuple[int, FrameRejected]]
+    frame_ids: list[str]
+
+
+def decode_frames(records: Sequence["Record"], max_frame_bytes: int) -> Decoded:
+    import numpy as np
+
+    good: list[int] = []
+    rejected: list[tuple[int, FrameRejected]] = []
+    frame_ids: list[str] = []
+    buf = bytearray(len(records) * RAW_BYTES)
+    n = 0
+    for i, rec in enumerate(records):
+        try:
+            raw_id = rec.headers.get(H_FRAME_ID)
+            if raw_id is None:
+                raise FrameRejected(R_MISSING_ID, "the frame has no frame_id header")
+            try:
+                fid = str(uuid.UUID(raw_id.decode("ascii").strip()))
+            except (ValueError, UnicodeDecodeError):
+                raise FrameRejected(R_INVALID_ID, f"frame_id header {raw_id[:64]!r} is not a UUID") from None
+            ctype = rec.header(H_CONTENT_TYPE)
+            pixels = decode_pixels(rec.value, ctype, max_frame_bytes)
+        except FrameRejected as exc:
+            rejected.append((i, exc))
+            continue
+        buf[n * RAW_BYTES:(n + 1) * RAW_BYTES] = pixels
+        n += 1
+        good.append(i)
+        frame_ids.append(fid)
+    images = np.frombuffer(bytes(buf[:n * RAW_BYTES]), dtype=np.uint8).reshape(n, IMAGE_SIZE, IMAGE_SIZE) \
+        if n else None
+    return Decoded(good=good, images=images, rejected=rejected, frame_ids=frame_ids)
+
+
+# --------------------------------------------------------------------------- records out
+
+
+@dataclass
+class Built:
+    """What a micro-batch's results become: Kafka messages, Qdrant points, and each frame's captured_at."""
+
+    messages: list[Message] = field(default_factory=list)
+    points: list[PredictionPoint] = field(default_factory=list)
+    captured: list[dt.datetime | None] = field(default_factory=list)  # per predicted frame, in order
+
+
+def prediction_point(pred: Mapping[str, Any], embedding: Sequence[float], why: str) -> PredictionPoint:
+    """The Qdrant point of one prediction: id = frame id, payload = the prediction without ``traceparent``."""
+    payload = {k: v for k, v in pred.items() if k != "traceparent"}
+    payload["indexed_because"] = why
+    return PredictionPoint(pred["frame_id"], embedding, payload)
+
+
+def prediction_records(records: Sequence["Record"], good: Sequence[int], frame_ids: Sequence[str],
+                       outputs: Mapping[str, "np.ndarray"], *, topic: str, model: str, version: str, infer_s: float,
+                       processed: dt.datetime, policy: QdrantPolicy | None) -> Built:
+    """Predictions (and, with a ``policy``, the points it selects) for ``records[good[j]]`` = output row j.
+
+    ``policy`` None: nothing is indexed (no vector store); no points either without an ``EMBEDDING`` output.
+    """
+    import numpy as np
+
+    built = Built()
+    if not good:
+        return built
+    messages, points, captured = built.messages, built.points, built.captured
+    processed_iso = iso(processed)
+    n = len(good)
+    # convert once per batch (per-element numpy indexing is slow)
+    labels = outputs["LABEL"].reshape(n, -1)[:, 0].tolist()
+    raw_scores = outputs["SCORE"].reshape(n, -1)[:, 0].astype(np.float64)
+    scores = np.round(raw_scores, 6).tolist()
+    topl = outputs["TOPK_LABELS"].reshape(n, -1).tolist()
+    tops = np.round(outputs["TOPK_SCORES"].reshape(n, -1).astype(np.float64), 6).tolist()
+    emb = outputs.get("EMBEDDING")
+    emb_rows = emb.reshape(n, -1) if emb is not None else None
+    infer_ms = round(infer_s * 1000, 3)
+    index = policy is not None and emb_rows is not None
+    encode = _JSON.encode
+    for j, i in enumerate(good):
+        rec = records[i]
+        fid = frame_ids[j]
+        cap_text = rec.header("captured_at")
+        cap = parse_time(cap_text)
+        captured.append(cap)
+        ts = cap or (dt.datetime.fromtimestamp(rec.timestamp_ms / 1000, dt.timezone.utc)
+                     if rec.timestamp_ms else None)
+        device = rec.key.decode("utf-8", "replace") if rec.key else (rec.header("device_id") or "")
+        trace = rec.headers.get(H_TRACEPARENT)
+        pred = {
+            "frame_id": fid,
+            "device_id": device,
+            "label": labels[j],
+            "score": scores[j],
+            "topk": [{"label": lab, "score": sc} for lab, sc in zip(topl[j], tops[j])],
+            "model_name": model,
+            "model_version": version,
+            "latency_ms": round((processed - ts).total_seconds() * 1000, 3) if ts else None,
+            "inference_ms": infer_ms,
+            "processed_at": processed_iso,
+            "captured_at": iso(cap) if cap else cap_text,
+            "traceparent": trace.decode("latin-1") if trace else None,
+        }
+        fid_b = fid.encode()
+        headers = [(H_FRAME_ID, fid_b), (H_CONTENT_TYPE, b"application/json")]
+        if trace:
+            headers.append((H_TRACEPARENT, trace))
+        messages.append((topic, encode(pred).encode(), fid_b, headers))
+        if index:
+            why = policy.reason(fid, scores[j])  # type: ignore[union-attr]
+            if why is not None:
+                points.append(prediction_point(pred, emb_rows[j], why))  # type: ignore[index]
+    return built
+
+
+def dead_letter_records(records: Sequence["Record"], rejected: Sequence[tuple[int, FrameRejected]], *,
+                        dlq_topic: str, processed_iso: str) -> list[Message]:
+    """One dead letter per rejected frame (``records[i]``), in order."""
+    out: list[Message] = []
+    for i, rej in rejected:
+        rec = records[i]
+        headers = list(rec.raw_headers) + [
+            (H_REASON, rej.reason.encode()), ("reason_detail", rej.detail[:500].encode()),
+            ("source_topic", rec.topic.encode()), ("source_partition", str(rec.partition).encode()),
+            ("source_offset", str(rec.offset).encode()), ("dead_lettered_at", processed_iso.encode())]
+        out.append((dlq_topic, rec.value or b"", rec.key, headers))
+    return out

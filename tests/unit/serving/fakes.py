@@ -1,0 +1,331 @@
+"""In-process fakes of the consumer's collaborators (no broker, no Triton, no Qdrant).
+
+``World`` is one fake deployment: a ``frames`` log per partition (``FakeFrames`` is the group
+member reading it), a ``FakeProducer`` for ``predictions`` / ``frames.dlq``, a ``FakeVectors`` and a
+``FakeBackend``. Every fake appends to ``World.events`` in call order, and ``World.done`` tells which
+frames both sinks hold, so a test can check each commit against what was confirmed at that moment.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from tasks.adapters.kafka import CommitResult, DeliveryError, KafkaConfig, Record
+from tasks.serving.consumer import InferenceUnavailable
+
+RAW = "application/x-raw-uint8"
+CAPTURED = dt.datetime(2026, 1, 2, 3, 4, 5, 678000, tzinfo=dt.timezone.utc)
+
+
+def pixels(partition: int, offset: int) -> np.ndarray:
+    """A 28x28 frame whose first pixels say where it came from (the fake backend reads them back)."""
+    img = np.full((28, 28), 7, np.uint8)
+    img[0, 0], img[0, 1], img[0, 2] = partition, offset % 256, offset // 256
+    return img
+
+
+def source_of(image: np.ndarray) -> tuple[int, int]:
+    return int(image[0, 0]), int(image[0, 1]) + 256 * int(image[0, 2])
+
+
+def frame(topic: str, partition: int, offset: int, *, kind: str = "good", frame_id: str | None = None,
+          key: bytes | None = b"device-1", traceparent: bytes | None = None,
+          captured_at: str | None = "2026-01-02T03:04:05.678Z", timestamp_ms: int | None = None) -> Record:
+    """A ``frames`` record: ``kind`` good | missing_id | invalid_id | undecodable | oversize."""
+    raw: list[tuple[str, bytes]] = []
+    if kind != "missing_id":
+        raw.append(("frame_id", b"not-a-uuid" if kind == "invalid_id" else (frame_id or str(uuid.uuid4())).encode()))
+    if kind == "undecodable":
+        raw.append(("content-type", b"image/png"))
+        value = b"definitely not a picture"
+    elif kind == "oversize":
+        raw.append(("content-type", b"image/png"))
+        value = b"x" * 70_000
+    else:
+        raw.append(("content-type", RAW.encode()))
+        value = pixels(partition, offset).tobytes()
+    if captured_at is not None:
+        raw.append(("captured_at", captured_at.encode()))
+    if traceparent is not None:
+        raw.append(("traceparent", traceparent))
+    headers: dict[str, bytes] = {}
+    for k, v in raw:
+        headers.setdefault(k, v)
+    return Record(topic=topic, partition=partition, offset=offset, key=key, value=value, headers=headers,
+                  raw_headers=raw, timestamp_ms=timestamp_ms)
+
+
+def outputs(n: int, *, scores: Sequence[float] | None = None, embedding: bool = True) -> dict[str, np.ndarray]:
+    """Ensemble outputs for ``n`` frames, shaped as Triton returns them."""
+    score = np.asarray(scores if scores is not None else [0.95] * n, np.float32).reshape(n, 1)
+    out = {
+        "LABEL": (np.arange(n, dtype=np.int64) % 10).reshape(n, 1),
+        "SCORE": score,
+        "TOPK_LABELS": np.stack([np.arange(n) % 10, (np.arange(n) + 1) % 10, (np.arange(n) + 2) % 10],
+                                axis=1).astype(np.int64),
+        "TOPK_SCORES": np.concatenate([score, np.full((n, 2), 0.0123456789, np.float32)], axis=1),
+    }
+    if embedding:
+        out["EMBEDDING"] = np.arange(n * 4, dtype=np.float32).reshape(n, 4)
+    return out
+
+
+# --------------------------------------------------------------------------- the fakes
+
+
+class FakeBackend:
+    """An ``InferenceBackend``: ``fail(sources)`` -> True makes that call raise ``InferenceUnavailable``."""
+
+    def __init__(self, fail: Callable[[list[tuple[int, int]]], bool] | None = None, delay_s: float = 0.0) -> None:
+        self.fail = fail
+        self.delay_s = delay_s
+        self.calls: list[tuple[list[tuple[int, int]], bool]] = []  # (frames of the call, succeeded)
+        self._lock = threading.Lock()
+        self._version = ""
+
+    def infer(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        sources = [source_of(img) for img in images]
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        failed = self.fail is not None and self.fail(sources)
+        with self._lock:
+            self.calls.append((sources, not failed))
+        if failed:
+            raise InferenceUnavailable("fake Triton is down")
+        return outputs(len(images))
+
+    def ready(self) -> bool:
+        return True
+
+    @property
+    def version(self) -> str:
+        return self._version
+
+    def model_version(self, max_age_s: float = 10.0) -> str:
+        self._version = "7"
+        return self._version
+
+
+@dataclass
+class FakeTicket:
+    messages: list
+    pending: int
+    failed: list = field(default_factory=list)
+
+
+class FakeProducer:
+    """A ``ResultSink``: ``wait`` acknowledges the ticket's messages, or fails ``fail_waits`` times first."""
+
+    def __init__(self, world: "World", fail_waits: int = 0) -> None:
+        self.world = world
+        self.fail_waits = fail_waits
+        self.acked: list[tuple] = []
+        self.closed = False
+
+    def produce_batch(self, messages: Sequence[tuple]) -> FakeTicket:
+        self.world.event("produce", list(messages))
+        return FakeTicket(list(messages), len(messages))
+
+    def wait(self, ticket: FakeTicket, timeout: float = 30.0, give_up: Callable[[], bool] | None = None) -> None:
+        if self.fail_waits > 0:
+            self.fail_waits -= 1
+            ticket.pending, ticket.failed = 0, list(ticket.messages)
+            raise DeliveryError(f"{len(ticket.messages)} message(s) not delivered: fake broker down")
+        ticket.pending = 0
+        self.acked.extend(ticket.messages)
+        self.world.event("ack", list(ticket.messages))
+
+    def close(self, timeout: float = 5.0) -> None:
+        self.closed = True
+
+
+class FakeVectors:
+    """A ``VectorSink`` that fails ``fail_upserts`` times first."""
+
+    def __init__(self, world: "World", fail_upserts: int = 0) -> None:
+        self.world = world
+        self.fail_upserts = fail_upserts
+        self.points: dict[str, Any] = {}
+
+    def upsert_predictions(self, points: Iterable[Any]) -> int:
+        points = list(points)
+        if self.fail_upserts > 0:
+            self.fail_upserts -= 1
+            raise RuntimeError("fake Qdrant is down")
+        for p in points:
+            self.points[p.frame_id] = p
+        self.world.event("upsert", [p.frame_id for p in points])
+        return len(points)
+
+
+class FakeFrames:
+    """A ``FrameSource`` over ``World.log``, assigned every partition on the first poll.
+
+    ``leak_when_paused``: records handed out by the first poll after ``pause()`` (librdkafka returns what it
+    had fetched before the pause took effect). ``revoke_at``: ``{poll number: [partitions]}`` revoked then
+    (moved to another member for good). ``commit`` keeps only assigned partitions, like ``BatchConsumer``.
+    """
+
+    def __init__(self, world: "World", on_assign: Callable | None, on_revoke: Callable | None, *,
+                 leak_when_paused: int = 0, revoke_at: Mapping[int, list[tuple[str, int]]] | None = None) -> None:
+        self.world = world
+        self.on_assign, self.on_revoke = on_assign, on_revoke
+        self.leak_when_paused = leak_when_paused
+        self.revoke_at = dict(revoke_at or {})
+        self.positions = {(world.topic, p): 0 for p in world.log}
+        self._assignment: set[tuple[str, int]] = set()
+        self._paused = False
+        self._leaked = False
+        self.assigned_once = False
+        self.in_group = False
+        self.polls = 0
+        self.committed: dict[tuple[str, int], int] = {}
+        self.closed = False
+
+    @property
+    def assignment(self) -> list[tuple[str, int]]:
+        return sorted(self._assignment)
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    def _take(self, n: int) -> list[Record]:
+        out: list[Record] = []
+        for tp in sorted(self._assignment):
+            log = self.world.log[tp[1]]
+            while len(out) < n and self.positions[tp] < len(log):
+                out.append(log[self.positions[tp]])
+                self.positions[tp] += 1
+        return out
+
+    def poll_batch(self, max_messages: int, timeout: float) -> list[Record]:
+        self.polls += 1
+        if not self.assigned_once:
+            self._assignment = set(self.positions)
+            self.assigned_once = self.in_group = True
+            if self.on_assign:
+                self.on_assign(sorted(self._assignment))
+        if self.polls in self.revoke_at:
+            gone = self.revoke_at.pop(self.polls)
+            self.world.event("revoke", gone)
+            if self.on_revoke:
+                self.on_revoke(gone)
+            self._assignment -= set(gone)
+        if self._paused:
+            if self.leak_when_paused and not self._leaked:
+                self._leaked = True
+                got = self._take(self.leak_when_paused)
+                self.world.event("leaked", [(r.partition, r.offset) for r in got])
+                return got
+            time.sleep(min(timeout, 0.002))
+            return []
+        got = self._take(max_messages)
+        if got:
+            self.world.event("poll", [(r.partition, r.offset) for r in got])
+        else:
+            time.sleep(min(timeout, 0.002))
+        return got
+
+    def pause(self) -> None:
+        self._paused = True
+        self.world.event("pause", None)
+
+    def resume(self) -> None:
+        self._paused = False
+        self.world.event("resume", None)
+
+    def rewind(self, offsets: Mapping[tuple[str, int], int]) -> None:
+        self.world.event("rewind", dict(offsets))
+        for tp, off in offsets.items():
+            if tp in self._assignment:
+                self.positions[tp] = off
+
+    def commit(self, offsets: Mapping[tuple[str, int], int], asynchronous: bool = False) -> CommitResult:
+        kept = {tp: o for tp, o in offsets.items() if tp in self._assignment}
+        if kept:
+            self.world.check_commit(kept)
+            self.committed.update(kept)
+            self.world.event("commit", (kept, asynchronous))
+        return CommitResult(ok=True, retriable=False)
+
+    def lag(self) -> dict[tuple[str, int], int]:
+        return {}
+
+    def close(self) -> None:
+        self.closed = True
+        self.world.event("close", None)
+
+
+class World:
+    """One fake deployment: ``partitions`` logs of ``frames`` records and the fakes around them."""
+
+    def __init__(self, log: Mapping[int, list[Record]], kafka: KafkaConfig | None = None) -> None:
+        self.kafka = kafka or KafkaConfig(topic_prefix="unit-")
+        self.topic = self.kafka.frames_topic
+        self.log = {p: list(recs) for p, recs in log.items()}
+        self.events: list[tuple[str, Any]] = []
+        self.producer = FakeProducer(self)
+        self.vectors: FakeVectors | None = FakeVectors(self)
+        self.frames: FakeFrames | None = None
+        self.frames_options: dict[str, Any] = {}
+        self.violations: list[str] = []
+        self._lock = threading.Lock()
+
+    @classmethod
+    def with_frames(cls, partitions: int, per_partition: int, poison: Mapping[tuple[int, int], str] | None = None
+                    ) -> "World":
+        kafka = KafkaConfig(topic_prefix="unit-")
+        poison = dict(poison or {})
+        return cls({p: [frame(kafka.frames_topic, p, o, kind=poison.get((p, o), "good"))
+                        for o in range(per_partition)] for p in range(partitions)}, kafka)
+
+    def event(self, kind: str, data: Any) -> None:
+        with self._lock:
+            self.events.append((kind, data))
+
+    # the factories StreamConsumer takes
+    def consumer_factory(self, kafka: KafkaConfig, group_id: str, topics: list[str], *, on_assign: Callable,
+                         on_revoke: Callable, stats_interval_ms: int, **overrides: Any) -> FakeFrames:
+        assert topics == [self.topic]
+        self.frames = FakeFrames(self, on_assign, on_revoke, **self.frames_options)
+        return self.frames
+
+    def producer_factory(self, kafka: KafkaConfig) -> FakeProducer:
+        return self.producer
+
+    # what both sinks hold
+    def done(self) -> set[tuple[int, int]]:
+        """(partition, offset) of every frame whose prediction (and point) or dead letter both sinks hold."""
+        fid_at = {rec.headers["frame_id"].decode(): (rec.partition, rec.offset)
+                  for recs in self.log.values() for rec in recs if "frame_id" in rec.headers}
+        upserted = set(self.vectors.points) if self.vectors is not None else None
+        out: set[tuple[int, int]] = set()
+        for topic, _value, key, headers in self.producer.acked:
+            if topic == self.kafka.dlq_topic:
+                h = dict(headers)
+                out.add((int(h["source_partition"]), int(h["source_offset"])))
+            elif topic == self.kafka.predictions_topic:
+                fid = key.decode()
+                if upserted is None or fid in upserted:
+                    out.add(fid_at[fid])
+        return out
+
+    def check_commit(self, offsets: Mapping[tuple[str, int], int]) -> None:
+        """Every frame below a committed offset must be in both sinks at the moment of the commit."""
+        done = self.done()
+        for (_topic, p), off in offsets.items():
+            missing = [o for o in range(off) if (p, o) not in done]
+            if missing:
+                self.violations.append(f"commit of partition {p} at {off} before frames {missing[:5]} were in "
+                                       "both sinks")
+
+    def commits(self) -> list[tuple[dict[tuple[str, int], int], bool]]:
+        return [data for kind, data in self.events if kind == "commit"]
