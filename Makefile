@@ -35,10 +35,10 @@ test: $(STAMP) ## run the test suite (starts its own local services)
 bench: $(STAMP) ## streaming benchmark: ORT in-process vs naive vs the consumer; writes var/bench/results.{json,md}
 	$(VENV)/bin/mlpipe bench
 
-up: $(STAMP) ## start the local stack (Airflow UI on 127.0.0.1:8080, Triton, broker, consumer, gateway)
+up: $(STAMP) ## start the local stack (Airflow UI on 127.0.0.1:8080, Triton, broker, consumer, gateway) and its supervisor; after a crash, clean up and restart
 	$(VENV)/bin/mlpipe stack up
 
-down: ## stop the local stack started by `make up` (by recorded PIDs)
+down: ## stop the local stack started by `make up` (its supervisor, then each service's process group; within 10 s)
 	@if [ -x $(PY) ]; then $(VENV)/bin/mlpipe stack down; else echo "no venv: nothing was started"; fi
 
 status: $(STAMP) ## health of the local stack's services, URLs and the UI login

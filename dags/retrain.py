@@ -3,7 +3,11 @@
 Wiring only: the steps live in ``tasks/`` and run through ``mlpipe_steps.step``
 (a local subprocess by default, a Kubernetes pod when MLPIPE_EXECUTION=kubernetes).
 A failed validation stops the run at ``validate``; a failed QC gate rejects the
-version and skips ``deploy`` (the champion keeps serving).
+version and skips ``deploy`` (the champion keeps serving), and the final ``outcome`` task
+fails saying "REJECTED: ..." so the run is visibly not a deploy. A step that exits "bad input" or
+"rejected" (``tasks.contracts.errors``) is not retried; an outage is. On Kubernetes the
+``train`` and ``compile`` pods are deferrable (awaited in the triggerer); ``deploy`` runs in
+the ``mlpipe_serving`` pool with ``rollback``: one at a time across DAGs.
 
 Started by ``drop_arrival`` (one run per complete drop, run id ``drop__<drop_id>``), by
 ``scheduled_retrain`` (``drop_id`` = the newest validated drop since the champion,
@@ -20,7 +24,7 @@ import pendulum
 from airflow.sdk import Param, dag
 
 from mlpipe_assets import DEPLOYMENTS, DROPS, MODEL_VERSIONS
-from mlpipe_steps import qc_gate, step
+from mlpipe_steps import SERVING_POOL, qc_gate, run_outcome, step
 
 VALIDATED_DROP = "{{ ti.xcom_pull(task_ids='validate')['drop_id'] }}"
 VERSION = "{{ ti.xcom_pull(task_ids='register')['version'] }}"
@@ -61,16 +65,19 @@ def retrain():
     train = step("train", "train",
                  ["--drop-id", VALIDATED_DROP, "--epochs", "{{ params.epochs }}", "--seed", "{{ params.seed }}",
                   TRAIN_EXTRA],
-                 gpu=True, execution_timeout=timedelta(hours=2))
+                 gpu=True, deferrable=True, execution_timeout=timedelta(hours=2))
     register = step("register", "registry",
                     ["register", "--run-id", "{{ ti.xcom_pull(task_ids='train')['run_id'] }}",
                      "--drop-id", TRAINED_DROPS], outlets=[MODEL_VERSIONS])
-    compile_ = step("compile", "compile", ["--version", VERSION], gpu=True, image_env="MLPIPE_COMPILER_IMAGE")
+    compile_ = step("compile", "compile", ["--version", VERSION], gpu=True, image_env="MLPIPE_COMPILER_IMAGE",
+                    deferrable=True)
     qc = step("qc", "qc", ["--version", VERSION, "--no-fail"])
     gate = qc_gate()(qc.output)
-    deploy = step("deploy", "deploy", ["deploy", "--version", VERSION], retries=3, outlets=[DEPLOYMENTS])
+    deploy = step("deploy", "deploy", ["deploy", "--version", VERSION], retries=3, pool=SERVING_POOL,
+                  outlets=[DEPLOYMENTS])
+    outcome = run_outcome()(qc.output, deploy.output)
     validate >> train >> register >> compile_ >> qc
-    gate >> deploy
+    gate >> deploy >> outcome
 
 
 retrain()

@@ -9,7 +9,7 @@ import pendulum
 from airflow.sdk import Param, dag
 
 from mlpipe_assets import DEPLOYMENTS
-from mlpipe_steps import step
+from mlpipe_steps import SERVING_POOL, step
 
 
 @dag(
@@ -29,7 +29,7 @@ from mlpipe_steps import step
 )
 def rollback():
     step("rollback", "deploy", ["rollback", "--version", "{{ params.version }}", "--reason", "{{ params.reason }}"], retries=1,
-         outlets=[DEPLOYMENTS])
+         pool=SERVING_POOL, outlets=[DEPLOYMENTS])
 
 
 rollback()

@@ -20,8 +20,6 @@ Parse-time settings come from environment variables only (never ``Variable.get()
 
 from __future__ import annotations
 
-import os
-
 from airflow.sdk import Asset, AssetWatcher
 
 from mlpipe_triggers import DropArrivalTrigger
@@ -32,16 +30,11 @@ DEPLOYMENTS_URI = "x-mlpipe://serving/triton"
 DRIFT_URI = "x-mlpipe://monitoring/drift"
 
 
-def _float_env(name: str, default: float) -> float:
-    try:
-        return float(os.environ.get(name) or default)
-    except ValueError:
-        return default
-
-
 def drop_trigger() -> DropArrivalTrigger:
-    return DropArrivalTrigger(poll_interval=_float_env("MLPIPE_DROP_POLL_SECONDS", 5.0),
-                              redeliver_after=_float_env("MLPIPE_DROP_REDELIVER_SECONDS", 300.0))
+    from tasks.config import load_settings
+
+    af = load_settings().airflow  # MLPIPE_DROP_POLL_SECONDS, MLPIPE_DROP_REDELIVER_SECONDS
+    return DropArrivalTrigger(poll_interval=af.drop_poll_seconds, redeliver_after=af.drop_redeliver_seconds)
 
 
 DROPS = Asset(

@@ -10,15 +10,24 @@ Every step is ``mlpipe <command> <arguments> --result-json <path>`` (``python -m
   selector and tolerations for GPU steps; the result file is the pod's XCom
   sidecar file ``/airflow/xcom/return.json``.
 
-Exit codes of the step CLIs: 0 ok, 1 the input or the model is not acceptable
-(validation failed, QC gate failed), 2 bad usage / unknown id. Both are final:
-no retry. Anything else (a crash, OOM kill, a service that is down) is treated
-as transient and retried by Airflow.
+Exit codes of the step CLIs (``tasks.contracts.errors``): 0 ok; the codes in
+``FINAL_EXIT_CODES`` (``EXIT_BAD_INPUT`` 2, ``EXIT_REJECTED`` 3) are final: the task fails
+with ``AirflowFailException``, no retry, on both paths (the pod's base container exit code
+is read the same way). Anything else (``EXIT_TRANSIENT`` 75, 1 for a crash, a kill, OOM) is
+retried by Airflow.
+
+Pods: settings from the ``mlpipe-config`` ConfigMap (``docker/k8s/configmap.yaml``) and
+credentials from the ``mlpipe-credentials`` Secret, both ``envFrom``; the variables of
+``POD_ENV_PASSTHROUGH`` set in the Airflow worker's environment override them. A step
+built with ``deferrable=True`` waits for its pod in the triggerer (no worker slot held);
+the local subprocess ignores it.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import os
 import shlex
 import signal
@@ -36,7 +45,11 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 if str(PROJECT_ROOT) not in sys.path:  # so `import tasks` works in the worker
     sys.path.insert(0, str(PROJECT_ROOT))
 
-FINAL_EXIT_CODES = {1: "rejected", 2: "bad input"}
+from tasks.contracts.errors import FINAL_EXIT_CODES  # noqa: E402 - after the sys.path line above
+from tasks.contracts.pools import SERVING_POOL  # noqa: E402,F401 - for the DAGs: `pool=SERVING_POOL`
+
+POD_CONFIG_MAP = "mlpipe-config"
+POD_SECRET = "mlpipe-credentials"
 POD_XCOM_PATH = "/airflow/xcom/return.json"
 # Settings passed to pods (never credentials: those come from a Kubernetes Secret).
 POD_ENV_PASSTHROUGH = (
@@ -48,7 +61,9 @@ POD_ENV_PASSTHROUGH = (
 
 
 def execution_mode() -> str:
-    return os.environ.get("MLPIPE_EXECUTION", "local").strip().lower() or "local"
+    from tasks.config import load_settings
+
+    return load_settings().execution  # MLPIPE_EXECUTION; a bad value raises naming it
 
 
 class LocalStepOperator(BaseOperator):
@@ -71,25 +86,52 @@ class LocalStepOperator(BaseOperator):
             env = dict(os.environ)
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
             env.setdefault("PYTHONUNBUFFERED", "1")
+            env["MLPIPE_LOG_FORMAT"] = "json"  # parsed below: each record at its level, Airflow's time only
             self.log.info("step %s: %s", self.command, shlex.join(cmd))
             tail: deque[str] = deque(maxlen=20)
+            error: str | None = None
             self._proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                           cwd=PROJECT_ROOT, env=env, start_new_session=True)
             assert self._proc.stdout is not None
             for line in self._proc.stdout:
                 line = line.rstrip("\n")
                 tail.append(line)
-                self.log.info("%s", line)
+                message = self._relog(line)
+                if message is not None and message.startswith("error:"):
+                    error = message
             rc = self._proc.wait()
             if rc != 0:
-                errors = [ln for ln in tail if ln.startswith("error:") or "failed" in ln.lower()]
-                reason = (errors[-1] if errors else (tail[-1] if tail else "no output")).strip()
+                fallback = [ln for ln in tail if ln.startswith("error:") or "failed" in ln.lower()]
+                reason = (error or (fallback[-1] if fallback else (tail[-1] if tail else "no output"))).strip()
                 if rc in FINAL_EXIT_CODES:
                     raise AirflowFailException(f"step {self.command} {FINAL_EXIT_CODES[rc]} (exit {rc}): {reason}")
                 raise AirflowException(f"step {self.command} failed (exit {rc}, will retry if retries remain): {reason}")
             if result_path.exists():
                 return json.loads(result_path.read_text())
             return None
+
+    def _relog(self, line: str) -> str | None:
+        """Log one output line of the step: a JSON log record (``tasks.logs``) at its own level as
+        ``logger: message``, anything else (the printed result) as it is. Returns an ERROR record's
+        message, else None."""
+        record = None
+        if line.startswith("{") and line.endswith("}"):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+        if not (isinstance(record, dict) and {"level", "logger", "message"} <= record.keys()):
+            self.log.info("%s", line)
+            return None
+        level = logging.getLevelName(str(record["level"]))
+        level = level if isinstance(level, int) else logging.INFO
+        context = " ".join(f"{k}={record[k]}" for k in ("trace_id", "span_id", "run_id", "model_version")
+                           if record.get(k) is not None)
+        text = f"{record['logger']}: {record['message']}" + (f" [{context}]" if context else "")
+        if record.get("exc_info"):
+            text += "\n" + str(record["exc_info"])
+        self.log.log(level, "%s", text)
+        return str(record["message"]) if level >= logging.ERROR else None
 
     def on_kill(self) -> None:
         if self._proc is not None and self._proc.poll() is None:
@@ -106,12 +148,60 @@ def _parse_toleration(spec: str) -> dict[str, str]:
     return tol
 
 
-def pod_operator(task_id: str, command: str, arguments: Sequence[str], *, gpu: bool, image: str,
-                 **kwargs: Any) -> BaseOperator:
-    from kubernetes.client import models as k8s
-    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+def base_container_exit_code(pod: Any, container: str = "base") -> int | None:
+    """The exit code of ``container`` in a ``V1Pod`` when it has terminated, else None."""
+    statuses = (pod.status.container_statuses if pod is not None and pod.status else None) or []
+    status = next((s for s in statuses if s.name == container), None)
+    terminated = status.state.terminated if status is not None and status.state else None
+    return None if terminated is None else terminated.exit_code
 
-    namespace = os.environ.get("MLPIPE_K8S_NAMESPACE", "mlpipe")
+
+@functools.lru_cache(maxsize=1)
+def pod_operator_class() -> type:
+    """``StepPodOperator``: a ``KubernetesPodOperator`` whose failed pod fails the task for good
+    (``AirflowFailException``, no retry) when its base container exited with a final code.
+
+    The hook is ``cleanup(pod, remote_pod)``, which both the synchronous and the deferrable path
+    call once the pod is done, and which raises ``AirflowException`` for a failed pod."""
+    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+    from airflow.providers.cncf.kubernetes.utils.container import get_container_termination_message
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    class StepPodOperator(KubernetesPodOperator):
+        def __init__(self, *, step_command: str = "", **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.step_command = step_command
+
+        def cleanup(self, pod: Any, remote_pod: Any, *args: Any, **kwargs: Any) -> None:
+            try:
+                super().cleanup(pod, remote_pod, *args, **kwargs)
+            except (AirflowFailException, AirflowSkipException):
+                raise
+            except AirflowException as exc:
+                rc = base_container_exit_code(remote_pod, self.base_container_name)
+                if rc in FINAL_EXIT_CODES:
+                    name = getattr(getattr(remote_pod, "metadata", None), "name", None)
+                    reason = get_container_termination_message(remote_pod, self.base_container_name)
+                    raise AirflowFailException(
+                        f"step {self.step_command or self.task_id} {FINAL_EXIT_CODES[rc]} (exit {rc}, pod {name}): "
+                        + (reason.strip() if isinstance(reason, str) and reason.strip()
+                           else "not retried; the reason is the 'error:' line of the pod log above")) from exc
+                raise
+
+    StepPodOperator.__module__ = __name__
+    StepPodOperator.__qualname__ = "StepPodOperator"
+    globals()["StepPodOperator"] = StepPodOperator
+    return StepPodOperator
+
+
+def pod_operator(task_id: str, command: str, arguments: Sequence[str], *, gpu: bool, image: str,
+                 deferrable: bool = False, **kwargs: Any) -> BaseOperator:
+    from kubernetes.client import models as k8s
+
+    from tasks.config import load_settings
+
+    kcfg = load_settings().k8s  # MLPIPE_K8S_NAMESPACE, MLPIPE_GPU_NODE_SELECTOR, MLPIPE_GPU_TOLERATION
+    namespace = kcfg.namespace
     resources = k8s.V1ResourceRequirements(
         requests={"cpu": "2", "memory": "4Gi"},
         limits={"memory": "8Gi", **({"nvidia.com/gpu": "1"} if gpu else {})},
@@ -119,21 +209,22 @@ def pod_operator(task_id: str, command: str, arguments: Sequence[str], *, gpu: b
     node_selector = None
     tolerations = None
     if gpu:
-        sel = os.environ.get("MLPIPE_GPU_NODE_SELECTOR", "nvidia.com/gpu.present=true")
+        sel = kcfg.gpu_node_selector
         k, _, v = sel.partition("=")
         node_selector = {k: v}
-        tolerations = [k8s.V1Toleration(**_parse_toleration(
-            os.environ.get("MLPIPE_GPU_TOLERATION", "nvidia.com/gpu:NoSchedule")))]
+        tolerations = [k8s.V1Toleration(**_parse_toleration(kcfg.gpu_toleration))]
     env_vars = {name: os.environ[name] for name in POD_ENV_PASSTHROUGH if os.environ.get(name)}
-    return KubernetesPodOperator(
+    return pod_operator_class()(
         task_id=task_id,
+        step_command=command,
         name=f"mlpipe-{task_id}",
         namespace=namespace,
         image=image,
         cmds=["python", "-m", "tasks.cli", command],
         arguments=[*arguments, "--result-json", POD_XCOM_PATH],
         env_vars=env_vars,
-        env_from=[k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name="mlpipe-credentials", optional=True))],
+        env_from=[k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=POD_SECRET, optional=True)),
+                  k8s.V1EnvFromSource(config_map_ref=k8s.V1ConfigMapEnvSource(name=POD_CONFIG_MAP, optional=True))],
         container_resources=resources,
         node_selector=node_selector,
         tolerations=tolerations,
@@ -141,28 +232,25 @@ def pod_operator(task_id: str, command: str, arguments: Sequence[str], *, gpu: b
         do_xcom_push=True,
         get_logs=True,
         on_finish_action="delete_succeeded_pod",
+        deferrable=deferrable,
         **kwargs,
     )
 
 
-IMAGES = {  # env var naming the image -> default
-    "MLPIPE_TASKS_IMAGE": "ghcr.io/mlpipe/tasks:0.1.0",
-    "MLPIPE_TRAINER_IMAGE": "ghcr.io/mlpipe/trainer:0.1.0",
-    "MLPIPE_COMPILER_IMAGE": "ghcr.io/mlpipe/trt-compiler:0.1.0",
-}
-
-
 def step(task_id: str, command: str, arguments: Sequence[str], *, gpu: bool = False,
-         image_env: str | None = None, **kwargs: Any) -> BaseOperator:
+         image_env: str | None = None, deferrable: bool = False, **kwargs: Any) -> BaseOperator:
     """The operator for one pipeline step, chosen by ``MLPIPE_EXECUTION`` (local | kubernetes).
 
     ``image_env`` names the environment variable holding the pod image (default: the trainer
-    image for GPU steps, the tasks image otherwise)."""
+    image for GPU steps, the tasks image otherwise). ``deferrable``: the pod is awaited in the
+    triggerer (Kubernetes only). ``pool`` and the other ``BaseOperator`` arguments go to both."""
     mode = execution_mode()
     if mode == "kubernetes":
         image_env = image_env or ("MLPIPE_TRAINER_IMAGE" if gpu else "MLPIPE_TASKS_IMAGE")
-        image = os.environ.get(image_env) or IMAGES[image_env]
-        return pod_operator(task_id, command, arguments, gpu=gpu, image=image, **kwargs)
+        from tasks.config import load_settings
+
+        image = load_settings().k8s.image(image_env)  # MLPIPE_*_IMAGE, defaults in tasks/config.py
+        return pod_operator(task_id, command, arguments, gpu=gpu, image=image, deferrable=deferrable, **kwargs)
     if mode != "local":
         raise ValueError(f"MLPIPE_EXECUTION must be 'local' or 'kubernetes', got {mode!r}")
     return LocalStepOperator(task_id=task_id, command=command, arguments=arguments, **kwargs)
@@ -173,7 +261,8 @@ def qc_gate(task_id: str = "qc_gate"):
     (deploy shows as *skipped* in the graph, not silently successful) and logs why."""
     from airflow.sdk import task
 
-    @task.short_circuit(task_id=task_id)
+    # only the direct downstream (deploy) is skipped: the run's ``outcome`` task still runs (all_done)
+    @task.short_circuit(task_id=task_id, ignore_downstream_trigger_rules=False)
     def _gate(verdict: dict | None) -> bool:
         import logging
 
@@ -192,3 +281,38 @@ def qc_gate(task_id: str = "qc_gate"):
         return False
 
     return _gate
+
+
+def describe_outcome(verdict: dict | None, deployed: dict | None) -> tuple[bool, str]:
+    """(deployed?, one line for the run's log) from QC's verdict and deploy's result."""
+    version = (verdict or {}).get("version")
+    if verdict and verdict.get("verdict") == "passed" and deployed:
+        return True, f"DEPLOYED: v{version} passed QC and is serving (deploy result {deployed})"
+    if verdict and verdict.get("verdict") == "failed":
+        reasons = "; ".join(verdict.get("reasons") or []) or "no reason recorded"
+        return False, (f"REJECTED: v{version} failed the QC gate ({reasons}); deploy was skipped and the "
+                       f"champion keeps serving. Report: {verdict.get('report_uri')}")
+    if verdict and verdict.get("verdict") == "passed":
+        return False, f"NOT DEPLOYED: v{version} passed QC but deploy did not succeed (see the deploy task's log)"
+    return False, "NOT DEPLOYED: the run ended before the QC gate (see the failed task's log)"
+
+
+def run_outcome(task_id: str = "outcome"):
+    """The run's last task: green only when a version was deployed; a rejection or any other way of not
+    deploying fails it (no retry) with one line saying what happened, so a rejected run is visibly not a
+    deploy in the grid, not just a skipped box."""
+    from airflow.sdk import task
+
+    @task(task_id=task_id, trigger_rule="all_done", retries=0)
+    def _outcome(verdict: dict | None, deployed: dict | None = None) -> dict:
+        import logging
+
+        ok, line = describe_outcome(verdict, deployed)
+        if not ok:
+            logging.getLogger("mlpipe.outcome").error("%s", line)
+            raise AirflowFailException(line)
+        logging.getLogger("mlpipe.outcome").info("%s", line)
+        return {"outcome": "deployed", "version": (verdict or {}).get("version")}
+
+    return _outcome
+

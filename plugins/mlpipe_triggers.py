@@ -46,7 +46,6 @@ import asyncio
 import datetime as dt
 import hashlib
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -58,9 +57,11 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 if str(PROJECT_ROOT) not in sys.path:  # so `import tasks` works in the triggerer and the workers
     sys.path.insert(0, str(PROJECT_ROOT))
 
+from tasks.contracts import layout  # noqa: E402 - the store's keys (standard library only)
+
 logger = logging.getLogger(__name__)
 
-CLAIM_PREFIX = "triggers/drop_arrival/"
+CLAIM_PREFIX = layout.DROP_ARRIVAL_CLAIMS
 RETRAIN_DAG = "retrain"
 # How both trigger DAGs (drop_arrival, scheduled_retrain) start a retrain run: idempotent on the run id
 # (a second trigger of the same drop is a no-op), fire-and-forget, no logical date.
@@ -86,7 +87,7 @@ def retrain_run_id(drop_id: str) -> str:
 
 
 def claim_key(drop_id: str) -> str:
-    return f"{CLAIM_PREFIX}{drop_id}.json"
+    return layout.drop_arrival_claim_key(drop_id)
 
 
 def is_claimed(store: Any, drop_id: str) -> bool:
@@ -115,7 +116,7 @@ def pending_drops(store: Any) -> list[str]:
     claimed = {k[len(CLAIM_PREFIX):-len(".json")] for k in store.list(CLAIM_PREFIX) if k.endswith(".json")}
     out = []
     for drop_id in drops.list_drops(store, complete_only=True):
-        if drop_id in claimed or store.exists(f"drops/{drop_id}/validation/result.json"):
+        if drop_id in claimed or store.exists(layout.validation_result_key(drop_id)):
             continue
         out.append(drop_id)
     return out
@@ -135,13 +136,6 @@ def drop_ids_from_events(events: Iterable[Any]) -> list[str]:
     return out
 
 
-def _created_at(store: Any, drop_id: str) -> str:
-    try:
-        return str(store.get_json(f"drops/{drop_id}/_SUCCESS").get("created_at") or "")
-    except Exception:  # noqa: BLE001 - a marker that is not JSON: order by id only
-        return ""
-
-
 def retrain_plan(store: Any, model: str) -> dict[str, Any]:
     """What a scheduled retrain would train on: the validated drops since the champion was trained.
 
@@ -154,13 +148,13 @@ def retrain_plan(store: Any, model: str) -> dict[str, Any]:
 
     champ = registry.champion(store, model)
     seen = [d["drop_id"] for d in (champ or {}).get("lineage", {}).get("drops", [])]
-    cutoff = max((_created_at(store, d) for d in seen), default="")
+    cutoff = max((drops.created_at(store, d) for d in seen), default="")
     validated, not_validated, failed = [], [], []
     for drop_id in drops.list_drops(store, complete_only=True):  # oldest first
-        if drop_id in seen or (cutoff and _created_at(store, drop_id) <= cutoff):
+        if drop_id in seen or (cutoff and drops.created_at(store, drop_id) <= cutoff):
             continue
         try:
-            result = store.get_json(f"drops/{drop_id}/validation/result.json")
+            result = store.get_json(layout.validation_result_key(drop_id))
         except Exception:  # noqa: BLE001 - not validated (yet)
             not_validated.append(drop_id)
             continue
@@ -259,7 +253,9 @@ def cron_from_env(var: str, default: str, example: str) -> str | None:
     Raises ValueError naming the variable when the value is not a cron expression (the DAG file
     then shows an import error saying so).
     """
-    cron = (os.environ.get(var) or default).strip()
+    from tasks.config import load_settings
+
+    cron = (load_settings().by_env(var) or default).strip()  # a setting of the tree (tasks/config.py)
     if cron.lower() in {"off", "none", "never"}:
         return None
     from croniter import croniter

@@ -66,26 +66,19 @@ class TrackingConfig:
     connect_timeout: float
 
 
-def _env_true(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
-
-
 def tracking_config() -> TrackingConfig:
-    """Read the tracking configuration from the environment (at call time)."""
+    """The tracking configuration (``load_settings().clearml``, read at call time)."""
     from tasks.config import load_settings
 
     settings = load_settings()
-    api_host = os.environ.get("CLEARML_API_HOST", "").strip() or None
-    offline = settings.clearml_offline or api_host is None or _env_true("CLEARML_OFFLINE_MODE")
-    env_cache = os.environ.get("CLEARML_CACHE_DIR", "").strip()
-    if env_cache and env_cache != _AUTO_CACHE_DIR:
-        cache_dir = Path(env_cache)
+    cl = settings.clearml
+    api_host = cl.api_host
+    offline = cl.offline
+    if cl.cache_dir is not None and str(cl.cache_dir) != _AUTO_CACHE_DIR:
+        cache_dir = cl.cache_dir
     else:
         cache_dir = settings.home / "clearml" / "cache"
-    try:
-        timeout = float(os.environ.get("MLPIPE_CLEARML_CONNECT_TIMEOUT", "") or DEFAULT_CONNECT_TIMEOUT)
-    except ValueError:
-        timeout = DEFAULT_CONNECT_TIMEOUT
+    timeout = cl.connect_timeout
     return TrackingConfig(offline=offline, api_host=api_host, cache_dir=cache_dir.resolve(),
                           connect_timeout=max(0.1, timeout))
 
@@ -400,7 +393,7 @@ def mirror_model_version(model_name: str, version: int, stage: str, metrics: Map
     """
     from tasks.config import load_settings
 
-    project = load_settings().clearml_project
+    project = load_settings().clearml.project
     params = {"model": model_name, "version": int(version), "stage": stage}
     tags = ("registry", model_name, f"v{version}", stage)
     numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -433,4 +426,67 @@ def mirror_model_version(model_name: str, version: int, stage: str, metrics: Map
         if "offline_session" in info:
             result["offline_session"] = info["offline_session"]
     logger.info("mirrored %s v%s (%s) to ClearML task %s", model_name, version, stage, run.task_id)
+    return result
+
+
+STAGE_TAGS = ("candidate", "production", "rejected", "archived")
+
+
+def mirror_stage_change(model_name: str, version: int, stage: str, previous: str | None, reason: str,
+                        model_id: str | None = None) -> dict[str, Any]:
+    """Mirror a registry stage change to ClearML.
+
+    A ``custom`` task ``<model> v<version> [<previous> -> <stage>]`` tagged ``registry``, the model,
+    ``v<version>``, ``stage-change`` and the new stage, with the change as its parameters; for
+    ``archived``/``rejected`` the task is archived (ClearML's ``archived`` system tag). On a server, the
+    version's model (``model_id``, from the registration mirror) gets the new stage as its stage tag,
+    is published on ``production`` and archived on ``archived``/``rejected``. Offline, model queries do
+    not work: the result says so (``model_updated: False``) and the session records the change.
+    Returns ``task_id``, ``offline``, ``stage``, ``previous``, ``archived``, ``published``,
+    ``model_updated`` and ``offline_session`` (offline).
+    """
+    from tasks.config import load_settings
+
+    project = load_settings().clearml.project
+    params = {"model": model_name, "version": int(version), "stage": stage, "previous_stage": previous or "",
+              "reason": reason}
+    tags = ("registry", model_name, f"v{version}", "stage-change", stage)
+    archive = stage in ("archived", "rejected")
+    current = active_run()
+    run = current or start_run(project, f"{model_name} v{version} [{previous} -> {stage}]", params, tags=tags,
+                               task_type="custom")
+    result: dict[str, Any] = {"model": model_name, "version": int(version), "stage": stage, "previous": previous,
+                              "archived": False, "published": False, "model_updated": False}
+    try:
+        if current is not None:
+            run.log_params(params, name=f"registry_{model_name}_v{version}_{stage}")
+        elif archive:  # Task.set_archived fails offline (no system tags yet): set ClearML's archived tag itself
+            tags_now = list(run.task.get_system_tags() or [])
+            run.task.set_system_tags(tags_now + [t for t in ("archived",) if t not in tags_now])
+            result["archived"] = True
+        if model_id and not run.offline:
+            from clearml import Model
+
+            m = Model(model_id=model_id)
+            m.tags = [t for t in (m.tags or []) if t not in STAGE_TAGS] + [stage]
+            if stage == "production" and not m.published:
+                m.publish()
+                result["published"] = True
+            if archive:
+                m.archive()
+                result["archived"] = True
+            result["model_updated"] = True
+        result.update(task_id=run.task_id, offline=run.offline)
+        if run.offline and stage == "production":
+            result["publish"] = "not possible in an offline session: publish when the session is imported"
+    except Exception:
+        if current is None:
+            run.close()
+        raise
+    if current is None:
+        info = run.close()
+        if "offline_session" in info:
+            result["offline_session"] = info["offline_session"]
+    logger.info("mirrored the stage change of %s v%s (%s -> %s) to ClearML task %s", model_name, version,
+                previous, stage, run.task_id)
     return result

@@ -8,6 +8,8 @@
   flush (``flush_confirmed`` raises unless every message was acknowledged).
 * ``BatchConsumer``: a consumer-group member with manual commits, batch polls,
   pause/resume of the whole assignment and consumer-lag from client statistics.
+* ``BrokerWatch``: what identifies the broker's log (cluster id, topic ids): a change means the
+  broker lost or replaced its log (``Incarnation.changed_from``).
 * ``TailFollower``: an assign-only reader of the last N messages of topics
   (no group, nothing committed), used by the gateway's prediction cache.
 
@@ -27,24 +29,21 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import secrets
-import shutil
-import signal
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 
-from tasks.contracts.messages import FRAMES, FRAMES_DLQ, PREDICTIONS
+from tasks.contracts.errors import Transient
+from tasks.contracts.messages import DEFAULT_MAX_MESSAGE_BYTES, FRAMES, FRAMES_DLQ, PREDICTIONS
 
 logger = logging.getLogger(__name__)
 
-class BusError(RuntimeError):
-    """A Kafka operation failed (the message says which and what to check)."""
+class BusError(Transient, RuntimeError):
+    """A Kafka operation failed (the message says which and what to check; transient)."""
 
 
 class DeliveryError(BusError):
@@ -67,11 +66,6 @@ def broker_ready(bootstrap: str, timeout: float = 2.0) -> bool:
 
 
 # --------------------------------------------------------------------------- configuration
-
-
-def _env(name: str, default: str = "") -> str:
-    value = os.environ.get(name)
-    return default if value is None or value == "" else value
 
 
 _SECRET_KEYS = ("sasl.password", "ssl.key.password", "ssl.key.pem", "sasl.oauthbearer.client.secret")
@@ -101,7 +95,9 @@ class KafkaConfig:
     ``MLPIPE_KAFKA_SSL_CA`` (CA file), ``MLPIPE_KAFKA_SSL_CERT``, ``MLPIPE_KAFKA_SSL_KEY``
     (client certificate and key files), ``MLPIPE_KAFKA_TOPIC_PREFIX`` (prepended to
     every topic name), ``MLPIPE_KAFKA_CLIENT_ID``, ``MLPIPE_KAFKA_PARTITIONS`` and
-    ``MLPIPE_KAFKA_REPLICATION`` (used when topics are created).
+    ``MLPIPE_KAFKA_REPLICATION`` (used when topics are created), ``MLPIPE_MAX_MESSAGE_BYTES`` (default
+    1 000 000, librdkafka's: the producers' ``message.max.bytes`` and the topics' ``max.message.bytes``
+    when they are created; the consumer keeps every message it writes below it).
     """
 
     bootstrap: str = "127.0.0.1:9092"
@@ -116,22 +112,19 @@ class KafkaConfig:
     client_id: str = "mlpipe"
     partitions: int = 3
     replication: int = 1
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
 
     @classmethod
     def from_env(cls, **overrides: Any) -> "KafkaConfig":
+        from tasks.config import load_settings
+
+        ks = load_settings().kafka
         values: dict[str, Any] = dict(
-            bootstrap=_env("MLPIPE_KAFKA_BOOTSTRAP", "127.0.0.1:9092"),
-            security_protocol=_env("MLPIPE_KAFKA_SECURITY_PROTOCOL", "PLAINTEXT").upper(),
-            sasl_mechanism=_env("MLPIPE_KAFKA_SASL_MECHANISM", ""),
-            sasl_username=_env("MLPIPE_KAFKA_SASL_USERNAME", ""),
-            sasl_password=_env("MLPIPE_KAFKA_SASL_PASSWORD", ""),
-            ssl_ca=_env("MLPIPE_KAFKA_SSL_CA", ""),
-            ssl_cert=_env("MLPIPE_KAFKA_SSL_CERT", ""),
-            ssl_key=_env("MLPIPE_KAFKA_SSL_KEY", ""),
-            topic_prefix=_env("MLPIPE_KAFKA_TOPIC_PREFIX", ""),
-            client_id=_env("MLPIPE_KAFKA_CLIENT_ID", "mlpipe"),
-            partitions=int(_env("MLPIPE_KAFKA_PARTITIONS", "3")),
-            replication=int(_env("MLPIPE_KAFKA_REPLICATION", "1")),
+            bootstrap=ks.bootstrap, security_protocol=ks.security_protocol, sasl_mechanism=ks.sasl_mechanism,
+            sasl_username=ks.sasl_username, sasl_password=ks.sasl_password.get_secret_value(), ssl_ca=ks.ssl_ca,
+            ssl_cert=ks.ssl_cert, ssl_key=ks.ssl_key, topic_prefix=ks.topic_prefix, client_id=ks.client_id,
+            partitions=ks.partitions, replication=ks.replication,
+            max_message_bytes=_max_message_bytes(ks),
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
         cfg = cls(**values)
@@ -153,6 +146,8 @@ class KafkaConfig:
                                  "MLPIPE_KAFKA_SASL_PASSWORD")
         if not self.bootstrap:
             raise ValueError("MLPIPE_KAFKA_BOOTSTRAP is empty: set it to host:port[,host:port]")
+        if not 1024 <= self.max_message_bytes <= 1_000_000_000:
+            raise ValueError(f"MLPIPE_MAX_MESSAGE_BYTES must be within 1024..1000000000, got {self.max_message_bytes}")
 
     # topic names -------------------------------------------------------
     def topic(self, name: str) -> str:
@@ -204,6 +199,7 @@ class KafkaConfig:
             "enable.idempotence": True,  # acks=all, ordered, no duplicates from retries
             "linger.ms": 2,
             "message.timeout.ms": 60000,
+            "message.max.bytes": self.max_message_bytes,
         })
         conf.update(overrides)
         return conf
@@ -228,6 +224,20 @@ class KafkaConfig:
         conf = self.common()
         conf.update(overrides)
         return conf
+
+
+def _max_message_bytes(ks: Any) -> int:
+    """``MLPIPE_MAX_MESSAGE_BYTES``: from the settings once they carry it, else from the environment."""
+    value = getattr(ks, "max_message_bytes", None)
+    if value is None:
+        import os
+
+        raw = os.environ.get("MLPIPE_MAX_MESSAGE_BYTES", "").strip()
+        try:
+            value = int(raw) if raw else DEFAULT_MAX_MESSAGE_BYTES
+        except ValueError:
+            raise ValueError(f"MLPIPE_MAX_MESSAGE_BYTES must be an integer, got {raw!r}") from None
+    return int(value)
 
 
 def _quiet_logger() -> logging.Logger:
@@ -266,7 +276,8 @@ def ensure_topics(cfg: KafkaConfig, topics: Sequence[str] | None = None, partiti
     if missing:
         futures = admin.create_topics(
             [NewTopic(t, num_partitions=partitions or cfg.partitions,
-                      replication_factor=replication or cfg.replication) for t in missing],
+                      replication_factor=replication or cfg.replication,
+                      config={"max.message.bytes": str(cfg.max_message_bytes)}) for t in missing],
             operation_timeout=timeout, request_timeout=timeout)
         for name, fut in futures.items():
             try:
@@ -378,21 +389,40 @@ def new_traceparent(parent: str | None = None) -> str:
 # --------------------------------------------------------------------------- producer
 
 
-class DeliveryTicket:
-    """Delivery state of one ``BusProducer.produce_batch`` call."""
+def _permanent_codes() -> frozenset[int]:
+    """Produce errors no retry of the same message can cure (it is too large or malformed for the broker)."""
+    from confluent_kafka import KafkaError
 
-    __slots__ = ("pending", "failed", "errors")
+    names = ("MSG_SIZE_TOO_LARGE", "RECORD_LIST_TOO_LARGE", "INVALID_RECORD", "INVALID_MSG_SIZE", "INVALID_MSG",
+             "_INVALID_ARG")
+    return frozenset(getattr(KafkaError, n) for n in names if hasattr(KafkaError, n))
+
+
+class DeliveryTicket:
+    """Delivery state of one ``BusProducer.produce_batch`` call.
+
+    ``failed``: messages whose delivery failed and may succeed when produced again; ``rejected``:
+    ``(message, error)`` the broker or the client refused for good (larger than ``message.max.bytes``,
+    malformed): producing them again cannot succeed, the caller replaces or drops them."""
+
+    __slots__ = ("pending", "failed", "errors", "rejected", "_permanent")
 
     def __init__(self, count: int) -> None:
         self.pending = count
         self.failed: list[tuple[str, bytes | None, bytes | None, list[tuple[str, bytes]]]] = []
         self.errors: list[str] = []
+        self.rejected: list[tuple[tuple[str, bytes | None, bytes | None, list[tuple[str, bytes]]], str]] = []
+        self._permanent = _permanent_codes()
 
     def _on_delivery(self, err: Any, msg: Any) -> None:
         self.pending -= 1
         if err is not None:
-            self.errors.append(str(err))
-            self.failed.append((msg.topic(), msg.value(), msg.key(), list(msg.headers() or [])))
+            message = (msg.topic(), msg.value(), msg.key(), list(msg.headers() or []))
+            if err.code() in self._permanent:
+                self.rejected.append((message, str(err)))
+            else:
+                self.errors.append(str(err))
+                self.failed.append(message)
 
 
 class BusProducer:
@@ -450,16 +480,29 @@ class BusProducer:
 
         Tickets are meant for one thread that also calls ``wait``/``poll`` (the consumer loop).
         """
+        from confluent_kafka import KafkaException
+
         ticket = DeliveryTicket(len(messages))
         produce = self._producer.produce
         cb = ticket._on_delivery
-        for topic, value, key, headers in messages:
+        for message in messages:
+            topic, value, key, headers = message
             while True:
                 try:
                     produce(topic, value=value, key=key, headers=headers, on_delivery=cb)
                     break
                 except BufferError:
                     self._producer.poll(0.05)
+                except KafkaException as exc:  # refused before it was queued (e.g. MSG_SIZE_TOO_LARGE)
+                    err = exc.args[0] if exc.args else None
+                    code = err.code() if err is not None and hasattr(err, "code") else None
+                    ticket.pending -= 1
+                    if code in ticket._permanent:
+                        ticket.rejected.append((message, str(exc)))
+                    else:
+                        ticket.errors.append(str(exc))
+                        ticket.failed.append(message)
+                    break
         return ticket
 
     def wait(self, ticket: "DeliveryTicket", timeout: float = 30.0,
@@ -683,6 +726,30 @@ class BatchConsumer:
                 except KafkaException as exc:
                     logger.warning("seek %s[%d]@%d failed: %s", topic, part, off, exc)
 
+    def reposition(self, timeout: float = 5.0) -> dict[tuple[str, int], int]:
+        """Seek every assigned partition to the group's committed offset, or to its start when there is none
+        (the broker lost its log: the fetch positions of the old one mean nothing). Returns what was sought
+        (-2: the start)."""
+        from confluent_kafka import OFFSET_BEGINNING, KafkaException, TopicPartition
+
+        tps = self._tps()
+        if not tps:
+            return {}
+        try:
+            committed = self._consumer.committed(tps, timeout=timeout)
+        except KafkaException as exc:
+            logger.warning("committed offsets not readable (%s): re-reading from the start", exc)
+            committed = [TopicPartition(tp.topic, tp.partition, OFFSET_BEGINNING) for tp in tps]
+        out: dict[tuple[str, int], int] = {}
+        for tp in committed:
+            off = tp.offset if tp.offset >= 0 else OFFSET_BEGINNING
+            try:
+                self._consumer.seek(TopicPartition(tp.topic, tp.partition, off))
+                out[(tp.topic, tp.partition)] = off
+            except KafkaException as exc:  # not fetching yet: its position comes from the committed offset
+                logger.info("seek %s[%d] to %d: %s", tp.topic, tp.partition, off, exc)
+        return out
+
     def commit(self, offsets: Mapping[tuple[str, int], int], asynchronous: bool = False) -> CommitResult:
         """Commit ``{(topic, partition): next_offset_to_read}`` (partitions no longer assigned are skipped).
 
@@ -718,6 +785,76 @@ class BatchConsumer:
             self._consumer.close()
         except Exception as exc:  # noqa: BLE001 - closing must not raise during shutdown
             logger.warning("closing consumer: %s", exc)
+
+
+@dataclass(frozen=True)
+class Incarnation:
+    """What identifies the broker's log: its cluster id and the id of each topic (None: the topic is missing,
+    "" : the broker gives no topic ids)."""
+
+    cluster_id: str | None
+    topic_ids: tuple[tuple[str, str | None], ...]
+
+    def missing(self) -> list[str]:
+        return [t for t, tid in self.topic_ids if tid is None]
+
+    def changed_from(self, base: "Incarnation") -> str | None:
+        """Why this is not the log ``base`` described (None: the same, as far as can be told)."""
+        if base.cluster_id and self.cluster_id and base.cluster_id != self.cluster_id:
+            return f"cluster id changed from {base.cluster_id} to {self.cluster_id}"
+        now = dict(self.topic_ids)
+        for topic, old in base.topic_ids:
+            if old is None or topic not in now:
+                continue
+            new = now[topic]
+            if new is None:
+                return f"topic {topic} is gone"
+            if old and new and old != new:
+                return f"topic {topic} was re-created (id {old} -> {new})"
+        return None
+
+
+class BrokerWatch:
+    """Reads the broker's ``Incarnation`` (one metadata request and one DescribeTopics): a changed cluster id,
+    a topic that disappeared or was re-created tells that the committed offsets of the old log mean nothing
+    on this one (Tansu's memory engine after a restart, a topic deleted and created again)."""
+
+    def __init__(self, cfg: KafkaConfig, topics: Sequence[str]) -> None:
+        from confluent_kafka.admin import AdminClient
+
+        self.cfg = cfg
+        self.topics = list(topics)
+        conf = _client_logging(cfg.admin_config())
+        conf["error_cb"] = lambda err: logger.debug("kafka watch: %s", err)
+        self._admin = AdminClient(conf)
+
+    def incarnation(self, timeout: float = 2.0) -> Incarnation:
+        """The broker's current incarnation; ``BusError`` when it does not answer within ``timeout``."""
+        from confluent_kafka import KafkaException, TopicCollection
+
+        try:
+            md = self._admin.list_topics(timeout=timeout)
+        except KafkaException as exc:
+            raise BusError(f"cannot reach Kafka at {self.cfg.bootstrap}: {exc}") from exc
+        present = [t for t in self.topics if t in md.topics and md.topics[t].error is None]
+        ids: dict[str, str | None] = {t: None for t in self.topics}
+        for t in present:
+            ids[t] = ""
+        if present:
+            try:
+                futures = self._admin.describe_topics(TopicCollection(present), request_timeout=timeout)
+                for name, fut in futures.items():
+                    try:
+                        desc = fut.result(timeout=timeout)
+                        tid = getattr(desc, "topic_id", None)
+                        ids[name] = str(tid) if tid is not None else ""
+                    except KafkaException as exc:
+                        err = exc.args[0] if exc.args else None
+                        if err is not None and hasattr(err, "code") and err.code() == 3:  # UNKNOWN_TOPIC_OR_PART
+                            ids[name] = None
+            except (KafkaException, ValueError, TypeError) as exc:  # no DescribeTopics: cluster id only
+                logger.debug("describe topics: %s", exc)
+        return Incarnation(cluster_id=md.cluster_id, topic_ids=tuple((t, ids[t]) for t in self.topics))
 
 
 class TailFollower:
@@ -797,7 +934,7 @@ def _cmd_topics(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mlpipe kafka", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-level", default=None, help="(default $MLPIPE_LOG_LEVEL or INFO)")
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("topics", help="create (or --delete) the pipeline topics; connection from MLPIPE_KAFKA_*")
     p.add_argument("--bootstrap", default=None, help="override MLPIPE_KAFKA_BOOTSTRAP")
@@ -805,7 +942,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--delete", action="store_true")
     p.set_defaults(func=_cmd_topics)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from tasks.logs import setup_logging
+
+    setup_logging(args.log_level)
     try:
         return args.func(args)
     except (BusError, ValueError) as exc:

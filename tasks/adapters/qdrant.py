@@ -23,12 +23,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
+
+from tasks.contracts.errors import Transient
 
 logger = logging.getLogger(__name__)
 
@@ -36,8 +37,8 @@ COLLECTION = "predictions"
 VECTOR_SIZE = 64
 
 
-class VectorStoreError(RuntimeError):
-    """A Qdrant operation failed (the message says what to check)."""
+class VectorStoreError(Transient, RuntimeError):
+    """A Qdrant operation failed (the message says what to check; transient)."""
 
 
 @dataclass(frozen=True)
@@ -47,19 +48,22 @@ class QdrantSettings:
     api_key: str = field(default="", repr=False)
     collection: str = COLLECTION
     timeout: float = 10.0
+    local_sync: str = "normal"  # "full": keep the library's fsync per point (MLPIPE_QDRANT_LOCAL_SYNC)
 
     @classmethod
     def from_env(cls, **overrides: Any) -> "QdrantSettings":
+        """From ``load_settings().qdrant``; non-None ``overrides`` (CLI flags) win."""
         from tasks.config import load_settings
 
-        url = os.environ.get("MLPIPE_QDRANT_URL", "")
-        path = os.environ.get("MLPIPE_QDRANT_PATH", "")
+        cfg = load_settings()
+        q = cfg.qdrant
+        url, path = q.url, q.path
         if overrides.get("path") and not overrides.get("url"):
             url = ""  # an explicit local path wins over a server URL from the environment
         if not url and not path and not overrides.get("path"):
-            path = str(load_settings().home / "qdrant")
-        values: dict[str, Any] = dict(url=url, path=path, api_key=os.environ.get("MLPIPE_QDRANT_API_KEY", ""),
-                                      collection=os.environ.get("MLPIPE_QDRANT_COLLECTION", "") or COLLECTION)
+            path = cfg.qdrant_path
+        values: dict[str, Any] = dict(url=url, path=path, api_key=q.api_key.get_secret_value(),
+                                      collection=q.collection, local_sync=q.local_sync)
         values.update({k: v for k, v in overrides.items() if v is not None})
         if values.get("url"):
             values["path"] = ""
@@ -132,7 +136,7 @@ class VectorStore:
         """
         if self.settings.url or self.settings.path == ":memory:" or self._tuned:
             return
-        if os.environ.get("MLPIPE_QDRANT_LOCAL_SYNC", "").lower() == "full":
+        if self.settings.local_sync == "full":
             return
         try:
             collection = self._client._client.collections[self.collection]  # noqa: SLF001 - local mode only
@@ -231,7 +235,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     s.add_argument("frame_id")
     s.add_argument("--limit", type=int, default=5)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
+    from tasks.logs import setup_logging
+
+    setup_logging(default_level="WARNING")
     try:
         with open_vectors(create=False, url=args.url, path=args.path) as vs:
             if args.cmd == "count":

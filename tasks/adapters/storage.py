@@ -13,6 +13,7 @@ This is the only module that talks to the object store.
 
 from __future__ import annotations
 
+import fcntl
 import io
 import json
 import os
@@ -21,14 +22,16 @@ from pathlib import Path
 from typing import Any, Iterator, Protocol
 
 from tasks.config import S3Settings, Settings, load_settings
+from tasks.contracts.files import atomic_write, sha256_bytes
+from tasks.contracts.errors import BadInput, Transient
 
 
-class StoreError(RuntimeError):
-    """The object store could not be reached or refused an operation."""
+class StoreError(Transient, RuntimeError):
+    """The object store could not be reached or refused an operation (transient: an outage is retried)."""
 
 
-class ObjectNotFound(StoreError, KeyError):
-    """The key does not exist in the object store."""
+class ObjectNotFound(BadInput, StoreError, KeyError):
+    """The key does not exist in the object store (bad input: final; still a ``StoreError`` and a ``KeyError``)."""
 
     def __init__(self, key: str, where: str = "") -> None:
         self.key = key
@@ -58,6 +61,11 @@ class ObjectStore(Protocol):
     def put_file(self, key: str, path: str | Path) -> None: ...
     def get_file(self, key: str, path: str | Path) -> Path: ...
     def uri(self, key: str) -> str: ...
+    # Atomic primitives (the registry's version claims and manifest updates):
+    def put_if_absent(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> bool: ...
+    def get_with_token(self, key: str) -> tuple[bytes, str]: ...
+    def put_if_match(self, key: str, data: bytes, token: str,
+                     content_type: str = "application/octet-stream") -> bool: ...
 
 
 class _JsonMixin:
@@ -71,6 +79,24 @@ class _JsonMixin:
             return json.loads(raw)
         except json.JSONDecodeError as exc:
             raise StoreError(f"object {key} is not valid JSON: {exc}") from exc
+
+    def put_json_if_absent(self, key: str, obj: Any) -> bool:
+        """Create ``key`` with ``obj`` only if no object has that key; True when this call created it."""
+        data = json.dumps(obj, indent=2, sort_keys=True, default=str).encode()
+        return self.put_if_absent(key, data, content_type="application/json")  # type: ignore[attr-defined]
+
+    def get_json_with_token(self, key: str) -> tuple[Any, str]:
+        """``(obj, token)``: pass the token to ``put_json_if_match`` to update only an unchanged object."""
+        raw, token = self.get_with_token(key)  # type: ignore[attr-defined]
+        try:
+            return json.loads(raw), token
+        except json.JSONDecodeError as exc:
+            raise StoreError(f"object {key} is not valid JSON: {exc}") from exc
+
+    def put_json_if_match(self, key: str, obj: Any, token: str) -> bool:
+        """Replace ``key`` only if it is still the object read with ``token``; False when it changed."""
+        data = json.dumps(obj, indent=2, sort_keys=True, default=str).encode()
+        return self.put_if_match(key, data, token, content_type="application/json")  # type: ignore[attr-defined]
 
     def put_text(self, key: str, text: str, content_type: str = "text/plain; charset=utf-8") -> None:
         self.put_bytes(key, text.encode(), content_type=content_type)  # type: ignore[attr-defined]
@@ -90,28 +116,6 @@ class _JsonMixin:
         prefix = prefix.rstrip("/") + "/"
         names = {k[len(prefix):].split("/", 1)[0] for k in self.list(prefix) if "/" in k[len(prefix):]}  # type: ignore[attr-defined]
         return sorted(names)
-
-
-def atomic_write(path: str | Path, data: bytes | str, mode: int | None = None) -> None:
-    """Write ``data`` to ``path`` through a temp file in the same folder, fsync, then rename.
-
-    Readers see the old content or the new one, never a part. The file gets ``mode`` (default:
-    the temp file's 0600).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data.encode() if isinstance(data, str) else data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        if mode is not None:
-            os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class LocalStore(_JsonMixin):
@@ -165,6 +169,49 @@ class LocalStore(_JsonMixin):
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
 
+    def put_if_absent(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> bool:
+        """Exclusive create: the complete bytes go to a temp file that is ``link()``ed to the key,
+        which fails when the key exists (atomic on a local file system, across processes)."""
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return False
+            return True
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+
+    def get_with_token(self, key: str) -> tuple[bytes, str]:
+        data = self.get_bytes(key)
+        return data, sha256_bytes(data)
+
+    def put_if_match(self, key: str, data: bytes, token: str,
+                     content_type: str = "application/octet-stream") -> bool:
+        """Compare-and-swap: replace ``key`` only if its bytes still hash to ``token``. Writers that
+        use this method serialize on an exclusive lock of the key's folder."""
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            fcntl.flock(dir_fd, fcntl.LOCK_EX)
+            try:
+                current = path.read_bytes()
+            except FileNotFoundError:
+                return False
+            if sha256_bytes(current) != token:
+                return False
+            atomic_write(path, data)
+            return True
+        finally:
+            os.close(dir_fd)  # closing releases the lock
+
 
 class S3Store(_JsonMixin):
     """An S3-compatible bucket (MinIO in production) through the ``minio`` SDK."""
@@ -182,8 +229,8 @@ class S3Store(_JsonMixin):
         # credentials in the environment or at a metadata address.
         self.client = Minio(
             s3.endpoint,
-            access_key=s3.access_key,
-            secret_key=s3.secret_key,
+            access_key=s3.access_key.get_secret_value(),
+            secret_key=s3.secret_key.get_secret_value(),
             secure=s3.secure,
             region=s3.region,
         )
@@ -191,6 +238,8 @@ class S3Store(_JsonMixin):
             try:
                 if not self.client.bucket_exists(bucket):
                     self.client.make_bucket(bucket)
+            except ValueError:  # the SDK's check of the bucket name: a setting to fix, not an outage
+                raise
             except Exception as exc:  # noqa: BLE001 - name the endpoint for the reader
                 raise StoreError(f"cannot reach S3 endpoint {s3.endpoint} (bucket {bucket}): {exc}") from exc
 
@@ -269,6 +318,45 @@ class S3Store(_JsonMixin):
             self.client.remove_object(self.bucket, self._name(key))
         except Exception as exc:  # noqa: BLE001
             raise self._wrap(key, exc) from exc
+
+    def _conditional_put(self, key: str, data: bytes, content_type: str, condition: dict[str, str]) -> bool:
+        """PUT with an ``If-None-Match``/``If-Match`` precondition (S3 conditional writes; MinIO and
+        moto support both). ``put_object`` of the SDK would send them as user metadata, so this goes
+        through the SDK's plain PutObject call. False when the precondition failed (HTTP 412)."""
+        from minio.error import S3Error
+
+        headers = {"Content-Type": content_type, **condition}
+        try:
+            self.client._put_object(self.bucket, self._name(key), data, headers=headers)  # noqa: SLF001
+            return True
+        except S3Error as exc:
+            if exc.code in {"PreconditionFailed", "ConditionalRequestConflict"} or (
+                    exc.response is not None and exc.response.status in (409, 412)):
+                return False
+            if exc.code in {"NoSuchKey", "NoSuchObject"} and "If-Match" in condition:
+                return False
+            raise self._wrap(key, exc) from exc
+        except Exception as exc:  # noqa: BLE001
+            raise self._wrap(key, exc) from exc
+
+    def put_if_absent(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> bool:
+        return self._conditional_put(key, data, content_type, {"If-None-Match": "*"})
+
+    def get_with_token(self, key: str) -> tuple[bytes, str]:
+        """The bytes and the ETag they were read with."""
+        try:
+            resp = self.client.get_object(self.bucket, self._name(key))
+            try:
+                return resp.read(), str(resp.headers.get("etag", "")).strip('"')
+            finally:
+                resp.close()
+                resp.release_conn()
+        except Exception as exc:  # noqa: BLE001
+            raise self._wrap(key, exc) from exc
+
+    def put_if_match(self, key: str, data: bytes, token: str,
+                     content_type: str = "application/octet-stream") -> bool:
+        return self._conditional_put(key, data, content_type, {"If-Match": f'"{token}"'})
 
 
 Store = LocalStore | S3Store

@@ -10,23 +10,12 @@ loads one classifier version.
 
 from __future__ import annotations
 
-import argparse
-import atexit
-import importlib.util
-import json
 import logging
-import os
-import shutil
-import signal
-import subprocess
-import sys
-import sysconfig
 import threading
 import time
-import uuid
-from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence, TypeVar
 
+from tasks.contracts.errors import Transient
 from tasks.contracts.serving import MAX_BATCH
 
 logger = logging.getLogger(__name__)
@@ -36,8 +25,8 @@ ENSEMBLE_OUTPUTS = ("LABEL", "SCORE", "TOPK_LABELS", "TOPK_SCORES", "EMBEDDING")
 DEFAULT_TIMEOUT_S = 30.0
 
 
-class TritonError(RuntimeError):
-    """A Triton call failed. ``url``, ``model`` and ``what`` say where; ``unreachable`` if the server was down."""
+class TritonError(Transient, RuntimeError):
+    """A Triton call failed (transient: retried). ``url``, ``model`` and ``what`` say where; ``unreachable`` if the server was down."""
 
     def __init__(self, message: str, *, url: str = "", model: str = "", what: str = "",
                  unreachable: bool = False) -> None:

@@ -28,6 +28,17 @@ H_DEVICE_ID = "device_id"
 IMAGE_SIZE = 28
 RAW_BYTES = IMAGE_SIZE * IMAGE_SIZE
 DEFAULT_MAX_FRAME_BYTES = 64 * 1024
+#: Largest Kafka message (value + key + headers) any producer of the pipeline writes: librdkafka's default
+#: ``message.max.bytes`` (1 MB; a larger message fails with MSG_SIZE_TOO_LARGE). One setting
+#: (``MLPIPE_MAX_MESSAGE_BYTES``) sets the producers' ``message.max.bytes`` and the topics'
+#: ``max.message.bytes``; the consumer keeps every prediction and dead letter below it.
+DEFAULT_MAX_MESSAGE_BYTES = 1_000_000
+#: Headers of one frame (names + values) above this make it a dead letter (``oversize_headers``); a dead
+#: letter keeps an original header only up to ``MAX_HEADER_VALUE_BYTES`` (the fact of any drop is recorded).
+DEFAULT_MAX_HEADERS_BYTES = 16 * 1024
+MAX_HEADER_VALUE_BYTES = 4 * 1024
+#: Largest frame key (device id) accepted.
+MAX_KEY_BYTES = 1024
 
 #: content types whose value is the raw pixels: 784 bytes, row-major, uint8.
 RAW_CONTENT_TYPES = frozenset({"application/x-raw-uint8", "application/x-mlpipe-raw"})
@@ -42,7 +53,18 @@ R_EMPTY = "empty"
 R_UNDECODABLE = "undecodable"
 R_WRONG_SHAPE = "wrong_shape"
 R_UNSUPPORTED = "unsupported_content_type"
-DLQ_REASONS = (R_MISSING_ID, R_INVALID_ID, R_OVERSIZE, R_EMPTY, R_UNDECODABLE, R_WRONG_SHAPE, R_UNSUPPORTED)
+R_OVERSIZE_HEADERS = "oversize_headers"  # headers or key above their limit
+R_INFERENCE_FAILED = "inference_failed"  # Triton rejected this frame (a permanent error, found by bisection)
+R_UNDELIVERABLE = "undeliverable"  # the broker permanently refused the prediction (e.g. larger than its limit)
+R_INFERENCE_UNAVAILABLE = "inference_unavailable"  # Triton unavailable for longer than the consumer's hold bound
+DLQ_REASONS = (R_MISSING_ID, R_INVALID_ID, R_OVERSIZE, R_EMPTY, R_UNDECODABLE, R_WRONG_SHAPE, R_UNSUPPORTED,
+               R_OVERSIZE_HEADERS, R_INFERENCE_FAILED, R_UNDELIVERABLE, R_INFERENCE_UNAVAILABLE)
+
+# Dead-letter headers added by the consumer (besides ``reason``).
+H_REASON_DETAIL = "reason_detail"
+H_ORIGINAL = "original"  # object-store key prefix of the stored original (value + record.json) when it was too large
+H_ORIGINAL_BYTES = "original_bytes"  # size of the original value
+H_HEADERS_DROPPED = "headers_dropped"  # "name:size,..." of original headers not copied onto the dead letter
 
 
 class FrameRejected(ValueError):

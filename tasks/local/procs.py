@@ -43,19 +43,6 @@ def http_ok(url: str, timeout: float = 1.0) -> bool:
         return False
 
 
-def proc_stat_fields(pid: int) -> list[str] | None:
-    """The fields of ``/proc/<pid>/stat`` after ``(comm)``: state, ppid, pgrp, session, ...; None when gone.
-
-    Index 0 is the state, 1 the parent pid, 2 the process group, 3 the session, 11/12 user/system
-    CPU ticks, 19 the start time in clock ticks (``man 5 proc``, fields 3 and on).
-    """
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return raw[raw.rfind(")") + 2:].split()  # comm may hold spaces and parentheses
-
-
 def wait_until(check: Callable[[], bool], timeout: float, what: str, interval: float = 0.1,
                alive: Callable[[], bool] | None = None) -> None:
     """Poll ``check`` until true; raise TimeoutError naming ``what`` otherwise."""
@@ -70,11 +57,16 @@ def wait_until(check: Callable[[], bool], timeout: float, what: str, interval: f
 
 
 class ManagedProcess:
-    """A child process whose stdout/stderr go to ``log_path``."""
+    """A child process whose stdout/stderr go to ``log_path``.
+
+    ``new_session`` (default): the child leads a new session and process group (pgid == sid == its
+    pid), so it and everything it forks can be stopped as a group; False keeps it in ours (a server
+    started by a service wrapper that is itself stopped as a group)."""
 
     def __init__(self, name: str, argv: Sequence[str], log_path: Path,
-                 env: Mapping[str, str] | None = None, cwd: Path | None = None) -> None:
+                 env: Mapping[str, str] | None = None, cwd: Path | None = None, new_session: bool = True) -> None:
         self.name = name
+        self.new_session = new_session
         self.argv = list(argv)
         self.log_path = Path(log_path)
         self.env = dict(env) if env is not None else None
@@ -91,7 +83,7 @@ class ManagedProcess:
         try:
             self.proc = subprocess.Popen(
                 self.argv, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.cwd,
-                start_new_session=True,
+                start_new_session=self.new_session,
             )
         finally:
             log.close()

@@ -28,9 +28,10 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 from tasks.adapters.triton import TritonClient, TritonError, TritonNotFound
+from tasks.contracts.files import atomic_write
 from tasks.local.procs import LOOPBACK, ManagedProcess, free_port, http_ok, wait_until
 
 logger = logging.getLogger(__name__)
@@ -132,6 +133,53 @@ def _default_backend_dir() -> Path:
 
 
 # ----------------------------------------------------------------------------------------------
+# Python-backend shared memory
+# ----------------------------------------------------------------------------------------------
+
+SHM_DIR = Path("/dev/shm")
+#: the Python backend's own prefix (``triton_python_backend_shm_region_<uuid>``) when none is configured
+DEFAULT_SHM_PREFIX = "triton_python_backend_shm_region_"
+_SHM_PREFIX_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
+
+
+def new_shm_prefix() -> str:
+    """A prefix for one server's Python-backend shm regions (``mlpipe_<12 hex>_``)."""
+    return f"mlpipe_{uuid.uuid4().hex[:12]}_"
+
+
+def _check_shm_prefix(prefix: str) -> str:
+    if (len(prefix) < 8 or not set(prefix) <= _SHM_PREFIX_CHARS or prefix.startswith(DEFAULT_SHM_PREFIX)
+            or DEFAULT_SHM_PREFIX.startswith(prefix)):
+        raise ValueError(f"shm prefix {prefix!r}: use 8 or more of [A-Za-z0-9_-], not the backend's default")
+    return prefix
+
+
+def shm_regions(prefix: str, shm_dir: Path = SHM_DIR) -> list[Path]:
+    """The shared-memory regions named with ``prefix`` (left behind by a killed server's stubs)."""
+    _check_shm_prefix(prefix)
+    try:
+        return sorted(p for p in shm_dir.iterdir() if p.name.startswith(prefix))
+    except FileNotFoundError:
+        return []
+
+
+def remove_shm_regions(prefix: str, shm_dir: Path = SHM_DIR) -> list[str]:
+    """Remove the regions with ``prefix`` (only those: other servers' regions are left alone)."""
+    removed = []
+    for path in shm_regions(prefix, shm_dir):
+        try:
+            path.unlink()
+            removed.append(path.name)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            logger.warning("cannot remove shared memory %s: %s", path, exc)
+    if removed:
+        logger.info("removed %d Python-backend shm region(s) with prefix %s", len(removed), prefix)
+    return removed
+
+
+# ----------------------------------------------------------------------------------------------
 # The local server
 # ----------------------------------------------------------------------------------------------
 
@@ -145,13 +193,18 @@ class LocalTriton:
     client), ``--strict-readiness=false`` (a failed model load does not turn the server
     unready), ``--exit-on-error=false`` (a broken model does not stop the server),
     127.0.0.1 only. Ports not given are picked free; a start lost to a port race is retried.
+
+    The Python-backend stubs name their shared memory ``<shm_prefix><uuid>`` in /dev/shm
+    (``shm-region-prefix-name``; a unique prefix unless given): a killed server's regions are
+    removed on ``stop()`` and, with a prefix that outlives one process (the local stack's), on the
+    next ``start()``. ``new_session=False`` keeps the server in the caller's process group.
     """
 
     def __init__(self, model_repository: Path, log_dir: Path, *, http_port: int | None = None,
                  grpc_port: int | None = None, metrics_port: int | None = None,
                  python_exe: str | Path | None = None, backend_dir: Path | None = None,
                  load_models: Sequence[str] = (), extra_args: Sequence[str] = (),
-                 exit_timeout_s: int = 10) -> None:
+                 exit_timeout_s: int = 10, shm_prefix: str | None = None, new_session: bool = True) -> None:
         self.model_repository = Path(model_repository).resolve()
         self.log_dir = Path(log_dir)
         self._ports_given = (http_port, grpc_port, metrics_port)
@@ -165,6 +218,8 @@ class LocalTriton:
         self.load_models = list(load_models)
         self.extra_args = list(extra_args)
         self.exit_timeout_s = exit_timeout_s
+        self.shm_prefix = _check_shm_prefix(shm_prefix) if shm_prefix else new_shm_prefix()
+        self.new_session = new_session
         self.log_path = self.log_dir / "tritonserver.log"
         self.startup_s: float | None = None
         self._proc: ManagedProcess | None = None
@@ -193,7 +248,7 @@ class LocalTriton:
         return TritonClient(self.grpc_url if protocol == "grpc" else self.http_url, protocol=protocol, **kwargs)
 
     def info(self) -> dict[str, Any]:
-        return {"pid": self.pid, "http_url": self.http_url, "grpc_url": self.grpc_url,
+        return {"pid": self.pid, "shm_prefix": self.shm_prefix, "http_url": self.http_url, "grpc_url": self.grpc_url,
                 "metrics_url": self.metrics_url, "model_repository": str(self.model_repository),
                 "log": str(self.log_path), "startup_s": self.startup_s}
 
@@ -213,6 +268,7 @@ class LocalTriton:
             f"--metrics-address={LOOPBACK}", f"--metrics-port={self.metrics_port}",
             "--allow-gpu-metrics=false",
             "--pinned-memory-pool-byte-size=0",
+            f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
         ]
         argv += [f"--load-model={m}" for m in self.load_models]
         return argv + self.extra_args
@@ -238,6 +294,7 @@ class LocalTriton:
         python_version, libpython_dir = _python_info(self.python_exe)
         backend_dir = prepare_backends(self.backend_dir or _default_backend_dir(), python_version)
         env = self._env(libpython_dir)
+        remove_shm_regions(self.shm_prefix)  # left by a server with this prefix that was killed
         auto_ports = not all(self._ports_given)
         attempts = 3 if auto_ports else 1
         for attempt in range(1, attempts + 1):
@@ -248,7 +305,7 @@ class LocalTriton:
             log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
             t0 = time.monotonic()
             self._proc = ManagedProcess("tritonserver", self._argv(backend_dir), self.log_path, env=env,
-                                        cwd=self.log_dir).start()
+                                        cwd=self.log_dir, new_session=self.new_session).start()
             logger.info("starting tritonserver pid %s (http %s, grpc %s), log %s", self.pid, self.http_url,
                         self.grpc_url, self.log_path)
             try:
@@ -285,21 +342,25 @@ class LocalTriton:
         if self._proc is None:
             return None
         pid = self._proc.pid
+        stubs = _children(pid) if pid is not None and self._proc.alive() else []
         code = self._proc.stop(timeout=timeout)
-        # Python-backend stubs are our grandchildren in the session we created for the server
-        # (start_new_session: process group id == server pid); reap any the server left behind.
-        if pid is not None:
+        # Python-backend stubs are the server's children: in the session we created for it
+        # (start_new_session: process group id == server pid), or found by PID in ours.
+        if pid is not None and self.new_session:
             try:
                 os.killpg(pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
-                return code
-            deadline = time.monotonic() + 5
-            while time.monotonic() < deadline:  # until the (re-parented) stubs are reaped
-                try:
-                    os.killpg(pid, 0)
-                except (ProcessLookupError, PermissionError):
-                    break
-                time.sleep(0.05)
+                pass
+            else:
+                deadline = time.monotonic() + 5
+                while time.monotonic() < deadline:  # until the (re-parented) stubs are reaped
+                    try:
+                        os.killpg(pid, 0)
+                    except (ProcessLookupError, PermissionError):
+                        break
+                    time.sleep(0.05)
+        _kill_all(stubs)
+        remove_shm_regions(self.shm_prefix)
         return code
 
     def _stop_at_exit(self) -> None:
@@ -328,6 +389,28 @@ class LocalTriton:
 
 
 
+def _children(pid: int) -> list[Any]:
+    import psutil
+
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def _kill_all(procs: Sequence[Any], timeout: float = 5.0) -> None:
+    """SIGKILL the processes (psutil, so a reused PID is left alone) and wait until they are gone."""
+    import psutil
+
+    for proc in procs:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    if procs:
+        psutil.wait_procs(list(procs), timeout=timeout)
+
+
 # ----------------------------------------------------------------------------------------------
 # CLI
 # ----------------------------------------------------------------------------------------------
@@ -349,6 +432,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="load this model at start-up (repeatable; '*' loads every model)")
     s.add_argument("--state-file", type=Path, help="write pid and URLs here as JSON once live (removed on exit)")
     s.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the server to be live")
+    s.add_argument("--shm-prefix", default=None,
+                   help="prefix of the Python-backend shm regions in /dev/shm (default: a unique one); regions "
+                        "with it left by a killed server are removed at start")
+    s.add_argument("--same-group", action="store_true",
+                   help="keep tritonserver in this process's group (the local stack stops services as groups)")
     st = sub.add_parser("status", help="health, repository index and model readiness of a running server")
     st.add_argument("--url", required=True, help="host:port (gRPC port with --protocol grpc)")
     st.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
@@ -369,7 +457,8 @@ def _serve(args: argparse.Namespace) -> int:
     home = load_settings().home
     triton = LocalTriton(args.model_repository or default_repo_dir(), args.log_dir or home / "logs" / "triton",
                          http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port,
-                         backend_dir=args.backend_dir, load_models=args.load_model)
+                         backend_dir=args.backend_dir, load_models=args.load_model, shm_prefix=args.shm_prefix,
+                         new_session=not args.same_group)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -377,9 +466,8 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         info = triton.info()
         print(json.dumps(info, indent=2), flush=True)
-        if args.state_file:
-            args.state_file.parent.mkdir(parents=True, exist_ok=True)
-            args.state_file.write_text(json.dumps(info, indent=2))
+        if args.state_file:  # a reader waits for this file: it appears whole
+            atomic_write(args.state_file, json.dumps(info, indent=2), 0o644)
         while not stop.wait(1.0):
             if not triton.alive():
                 print(f"error: tritonserver exited; log {triton.log_path}:\n{triton.log_tail(20)}", file=sys.stderr)
@@ -392,7 +480,9 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from tasks.logs import setup_logging
+
+    setup_logging()
     args = _parser().parse_args(argv)
     try:
         if args.cmd == "serve":

@@ -1,4 +1,5 @@
-"""Frame values to pixels and back: the decoder every reader of ``frames`` shares (consumer, gateway, monitor)."""
+"""Frame values to pixels and back: the decoder every reader of ``frames`` shares (consumer, gateway, monitor),
+and the one PNG encoder / plain PNG decoder (drops, producers, tests)."""
 
 from __future__ import annotations
 
@@ -113,9 +114,28 @@ def decode_image(payload: bytes | None, content_type: str | None = None,
 
 
 def encode_png(image: "np.ndarray") -> bytes:
-    """A uint8 ``[28, 28]`` array as an 8-bit grayscale PNG (for producers, tests and the demo)."""
+    """A uint8 ``[H, W]`` array as an 8-bit grayscale PNG, deterministic (same pixels, same bytes): the
+    images of drops, and frames of producers, tests and the demo."""
     from PIL import Image
 
     buf = io.BytesIO()
-    Image.fromarray(image.astype("uint8"), "L").save(buf, "PNG")
+    Image.fromarray(image.astype("uint8"), "L").save(buf, "PNG", optimize=False, compress_level=6)
     return buf.getvalue()
+
+
+def decode_png(data: bytes) -> "np.ndarray":
+    """PNG bytes -> uint8 array ``[H, W]`` of any size; ``ValueError`` when undecodable or not 8-bit
+    grayscale. (A frame value goes through :func:`decode_image`, which also checks the contract.)"""
+    import numpy as np
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            if im.mode != "L":
+                raise ValueError(f"image mode {im.mode}, expected 8-bit grayscale (L)")
+            return np.asarray(im, dtype=np.uint8).copy()
+    except ValueError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad bytes
+        raise ValueError(f"not a decodable PNG: {exc}") from None

@@ -19,6 +19,8 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
+from tasks.contracts.errors import Rejected
+
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
     import torch
@@ -38,8 +40,8 @@ MNIST_MEAN = 0.1307
 MNIST_STD = 0.3081
 
 
-class ParityError(RuntimeError):
-    """ONNX Runtime and PyTorch disagree by more than the tolerance."""
+class ParityError(Rejected, RuntimeError):
+    """ONNX Runtime and PyTorch disagree by more than the tolerance (the model is rejected: final)."""
 
 
 def _define_classes() -> type:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from tasks.adapters.triton import TritonClient, TritonError
 
@@ -14,20 +14,25 @@ logger = logging.getLogger(__name__)
 
 
 def serve_classifier_version(client: TritonClient, repo_dir: Path, model_name: str, version: int,
-                             timeout: float = 120.0) -> dict[str, Any]:
+                             timeout: float = 120.0, sync: Callable[[], None] | None = None) -> dict[str, Any]:
     """Make Triton serve exactly classifier ``version`` of ``model_name`` (the version folder must exist).
 
     Pins the version in ``<model>_classifier/config.pbtxt`` (atomic rewrite, new mtime), reloads the
     classifier (Triton loads the new version before it retires the old one, and reloads the ensemble
     that depends on it), loads the ensemble if it was not loaded, and checks that exactly
     ``version`` is READY. Returns ``{"model", "classifier", "version", "ready_versions"}``.
+
+    ``sync`` is called after each change of the pin and before Triton is told anything: for a
+    repository kept in object storage, ``repo_dir`` is a local copy and ``sync`` uploads it.
     """
     from tasks.model.repo import classifier_name, serving_version, set_serving_version
 
     clf = classifier_name(model_name)
     previous = serving_version(repo_dir, model_name)
     set_serving_version(repo_dir, model_name, version)
+    publish = sync or (lambda: None)
     try:
+        publish()
         client.load_model(clf)
         if not client.model_ready(model_name):
             client.load_model(model_name)
@@ -42,6 +47,7 @@ def serve_classifier_version(client: TritonClient, repo_dir: Path, model_name: s
         if previous is not None and previous != version:
             try:
                 set_serving_version(repo_dir, model_name, previous)
+                publish()
                 note = f"; config.pbtxt pins version {previous} again (Triton keeps serving it if it was loaded)"
             except Exception as restore_exc:  # noqa: BLE001 - report both failures
                 note = f"; restoring the pin on version {previous} failed too: {restore_exc}"

@@ -28,7 +28,28 @@ the frame (another replica answers 404 until the prediction arrives).
 
 Auth: ``Authorization: Bearer <MLPIPE_GATEWAY_TOKEN>`` on ``/v1/*`` (401
 without it or with a wrong one; compared in constant time, never logged).
-Unauthenticated: ``/healthz``, ``/readyz``, ``/openapi.json``, ``/docs``.
+Unauthenticated: ``/healthz``, ``/readyz``, ``/metrics``, ``/openapi.json``, ``/docs``.
+
+Limits (``MLPIPE_GATEWAY_*``, see the README's table; the code is ``tasks.serving.gateway_limits``):
+
+* Headers: the request line + headers may be ``MLPIPE_GATEWAY_MAX_HEADER_BYTES`` (16 KiB) at most and
+  hold ``MLPIPE_GATEWAY_MAX_HEADERS`` (100) fields, else 431. uvicorn runs the h11 protocol (httptools
+  bounds no header size), which stops buffering at the limit; the refused connection is half-closed and
+  drained (bounded) so the client reads the 431.
+* Body: ``MLPIPE_MAX_FRAME_BYTES`` (the consumer's limit too; it must fit ``MLPIPE_MAX_MESSAGE_BYTES``,
+  the producer's) -> 413 from ``Content-Length`` or as soon as the streamed body passes it.
+* Rate: a token bucket per bearer token (``MLPIPE_GATEWAY_RATE_PER_S``, ``MLPIPE_GATEWAY_RATE_BURST``)
+  on every authenticated ``/v1/*`` request, and ``MLPIPE_GATEWAY_QUOTA`` frames per
+  ``MLPIPE_GATEWAY_QUOTA_WINDOW_S`` per token: 429 with ``Retry-After`` (whole seconds) and
+  ``{"detail": {"reason", "limit", "retry_after", "message"}}``. Auth comes first: a 401 consumes nothing.
+* Time: headers within ``MLPIPE_GATEWAY_HEADER_TIMEOUT_S`` of a request's first byte (408), the body
+  within ``MLPIPE_GATEWAY_BODY_TIMEOUT_S`` (408), idle keep-alive ``MLPIPE_GATEWAY_KEEP_ALIVE_S``, Kafka's
+  acknowledgement within ``MLPIPE_GATEWAY_PRODUCE_TIMEOUT_S`` (503 with ``Retry-After``).
+* Credentials in the URL (``?token=``, ``?access_token=``, ...) answer 400 and are redacted from every
+  log line (uvicorn's access log prints query strings).
+
+Every refusal is counted in ``mlpipe_gateway_rejected_total{reason}`` (``/metrics``, also in ``/readyz``)
+and logged as a warning (the first, then at most one line per reason every 10 s with the count).
 """
 
 
@@ -38,7 +59,6 @@ import asyncio
 import datetime as dt
 import hmac
 import logging
-import os
 import re
 import sys
 import threading
@@ -58,6 +78,17 @@ logger = logging.getLogger(__name__)
 
 DEVICE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}$")
 MULTIPART_SLACK = 16 * 1024  # multipart envelope allowed on top of the frame size limit
+FRAME_MESSAGE_SLACK = 4096  # Kafka key, headers and record overhead on top of a frame
+
+
+def _metrics() -> tuple[Any, Any]:
+    """A registry of this app's own (so several apps in one process do not collide) and its counter."""
+    from prometheus_client import CollectorRegistry, Counter
+
+    registry = CollectorRegistry()
+    counter = Counter("mlpipe_gateway_rejected", "requests the gateway refused, by reason", ["reason"],
+                      registry=registry)
+    return registry, counter
 
 
 @dataclass(frozen=True)
@@ -69,17 +100,35 @@ class GatewaySettings:
     produce_timeout_s: float = 10.0
     create_topics: bool = True
     follow_predictions: bool = True
+    max_header_bytes: int = 16 * 1024
+    max_headers: int = 100
+    rate_per_s: float = 1000.0  # 0: no rate limit
+    rate_burst: int = 2000
+    quota: int = 0  # frames per token per quota window; 0: no quota
+    quota_window_s: float = 3600.0
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 10.0
+    keep_alive_s: float = 5.0
 
     def __repr__(self) -> str:  # never show the token
         return (f"GatewaySettings(auth={'off' if self.auth_disabled else 'bearer'}, max_frame_bytes="
-                f"{self.max_frame_bytes}, cache_size={self.cache_size})")
+                f"{self.max_frame_bytes}, cache_size={self.cache_size}, max_header_bytes={self.max_header_bytes}, "
+                f"rate={self.rate_per_s:g}/s burst={self.rate_burst}, quota={self.quota or 'none'}"
+                f"{f'/{self.quota_window_s:g}s' if self.quota else ''})")
 
     @classmethod
     def from_env(cls, **overrides: Any) -> "GatewaySettings":
+        """From ``load_settings().gateway``; non-None ``overrides`` (CLI flags) win."""
+        from tasks.config import load_settings
+
+        gw = load_settings().gateway
         values: dict[str, Any] = dict(
-            token=os.environ.get("MLPIPE_GATEWAY_TOKEN") or None,
-            max_frame_bytes=int(os.environ.get("MLPIPE_MAX_FRAME_BYTES") or 64 * 1024),
-            cache_size=int(os.environ.get("MLPIPE_GATEWAY_CACHE_SIZE") or 100_000),
+            token=gw.token.get_secret_value() if gw.token is not None else None,
+            max_frame_bytes=gw.max_frame_bytes,
+            cache_size=gw.cache_size,
+            **{name: getattr(gw, name) for name in (
+                "max_header_bytes", "max_headers", "rate_per_s", "rate_burst", "quota", "quota_window_s",
+                "header_timeout_s", "body_timeout_s", "keep_alive_s", "produce_timeout_s")},
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
         s = cls(**values)
@@ -195,8 +244,18 @@ def create_app(kafka: "KafkaConfig", settings: GatewaySettings) -> "FastAPI":
     from tasks.contracts.messages import H_CAPTURED_AT, H_CONTENT_TYPE, H_FRAME_ID, H_TRACEPARENT
     from tasks.contracts.messages import OCTET_STREAM, RAW_BYTES, RAW_CONTENT_TYPES, FrameRejected, media_type
     from tasks.model.frames import decode_pixels
+    from tasks.serving.gateway_limits import RateLimiter, Refusal, Rejections, RequestGuard, token_id
 
+    if settings.max_frame_bytes + FRAME_MESSAGE_SLACK > kafka.max_message_bytes:
+        most = kafka.max_message_bytes - FRAME_MESSAGE_SLACK
+        raise ValueError(f"MLPIPE_MAX_FRAME_BYTES ({settings.max_frame_bytes}) must be at most "
+                         f"MLPIPE_MAX_MESSAGE_BYTES - {FRAME_MESSAGE_SLACK} ({most}): a frame the gateway "
+                         "accepts must fit in one Kafka message")
     state: dict[str, Any] = {}
+    registry, rejected_counter = _metrics()
+    rejections = Rejections(rejected_counter)
+    limiter = RateLimiter(settings.rate_per_s, settings.rate_burst, settings.quota, settings.quota_window_s)
+    token_key = token_id(settings.token) if settings.token else "anonymous"
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -235,23 +294,48 @@ def create_app(kafka: "KafkaConfig", settings: GatewaySettings) -> "FastAPI":
                     "and returns predictions by frame id.",
         lifespan=lifespan,
     )
+    app.state.rejections = rejections
+    app.state.limiter = limiter
+    app.add_middleware(RequestGuard, max_headers=settings.max_headers, max_header_bytes=settings.max_header_bytes,
+                       rejections=rejections)
     bearer = HTTPBearer(auto_error=False, description="MLPIPE_GATEWAY_TOKEN")
 
     class AuthError(Exception):
         pass
 
+    class Limited(Exception):
+        def __init__(self, refusal: Refusal) -> None:
+            super().__init__(refusal.message)
+            self.refusal = refusal
+
     @app.exception_handler(AuthError)
     async def _auth_error(request: Request, exc: AuthError) -> JSONResponse:
         return _error(401, "unauthorized", str(exc), {"WWW-Authenticate": "Bearer"})
 
-    async def require_token(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+    @app.exception_handler(Limited)
+    async def _limited(request: Request, exc: Limited) -> JSONResponse:
+        r = exc.refusal
+        reason = "rate_limited" if r.limit == "rate" else "quota_exceeded"
+        return JSONResponse(status_code=429, headers={"Retry-After": str(r.retry_after)}, content={
+            "detail": {"reason": reason, "limit": r.limit, "retry_after": r.retry_after, "message": r.message}})
+
+    async def require_token(request: Request, creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        """Authentication first (a 401 consumes no rate or quota), then the token's rate limit and quota."""
         if settings.auth_disabled:
-            return
-        if creds is None or creds.scheme.lower() != "bearer" or not creds.credentials:
-            raise AuthError("missing bearer token: send 'Authorization: Bearer <token>'")
-        assert settings.token is not None
-        if not hmac.compare_digest(creds.credentials.encode(), settings.token.encode()):
-            raise AuthError("invalid bearer token")
+            key = f"client:{request.client.host if request.client else '?'}"
+        else:
+            if creds is None or creds.scheme.lower() != "bearer" or not creds.credentials:
+                rejections("unauthorized", "no bearer token")
+                raise AuthError("missing bearer token: send 'Authorization: Bearer <token>'")
+            assert settings.token is not None
+            if not hmac.compare_digest(creds.credentials.encode(), settings.token.encode()):
+                rejections("unauthorized", "wrong bearer token")
+                raise AuthError("invalid bearer token")
+            key = token_key
+        refusal = limiter.check(key, quota=request.method == "POST")
+        if refusal is not None:
+            rejections("rate_limited" if refusal.limit == "rate" else "quota_exceeded", f"token {key}")
+            raise Limited(refusal)
 
     class Accepted(BaseModel):
         frame_id: str = Field(description="UUID of the frame; poll GET /v1/frames/{frame_id}")
@@ -268,14 +352,19 @@ def create_app(kafka: "KafkaConfig", settings: GatewaySettings) -> "FastAPI":
         detail: ErrorDetail
 
     errors: dict[int | str, dict[str, Any]] = {
+        400: {"model": ErrorBody, "description": "a credential in the query string (use the Authorization header)"},
         401: {"model": ErrorBody, "description": "missing or wrong bearer token"},
+        408: {"model": ErrorBody, "description": "the request body did not arrive in time"},
         413: {"model": ErrorBody, "description": "frame larger than the limit"},
         415: {"model": ErrorBody, "description": "content type is not an image"},
         422: {"model": ErrorBody, "description": "not decodable, or not 28x28 8-bit grayscale"},
+        429: {"description": "the token's rate limit or quota is exhausted (see Retry-After)"},
+        431: {"model": ErrorBody, "description": "request headers too large or too many"},
         503: {"model": ErrorBody, "description": "the message bus did not acknowledge the frame; retry"},
     }
 
     async def _read_body(request: Request, limit: int) -> bytes | None:
+        """The body, streamed; None as soon as it passes ``limit`` (the rest is never read)."""
         chunks: list[bytes] = []
         size = 0
         async for chunk in request.stream():
@@ -284,6 +373,21 @@ def create_app(kafka: "KafkaConfig", settings: GatewaySettings) -> "FastAPI":
                 return None
             chunks.append(chunk)
         return b"".join(chunks)
+
+    async def _body(request: Request, limit: int) -> Any:
+        """The body, or the 413 / 408 answer (closing the connection: the rest of the body stays unread)."""
+        try:
+            async with asyncio.timeout(settings.body_timeout_s):
+                body = await _read_body(request, limit)
+        except TimeoutError:
+            rejections("request_timeout", f"body not complete within {settings.body_timeout_s:g}s")
+            return _error(408, "request_timeout", f"the request body did not arrive within "
+                                                  f"{settings.body_timeout_s:g}s", {"Connection": "close"})
+        if body is None:
+            rejections("body_too_large", f"more than {limit} bytes streamed")
+            return _error(413, "oversize", f"request body is larger than the frame limit "
+                                           f"({settings.max_frame_bytes} bytes)", {"Connection": "close"})
+        return body
 
     @app.post("/v1/frames", status_code=202, response_model=Accepted, dependencies=[Depends(require_token)],
               responses=errors, summary="Submit one frame for inference",
@@ -304,7 +408,9 @@ def create_app(kafka: "KafkaConfig", settings: GatewaySettings) -> "FastAPI":
         declared = request.headers.get("content-length")
         slack = MULTIPART_SLACK if mtype == "multipart/form-data" else 0
         if declared and declared.isdigit() and int(declared) > limit + slack:
-            return _error(413, "oversize", f"request body is {declared} bytes, the frame limit is {limit}")
+            rejections("body_too_large", f"Content-Length {declared}")
+            return _error(413, "oversize", f"request body is {declared} bytes, the frame limit is {limit}",
+                          {"Connection": "close"})
         if not DEVICE_RE.match(x_device_id):
             return _error(422, "invalid_device_id", "X-Device-Id must be 1-128 characters of letters, digits "
                                                     "and . _ : @ / -, starting with a letter or digit")
@@ -317,9 +423,9 @@ def create_app(kafka: "KafkaConfig", settings: GatewaySettings) -> "FastAPI":
             if captured.tzinfo is None:
                 captured = captured.replace(tzinfo=dt.timezone.utc)
         if mtype == "multipart/form-data":
-            body = await _read_body(request, limit + slack)
-            if body is None:
-                return _error(413, "oversize", f"request body is larger than the frame limit ({limit} bytes)")
+            body = await _body(request, limit + slack)
+            if not isinstance(body, bytes):
+                return body
             from starlette.datastructures import UploadFile
             from starlette.requests import Request as StarletteRequest
 
@@ -336,9 +442,9 @@ def create_app(kafka: "KafkaConfig", settings: GatewaySettings) -> "FastAPI":
             payload = await part.read()
             mtype = media_type(part.content_type) or OCTET_STREAM
         else:
-            payload = await _read_body(request, limit)
-            if payload is None:
-                return _error(413, "oversize", f"request body is larger than the frame limit ({limit} bytes)")
+            payload = await _body(request, limit)
+            if not isinstance(payload, bytes):
+                return payload
         try:
             decode_pixels(payload, mtype or None, limit)
         except FrameRejected as exc:
@@ -373,6 +479,7 @@ def create_app(kafka: "KafkaConfig", settings: GatewaySettings) -> "FastAPI":
             err = f"{type(exc).__name__}: {exc}" if not isinstance(exc, asyncio.TimeoutError) else "timed out"
         if err is not None:
             state["failed"] += 1
+            rejections("bus_unavailable", err)
             logger.warning("frame %s not acknowledged by Kafka: %s", frame_id, err)
             return _error(503, "bus_unavailable", f"the message bus did not acknowledge the frame ({err}); "
                                                   "retry later", {"Retry-After": "1"})
@@ -412,8 +519,16 @@ def create_app(kafka: "KafkaConfig", settings: GatewaySettings) -> "FastAPI":
         results = state.get("results")
         ok = results is not None and (results.following or not settings.follow_predictions)
         body = {"status": "ok" if ok else "unavailable", "following": bool(results and results.following),
-                "delivered": state.get("delivered", 0), "failed": state.get("failed", 0)}
+                "delivered": state.get("delivered", 0), "failed": state.get("failed", 0),
+                "rejected": rejections.snapshot()}
         return JSONResponse(status_code=200 if ok else 503, content=body)
+
+    @app.get("/metrics", summary="Prometheus metrics (refused requests by reason)", include_in_schema=True)
+    async def metrics() -> Any:
+        from fastapi.responses import Response
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
 
@@ -424,16 +539,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Ingest gateway (FastAPI/uvicorn): POST /v1/frames -> Kafka 'frames'; GET /v1/frames/{id}. "
                     "Kafka from MLPIPE_KAFKA_*, bearer token from MLPIPE_GATEWAY_TOKEN.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--host", default=os.environ.get("MLPIPE_GATEWAY_HOST") or "127.0.0.1")
-    parser.add_argument("--port", type=int, default=int(os.environ.get("MLPIPE_GATEWAY_PORT") or 8080))
+    from tasks.config import load_settings
+
+    try:
+        cfg = load_settings()
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    parser.add_argument("--host", default=cfg.gateway.host, help="listen address (MLPIPE_GATEWAY_HOST)")
+    parser.add_argument("--port", type=int, default=cfg.gateway.port, help="listen port (MLPIPE_GATEWAY_PORT)")
     parser.add_argument("--bootstrap", default=None, help="overrides MLPIPE_KAFKA_BOOTSTRAP")
     parser.add_argument("--topic-prefix", default=None, help="overrides MLPIPE_KAFKA_TOPIC_PREFIX")
     parser.add_argument("--max-frame-bytes", type=int, default=None, help="default MLPIPE_MAX_FRAME_BYTES or 65536")
     parser.add_argument("--cache-size", type=int, default=None, help="predictions kept for GET (default 100000)")
     parser.add_argument("--no-auth", action="store_true", help="no bearer token (local demo only)")
-    parser.add_argument("--log-level", default=os.environ.get("MLPIPE_LOG_LEVEL") or "INFO")
+    parser.add_argument("--log-level", default=cfg.log_level, help="(MLPIPE_LOG_LEVEL)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from tasks.logs import setup_logging
+
+    setup_logging(args.log_level)
     logging.getLogger("tasks.adapters.kafka.librdkafka").setLevel(logging.WARNING)
     from tasks.adapters.kafka import KafkaConfig
 
@@ -446,8 +570,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     import uvicorn
 
-    uvicorn.run(create_app(kafka, settings), host=args.host, port=args.port, log_level=args.log_level.lower(),
-                timeout_graceful_shutdown=5)
+    from tasks.serving.gateway_limits import h11_protocol, install_log_redaction
+
+    try:
+        app = create_app(kafka, settings)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    # h11, not httptools: h11 bounds the buffered request line + headers (httptools has no limit)
+    protocol = h11_protocol(settings.max_header_bytes, settings.header_timeout_s, app.state.rejections)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
+                            timeout_graceful_shutdown=5, http=protocol,
+                            h11_max_incomplete_event_size=settings.max_header_bytes,
+                            timeout_keep_alive=settings.keep_alive_s)  # type: ignore[arg-type]
+    install_log_redaction()  # after uvicorn configured its loggers: no credential from a URL is logged
+    uvicorn.Server(config).run()
     return 0
 
 

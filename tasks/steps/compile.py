@@ -9,6 +9,10 @@ Where TensorRT or a GPU is absent, nothing is faked: the step records
 Outputs on the version: ``model.plan`` (when compiled) and ``compile.json``.
 
     mlpipe compile --version 3 [--max-batch 256] [--no-fp16]
+
+Exit codes (``tasks.contracts.errors``): 0 compiled or skipped; ``EXIT_BAD_INPUT`` an unknown
+version or a bad option; ``EXIT_REJECTED`` TensorRT could not build an engine from this model;
+``EXIT_TRANSIENT`` the object store is unreachable (retried).
 """
 
 from __future__ import annotations
@@ -27,16 +31,20 @@ from typing import Any, Sequence
 
 from tasks.steps import registry
 from tasks.config import load_settings
+from tasks.contracts import layout
+from tasks.contracts.errors import Rejected, run_cli
+from tasks.logs import setup_logging
 from tasks.contracts.serving import MAX_BATCH
 from tasks.adapters.storage import Store, open_store
+from tasks.contracts.results import write_result_json
 
 logger = logging.getLogger(__name__)
 INPUT_NAME = "input"
 INPUT_SHAPE = (1, 28, 28)
 
 
-class CompileError(RuntimeError):
-    """TensorRT is present but could not build an engine."""
+class CompileError(Rejected, RuntimeError):
+    """TensorRT is present but could not build an engine (the version is rejected: final)."""
 
 
 def tensorrt_unavailable_reason() -> str | None:
@@ -118,7 +126,7 @@ def build_engine_trtexec(onnx_path: Path, plan_path: Path, *, max_batch: int, fp
 def compile_version(store: Store, model: str, version: int, *, max_batch: int = MAX_BATCH, fp16: bool = True,
                     force_skip_reason: str | None = None) -> dict[str, Any]:
     """Compile ``models/<model>/<version>/model.onnx`` to ``model.plan``; record compile.json either way."""
-    manifest = registry.get_version(store, model, version)
+    registry.get_version(store, model, version)  # unknown version: RegistryError before any work
     result: dict[str, Any] = {"model": model, "version": version, "max_batch": max_batch,
                               "at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
     reason = force_skip_reason or tensorrt_unavailable_reason()
@@ -127,7 +135,8 @@ def compile_version(store: Store, model: str, version: int, *, max_batch: int = 
         result.update(status="skipped", reason=reason)
     else:
         with tempfile.TemporaryDirectory(prefix="mlpipe-trt-") as tmp:
-            onnx_path = store.get_file(f"models/{model}/{version}/model.onnx", Path(tmp) / "model.onnx")
+            onnx_path = store.get_file(layout.version_file_key(model, version, layout.MODEL_ONNX),
+                                       Path(tmp) / "model.onnx")
             plan_path = Path(tmp) / "model.plan"
             started = time.monotonic()
             try:
@@ -136,19 +145,22 @@ def compile_version(store: Store, model: str, version: int, *, max_batch: int = 
                 info = build_engine_api(onnx_path, plan_path, max_batch=max_batch, fp16=fp16)
             except ImportError:
                 info = build_engine_trtexec(onnx_path, plan_path, max_batch=max_batch, fp16=fp16)
-            registry.put_version_file(store, model, version, "model.plan", plan_path.read_bytes())
+            registry.record_artifact(store, model, version, layout.MODEL_PLAN, plan_path.read_bytes())
             result.update(status="compiled", reason=None, seconds=round(time.monotonic() - started, 1),
                           plan_bytes=plan_path.stat().st_size, **info)
             logger.info("compiled %s v%s with %s (%s) in %.1fs", model, version, info["tool"],
                         info["precision"], result["seconds"])
-    registry.put_version_file(store, model, version, "compile.json", result)
-    manifest = registry.get_version(store, model, version)
-    manifest["compile"] = {k: result.get(k) for k in ("status", "reason", "precision", "tool")}
-    store.put_json(f"models/{model}/{version}/version.json", manifest)
+    # compile.json, and its summary on the version manifest, through the registry (its only writer)
+    registry.record_artifact(store, model, version, layout.COMPILE_JSON, result, field="compile",
+                             summary={k: result.get(k) for k in ("status", "reason", "precision", "tool")})
     return result
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli(_main, argv, bad_input=(ValueError,))  # RegistryError is a BadInput
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="mlpipe compile", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", type=int, required=True, help="registered model version to compile")
@@ -158,24 +170,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-fp16", action="store_true", help="build an FP32 engine")
     parser.add_argument("--result-json", type=Path, help="write the result here (Airflow XCom)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     if args.max_batch < 1:
-        print("error: --max-batch must be >= 1", file=sys.stderr)
-        return 2
+        raise ValueError(f"--max-batch must be >= 1, got {args.max_batch}")
     cfg = load_settings()
-    try:
-        result = compile_version(open_store(cfg), args.model or cfg.model_name, args.version,
-                                 max_batch=args.max_batch, fp16=not args.no_fp16)
-    except registry.RegistryError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except CompileError as exc:
-        print(f"error: compile failed: {exc}", file=sys.stderr)
-        return 1
+    result = compile_version(open_store(cfg), args.model or cfg.model_name, args.version,
+                             max_batch=args.max_batch, fp16=not args.no_fp16)
     print(json.dumps(result, indent=2, default=str))
     if args.result_json:
-        args.result_json.parent.mkdir(parents=True, exist_ok=True)
-        args.result_json.write_text(json.dumps(result, default=str))
+        write_result_json(args.result_json, result)
     return 0
 
 

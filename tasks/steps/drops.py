@@ -37,7 +37,12 @@ Faults (``--fault``, repeatable) make drops that validation must reject:
 (no ``sha256`` column), ``empty`` (zero rows), ``skewed`` (class 0 at 60 %,
 class 1 at 1 %), ``seen_before`` (10 % of the images copied byte for byte from an
 earlier drop: ``seen_from``, default the newest complete drop whose validation
-passed, else the newest complete drop).
+passed, else the newest complete drop), ``future_timestamps`` (``captured_at`` 1..30
+days after the drop was made), ``ancient_timestamps`` (``captured_at`` at the Unix
+epoch or in the 1970s-80s, before any real capture), ``blank_images`` (constant
+images, each one grey level: no signal, unique bytes) and ``wrong_format`` (JPEG bytes
+under a ``.png`` name, the manifest hash matching them). Every row-level fault touches
+5 % of the rows (at least one).
 ``--label-noise F`` flips a fraction F of the labels to another class (a valid
 drop that trains a worse model).
 
@@ -59,6 +64,13 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
+from tasks.contracts import layout
+from tasks.contracts.errors import BadInput, Rejected, is_transient, run_cli
+from tasks.logs import setup_logging
+from tasks.contracts.results import write_result_json
+from tasks.contracts.files import sha256_bytes
+from tasks.model.frames import decode_png, encode_png
+
 if TYPE_CHECKING:  # heavy imports stay out of module import time
     import numpy as np
     import pandas as pd
@@ -75,7 +87,7 @@ MANIFEST_COLUMNS = ("image_id", "label", "sha256", "height", "width", "source", 
 SOURCES = ("mnist", "digits")
 SOURCE_NAMES = {"mnist": "mnist", "digits": "sklearn-digits"}
 FAULTS = ("bad_label", "wrong_shape", "duplicate_ids", "corrupt_image", "missing_column", "empty",
-          "skewed", "seen_before")
+          "skewed", "seen_before", "future_timestamps", "ancient_timestamps", "blank_images", "wrong_format")
 FAULT_FRACTION = 0.05  # rows touched by a row-level fault (at least one)
 SEEN_BEFORE_FRACTION = 0.10
 SKEWED_MIX = {0: 0.60, 1: 0.01, **{c: 0.39 / 8 for c in range(2, 10)}}
@@ -83,13 +95,12 @@ MISSING_COLUMN = "sha256"
 DROP_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 RESERVED_IDS = {"latest"}
 IO_THREADS = 8
-EXIT_USAGE = 2
 
 
 # ---------------------------------------------------------------- errors
 
-class DropError(ValueError):
-    """A drop that cannot be used (unknown, incomplete, unreadable, bad content, bad options)."""
+class DropError(BadInput, ValueError):
+    """A drop that cannot be used (unknown, incomplete, unreadable, bad content, bad options): bad input, final."""
 
 
 class DropNotFound(DropError):
@@ -108,26 +119,24 @@ class DropExists(DropError):
     """A complete drop with this id already exists with different parameters."""
 
 
+class DropNotValidated(Rejected, ValueError):
+    """The drop has no passing validation result bound to its content: it must not be trained on or
+    registered (validate it first). Rejected: final, not retried."""
+
+
+class DropChanged(Rejected, ValueError):
+    """The drop's bytes (manifest or images) differ from what its passing validation checked.
+    Rejected: final until the drop is validated again."""
+
+
 # ---------------------------------------------------------------- keys
 
-def _prefix(drop_id: str) -> str:
-    return f"drops/{drop_id}/"
-
-
-def manifest_key(drop_id: str) -> str:
-    return f"drops/{drop_id}/manifest.parquet"
-
-
-def success_key(drop_id: str) -> str:
-    return f"drops/{drop_id}/_SUCCESS"
-
-
-def image_key(drop_id: str, image_id: str) -> str:
-    return f"drops/{drop_id}/images/{image_id}.png"
-
-
-def summary_key(drop_id: str) -> str:
-    return f"drops/{drop_id}/drop.json"
+# The keys themselves belong to tasks/contracts/layout.py; these names stay for the callers.
+_prefix = layout.drop_prefix
+manifest_key = layout.manifest_key
+success_key = layout.success_key
+image_key = layout.image_key
+summary_key = layout.summary_key
 
 
 def check_drop_id(drop_id: str) -> str:
@@ -291,32 +300,6 @@ def _sample_plan(size: int, seed: int, source: str, class_mix: dict[int, float] 
 
 # ---------------------------------------------------------------- images
 
-def encode_png(img: "np.ndarray") -> bytes:
-    """uint8 [H, W] -> 8-bit grayscale PNG bytes (deterministic)."""
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(img, mode="L").save(buf, format="PNG", optimize=False, compress_level=6)
-    return buf.getvalue()
-
-
-def decode_png(data: bytes) -> "np.ndarray":
-    """PNG bytes -> uint8 array [H, W]; raises ValueError when undecodable or not 8-bit grayscale."""
-    import numpy as np
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            if im.mode != "L":
-                raise ValueError(f"image mode {im.mode}, expected 8-bit grayscale (L)")
-            return np.asarray(im, dtype=np.uint8).copy()
-    except ValueError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad bytes
-        raise ValueError(f"not a decodable PNG: {exc}") from None
-
-
 def _augment(img: "np.ndarray", rng: "np.random.Generator") -> "np.ndarray":
     import numpy as np
     from PIL import Image
@@ -328,10 +311,6 @@ def _augment(img: "np.ndarray", rng: "np.random.Generator") -> "np.ndarray":
     jitter = rng.integers(-1, 2, size=out.shape).astype(np.int16)
     out = np.where(out > 0, out + jitter, 0)
     return np.clip(out, 0, 255).astype(np.uint8)
-
-
-def _sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 # ---------------------------------------------------------------- store helpers
@@ -354,11 +333,16 @@ def is_complete(store: "Store", drop_id: str) -> bool:
     return store.exists(success_key(drop_id))
 
 
-def _created_at(store: "Store", drop_id: str) -> str:
+def created_at(store: "Store", drop_id: str) -> str:
+    """When the drop was made: ``created_at`` of its ``_SUCCESS`` marker, else of ``drop.json``; "" when
+    neither can be read (such a drop sorts by id only). The one definition used for ordering drops
+    (``list_drops``) and by the scheduled-retrain plan (plugins/mlpipe_triggers.py)."""
     for key in (success_key(drop_id), summary_key(drop_id)):
         try:
             return str(store.get_json(key).get("created_at") or "")
-        except Exception:  # noqa: BLE001 - missing or bad marker: sort by id only
+        except Exception as exc:  # noqa: BLE001 - missing or bad marker: sort by id only
+            if is_transient(exc):
+                raise  # an outage: retried, never a silently different order ("latest")
             continue
     return ""
 
@@ -368,7 +352,7 @@ def list_drops(store: "Store", complete_only: bool = True) -> list[str]:
     ids = [d for d in store.list_dirs("drops") if DROP_ID_RE.match(d)]
     if complete_only:
         ids = [d for d in ids if is_complete(store, d)]
-    return sorted(ids, key=lambda d: (_created_at(store, d), d))
+    return sorted(ids, key=lambda d: (created_at(store, d), d))
 
 
 def latest_drop(store: "Store", exclude: Iterable[str] = ()) -> str:
@@ -385,9 +369,11 @@ def _default_seen_from(store: "Store", drop_id: str) -> str:
     ids = [d for d in list_drops(store) if d != drop_id]
     for d in reversed(ids):
         try:
-            if store.get_json(f"drops/{d}/validation/result.json").get("success"):
+            if store.get_json(layout.validation_result_key(d)).get("success"):
                 return d
-        except Exception:  # noqa: BLE001 - not validated (yet)
+        except Exception as exc:  # noqa: BLE001 - not validated (yet)
+            if is_transient(exc):
+                raise
             continue
     return latest_drop(store, exclude=[drop_id])
 
@@ -494,6 +480,121 @@ def load_arrays(store: "Store", drop_ids: Sequence[str]) -> tuple["np.ndarray", 
     return np.concatenate(xs).astype(np.uint8), np.concatenate(ys).astype(np.int64)
 
 
+# ---------------------------------------------------------------- content binding
+
+def images_digest(hashes: dict[str, str]) -> str:
+    """One sha256 over the image set: the sorted ``<name>\t<sha256 of its bytes>`` lines (name =
+    the key below ``images/``), so a changed, added or removed image changes it."""
+    h = hashlib.sha256()
+    for name in sorted(hashes):
+        h.update(f"{name}\t{hashes[name]}\n".encode())
+    return h.hexdigest()
+
+
+def content_digest(store: "Store", drop_id: str, known: dict[str, str] | None = None,
+                   manifest_bytes: bytes | None = None) -> dict[str, Any]:
+    """What a drop's bytes are now: ``manifest_sha256``, ``images_sha256``, ``image_count`` and
+    ``images`` (name below ``images/`` -> sha256 of the bytes) over every object under
+    ``drops/<id>/images/``, whatever the manifest says. ``known`` (name -> sha256) skips re-reading
+    images whose bytes the caller has just hashed; ``manifest_bytes`` likewise the manifest."""
+    from tasks.adapters.storage import ObjectNotFound
+
+    if manifest_bytes is None:
+        try:
+            manifest_bytes = store.get_bytes(manifest_key(drop_id))
+        except ObjectNotFound:
+            raise DropUnreadable(f"drop {drop_id!r} has no manifest at {store.uri(manifest_key(drop_id))}") from None
+    prefix = layout.images_prefix(drop_id)
+    names = [k[len(prefix):] for k in store.list(prefix)]
+    known = known or {}
+    todo = [n for n in names if n not in known]
+
+    def _hash(name: str) -> str | None:
+        try:
+            return sha256_bytes(store.get_bytes(prefix + name))
+        except ObjectNotFound:  # deleted while we listed: not part of the set
+            return None
+
+    hashes = {n: known[n] for n in names if n in known}
+    hashes.update({n: h for n, h in zip(todo, _parallel(_hash, todo)) if h is not None})
+    return {"manifest_sha256": sha256_bytes(manifest_bytes), "images_sha256": images_digest(hashes),
+            "image_count": len(hashes), "images": hashes}
+
+
+def content_summary(content: dict[str, Any]) -> dict[str, Any]:
+    """The digests of ``content_digest`` without the per-image table (for lineage and results)."""
+    return {k: content[k] for k in ("manifest_sha256", "images_sha256", "image_count")}
+
+
+def bind_validation(store: "Store", drop_id: str, result: dict[str, Any], content: dict[str, Any]) -> dict[str, Any]:
+    """Store a validation result bound to the content it checked: the per-image hashes in
+    ``validation/content.json``, then ``validation/result.json`` (last) with the digests under
+    ``content``. Returns the stored result."""
+    store.put_json(layout.validation_content_key(drop_id), content)
+    body = {**result, "content": content_summary(content)}
+    store.put_json(layout.validation_result_key(drop_id), body)
+    return body
+
+
+def _sample_names(names: Sequence[str], n: int = 3) -> str:
+    names = sorted(names)
+    return ", ".join(names[:n]) + (f", ... ({len(names) - n} more)" if len(names) > n else "")
+
+
+def verify_validated(store: "Store", drop_id: str, *, require: bool = True) -> dict[str, Any] | None:
+    """Check that the drop is what its passing validation checked; return the validated digests
+    (``content_summary`` + ``validated_at``, ``result_uri``, ``report_uri``).
+
+    Raises ``DropChanged`` naming the drop and what changed (manifest replaced, N images changed,
+    added or removed) and ``DropNotValidated`` for a failed validation or one that recorded no
+    digests. Without a validation result: ``DropNotValidated`` when ``require``, else None.
+    """
+    from tasks.adapters.storage import ObjectNotFound
+
+    rkey = layout.validation_result_key(drop_id)
+    try:
+        result = store.get_json(rkey)
+    except ObjectNotFound:
+        if not require:
+            return None
+        raise DropNotValidated(f"drop {drop_id!r} has no validation result ({store.uri(rkey)}): validate it first "
+                               f"(mlpipe validate --drop-id {drop_id})") from None
+    if not result.get("success"):
+        raise DropNotValidated(f"drop {drop_id!r} failed validation ({store.uri(rkey)}, report "
+                               f"{result.get('report_uri')}): it is never trained on or registered")
+    expected = result.get("content") or {}
+    if not expected.get("manifest_sha256") or not expected.get("images_sha256"):
+        raise DropNotValidated(f"drop {drop_id!r}: its validation result ({store.uri(rkey)}) records no content "
+                               f"digests, so what was validated is unknown: validate it again "
+                               f"(mlpipe validate --drop-id {drop_id})")
+    now = content_digest(store, drop_id)
+    changes: list[str] = []
+    if now["manifest_sha256"] != expected["manifest_sha256"]:
+        changes.append(f"manifest replaced (sha256 {expected['manifest_sha256'][:12]}... validated, "
+                       f"{now['manifest_sha256'][:12]}... now)")
+    if now["images_sha256"] != expected["images_sha256"]:
+        try:
+            before: dict[str, str] = store.get_json(layout.validation_content_key(drop_id))["images"]
+        except (ObjectNotFound, KeyError, TypeError):
+            before = {}
+        if before and images_digest(before) == expected["images_sha256"]:
+            changed = [n for n in now["images"] if n in before and before[n] != now["images"][n]]
+            added = [n for n in now["images"] if n not in before]
+            removed = [n for n in before if n not in now["images"]]
+            for what, names in (("changed", changed), ("added", added), ("removed", removed)):
+                if names:
+                    changes.append(f"{len(names)} image{'s' if len(names) != 1 else ''} {what} "
+                                   f"({_sample_names(names)})")
+        else:
+            changes.append(f"images changed ({expected.get('image_count')} images validated, "
+                           f"{now['image_count']} now; the per-image record is missing)")
+    if changes:
+        raise DropChanged(f"drop {drop_id!r} changed since its passing validation at {result.get('validated_at')}: "
+                          + "; ".join(changes) + f"; validate it again (mlpipe validate --drop-id {drop_id})")
+    return {**content_summary(now), "validated_at": result.get("validated_at"), "result_uri": store.uri(rkey),
+            "report_uri": result.get("report_uri")}
+
+
 # ---------------------------------------------------------------- generator
 
 def _params(size: int, seed: int, source: str, class_mix: dict[int, float] | None, label_noise: float,
@@ -575,7 +676,9 @@ def make_drop(
     if is_complete(store, drop_id) and not overwrite:
         try:
             existing = store.get_json(summary_key(drop_id))
-        except Exception:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001
+            if is_transient(exc):
+                raise
             existing = {}
         if existing.get("params") == params:
             logger.info("drop %s already exists with the same parameters: nothing to do", drop_id)
@@ -599,7 +702,7 @@ def make_drop(
     for i, src in enumerate(plan):
         for _attempt in range(100):
             data = encode_png(_augment(X[src], rng_aug))
-            digest = _sha(data)
+            digest = sha256_bytes(data)
             if digest not in seen:
                 break
         else:  # pragma: no cover - 3^100 variants per image
@@ -640,7 +743,7 @@ def make_drop(
         for r, p in zip(rows, picks):
             src_row = earlier.iloc[int(p)]
             data = store.get_bytes(image_key(seen_from, str(src_row["image_id"])))
-            pngs[r], hashes[r], labels[r] = data, _sha(data), int(src_row["label"])
+            pngs[r], hashes[r], labels[r] = data, sha256_bytes(data), int(src_row["label"])
             if "source" in earlier.columns:
                 sources[r] = str(src_row["source"])
         fault_rows["seen_before"] = len(rows)
@@ -653,14 +756,14 @@ def make_drop(
         for r in rows:
             big = np.pad(decode_png(pngs[r]), 2)  # 32x32, digit still centred
             pngs[r] = encode_png(big)
-            hashes[r] = _sha(pngs[r])
+            hashes[r] = sha256_bytes(pngs[r])
             heights[r], widths[r] = big.shape
         fault_rows["wrong_shape"] = len(rows)
     if "corrupt_image" in faults and n:
         rows = _fault_rows(frng("corrupt_image"), n)
         for r in rows:
             pngs[r] = pngs[r][: len(pngs[r]) // 2]  # a truncated upload: header intact, data cut
-            hashes[r] = _sha(pngs[r])
+            hashes[r] = sha256_bytes(pngs[r])
         fault_rows["corrupt_image"] = len(rows)
     if "duplicate_ids" in faults and n >= 2:
         rng = frng("duplicate_ids")
@@ -673,11 +776,37 @@ def make_drop(
         for r, t in zip(rows, targets):
             ids[r] = ids[t]
         fault_rows["duplicate_ids"] = len(rows)
+    if "blank_images" in faults and n:
+        rows = _fault_rows(frng("blank_images"), n)
+        for k, r in enumerate(rows):  # constant images, each a different grey: no signal, unique bytes
+            pngs[r] = encode_png(np.full((IMAGE_SIZE, IMAGE_SIZE), k % 256, dtype=np.uint8))
+            hashes[r] = sha256_bytes(pngs[r])
+        fault_rows["blank_images"] = len(rows)
+    if "wrong_format" in faults and n:
+        from PIL import Image
+
+        rows = _fault_rows(frng("wrong_format"), n)
+        for r in rows:  # JPEG bytes under a .png name; the manifest hash matches the bytes
+            buf = io.BytesIO()
+            Image.fromarray(decode_png(pngs[r]), mode="L").save(buf, format="JPEG", quality=95)
+            pngs[r] = buf.getvalue()
+            hashes[r] = sha256_bytes(pngs[r])
+        fault_rows["wrong_format"] = len(rows)
 
     created = _now()
     offsets = np.random.default_rng([seed, 4]).integers(0, 3600 * 1_000_000, size=n)
-    captured = pd.to_datetime(
-        [created - dt.timedelta(microseconds=int(o)) for o in offsets], utc=True).as_unit("us")
+    stamps = [created - dt.timedelta(microseconds=int(o)) for o in offsets]
+    if "future_timestamps" in faults and n:
+        rows = _fault_rows(frng("future_timestamps"), n)
+        for k, r in enumerate(rows):  # 1..30 days ahead of the clock: cannot be true
+            stamps[r] = created + dt.timedelta(days=1 + k % 30)
+        fault_rows["future_timestamps"] = len(rows)
+    if "ancient_timestamps" in faults and n:
+        rows = _fault_rows(frng("ancient_timestamps"), n)
+        for k, r in enumerate(rows):  # the Unix epoch (an unset clock) and the 1990s: before any capture
+            stamps[r] = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc) + dt.timedelta(days=3650 * (k % 3))
+        fault_rows["ancient_timestamps"] = len(rows)
+    captured = pd.to_datetime(stamps, utc=True).as_unit("us")
     manifest = pd.DataFrame({
         "image_id": pd.Series(ids, dtype="str"),
         "label": pd.Series(labels, dtype="int64"),
@@ -716,7 +845,7 @@ def make_drop(
         "class_counts": counts,
         "label_noise_rows": int(noisy),
         "fault_rows": fault_rows,
-        "manifest_sha256": _sha(manifest_bytes),
+        "manifest_sha256": sha256_bytes(manifest_bytes),
         "created_at": created.isoformat(),
         "complete": complete,
         "params": params,
@@ -750,7 +879,7 @@ def show_drop(store: "Store", drop_id: str) -> dict[str, Any]:
                                                     sorted(df["label"].value_counts().items())}
         except DropUnreadable as exc:
             info["manifest_error"] = str(exc)
-    vkey = f"drops/{drop_id}/validation/result.json"
+    vkey = layout.validation_result_key(drop_id)
     if store.exists(vkey):
         v = store.get_json(vkey)
         info["validation"] = {"success": v.get("success"), "failures": len(v.get("failures", [])),
@@ -792,32 +921,33 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
-    from tasks.adapters.storage import StoreError, open_store
+    """Exit codes (``tasks.contracts.errors``): 0 ok; ``EXIT_BAD_INPUT`` a bad drop or option;
+    ``EXIT_TRANSIENT`` the object store is unreachable (retried)."""
+    return run_cli(_main, argv, bad_input=(ValueError,))
 
-    try:
-        store = open_store()
-        if args.cmd == "make":
-            out: Any = make_drop(
-                store, args.drop_id or default_drop_id(), size=args.size, seed=args.seed, source=args.source,
-                class_mix=parse_class_mix(args.class_mix) if args.class_mix else None,
-                label_noise=args.label_noise, faults=args.fault, seen_from=args.seen_from,
-                complete=not args.no_success, overwrite=args.overwrite)
-        elif args.cmd == "list":
-            ids = list_drops(store, complete_only=not args.all)
-            out = {"drops": ids} if not args.all else {
-                "drops": [{"drop_id": d, "complete": is_complete(store, d)} for d in ids]}
-        else:
-            out = show_drop(store, args.drop_id)
-    except (DropError, StoreError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+
+def _main(argv: list[str] | None) -> int:
+    args = _parser().parse_args(argv)
+    setup_logging()
+    from tasks.adapters.storage import open_store
+
+    store = open_store()
+    if args.cmd == "make":
+        out: Any = make_drop(
+            store, args.drop_id or default_drop_id(), size=args.size, seed=args.seed, source=args.source,
+            class_mix=parse_class_mix(args.class_mix) if args.class_mix else None,
+            label_noise=args.label_noise, faults=args.fault, seen_from=args.seen_from,
+            complete=not args.no_success, overwrite=args.overwrite)
+    elif args.cmd == "list":
+        ids = list_drops(store, complete_only=not args.all)
+        out = {"drops": ids} if not args.all else {
+            "drops": [{"drop_id": d, "complete": is_complete(store, d)} for d in ids]}
+    else:
+        out = show_drop(store, args.drop_id)
     text = json.dumps(out, indent=2, default=str)
     print(text)
     if args.result_json:
-        with open(args.result_json, "w") as fh:
-            fh.write(text)
+        write_result_json(args.result_json, out)
     return 0
 
 

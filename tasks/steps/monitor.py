@@ -31,10 +31,10 @@
 4. **Report** in the object store under ``monitoring/<UTC timestamp>/``: ``report.json``,
    ``report.html`` (verdict, checks, plots) and the plots as PNG; ``monitoring/latest.json``.
 
-Exit codes: 0 evaluated (drift or not: read ``drift`` in the result), 1 drift with
-``--fail-on-drift``, 2 bad usage or nothing to compare with (no champion; with
-``--no-champion-ok``, as the DAG runs it, that is status ``no_champion`` and exit 0), 3 the
-source could not be read (transient: retried by Airflow).
+Exit codes (``tasks.contracts.errors``): 0 evaluated (drift or not: read ``drift`` in the result);
+``EXIT_REJECTED`` drift with ``--fail-on-drift``; ``EXIT_BAD_INPUT`` bad usage or nothing to compare
+with (no champion; with ``--no-champion-ok``, as the DAG runs it, that is status ``no_champion``
+and exit 0); ``EXIT_TRANSIENT`` the source or the object store could not be read (retried by Airflow).
 """
 
 from __future__ import annotations
@@ -46,7 +46,6 @@ import html
 import io
 import json
 import logging
-import os
 import sys
 import tempfile
 import time
@@ -55,6 +54,12 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
+
+from tasks.contracts import layout
+from tasks.contracts.errors import BadInput, Rejected, Transient, is_transient, run_cli
+from tasks.logs import setup_logging
+
+from tasks.contracts.results import write_result_json
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -66,15 +71,14 @@ logger = logging.getLogger(__name__)
 
 NUM_CLASSES = 10
 EMBED_DIM = 64
-EXIT_OK, EXIT_DRIFT, EXIT_USAGE, EXIT_SOURCE = 0, 1, 2, 3
-REFERENCE_PREFIX = "monitoring/reference"
-REPORT_PREFIX = "monitoring"
+REFERENCE_PREFIX = layout.MONITOR_REFERENCE_PREFIX
+REPORT_PREFIX = layout.MONITORING
 SOURCES = ("kafka", "qdrant")
 UNBIASED_REASONS = {"sample", "all"}
 EPS = 1e-4
 
 
-class MonitorError(ValueError):
+class MonitorError(BadInput, ValueError):
     """Nothing to monitor against (no champion, unreadable model) or bad options."""
 
 
@@ -82,8 +86,12 @@ class NoChampion(MonitorError):
     """No production version: nothing to compare live predictions with (yet)."""
 
 
-class SourceUnavailable(RuntimeError):
-    """The live source (Kafka, Qdrant) could not be read."""
+class SourceUnavailable(Transient, RuntimeError):
+    """The live source (Kafka, Qdrant) or the object store could not be read (transient: retried)."""
+
+
+class DriftDetected(Rejected):
+    """``--fail-on-drift`` and the live predictions drifted (final: the report says which checks)."""
 
 
 @dataclass(frozen=True)
@@ -247,12 +255,13 @@ class ChampionModel:
     def __init__(self, store: "Store", model: str, version: int) -> None:
         from tasks.model.networks import onnx_session
 
-        key = f"models/{model}/{version}/model.onnx"
+        key = layout.version_file_key(model, version, layout.MODEL_ONNX)
         self._tmp = tempfile.TemporaryDirectory(prefix="mlpipe-monitor-")
         try:
             path = store.get_file(key, Path(self._tmp.name) / "model.onnx")
         except Exception as exc:  # noqa: BLE001 - ObjectNotFound or a store error: name the key
-            raise MonitorError(f"cannot read the champion's model {store.uri(key)}: {exc}") from exc
+            raise (SourceUnavailable if is_transient(exc) else MonitorError)(
+                f"cannot read the champion's model {store.uri(key)}: {exc}") from exc
         self.session = onnx_session(path)
         self.version = version
 
@@ -279,7 +288,7 @@ class ChampionModel:
 
 
 def reference_key(model: str, version: int) -> str:
-    return f"{REFERENCE_PREFIX}/{model}/v{version}.npz"
+    return layout.monitor_reference_key(model, version)
 
 
 def build_reference(store: "Store", champ: dict[str, Any], runner: ChampionModel, size: int = 2000,
@@ -654,7 +663,7 @@ def run_monitor(store: "Store", model: str, *, source: str = "kafka", window: in
     result = compare(ref, live, th)
     now = dt.datetime.now(dt.timezone.utc)
     stamp = now.strftime("%Y%m%dT%H%M%S%fZ")
-    prefix = f"{REPORT_PREFIX}/{stamp}/"
+    prefix = layout.monitor_report_prefix(stamp)
     report = {
         "model": model, "champion": runner.version, "created_at": now.isoformat(timespec="seconds"),
         **result,
@@ -678,7 +687,7 @@ def run_monitor(store: "Store", model: str, *, source: str = "kafka", window: in
     }[report["status"]]
     store.put_text(prefix + "report.html", render_html(report, images), content_type="text/html; charset=utf-8")
     store.put_json(prefix + "report.json", report)  # written last: the report is complete
-    store.put_json(f"{REPORT_PREFIX}/latest.json", report)
+    store.put_json(layout.MONITOR_LATEST, report)
     report["seconds"] = round(time.monotonic() - t0, 2)
     logger.info("monitor %s v%s: %s; report %s (%.1fs)", model, runner.version, report["summary"],
                 report["report_uri"], report["seconds"])
@@ -691,11 +700,14 @@ def run_monitor(store: "Store", model: str, *, source: str = "kafka", window: in
 
 
 def _parser() -> argparse.ArgumentParser:
+    from tasks.config import load_settings
+
+    cfg = load_settings()
     d = Thresholds()
     p = argparse.ArgumentParser(prog="mlpipe monitor", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--source", choices=SOURCES, default=os.environ.get("MLPIPE_MONITOR_SOURCE") or "kafka",
-                   help="where live predictions come from (default kafka)")
+    p.add_argument("--source", choices=SOURCES, default=cfg.monitor.source,
+                   help=f"where live predictions come from (MLPIPE_MONITOR_SOURCE, default {cfg.monitor.source})")
     p.add_argument("--window", type=int, default=2000, help="newest live predictions compared (default 2000)")
     p.add_argument("--min-samples", type=int, default=d.min_samples,
                    help=f"fewer live predictions give no verdict (default {d.min_samples})")
@@ -714,22 +726,25 @@ def _parser() -> argparse.ArgumentParser:
                         ("embedding_mmd", "squared MMD of the embeddings")):
         p.add_argument(f"--max-{name.replace('_', '-')}", dest=name, type=float, default=getattr(d, name),
                        help=f"threshold: {help_} (default {getattr(d, name)})")
-    p.add_argument("--fail-on-drift", action="store_true", help="exit 1 when drift is found")
+    p.add_argument("--fail-on-drift", action="store_true", help="exit EXIT_REJECTED (3) when drift is found")
     p.add_argument("--no-champion-ok", action="store_true",
                    help="no production version yet: report status no_champion (no verdict, exit 0) instead of "
                         "exit 2 (the scheduled DAG on a stack that has not deployed a model yet)")
     p.add_argument("--result-json", type=Path, default=None, help="write the report summary here (Airflow XCom)")
-    p.add_argument("--log-level", default=os.environ.get("MLPIPE_LOG_LEVEL") or "INFO")
+    p.add_argument("--log-level", default=None, help="logging level (default $MLPIPE_LOG_LEVEL or INFO)")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli(_main, argv, bad_input=(ValueError,))
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=str(args.log_level).upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(args.log_level)
     logging.getLogger("tasks.adapters.kafka.librdkafka").setLevel(logging.WARNING)
     from tasks.config import load_settings
-    from tasks.adapters.storage import StoreError, open_store
+    from tasks.adapters.storage import open_store
 
     try:
         if args.window <= 0:
@@ -748,27 +763,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                              reference_size=args.reference_size, timeout=args.timeout)
     except NoChampion as exc:
         if not args.no_champion_ok:
-            print(f"error: {exc}", file=sys.stderr)
-            return EXIT_USAGE
+            raise
         logger.warning("%s: no verdict", exc)
         report = {"status": "no_champion", "drift": False, "summary": f"no verdict: {exc}", "samples": 0,
                   "model": args.model or cfg.model_name, "champion": None, "report_uri": None, "json_uri": None,
                   "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "checks": []}
-    except (MonitorError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except (SourceUnavailable, StoreError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_SOURCE
     summary = {k: report[k] for k in ("status", "drift", "summary", "samples", "model", "champion", "report_uri",
                                       "json_uri", "created_at")}
     summary["checks"] = {c["name"]: {"value": c["value"], "threshold": c["threshold"], "status": c["status"]}
                          for c in report.get("checks", [])}
     if args.result_json:
-        args.result_json.parent.mkdir(parents=True, exist_ok=True)
-        args.result_json.write_text(json.dumps(summary, indent=2, default=str))
+        write_result_json(args.result_json, summary)
     print(json.dumps(summary, indent=2, default=str))
-    return EXIT_DRIFT if (args.fail_on_drift and report["drift"]) else EXIT_OK
+    if args.fail_on_drift and report["drift"]:
+        raise DriftDetected(f"drift: {report['summary']} (report {report.get('report_uri')})")
+    return 0
 
 
 if __name__ == "__main__":

@@ -17,11 +17,12 @@ Thresholds come from ``MLPIPE_QC_*`` environment variables (or CLI flags). Outpu
 ``qc_report.json`` and ``qc_report.html`` (confusion matrix, per-class recall bars) on the
 version; a failed gate sets the stage to ``rejected`` with the reasons.
 
-    mlpipe qc --version 3            # exit 0 passed, 1 rejected (or --no-fail: exit 0, verdict in JSON)
+    mlpipe qc --version 3            # exit 0 passed, 3 rejected (or --no-fail: exit 0, verdict in JSON)
     MLPIPE_QC_MIN_ACCURACY=0.97 mlpipe qc --version 3 --latency-requests 50
 
-Exit codes: 0 passed (or failed with ``--no-fail``), 1 failed gate or object-store error,
-2 unknown version or a nonsensical threshold (one ``error:`` line, no traceback).
+Exit codes (``tasks.contracts.errors``): 0 passed (or failed with ``--no-fail``); ``EXIT_REJECTED``
+the gate failed; ``EXIT_BAD_INPUT`` an unknown version or a nonsensical threshold (one ``error:``
+line, no traceback); ``EXIT_TRANSIENT`` the object store is unreachable (retried).
 A corrupt or wrongly shaped ``model.onnx`` is a failed ``loads`` check, never a crash.
 """
 
@@ -34,7 +35,6 @@ import html
 import io
 import json
 import logging
-import os
 import sys
 import tempfile
 import time
@@ -43,12 +43,19 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from tasks.steps import registry
-from tasks.config import load_settings
+from tasks.config import load_settings, parse_bool
+from tasks.contracts import layout
+from tasks.contracts.errors import Rejected, is_transient, run_cli
+from tasks.logs import setup_logging
 from tasks.adapters.storage import Store, open_store
+from tasks.contracts.results import write_result_json
 
 logger = logging.getLogger(__name__)
 NUM_CLASSES = 10
-EXIT_REJECTED, EXIT_USAGE, EXIT_ERROR = 1, 2, 1
+
+
+class QCFailed(Rejected):
+    """The version failed the QC gate (rejected: final); the message lists the reasons."""
 
 
 @dataclass(frozen=True)
@@ -64,17 +71,9 @@ class QCThresholds:
 
     @classmethod
     def from_env(cls, **overrides: Any) -> "QCThresholds":
-        values: dict[str, Any] = {}
-        for f in fields(cls):
-            raw = os.environ.get(f"MLPIPE_QC_{f.name.upper()}")
-            if raw not in (None, ""):
-                if f.type in ("bool", bool):
-                    values[f.name] = raw.strip().lower() in {"1", "true", "yes", "on"}
-                else:
-                    try:
-                        values[f.name] = (int if f.type in ("int", int) else float)(raw)
-                    except ValueError:
-                        raise ValueError(f"MLPIPE_QC_{f.name.upper()}={raw!r} is not a number") from None
+        """From ``load_settings().qc`` (``MLPIPE_QC_*``); non-None ``overrides`` (CLI flags) win."""
+        qc = load_settings().qc
+        values: dict[str, Any] = {f.name: getattr(qc, f.name) for f in fields(cls)}
         values.update({k: v for k, v in overrides.items() if v is not None})
         th = cls(**values)
         th.validate()
@@ -138,7 +137,7 @@ def triton_runner():
     with the same interface (context manager with ``grpc_url`` and ``log_tail(n)``)."""
     import importlib
 
-    spec = os.environ.get("MLPIPE_QC_TRITON_RUNNER", "").strip() or DEFAULT_TRITON_RUNNER
+    spec = load_settings().qc.triton_runner.strip() or DEFAULT_TRITON_RUNNER
     module, _, attr = spec.partition(":")
     try:
         return getattr(importlib.import_module(module), attr)
@@ -206,7 +205,7 @@ def _triton_checks(model: str, version: int, onnx_path: Path, images, ort_labels
 
 def _trt_parity(store: Store, model: str, version: int, x, ort_logits, ort_emb, th: QCThresholds,
                 work: Path) -> dict[str, Any]:
-    prefix = f"models/{model}/{version}/"
+    prefix = layout.version_prefix(model, version)
     if not store.exists(prefix + "model.plan"):
         reason = "no TensorRT engine for this version"
         if store.exists(prefix + "compile.json"):
@@ -251,7 +250,14 @@ def _trt_parity(store: Store, model: str, version: int, x, ort_logits, ort_emb, 
                       f"max |TensorRT - ONNX| over logits and embedding, {len(batch)} golden images: {diff:.3g}",
                       diff, th.max_trt_parity_diff)
     except Exception as exc:  # noqa: BLE001
+        _raise_if_outage(exc)
         return _check("parity_trt_onnx", False, f"TensorRT engine could not be run for parity: {exc}")
+
+
+def _raise_if_outage(exc: BaseException) -> None:
+    """Re-raise an outage (the object store down): it is retried, never a failed check."""
+    if is_transient(exc):
+        raise exc
 
 
 def _load_failure(report: dict[str, Any], checks: list[dict[str, Any]], detail: str) -> dict[str, Any]:
@@ -261,8 +267,12 @@ def _load_failure(report: dict[str, Any], checks: list[dict[str, Any]], detail: 
     return report
 
 
-def evaluate(store: Store, model: str, version: int, th: QCThresholds, work: Path) -> dict[str, Any]:
-    """Run every check; return the report dict (no side effects on the registry)."""
+def evaluate(store: Store, model: str, version: int, th: QCThresholds, work: Path,
+             champion_override: str | None = None) -> dict[str, Any]:
+    """Run every check; return the report dict (no side effects on the registry).
+
+    The gate fails closed: a champion that cannot be read or evaluated fails ``no_regression``,
+    unless ``champion_override`` gives the reason to go ahead anyway (recorded in ``overrides``)."""
     import numpy as np
 
     from tasks.steps.drops import golden_set
@@ -270,7 +280,7 @@ def evaluate(store: Store, model: str, version: int, th: QCThresholds, work: Pat
     from tasks.adapters.storage import ObjectNotFound
 
     manifest = registry.get_version(store, model, version)
-    prefix = f"models/{model}/{version}/"
+    prefix = layout.version_prefix(model, version)
     images, y = golden_set()
     x = to_input(images)
     checks: list[dict[str, Any]] = []
@@ -318,12 +328,25 @@ def evaluate(store: Store, model: str, version: int, th: QCThresholds, work: Pat
         checks.append(_check("no_regression", True, f"v{version} is the champion itself"))
     else:
         try:
-            c_onnx = store.get_file(f"models/{model}/{champ['version']}/model.onnx", work / "champion.onnx")
+            c_onnx = store.get_file(layout.version_file_key(model, champ["version"], layout.MODEL_ONNX),
+                                    work / "champion.onnx")
             c_pred = _ort_predict(c_onnx, x)[0].argmax(1)
-        except Exception as exc:  # noqa: BLE001 - a broken champion must not block its replacement
-            logger.warning("champion v%s cannot be evaluated: %s", champ["version"], exc)
-            checks.append(_check("no_regression", None, f"skipped: champion v{champ['version']} could not be "
-                                 f"evaluated on the golden set ({type(exc).__name__}: {exc})"))
+        except Exception as exc:  # noqa: BLE001 - an unreadable champion fails the gate unless overridden
+            _raise_if_outage(exc)
+            why = (f"champion v{champ['version']} could not be evaluated on the golden set "
+                   f"({type(exc).__name__}: {exc})")
+            if champion_override:
+                logger.warning("%s: overridden (%s)", why, champion_override)
+                report.setdefault("overrides", []).append(
+                    {"check": "no_regression", "reason": champion_override, "because": why})
+                checks.append(_check("no_regression", True, f"overridden: {why}; override reason: "
+                                     f"{champion_override}"))
+            else:
+                logger.error("%s: the gate fails closed", why)
+                checks.append(_check("no_regression", False, f"{why}: nothing shows the candidate is not worse; "
+                                     "fix or roll back the champion, or rerun QC with "
+                                     "--override-unreadable-champion 'REASON' (recorded in the report and "
+                                     "the registry)"))
         else:
             c_acc = float((c_pred == y).mean())
             drop = c_acc - acc
@@ -341,6 +364,7 @@ def evaluate(store: Store, model: str, version: int, th: QCThresholds, work: Pat
             checks.append(_check("parity_onnx_torch", True, f"max |ONNX - PyTorch| over logits and embedding "
                                  f"(batches 1, 7, 32): {diff:.3g}", diff, th.max_parity_diff))
         except Exception as exc:  # noqa: BLE001 - ParityError, a bad state_dict, an unreadable file
+            _raise_if_outage(exc)
             checks.append(_check("parity_onnx_torch", False, f"{type(exc).__name__}: {exc}",
                                  threshold=th.max_parity_diff))
     else:
@@ -429,7 +453,7 @@ td,th{{border:1px solid #d0d7de;padding:4px 8px;text-align:left;vertical-align:t
 
 
 def run_qc(store: Store, model: str, version: int, th: QCThresholds | None = None,
-           work_dir: Path | None = None) -> dict[str, Any]:
+           work_dir: Path | None = None, champion_override: str | None = None) -> dict[str, Any]:
     """Evaluate, store ``qc_report.json``/``.html`` on the version, and reject a failing candidate.
 
     Only a ``candidate`` is moved to ``rejected``; re-running QC on a version in another stage records
@@ -442,26 +466,32 @@ def run_qc(store: Store, model: str, version: int, th: QCThresholds | None = Non
     t0 = time.monotonic()
     logger.info("QC of %s v%s on the golden set (thresholds %s)", model, version, asdict(th))
     with tempfile.TemporaryDirectory(prefix=f"{model}-v{version}-", dir=work_root) as tmp:
-        report = evaluate(store, model, version, th, Path(tmp))
+        report = evaluate(store, model, version, th, Path(tmp), champion_override=champion_override)
     report["seconds"] = round(time.monotonic() - t0, 2)
     report["at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    report["report_uri"] = store.uri(f"models/{model}/{version}/qc_report.html")
-    report["report_json_uri"] = store.uri(f"models/{model}/{version}/qc_report.json")
-    registry.put_version_file(store, model, version, "qc_report.html", render_html(report).encode())
-    registry.put_version_file(store, model, version, "qc_report.json", report)
+    report["report_uri"] = store.uri(layout.version_file_key(model, version, layout.QC_REPORT_HTML))
+    report["report_json_uri"] = store.uri(layout.version_file_key(model, version, layout.QC_REPORT_JSON))
+    registry.record_artifact(store, model, version, layout.QC_REPORT_HTML, render_html(report).encode())
+    registry.record_artifact(store, model, version, layout.QC_REPORT_JSON, report)
     for c in report["checks"]:
         log = logger.info if c["passed"] is not False else logger.warning
         log("qc %-18s %-7s %s", c["name"], c["status"], c["detail"])
-    manifest = registry.get_version(store, model, version)
-    manifest["qc"] = {"verdict": report["verdict"], "reasons": report["reasons"], "report": report["report_uri"],
-                      "report_json": report["report_json_uri"], "at": report["at"]}
-    store.put_json(f"models/{model}/{version}/version.json", manifest)
-    stage = manifest.get("stage")
+    verdict = {"verdict": report["verdict"], "reasons": report["reasons"], "report": report["report_uri"],
+               "report_json": report["report_json_uri"], "at": report["at"]}
+    if report.get("overrides"):
+        verdict["overrides"] = report["overrides"]
+    # the verdict on the version manifest through the registry (its only writer: no lost stage change)
+    registry.update_version(store, model, version, lambda m: {**m, "qc": verdict}, event="qc",
+                            verdict=report["verdict"], reasons=report["reasons"],
+                            overrides=report.get("overrides", []))
     if report["verdict"] == "failed":
-        if stage == "candidate":
-            registry.set_stage(store, model, version, "rejected", "QC gate failed: " + "; ".join(report["reasons"]))
-        elif stage != "rejected":
-            logger.warning("%s v%s is in stage %r, not a candidate: its stage is left as it is", model, version, stage)
+        # only a candidate is rejected, decided at the moment of the write
+        if registry.set_stage(store, model, version, "rejected", "QC gate failed: " + "; ".join(report["reasons"]),
+                              only_from=("candidate",)) is None:
+            stage = registry.get_version(store, model, version).get("stage")
+            if stage != "rejected":
+                logger.warning("%s v%s is in stage %r, not a candidate: its stage is left as it is", model,
+                               version, stage)
         logger.warning("QC FAILED for %s v%s: %s (report %s)", model, version, "; ".join(report["reasons"]),
                        report["report_uri"])
     else:
@@ -471,6 +501,10 @@ def run_qc(store: Store, model: str, version: int, th: QCThresholds | None = Non
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli(_main, argv, bad_input=(ValueError,))  # RegistryError is a BadInput
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="mlpipe qc", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", type=int, required=True, help="registered candidate version")
@@ -478,38 +512,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     for f in fields(QCThresholds):
         flag = "--" + f.name.replace("_", "-")
         if f.type in ("bool", bool):
-            parser.add_argument(flag, type=lambda s: s.lower() in {"1", "true", "yes", "on"}, default=None,
+            parser.add_argument(flag, type=parse_bool, default=None,
                                 help=f"(env MLPIPE_QC_{f.name.upper()}, default {f.default})")
         else:
             parser.add_argument(flag, type=int if f.type in ("int", int) else float, default=None,
                                 help=f"(env MLPIPE_QC_{f.name.upper()}, default {f.default})")
     parser.add_argument("--no-fail", action="store_true",
                         help="exit 0 on a failed gate (the verdict is in the result); the DAG's gate task decides")
+    parser.add_argument("--override-unreadable-champion", metavar="REASON", default=None,
+                        help="let no_regression pass when the champion cannot be read or evaluated; the reason is "
+                             "recorded in the report, the version manifest and the registry's qc event")
     parser.add_argument("--result-json", type=Path, help="write the verdict here (Airflow XCom)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from tasks.adapters.storage import StoreError
-
-    try:
-        cfg = load_settings()
-        th = QCThresholds.from_env(**{f.name: getattr(args, f.name) for f in fields(QCThresholds)})
-        report = run_qc(open_store(cfg), args.model or cfg.model_name, args.version, th)
-    except (registry.RegistryError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except StoreError as exc:
-        print(f"error: object store: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+    setup_logging()
+    cfg = load_settings()
+    th = QCThresholds.from_env(**{f.name: getattr(args, f.name) for f in fields(QCThresholds)})
+    report = run_qc(open_store(cfg), args.model or cfg.model_name, args.version, th,
+                    champion_override=(args.override_unreadable_champion or "").strip() or None)
     result = {k: report[k] for k in ("model", "version", "verdict", "reasons", "report_uri")}
     result["accuracy"] = report.get("accuracy")
+    result["overrides"] = report.get("overrides", [])
     print(json.dumps(result, indent=2))
     if args.result_json:
-        args.result_json.parent.mkdir(parents=True, exist_ok=True)
-        args.result_json.write_text(json.dumps(result))
+        write_result_json(args.result_json, result)
     if report["verdict"] == "failed":
-        print(f"error: QC gate failed for {report['model']} v{args.version}: " + "; ".join(report["reasons"]),
-              file=sys.stderr)
-        return 0 if args.no_fail else EXIT_REJECTED
+        why = f"QC gate failed for {report['model']} v{args.version}: " + "; ".join(report["reasons"])
+        if not args.no_fail:
+            raise QCFailed(why)
+        logger.warning("%s (--no-fail: exit 0, the verdict is in the result)", why)
     return 0
 
 

@@ -5,9 +5,14 @@ Layout (see docs/CONTRACTS.md)::
     models/<model>/<version>/version.json   version, stage, metrics, lineage, history
     models/<model>/<version>/model.onnx     + model.pt, metrics.json, lineage.json, curves.png
     models/<model>/_events/<ts>-<id>.json   one object per registry event
+    models/<model>/_claims/...              run and version-number claims (exclusive creates)
 
-Stages: ``candidate`` -> ``production`` | ``rejected``; ``production`` -> ``archived``.
-Registering the same training run twice returns the same version (idempotent).
+(the keys: tasks/contracts/layout.py). Stages: ``candidate`` -> ``production`` | ``rejected``;
+``production`` -> ``archived``. Registering the same training run twice returns the same version
+(idempotent, also when done concurrently); concurrent registrations of different runs get distinct
+version numbers without gaps. The registry is the only writer of ``version.json``: other steps go
+through ``update_version`` / ``record_artifact`` / ``set_stage`` (compare-and-swap writes). Every
+stage change is an event and is mirrored to ClearML.
 
 CLI: ``mlpipe registry {register,list,show,stage,champion} --help``.
 """
@@ -15,42 +20,53 @@ CLI: ``mlpipe registry {register,list,show,stage,champion} --help``.
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime as dt
-import hashlib
 import json
 import logging
 import os
+import random
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from tasks.config import PROJECT_ROOT, load_settings
-from tasks.adapters.storage import ObjectNotFound, Store, open_store
+from tasks.contracts import layout
+from tasks.contracts.errors import BadInput, Transient, run_cli
+from tasks.logs import setup_logging
+from tasks.adapters.storage import ObjectNotFound, Store, StoreError, open_store
+from tasks.contracts.results import write_result_json
 
 logger = logging.getLogger(__name__)
 
 STAGES = ("candidate", "production", "rejected", "archived")
-RUN_FILES = ("model.onnx", "model.pt", "metrics.json", "curves.png")
-EXIT_INVALID, EXIT_USAGE = 1, 2
+RUN_FILES = (layout.MODEL_ONNX, layout.MODEL_PT, layout.METRICS, layout.CURVES)
+CLAIM_WAIT_S = 300.0  # how long a second registration of the same run waits for the first
+STALE_CLAIM_S = 1800.0  # a run claim older than this is left over from a killed process: taken over
 
 
-class RegistryError(ValueError):
-    """A registry request that cannot be satisfied (unknown version, bad stage...)."""
+class RegistryError(BadInput, ValueError):
+    """A registry request that cannot be satisfied (unknown version, bad stage...): bad input, final."""
 
 
 def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
+class RegistryConflict(Transient, RuntimeError):
+    """Concurrent writers kept changing a version manifest (or a run claim was held too long): retry."""
+
+
 def _prefix(model: str, version: int | None = None) -> str:
-    return f"models/{model}/" if version is None else f"models/{model}/{version}/"
+    return layout.model_prefix(model) if version is None else layout.version_prefix(model, version)
 
 
 def code_version() -> str:
     """The git commit of the code that runs (or MLPIPE_CODE_VERSION in an image)."""
-    env = os.environ.get("MLPIPE_CODE_VERSION")
+    env = load_settings().code_version
     if env:
         return env
     try:
@@ -70,7 +86,7 @@ def list_versions(store: Store, model: str) -> list[int]:
 
 def get_version(store: Store, model: str, version: int) -> dict[str, Any]:
     try:
-        return store.get_json(_prefix(model, version) + "version.json")
+        return store.get_json(layout.version_manifest_key(model, version))
     except ObjectNotFound:
         known = list_versions(store, model)
         raise RegistryError(
@@ -97,72 +113,153 @@ def champion(store: Store, model: str) -> dict[str, Any] | None:
 def record_event(store: Store, model: str, event: str, **fields: Any) -> dict[str, Any]:
     body = {"event": event, "model": model, "at": _now(), **fields}
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
-    store.put_json(f"{_prefix(model)}_events/{stamp}-{uuid.uuid4().hex[:8]}.json", body)
+    store.put_json(layout.event_key(model, stamp, uuid.uuid4().hex[:8]), body)
     logger.info("registry event %s: %s", event, json.dumps(fields, default=str, sort_keys=True))
     return body
 
 
 def events(store: Store, model: str) -> list[dict[str, Any]]:
-    return [store.get_json(k) for k in store.list(f"{_prefix(model)}_events/") if k.endswith(".json")]
+    """The registry events of ``model``, oldest first (keys sort by their UTC time stamp)."""
+    return [store.get_json(k) for k in store.list(layout.events_prefix(model)) if k.endswith(".json")]
 
 
 def _drop_lineage(store: Store, drop_id: str) -> dict[str, Any]:
-    manifest_key = f"drops/{drop_id}/manifest.parquet"
+    """The lineage entry of a drop: the digests of the content its passing validation checked, after
+    checking that the drop still is that content. Raises ``DropChanged`` (rejected) naming the drop and
+    what changed, ``RegistryError`` for a drop without a passing validation."""
+    from tasks.steps import drops
+
     try:
-        manifest_sha = hashlib.sha256(store.get_bytes(manifest_key)).hexdigest()
-    except ObjectNotFound:
-        raise RegistryError(f"drop {drop_id!r} has no manifest at {manifest_key}: cannot record lineage") from None
-    try:
-        validation = store.get_json(f"drops/{drop_id}/validation/result.json")
-    except ObjectNotFound:
-        validation = None
+        validated = drops.verify_validated(store, drop_id)
+    except drops.DropChanged as exc:  # rejected, like train's refusal (exit EXIT_REJECTED, no retry)
+        raise drops.DropChanged(f"refusing to register: {exc}") from None
+    except drops.DropNotValidated as exc:
+        raise RegistryError(f"refusing to register: drops [{drop_id!r}] have no passing validation result "
+                            f"bound to their content ({exc})") from None
+    except drops.DropError as exc:
+        raise RegistryError(f"refusing to register: {exc}") from None
+    assert validated is not None
     return {
         "drop_id": drop_id,
-        "manifest_sha256": manifest_sha,
-        "validation": None if validation is None else {
-            "success": validation.get("success"),
-            "result_uri": store.uri(f"drops/{drop_id}/validation/result.json"),
-            "report_uri": validation.get("report_uri"),
+        "manifest_sha256": validated["manifest_sha256"],
+        "images_sha256": validated["images_sha256"],
+        "image_count": validated["image_count"],
+        "validation": {
+            "success": True,
+            "validated_at": validated["validated_at"],
+            "result_uri": validated["result_uri"],
+            "report_uri": validated["report_uri"],
         },
     }
 
 
+def _version_claims(store: Store, model: str) -> dict[int, str]:
+    """version number -> the run id it was claimed for (``models/<m>/_claims/versions/<v>.json``)."""
+    prefix = layout.version_claims_prefix(model)
+    out: dict[int, str] = {}
+    for key in store.list(prefix):
+        name = key[len(prefix):]
+        if name.endswith(".json") and name[:-len(".json")].isdigit():
+            try:
+                out[int(name[:-len(".json")])] = str(store.get_json(key).get("run_id"))
+            except (ObjectNotFound, StoreError):
+                continue
+    return out
+
+
+def _registered(store: Store, model: str, run_id: str) -> dict[str, Any] | None:
+    """The complete version of ``run_id``, if it has one."""
+    for version, claimed_by in sorted(_version_claims(store, model).items()):
+        if claimed_by == run_id:
+            try:
+                return get_version(store, model, version)
+            except RegistryError:
+                return None  # claimed, not complete yet
+    for existing in all_versions(store, model):  # versions registered before version claims existed
+        if existing.get("run_id") == run_id:
+            return existing
+    return None
+
+
 def register(store: Store, model: str, run_id: str, drop_ids: Sequence[str], *,
-             clearml_task_id: str | None = None, mirror: bool = True) -> dict[str, Any]:
-    """Register the training run ``runs/<run_id>/`` as a new ``candidate`` version."""
-    run_prefix = f"runs/{run_id}/"
+             clearml_task_id: str | None = None, mirror: bool = True,
+             wait_s: float = CLAIM_WAIT_S, stale_s: float = STALE_CLAIM_S) -> dict[str, Any]:
+    """Register the training run ``runs/<run_id>/`` as a new ``candidate`` version.
+
+    Idempotent and safe under concurrency, on a local store and on S3 alike: registering one run
+    from N processes at once gives one version (one process registers it, the others wait up to
+    ``wait_s`` for it and return it); N different runs at once get N distinct version numbers with
+    no gaps. Both rest on exclusive creates (``Store.put_if_absent``): the run claim
+    ``models/<m>/_claims/runs/<run_id>.json`` (deleted when done; one older than ``stale_s`` is
+    taken over) and the version-number claim ``models/<m>/_claims/versions/<v>.json`` (kept: a retry
+    after a crash reuses its number). Every drop must still be the content its passing validation
+    checked (``tasks.steps.drops.verify_validated``); the lineage records the digests.
+    """
+    run_prefix = layout.run_prefix(run_id)
     try:
-        metrics = store.get_json(run_prefix + "metrics.json")
+        metrics = store.get_json(layout.run_file_key(run_id, layout.METRICS))
     except ObjectNotFound:
         raise RegistryError(f"training run {run_id!r} not found: no {run_prefix}metrics.json in {store.url}") from None
-    if not store.exists(run_prefix + "model.onnx"):
+    if not store.exists(layout.run_file_key(run_id, layout.MODEL_ONNX)):
         raise RegistryError(f"training run {run_id!r} has no model.onnx in {store.url}/{run_prefix}")
 
     # Idempotency: the same run registered again is the same version.
-    for existing in all_versions(store, model):
-        if existing.get("run_id") == run_id:
-            logger.info("run %s is already registered as %s v%s", run_id, model, existing["version"])
-            return existing
+    existing = _registered(store, model, run_id)
+    if existing is not None:
+        logger.info("run %s is already registered as %s v%s", run_id, model, existing["version"])
+        return existing
 
+    lineage_drops = [_drop_lineage(store, d) for d in drop_ids]  # refuses before anything is claimed
+
+    claim_key = layout.run_claim_key(model, run_id)
+    deadline = time.monotonic() + wait_s
+    while not store.put_json_if_absent(claim_key, {"run_id": run_id, "at": _now(), "epoch": time.time(),
+                                                   "pid": os.getpid()}):
+        existing = _registered(store, model, run_id)
+        if existing is not None:  # another process registered it while we waited
+            logger.info("run %s was registered concurrently as %s v%s", run_id, model, existing["version"])
+            return existing
+        try:
+            held = store.get_json(claim_key)
+        except (ObjectNotFound, StoreError):
+            continue  # released a moment ago: try again
+        if time.time() - float(held.get("epoch") or 0) > stale_s:
+            logger.warning("taking over the stale registration claim of run %s (%s, since %s)", run_id,
+                           store.uri(claim_key), held.get("at"))
+            store.delete(claim_key)
+            continue
+        if time.monotonic() > deadline:
+            raise RegistryConflict(f"run {run_id!r} is being registered by another process (claim "
+                                   f"{store.uri(claim_key)} since {held.get('at')}); waited {wait_s:g}s: retry")
+        time.sleep(random.uniform(0.02, 0.1))
+    try:
+        existing = _registered(store, model, run_id)  # registered between our first look and our claim
+        if existing is not None:
+            return existing
+        return _write_version(store, model, run_id, drop_ids, metrics, lineage_drops, clearml_task_id, mirror)
+    finally:
+        store.delete(claim_key)
+
+
+def _write_version(store: Store, model: str, run_id: str, drop_ids: Sequence[str], metrics: dict[str, Any],
+                   lineage_drops: list[dict[str, Any]], clearml_task_id: str | None, mirror: bool) -> dict[str, Any]:
+    """Claim a version number and write the version; called while holding the run claim."""
     parent = champion(store, model)
     lineage = {
-        "drops": [_drop_lineage(store, d) for d in drop_ids],
+        "drops": lineage_drops,
         "training_run_id": run_id,
         "clearml_task_id": clearml_task_id or metrics.get("clearml_task_id"),
         "code_version": code_version(),
         "parent_champion": None if parent is None else parent["version"],
     }
-    failed = [d["drop_id"] for d in lineage["drops"] if not (d["validation"] or {}).get("success")]
-    if failed:
-        raise RegistryError(f"refusing to register: drops {failed} have no passing validation result")
-
     version = _claim_version(store, model, run_id)
     prefix = _prefix(model, version)
     for name in RUN_FILES:
-        if store.exists(run_prefix + name):
-            store.put_bytes(prefix + name, store.get_bytes(run_prefix + name))
-    store.put_json(prefix + "metrics.json", metrics)
-    store.put_json(prefix + "lineage.json", lineage)
+        src = layout.run_file_key(run_id, name)
+        if store.exists(src):
+            store.put_bytes(prefix + name, store.get_bytes(src))
+    store.put_json(layout.version_file_key(model, version, layout.METRICS), metrics)
+    store.put_json(layout.version_file_key(model, version, layout.LINEAGE), lineage)
     manifest = {
         "model": model,
         "version": version,
@@ -176,24 +273,27 @@ def register(store: Store, model: str, run_id: str, drop_ids: Sequence[str], *,
     }
     if mirror:
         manifest["clearml"] = _mirror(model, version, "candidate", manifest["metrics"], lineage, store, prefix)
-    store.put_json(prefix + "version.json", manifest)  # written last: the version is complete
-    store.delete(prefix + "_claim.json")
-    record_event(store, model, "register", version=version, run_id=run_id, drops=list(drop_ids))
+    # written last: the version is complete. Exclusive: a second writer of this number is a bug, never silent.
+    if not store.put_json_if_absent(layout.version_manifest_key(model, version), manifest):
+        raise RegistryConflict(f"{model} v{version} already has a version manifest: its number was claimed twice")
+    record_event(store, model, "register", version=version, run_id=run_id, drops=list(drop_ids),
+                 stage="candidate")
     return manifest
 
 
 def _claim_version(store: Store, model: str, run_id: str) -> int:
-    """Claim the next free version number (a claim object, read back to detect a race)."""
-    for _ in range(20):
-        taken = list_versions(store, model)
-        version = (max(taken) + 1) if taken else 1
-        claim = f"{_prefix(model, version)}_claim.json"
-        if store.exists(claim):
-            continue
-        store.put_json(claim, {"run_id": run_id, "at": _now()})
-        if store.get_json(claim).get("run_id") == run_id:
+    """The version number of ``run_id``: the one claimed for it before (a retry after a crash), else
+    the next free one, claimed by an exclusive create (losers of a race move to the next number)."""
+    claims = _version_claims(store, model)
+    mine = sorted(v for v, r in claims.items() if r == run_id)
+    if mine:
+        return mine[0]
+    version = max([*claims, *list_versions(store, model)], default=0) + 1
+    for _ in range(10_000):
+        if store.put_json_if_absent(layout.version_claim_key(model, version), {"run_id": run_id, "at": _now()}):
             return version
-    raise RegistryError(f"could not claim a version number for {model} after 20 tries (concurrent registrations?)")
+        version += 1
+    raise RegistryConflict(f"could not claim a version number for {model} (concurrent registrations?)")
 
 
 def _mirror(model: str, version: int, stage: str, metrics: dict, lineage: dict, store: Store, prefix: str) -> dict:
@@ -203,36 +303,119 @@ def _mirror(model: str, version: int, stage: str, metrics: dict, lineage: dict, 
         from tasks.adapters import clearml as tracking
 
         onnx_local = None
-        if store.exists(prefix + "model.onnx"):
-            tmp = load_settings().home / "tmp" / f"{model}-{version}.onnx"
-            onnx_local = store.get_file(prefix + "model.onnx", tmp)
+        if store.exists(prefix + layout.MODEL_ONNX):
+            tmp = load_settings().home / "tmp" / f"{model}-{version}-{uuid.uuid4().hex[:6]}.onnx"
+            onnx_local = store.get_file(prefix + layout.MODEL_ONNX, tmp)
         return tracking.mirror_model_version(model, version, stage, metrics, lineage, onnx_path=onnx_local)
     except Exception as exc:  # noqa: BLE001 - the mirror must never lose the registration
         logger.warning("ClearML mirror of %s v%s failed: %s", model, version, exc)
         return {"error": str(exc)}
 
 
-def set_stage(store: Store, model: str, version: int, stage: str, reason: str, **extra: Any) -> dict[str, Any]:
-    if stage not in STAGES:
-        raise RegistryError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
-    manifest = get_version(store, model, version)
-    previous = manifest.get("stage")
-    manifest["stage"] = stage
-    manifest.setdefault("history", []).append({"stage": stage, "at": _now(), "reason": reason, **extra})
-    store.put_json(_prefix(model, version) + "version.json", manifest)
-    record_event(store, model, "stage", version=version, stage=stage, previous=previous, reason=reason, **extra)
-    return manifest
+def _mirror_stage(model: str, version: int, stage: str, previous: str | None, reason: str,
+                  model_id: str | None) -> dict:
+    """Mirror a stage change to ClearML; a failure is recorded in the event, never fatal."""
+    try:
+        from tasks.adapters import clearml as tracking
+
+        return tracking.mirror_stage_change(model, version, stage, previous, reason, model_id=model_id)
+    except Exception as exc:  # noqa: BLE001 - the store stays the registry of record
+        logger.warning("ClearML mirror of the stage change %s v%s -> %s failed: %s", model, version, stage, exc)
+        return {"error": str(exc)}
 
 
-def put_version_file(store: Store, model: str, version: int, name: str, data: bytes | dict) -> str:
-    """Attach a file (QC report, TensorRT plan...) to an existing version."""
+def update_version(store: Store, model: str, version: int,
+                   change: Callable[[dict[str, Any]], dict[str, Any] | None], *,
+                   event: str | None = None, **fields: Any) -> dict[str, Any] | None:
+    """Read-modify-write of a version manifest that loses no concurrent update.
+
+    ``change`` gets a copy of the manifest and returns the new one (or None: nothing to write). The
+    write is a compare-and-swap (``Store.put_if_match``); when another writer got in between,
+    ``change`` runs again on the fresh manifest. ``event`` (with ``fields``) is recorded after the
+    write. The registry is the only writer of ``version.json``: other steps call this (or
+    ``record_artifact`` / ``set_stage``).
+    """
+    key = layout.version_manifest_key(model, version)
+    for _ in range(100):
+        try:
+            manifest, token = store.get_json_with_token(key)
+        except ObjectNotFound:
+            get_version(store, model, version)  # raises the RegistryError naming the known versions
+            raise
+        new = change(copy.deepcopy(manifest))
+        if new is None:
+            return None
+        if store.put_json_if_match(key, new, token):
+            if event is not None:
+                record_event(store, model, event, version=int(version), **fields)
+            return new
+        time.sleep(random.uniform(0.005, 0.05))
+    raise RegistryConflict(f"{model} v{version}: the version manifest kept changing under 100 updates: retry")
+
+
+def record_artifact(store: Store, model: str, version: int, name: str, data: bytes | dict, *,
+                    field: str | None = None, summary: Any = None) -> str:
+    """Attach a file (QC report, TensorRT plan, compile.json...) to an existing version: the object
+    ``models/<m>/<v>/<name>``, its URI under the manifest's ``files`` and, with ``field``, ``summary``
+    as the manifest's ``field`` (e.g. ``compile``, ``qc``); an ``artifact`` event. Returns the URI."""
     get_version(store, model, version)
-    key = _prefix(model, version) + name
+    key = layout.version_file_key(model, version, name)
     if isinstance(data, dict):
         store.put_json(key, data)
     else:
         store.put_bytes(key, data)
-    return store.uri(key)
+    uri = store.uri(key)
+
+    def change(manifest: dict[str, Any]) -> dict[str, Any]:
+        manifest.setdefault("files", {})[name] = uri
+        if field is not None:
+            manifest[field] = summary
+        return manifest
+
+    update_version(store, model, version, change, event="artifact", name=name,
+                   **({"field": field, field: summary} if field is not None else {}))
+    return uri
+
+
+def put_version_file(store: Store, model: str, version: int, name: str, data: bytes | dict) -> str:
+    """Attach a file to an existing version (``record_artifact`` without a manifest field)."""
+    return record_artifact(store, model, version, name, data)
+
+
+def set_stage(store: Store, model: str, version: int, stage: str, reason: str, *,
+              only_from: Sequence[str] | None = None, mirror: bool = True, **extra: Any) -> dict[str, Any] | None:
+    """Move a version to ``stage``: a compare-and-swap of its manifest (a concurrent change is never
+    lost), a ``stage`` event and a ClearML mirror of the change (tags, publish on ``production``,
+    archive on ``archived``/``rejected``; see ``tasks.adapters.clearml.mirror_stage_change``).
+
+    With ``only_from``, the stage changes only if the version is in one of those stages at the moment
+    of the write; otherwise nothing is written and None is returned.
+    """
+    if stage not in STAGES:
+        raise RegistryError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
+    seen: dict[str, Any] = {}
+
+    def change(manifest: dict[str, Any]) -> dict[str, Any] | None:
+        seen["previous"] = manifest.get("stage")
+        if only_from is not None and seen["previous"] not in only_from:
+            return None
+        manifest["stage"] = stage
+        manifest.setdefault("history", []).append({"stage": stage, "at": _now(), "reason": reason, **extra})
+        return manifest
+
+    manifest = update_version(store, model, version, change)
+    if manifest is None:
+        logger.info("%s v%s is %r, not one of %s: stage left as it is", model, version, seen.get("previous"),
+                    list(only_from or ()))
+        return None
+    previous = seen.get("previous")
+    clearml = None
+    if mirror:
+        clearml = _mirror_stage(model, version, stage, previous, reason,
+                                (manifest.get("clearml") or {}).get("model_id"))
+    record_event(store, model, "stage", version=version, stage=stage, previous=previous, reason=reason,
+                 **({"clearml": clearml} if clearml is not None else {}), **extra)
+    return manifest
 
 
 # --------------------------------------------------------------------------- CLI
@@ -271,37 +454,35 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Exit codes (``tasks.contracts.errors``): 0 ok; ``EXIT_BAD_INPUT`` an unknown run, drop or version,
+    a bad stage or option; ``EXIT_TRANSIENT`` the object store is unreachable (retried)."""
+    return run_cli(_main, argv, bad_input=(ValueError,))
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     cfg = load_settings()
     model = args.model or cfg.model_name
-    try:
-        store = open_store(cfg)
-        if args.cmd == "register":
-            result = register(store, model, args.run_id, split_drop_ids(args.drop_id),
-                              clearml_task_id=args.clearml_task_id, mirror=not args.no_mirror)
-            if args.result_json:
-                args.result_json.parent.mkdir(parents=True, exist_ok=True)
-                args.result_json.write_text(json.dumps(result, default=str))
-            _print({"model": model, "version": result["version"], "stage": result["stage"]})
-        elif args.cmd == "list":
-            for v in all_versions(store, model):
-                acc = v.get("metrics", {}).get("val_accuracy")
-                print(f"{model} v{v['version']:<4} {v['stage']:<11} val_accuracy={acc} created={v['created_at']}")
-        elif args.cmd == "show":
-            _print(get_version(store, model, args.version))
-        elif args.cmd == "stage":
-            _print(set_stage(store, model, args.version, args.stage, args.reason))
-        elif args.cmd == "champion":
-            _print(champion(store, model))
-        elif args.cmd == "events":
-            _print(events(store, model))
-    except RegistryError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_INVALID
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    store = open_store(cfg)
+    if args.cmd == "register":
+        result = register(store, model, args.run_id, split_drop_ids(args.drop_id),
+                          clearml_task_id=args.clearml_task_id, mirror=not args.no_mirror)
+        if args.result_json:
+            write_result_json(args.result_json, result)
+        _print({"model": model, "version": result["version"], "stage": result["stage"]})
+    elif args.cmd == "list":
+        for v in all_versions(store, model):
+            acc = v.get("metrics", {}).get("val_accuracy")
+            print(f"{model} v{v['version']:<4} {v['stage']:<11} val_accuracy={acc} created={v['created_at']}")
+    elif args.cmd == "show":
+        _print(get_version(store, model, args.version))
+    elif args.cmd == "stage":
+        _print(set_stage(store, model, args.version, args.stage, args.reason))
+    elif args.cmd == "champion":
+        _print(champion(store, model))
+    elif args.cmd == "events":
+        _print(events(store, model))
     return 0
 
 

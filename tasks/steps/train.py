@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
 import logging
 import math
@@ -43,6 +42,12 @@ import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+from tasks.contracts import layout
+from tasks.contracts.errors import BadInput, run_cli
+from tasks.logs import setup_logging
+from tasks.contracts.results import write_result_json
+from tasks.contracts.files import sha256_bytes, sha256_file
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -61,14 +66,13 @@ DEFAULT_VAL_FRACTION = 0.2
 WEIGHT_DECAY = 1e-4
 LABEL_SMOOTHING = 0.1  # training loss only; val/golden losses are plain cross-entropy
 MIN_DELTA = 1e-4  # a val loss must improve by more than this to count as better
-EXIT_ERROR, EXIT_USAGE = 1, 2
 RUN_FILES = ("model.onnx", "model.pt", "metrics.json", "history.json", "curves.png")
 
 EpochCallback = Callable[[dict[str, Any]], None]
 
 
-class TrainError(RuntimeError):
-    """Training could not produce a usable model (bad input arrays, unavailable device...)."""
+class TrainError(BadInput, RuntimeError):
+    """Training could not produce a usable model (bad input arrays, unavailable device...): final."""
 
 
 # --------------------------------------------------------------------------- set-up
@@ -76,16 +80,13 @@ class TrainError(RuntimeError):
 
 def default_threads() -> int:
     """Torch intra-op threads: ``MLPIPE_TORCH_THREADS`` if set, else min(2, cores)."""
-    env = os.environ.get("MLPIPE_TORCH_THREADS", "").strip()
-    if env:
-        try:
-            value = int(env)
-        except ValueError:
-            raise TrainError(f"MLPIPE_TORCH_THREADS must be a positive integer, got {env!r}") from None
-        if value < 1:
-            raise TrainError(f"MLPIPE_TORCH_THREADS must be a positive integer, got {env!r}")
-        return value
-    return max(1, min(2, os.cpu_count() or 1))
+    from tasks.config import load_settings
+
+    try:
+        value = load_settings().train.torch_threads
+    except ValueError as exc:  # the message names the variable and what it accepts
+        raise TrainError(str(exc)) from None
+    return value if value is not None else max(1, min(2, os.cpu_count() or 1))
 
 
 def resolve_device(device: str = "auto") -> str:
@@ -126,7 +127,7 @@ def default_run_id(drop_ids: Sequence[str], *, seed: int, epochs: int, batch_siz
         "drops": list(drop_ids), "seed": int(seed), "epochs": int(epochs), "batch_size": int(batch_size),
         "lr": float(lr), "patience": int(patience), "val_fraction": float(val_fraction),
     }
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    digest = sha256_bytes(json.dumps(key, sort_keys=True).encode())[:16]
     return f"train-{digest}"
 
 
@@ -234,7 +235,6 @@ def train_arrays(
     ``early_stopped``, ``train_seconds``, ``n_train``, ``n_val``, ``seed``.
     ``on_epoch`` is called with each epoch's dict (for tracking).
     """
-    import numpy as np
     import torch
     import torch.nn.functional as F
 
@@ -424,14 +424,6 @@ def plot_curves(history: Sequence[dict[str, Any]], path: str | Path, best_epoch:
 # --------------------------------------------------------------------------- the pipeline step
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 class _Tracker:
     """Wraps tasks.adapters.clearml so a tracking failure is recorded and never loses a trained model."""
 
@@ -451,6 +443,23 @@ class _Tracker:
             return None
 
 
+def check_drops(store: "Store", drop_ids: Sequence[str]) -> dict[str, Any]:
+    """Refuse drops whose bytes are not what their passing validation checked, each of them (the
+    extra drops of ``--drop-id a,b`` too): ``DropChanged`` naming the drop and what changed,
+    ``DropNotValidated`` for a drop that failed validation. A drop never validated is trained on
+    with a warning (the registry refuses to register it). Returns drop id -> validated digests."""
+    from tasks.steps import drops
+
+    out: dict[str, Any] = {}
+    for drop_id in drop_ids:
+        validated = drops.verify_validated(store, drop_id, require=False)
+        if validated is None:
+            logger.warning("drop %s has no validation result: training on it, but a model trained on it "
+                           "cannot be registered until it is validated", drop_id)
+        out[drop_id] = validated
+    return out
+
+
 def train(
     store: "Store",
     drop_ids: Sequence[str],
@@ -468,7 +477,8 @@ def train(
     """Train on the drops, evaluate, export ONNX, upload to ``runs/<run_id>/``, log to ClearML.
 
     Raises ``tasks.steps.drops.DropError`` (a ``ValueError``) for an unknown or
-    incomplete drop, ``TrainError`` for bad arrays or an unavailable device and
+    incomplete drop, ``DropChanged`` / ``DropNotValidated`` (``check_drops``) for a drop
+    that changed since its passing validation or failed it, ``TrainError`` for bad arrays or an unavailable device and
     ``tasks.model.networks.ParityError`` if the ONNX export disagrees with PyTorch.
     Returns the result dict (also stored as ``runs/<run_id>/result.json``).
     """
@@ -486,7 +496,8 @@ def train(
     device = resolve_device(device)
     run_id = run_id or default_run_id(drop_ids, seed=seed, epochs=epochs, batch_size=batch_size, lr=lr,
                                       patience=patience, val_fraction=val_fraction)
-    run_prefix = f"runs/{run_id}/"
+    run_prefix = layout.run_prefix(run_id)
+    drop_content = check_drops(store, drop_ids)
     params = {
         "drop_ids": drop_ids, "epochs": epochs, "seed": seed, "batch_size": batch_size, "lr": lr,
         "patience": patience, "val_fraction": val_fraction, "weight_decay": WEIGHT_DECAY,
@@ -536,6 +547,7 @@ def train(
         metrics: dict[str, Any] = {
             "run_id": run_id,
             "drop_ids": drop_ids,
+            "drop_content": drop_content,
             "val_accuracy": fit["val_accuracy"],
             "val_loss": fit["val_loss"],
             "golden_accuracy": golden["accuracy"],
@@ -553,7 +565,7 @@ def train(
             "num_parameters": fit["num_parameters"],
             "onnx_parity_max_abs_diff": parity,
             "onnx_opset": model_lib.OPSET,
-            "onnx_sha256": _sha256_file(onnx_path),
+            "onnx_sha256": sha256_file(onnx_path),
             "torch_version": torch.__version__,
             "device": fit["device"],
             "threads": fit["threads"],
@@ -629,7 +641,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train the digit classifier on data drops, export ONNX, upload to runs/<run_id>/ "
                     "in the object store and log to ClearML.",
         epilog="The store comes from MLPIPE_STORE_URL (see tasks/config.py); ClearML is offline unless "
-               "CLEARML_API_HOST is set. Exit codes: 0 ok, 1 training failed, 2 bad input.",
+               "CLEARML_API_HOST is set. Exit codes (tasks.contracts.errors): 0 ok, 2 bad input (a drop, an "
+               "option, a training that cannot converge), 3 rejected (ONNX export disagrees with PyTorch), "
+               "75 the object store is unreachable (retried); 1 an unexpected error (retried).",
     )
     parser.add_argument("--drop-id", dest="drop_ids", action="append", required=True, metavar="ID",
                         help="drop to train on (drops/<ID>/ in the store; 'latest' = the newest complete drop); "
@@ -649,8 +663,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-tracking", action="store_true", help="do not log to ClearML")
     parser.add_argument("--result-json", type=Path, default=None, metavar="PATH",
                         help="write the result dict (run_id, keys, metrics, ClearML ids) here")
-    parser.add_argument("--log-level", default=os.environ.get("MLPIPE_LOG_LEVEL", "INFO"),
-                        help="logging level (default INFO)")
+    parser.add_argument("--log-level", default=None,
+                        help="logging level (default $MLPIPE_LOG_LEVEL or INFO)")
     return parser
 
 
@@ -660,38 +674,24 @@ def split_drop_ids(values: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(out))
 
 
-def _write_result(path: Path, result: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2, sort_keys=True, default=str))
-    tmp.replace(path)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli(_main, argv, bad_input=(ValueError,))
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=str(args.log_level).upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from tasks.adapters.storage import StoreError, open_store
+    setup_logging(args.log_level)
+    from tasks.adapters.storage import open_store
 
     drop_ids = split_drop_ids(args.drop_ids)
-    try:
-        store = open_store()
-        result = train(
-            store, drop_ids, run_id=args.run_id, epochs=args.epochs, seed=args.seed,
-            batch_size=args.batch_size, lr=args.lr, patience=args.patience, val_fraction=args.val_fraction,
-            device=args.device, track=not args.no_tracking,
-        )
-    except (ValueError, TrainError) as exc:  # DropError is a ValueError: bad input
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except StoreError as exc:
-        print(f"error: object store: {exc}", file=sys.stderr)
-        return EXIT_ERROR
-    except RuntimeError as exc:  # ParityError and other runtime failures
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+    store = open_store()
+    result = train(
+        store, drop_ids, run_id=args.run_id, epochs=args.epochs, seed=args.seed,
+        batch_size=args.batch_size, lr=args.lr, patience=args.patience, val_fraction=args.val_fraction,
+        device=args.device, track=not args.no_tracking,
+    )
     if args.result_json:
-        _write_result(args.result_json, result)
+        write_result_json(args.result_json, result)
     m = result["metrics"]
     print(json.dumps({"run_id": result["run_id"], "val_accuracy": m["val_accuracy"],
                       "golden_accuracy": m["golden_accuracy"], "epochs_run": m["epochs_run"],

@@ -12,22 +12,38 @@ image files:
 * ``seen_before`` / ``seen_in``: the image (by sha256 of its bytes) was already
   delivered in an earlier drop, i.e. another complete drop whose validation
   passed (``drops/<id>/validation/result.json`` has ``success: true``);
-* ``class_share``: the share of the row's class in the drop.
+* ``class_share``: the share of the row's class in the drop;
+* ``file_format`` / ``format_ok``: what the bytes are (magic number, then Pillow), not
+  what the file name or the manifest says: the contract is PNG;
+* ``pixel_std``: the pixels' standard deviation; a constant image (all black, std ~0)
+  carries no signal (below ``MIN_PIXEL_STD``);
+* ``captured_at_future`` / ``captured_at_too_old``: a ``captured_at`` later than the
+  validation clock + ``MAX_CLOCK_SKEW``, or before ``EARLIEST_CAPTURE`` (2000-01-01: an
+  unset clock, the Unix epoch), cannot be true.
 
 A missing manifest column is a named failure (``expect_column_to_exist``), not a
 crash: expectations on absent columns are skipped and everything else runs.
 
 Outputs, beside the drop (re-validation overwrites them)::
 
-    drops/<drop_id>/validation/result.json        success, failures, statistics, report_uri
+    drops/<drop_id>/validation/result.json        success, failures, statistics, report_uri,
+                                                  content (digests of the validated bytes)
+    drops/<drop_id>/validation/content.json       the sha256 of every object under images/
     drops/<drop_id>/validation/data_docs/index.html   the GX Data Docs site
+
+The result is bound to the content it checked (``tasks.steps.drops.bind_validation``):
+``content.manifest_sha256`` (the manifest's bytes) and ``content.images_sha256`` (one
+digest over the sorted image names and the sha256 of their bytes). ``train`` and
+``register`` refuse a drop whose bytes no longer match (``drops.verify_validated``).
 
 Every failed expectation is logged as exactly one line, e.g.
 ``validation failed: expect_column_values_to_be_in_set(label): 12 of 500 rows unexpected (2.4%),
 sample [10, -1] -- labels must be in 0..9 (bad labels)`` (one line in the log).
 
 CLI: ``mlpipe validate --drop-id ID [--result-json PATH] [--min-rows N] ...``;
-exit 0 pass, 1 validation failed, 2 unknown / incomplete / unreadable drop or bad options.
+exit codes (``tasks.contracts.errors``): 0 pass; ``EXIT_REJECTED`` validation failed;
+``EXIT_BAD_INPUT`` unknown / incomplete / unreadable drop or bad options; ``EXIT_TRANSIENT``
+the object store is unreachable (retried).
 """
 
 from __future__ import annotations
@@ -35,7 +51,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as dt
-import hashlib
+import io
 import json
 import logging
 import os
@@ -47,7 +63,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tasks.contracts.errors import Rejected, is_transient, run_cli
+from tasks.logs import setup_logging
+from tasks.contracts import layout
 from tasks.steps import drops
+from tasks.contracts.results import write_result_json
+from tasks.contracts.files import sha256_bytes
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -64,9 +85,19 @@ DEFAULT_THRESHOLDS: dict[str, Any] = {
     "min_class_share": 0.03,
     "max_class_share": 0.30,
 }
-EXIT_FAILED, EXIT_USAGE = 1, 2
 SAMPLE_SIZE = 5
+# Content checks (the bytes, not what the file name or the manifest claims):
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_MAGIC = ((PNG_MAGIC, "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"), (b"BM", "BMP"),
+          (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"\x00\x00\x01\x00", "ICO"))
+MIN_PIXEL_STD = 1.0  # a 0..255 image whose pixels vary less than this carries no signal (constant image)
+MAX_CLOCK_SKEW = dt.timedelta(minutes=5)  # captured_at may be this far after the validation clock
+EARLIEST_CAPTURE = dt.datetime(2000, 1, 1, tzinfo=dt.timezone.utc)  # before this, captured_at is not real
 _PLACEHOLDER = re.compile(r"^\$([a-z_]+)$")
+
+
+class ValidationFailed(Rejected):
+    """The drop failed its expectations (rejected: final; the failures were logged one per line)."""
 
 
 @dataclass
@@ -79,6 +110,7 @@ class ValidationResult:
     result_uri: str
     thresholds: dict[str, Any] = field(default_factory=dict)
     validated_at: str = ""
+    content: dict[str, Any] = field(default_factory=dict)  # digests of the validated bytes (drops.content_summary)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -87,16 +119,9 @@ class ValidationResult:
         return [f"validation failed: {f['summary']}" for f in self.failures]
 
 
-def validation_prefix(drop_id: str) -> str:
-    return f"drops/{drop_id}/validation/"
-
-
-def result_key(drop_id: str) -> str:
-    return f"drops/{drop_id}/validation/result.json"
-
-
-def report_key(drop_id: str) -> str:
-    return f"drops/{drop_id}/validation/data_docs/index.html"
+validation_prefix = layout.validation_prefix
+result_key = layout.validation_result_key
+report_key = layout.data_docs_index_key
 
 
 def load_suite_spec() -> dict[str, Any]:
@@ -133,6 +158,8 @@ def _earlier_hashes(store: "Store", drop_id: str) -> tuple[dict[str, str], list[
                 continue
             df = drops.read_manifest(store, other)
         except Exception as exc:  # noqa: BLE001 - an unreadable old drop must not block this one
+            if is_transient(exc):
+                raise  # an outage: retried; a partial history would miss seen-before images
             logger.debug("skipping drop %s for the seen-before check: %s", other, exc)
             continue
         if "sha256" not in df.columns:
@@ -143,20 +170,60 @@ def _earlier_hashes(store: "Store", drop_id: str) -> tuple[dict[str, str], list[
     return seen, used
 
 
+def sniff_format(data: bytes) -> str:
+    """The real format of ``data`` from its magic bytes (``PNG``, ``JPEG``, ``GIF``...), else what
+    Pillow recognises, else ``unknown``: whatever the file's name says."""
+    for magic, name in _MAGIC:
+        if data.startswith(magic):
+            return name
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    try:
+        from PIL import Image
+
+        with Image.open(io.BytesIO(data)) as im:
+            return str(im.format or "unknown")
+    except Exception:  # noqa: BLE001 - not an image Pillow knows
+        return "unknown"
+
+
 def _inspect_image(data: bytes | None) -> dict[str, Any]:
     if data is None:
         return {"decodes": False, "decode_error": "image file missing", "decoded_shape": None,
-                "decoded_shape_ok": None, "file_sha256": None}
-    sha = hashlib.sha256(data).hexdigest()
+                "decoded_shape_ok": None, "file_sha256": None, "file_format": None, "format_ok": None,
+                "pixel_std": None}
+    sha = sha256_bytes(data)
+    fmt = sniff_format(data)
     try:
         img = drops.decode_png(data)
     except ValueError as exc:
         return {"decodes": False, "decode_error": str(exc)[:120], "decoded_shape": None,
-                "decoded_shape_ok": None, "file_sha256": sha}
+                "decoded_shape_ok": None, "file_sha256": sha, "file_format": fmt, "format_ok": fmt == "PNG",
+                "pixel_std": None}
     h, w = img.shape[:2]
     ok = img.ndim == 2 and (h, w) == (drops.IMAGE_SIZE, drops.IMAGE_SIZE)
     return {"decodes": True, "decode_error": None, "decoded_shape": f"{h}x{w}", "decoded_shape_ok": ok,
-            "file_sha256": sha}
+            "file_sha256": sha, "file_format": fmt, "format_ok": fmt == "PNG",
+            "pixel_std": round(float(img.std()), 4) if img.size else 0.0}
+
+
+def _captured_at_checks(values: "pd.Series", now: dt.datetime) -> tuple[list[Any], list[Any]]:
+    """(in the future beyond the clock skew, before EARLIEST_CAPTURE) per row; None where the value
+    is not a timestamp (the type expectation names those)."""
+    import pandas as pd
+
+    future, too_old = [], []
+    latest = pd.Timestamp(now + MAX_CLOCK_SKEW)
+    earliest = pd.Timestamp(EARLIEST_CAPTURE)
+    for v in values:
+        if isinstance(v, pd.Timestamp) and not pd.isna(v):
+            ts = v if v.tzinfo is not None else v.tz_localize("UTC")
+            future.append(bool(ts > latest))
+            too_old.append(bool(ts < earliest))
+        else:
+            future.append(None)
+            too_old.append(None)
+    return future, too_old
 
 
 def build_frame(store: "Store", drop_id: str, manifest: "pd.DataFrame") -> tuple["pd.DataFrame", dict[str, Any]]:
@@ -177,6 +244,10 @@ def build_frame(store: "Store", drop_id: str, manifest: "pd.DataFrame") -> tuple
         n = len(df)
         shares = df["label"].map(df["label"].value_counts(dropna=False) / n) if n else df["label"]
         df["class_share"] = pd.Series(shares, index=df.index, dtype="float64")
+    if "captured_at" in df.columns:
+        future, too_old = _captured_at_checks(df["captured_at"], dt.datetime.now(dt.timezone.utc))
+        df["captured_at_future"] = pd.Series(future, index=df.index, dtype=object)
+        df["captured_at_too_old"] = pd.Series(too_old, index=df.index, dtype=object)
     if "image_id" in df.columns:
         ids = [str(i) for i in df["image_id"]]
         unique_ids = list(dict.fromkeys(ids))
@@ -192,8 +263,10 @@ def build_frame(store: "Store", drop_id: str, manifest: "pd.DataFrame") -> tuple
         per_id = {i: _inspect_image(b) for i, b in blobs.items()}
         info["images_read_seconds"] = round(time.monotonic() - t0, 3)
         info["images_checked"] = len(per_id)
-        for col in ("decodes", "decode_error", "decoded_shape", "decoded_shape_ok", "file_sha256"):
+        for col in ("decodes", "decode_error", "decoded_shape", "decoded_shape_ok", "file_sha256", "file_format",
+                    "format_ok"):
             df[col] = pd.Series([per_id[i][col] for i in ids], index=df.index, dtype=object)
+        df["pixel_std"] = pd.Series([per_id[i]["pixel_std"] for i in ids], index=df.index, dtype="float64")
         if "sha256" in df.columns:
             df["sha256_matches_file"] = pd.Series(
                 [None if f is None else bool(f == str(m)) for f, m in zip(df["file_sha256"], df["sha256"])],
@@ -395,8 +468,13 @@ def validate_drop(store: "Store", drop_id: str, *, min_rows: int | None = None, 
                                     "min_class_share": min_class_share, "max_class_share": max_class_share})
     drop_id = drops.resolve_drop_id(store, drop_id)
     manifest = drops.read_manifest(store, drop_id)
+    manifest_bytes = store.get_bytes(drops.manifest_key(drop_id))
     logger.info("validating drop %s: %d rows, columns %s", drop_id, len(manifest), list(manifest.columns))
     df, frame_info = build_frame(store, drop_id, manifest)
+    if sha256_bytes(manifest_bytes) != _manifest_sha(store, drop_id) or not manifest.equals(
+            drops.read_manifest(store, drop_id)):
+        raise drops.DropChanged(f"drop {drop_id!r}: its manifest was replaced while it was being validated; "
+                                "validate it again once the producer has finished writing")
 
     spec = load_suite_spec()
     derived_present = [c for c in spec["derived_columns"] if c in df.columns]
@@ -405,6 +483,9 @@ def validate_drop(store: "Store", drop_id: str, *, min_rows: int | None = None, 
         "image_size": drops.IMAGE_SIZE,
         "required_classes": list(range(drops.NUM_CLASSES)) if thresholds["min_class_share"] > 0 else [],
         "frame_columns": list(spec["manifest_columns"]) + derived_present,
+        "min_pixel_std": MIN_PIXEL_STD,
+        "max_clock_skew": f"{int(MAX_CLOCK_SKEW.total_seconds() // 60)} min",
+        "earliest_capture": EARLIEST_CAPTURE.date().isoformat(),
     }
     expectations, skipped = render_suite(spec, params, set(df.columns))
 
@@ -416,7 +497,7 @@ def validate_drop(store: "Store", drop_id: str, *, min_rows: int | None = None, 
         failures = [_failure(r, df, thresholds) for r in vres.results if not r.success]
         # Re-validation overwrites: upload the new site, remove files of an older
         # site that the new one does not have, write result.json last.
-        docs_prefix = f"{validation_prefix(drop_id)}data_docs/"
+        docs_prefix = layout.data_docs_prefix(drop_id)
         stale = set(store.list(docs_prefix))
         uploaded = store.put_dir(docs_prefix, docs_dir)
         drops._parallel(store.delete, sorted(stale - set(uploaded)))
@@ -449,8 +530,14 @@ def validate_drop(store: "Store", drop_id: str, *, min_rows: int | None = None, 
         thresholds=thresholds,
         validated_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     )
-    store.put_json(result_key(drop_id), {**result.to_dict(), "suite": spec["name"],
-                                         "manifest_sha256": _manifest_sha(store, drop_id)})
+    # Bind the result to the bytes it checked: the manifest read above and every object under images/
+    # (the validated images' hashes from the frame; any other file there is read and hashed now).
+    known = ({f"{i}.png": h for i, h in zip(df["image_id"].astype(str), df["file_sha256"]) if h is not None}
+             if "file_sha256" in df.columns else {})
+    content = drops.content_digest(store, drop_id, known=known, manifest_bytes=manifest_bytes)
+    result.content = drops.content_summary(content)
+    drops.bind_validation(store, drop_id, {**result.to_dict(), "suite": spec["name"],
+                                           "manifest_sha256": content["manifest_sha256"]}, content)
     for line in result.failure_lines():
         logger.error("%s", line)
     logger.info("drop %s validation %s: %d/%d expectations passed, %d skipped, %.1fs; report %s",
@@ -460,12 +547,16 @@ def validate_drop(store: "Store", drop_id: str, *, min_rows: int | None = None, 
 
 
 def _manifest_sha(store: "Store", drop_id: str) -> str:
-    return hashlib.sha256(store.get_bytes(drops.manifest_key(drop_id))).hexdigest()
+    return sha256_bytes(store.get_bytes(drops.manifest_key(drop_id)))
 
 
 # ---------------------------------------------------------------- CLI
 
 def main(argv: list[str] | None = None) -> int:
+    return run_cli(_main, argv, bad_input=(ValueError,))  # DropError is a BadInput; ValueError: bad options
+
+
+def _main(argv: list[str] | None) -> int:
     p = argparse.ArgumentParser(prog="mlpipe validate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--drop-id", required=True, help="drop to validate (drops/<ID>/ in the store), or 'latest'")
@@ -477,27 +568,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-class-share", type=float, default=None,
                    help=f"largest allowed share of any class (default {DEFAULT_THRESHOLDS['max_class_share']})")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
-    from tasks.adapters.storage import StoreError, open_store
+    setup_logging()
+    from tasks.adapters.storage import open_store
 
-    try:
-        store = open_store()
-        result = validate_drop(store, args.drop_id, min_rows=args.min_rows, max_rows=args.max_rows,
-                               min_class_share=args.min_class_share, max_class_share=args.max_class_share)
-    except (ValueError, StoreError) as exc:  # DropError is a ValueError
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    store = open_store()
+    result = validate_drop(store, args.drop_id, min_rows=args.min_rows, max_rows=args.max_rows,
+                           min_class_share=args.min_class_share, max_class_share=args.max_class_share)
     out = result.to_dict()
     if args.result_json:
-        Path(args.result_json).write_text(json.dumps(out, indent=2, default=str))
+        write_result_json(args.result_json, out)
     if result.success:
         print(json.dumps({"drop_id": result.drop_id, "success": True, "report_uri": result.report_uri,
                           "result_uri": result.result_uri, "rows": result.statistics["rows"]}, indent=2))
         return 0
-    # the failed expectations were logged by validate_drop, one line each: not printed a second time
-    print(f"drop {result.drop_id} failed validation ({len(result.failures)} failed expectations); "
-          f"report: {result.report_uri}")
-    return EXIT_FAILED
+    # the failed expectations were logged by validate_drop, one line each: not repeated here
+    raise ValidationFailed(f"drop {result.drop_id} failed validation ({len(result.failures)} failed "
+                           f"expectations); report: {result.report_uri}")
 
 
 if __name__ == "__main__":

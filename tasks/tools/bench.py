@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import hashlib
 import json
 import logging
 import os
@@ -56,18 +55,19 @@ import platform
 import secrets
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from tasks.local.procs import LOOPBACK, ManagedProcess, free_port, http_ok, proc_stat_fields, wait_until
-from tasks.adapters.storage import atomic_write
+import psutil
+
+from tasks.contracts.files import atomic_write, sha256_bytes
+from tasks.local.procs import LOOPBACK, ManagedProcess, free_port, http_ok, wait_until
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -154,10 +154,11 @@ def policy_text(name: str) -> str:
 # --------------------------------------------------------------------------- small helpers
 
 
-def percentile(values: Sequence[float], q: float) -> float | None:
+def percentile(values: Sequence[float], q: float, ndigits: int = 3) -> float | None:
+    """The ``q``-th percentile of ``values`` (numpy's linear interpolation), rounded; None when empty."""
     import numpy as np
 
-    return round(float(np.percentile(np.asarray(values, dtype=float), q)), 3) if len(values) else None
+    return round(float(np.percentile(np.asarray(values, dtype=float), q)), ndigits) if len(values) else None
 
 
 def _summary(values_ms: Sequence[float]) -> dict[str, Any]:
@@ -181,13 +182,7 @@ def machine_info() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    mem_gib = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                mem_gib = round(int(line.split()[1]) / 1024 ** 2, 1)
-    except OSError:
-        pass
+    mem_gib = round(psutil.virtual_memory().total / 1024 ** 3, 1)
     commit = ""
     try:
         from tasks.config import PROJECT_ROOT
@@ -204,38 +199,30 @@ def machine_info() -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- CPU accounting
 
-_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-def proc_cpu_s(pid: int) -> float | None:
+def proc_cpu_s(proc: psutil.Process) -> float | None:
     """User + system CPU seconds of one live process (None when gone)."""
-    f = proc_stat_fields(pid)
-    if f is None:
+    try:
+        t = proc.cpu_times()
+    except psutil.Error:
         return None
-    return (int(f[11]) + int(f[12])) / _CLK_TCK
+    return t.user + t.system
 
 
-def session_members(sid: int) -> list[int]:
-    """Live processes whose session or process group is ``sid`` (a server and the children it spawned)."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        f = proc_stat_fields(int(entry))
-        if f is not None and (int(f[2]) == sid or int(f[3]) == sid):
-            out.append(int(entry))
-    return out
+def process_tree(pid: int | None) -> list[int]:
+    """``pid`` and its live descendants (a server and the children it spawned); [] when gone."""
+    if not pid:
+        return []
+    try:
+        proc = psutil.Process(pid)
+        return [pid, *(c.pid for c in proc.children(recursive=True))]
+    except psutil.Error:
+        return []
 
 
 def machine_busy_s() -> float:
-    """CPU seconds all processes of the machine spent busy (from /proc/stat)."""
-    try:
-        cpu = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-    except OSError:
-        return 0.0
-    vals = [int(x) for x in cpu]
-    idle = vals[3] + (vals[4] if len(vals) > 4 else 0)
-    return (sum(vals[:8]) - idle) / _CLK_TCK
+    """CPU seconds all processes of the machine spent busy (every CPU time but idle and iowait)."""
+    t = psutil.cpu_times()
+    return sum(getattr(t, f) for f in ("user", "nice", "system", "irq", "softirq", "steal") if hasattr(t, f))
 
 
 class CpuSampler:
@@ -250,6 +237,7 @@ class CpuSampler:
         self.interval = interval
         self.samples: list[tuple[float, dict[str, float]]] = []
         self._last: dict[int, float] = {}  # pid -> last CPU seen (a process that exits keeps its total)
+        self._procs: dict[int, psutil.Process] = {}
         self._members: dict[str, list[int]] = {}
         self._members_at = -1e9
         self._stop = threading.Event()
@@ -264,7 +252,13 @@ class CpuSampler:
         for name, pids in self._members.items():
             s = 0.0
             for pid in pids:
-                cpu = proc_cpu_s(pid)
+                proc = self._procs.get(pid)
+                if proc is None:
+                    try:
+                        proc = self._procs[pid] = psutil.Process(pid)
+                    except psutil.Error:
+                        continue
+                cpu = proc_cpu_s(proc)
                 if cpu is not None:
                     self._last[pid] = cpu
                 s += self._last.get(pid, 0.0)
@@ -320,29 +314,32 @@ _TRITON_METRICS = ("nv_inference_request_success", "nv_inference_count", "nv_inf
                    "nv_inference_compute_output_duration_us")
 
 
-def triton_metrics(url: str) -> dict[tuple[str, str], float]:
-    """``{(metric, model): value}`` from Triton's Prometheus endpoint (summed over versions)."""
+def prometheus_families(url: str) -> list[Any] | None:
+    """The metric families a Prometheus text endpoint serves now (``prometheus_client``'s parser); None when
+    unreadable. A counter family is named without ``_total``; its samples carry it."""
     import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
 
     try:
         with urllib.request.urlopen(url, timeout=5) as resp:  # noqa: S310 - loopback
             text = resp.read().decode()
-    except OSError as exc:
-        logger.warning("Triton metrics at %s unreadable: %s", url, exc)
-        return {}
+        return list(text_string_to_metric_families(text))
+    except (OSError, ValueError) as exc:
+        logger.warning("metrics at %s unreadable: %s", url, exc)
+        return None
+
+
+def triton_metrics(url: str) -> dict[tuple[str, str], float]:
+    """``{(metric, model): value}`` from Triton's Prometheus endpoint (summed over versions)."""
     out: dict[tuple[str, str], float] = {}
-    for line in text.splitlines():
-        if not line.startswith("nv_inference_"):
+    for family in prometheus_families(url) or []:
+        if family.name not in _TRITON_METRICS:
             continue
-        name, _, rest = line.partition("{")
-        if name not in _TRITON_METRICS or 'model="' not in rest:
-            continue
-        model = rest.split('model="', 1)[1].split('"', 1)[0]
-        try:
-            value = float(line.rsplit(" ", 1)[1])
-        except ValueError:
-            continue
-        out[(name, model)] = out.get((name, model), 0.0) + value
+        for sample in family.samples:
+            if "model" in sample.labels:
+                key = (family.name, sample.labels["model"])
+                out[key] = out.get(key, 0.0) + sample.value
     return out
 
 
@@ -416,9 +413,10 @@ def prepare_model(cfg: BenchConfig) -> tuple[Path, dict[str, Any]]:
 
     mdir = cfg.out_dir / "model"
     # the trainer's source is part of the key: a change to the model or the recipe trains a new one
-    code = hashlib.sha256(b"".join((Path(__file__).resolve().parent.parent / f).read_bytes() for f in ("model/networks.py", "steps/train.py")))
+    code = sha256_bytes(b"".join((Path(__file__).resolve().parent.parent / f).read_bytes()
+                                 for f in ("model/networks.py", "steps/train.py")))
     params = {"train_images": cfg.train_images, "epochs": cfg.train_epochs, "seed": cfg.seed,
-              "trainer_sha256": code.hexdigest()[:16]}
+              "trainer_sha256": code[:16]}
     meta_path, onnx_path = mdir / "model.json", mdir / "model.onnx"
     try:
         meta = json.loads(meta_path.read_text())
@@ -700,7 +698,7 @@ class Services:
         def consumer() -> list[int]:
             pid = consumer_pid()
             return [pid] if pid else []
-        return {"consumer": consumer, "triton": lambda: session_members(tpid), "broker": lambda: [bpid],
+        return {"consumer": consumer, "triton": lambda: process_tree(tpid), "broker": lambda: [bpid],
                 "bench": lambda: [os.getpid()]}
 
 
@@ -923,22 +921,8 @@ def consumer_max(services: Services, source: FrameSource, cfg: BenchConfig, poli
 
 def _metric_values(url: str, names: Sequence[str]) -> dict[str, float]:
     """Unlabelled samples ``names`` from a Prometheus text endpoint (missing ones are left out)."""
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(url, timeout=5) as resp:  # noqa: S310 - loopback
-            text = resp.read().decode()
-    except OSError:
-        return {}
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        name, _, value = line.partition(" ")
-        if name in names:
-            try:
-                out[name] = float(value)
-            except ValueError:
-                pass
-    return out
+    return {s.name: s.value for family in prometheus_families(url) or [] for s in family.samples
+            if s.name in names and not s.labels}
 
 
 _BATCH_METRICS = ("mlpipe_consumer_batch_size_sum", "mlpipe_consumer_batch_size_count")
@@ -1549,7 +1533,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--partitions", type=int, default=1,
                    help="partitions of the bench's topics. One consumer reads them, so 1; the local Tansu broker "
                         "shares the measured cores and its CPU per fetch grows with the partitions (about 2.5x at 3)")
-    p.add_argument("--log-level", default="WARNING")
+    p.add_argument("--log-level", default=None, help="(default $MLPIPE_LOG_LEVEL or WARNING)")
     return p
 
 
@@ -1562,7 +1546,9 @@ def _fractions(text: str) -> tuple[float, ...]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from tasks.logs import setup_logging
+
+    setup_logging(args.log_level, default_level="WARNING")
     logging.getLogger("tasks.adapters.kafka.librdkafka").setLevel(logging.ERROR)
     from tasks.config import load_settings
 

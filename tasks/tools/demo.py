@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from tasks.config import PROJECT_ROOT, load_settings
+from tasks.contracts import layout
+from tasks.contracts.results import write_result_json
 
 DEMO_HOME = PROJECT_ROOT / "var" / "demo"
 
@@ -55,7 +57,7 @@ def run_pipeline(store, drop_id: str, epochs: int, seed: int, home: Path, tag: s
     log_path = home / f"dag_run_{tag}.log"
     log_path.write_text(proc.stdout)
 
-    vkey = f"drops/{drop_id}/validation/result.json"
+    vkey = layout.validation_result_key(drop_id)
     validation = store.get_json(vkey) if store.exists(vkey) else None
     mine = [v for v in registry.all_versions(store, cfg.model_name)
             if drop_id in [d["drop_id"] for d in v["lineage"]["drops"]]]
@@ -64,7 +66,7 @@ def run_pipeline(store, drop_id: str, epochs: int, seed: int, home: Path, tag: s
     compile_info = (version or {}).get("compile") or {}
     qc = (version or {}).get("qc") or {}
     files = (version or {}).get("files", {})
-    vprefix = f"models/{cfg.model_name}/{version['version']}/" if version else None
+    vprefix = layout.version_prefix(cfg.model_name, version["version"]) if version else None
     return {
         "drop_id": drop_id,
         "dag_run": "success" if proc.returncode == 0 else f"failed (exit {proc.returncode})",
@@ -81,9 +83,9 @@ def run_pipeline(store, drop_id: str, epochs: int, seed: int, home: Path, tag: s
             "validation_data_docs": (validation or {}).get("report_uri"),
             "metrics": files.get("metrics.json"),
             "training_curves": files.get("curves.png"),
-            "lineage": store.uri(vprefix + "lineage.json") if vprefix else None,
+            "lineage": store.uri(vprefix + layout.LINEAGE) if vprefix else None,
             "qc_report_html": qc.get("report"),
-            "qc_report_json": store.uri(vprefix + "qc_report.json") if vprefix else None,
+            "qc_report_json": store.uri(vprefix + layout.QC_REPORT_JSON) if vprefix else None,
             "dag_run_log": str(log_path),
         },
     }
@@ -165,7 +167,7 @@ def run_demo(home: Path = DEMO_HOME, size: int = 3000, seed: int = 0, epochs: in
             }
     summary["seconds"] = round(time.monotonic() - started, 1)
     out = home / "summary.json"
-    out.write_text(json.dumps(summary, indent=2, default=str))
+    write_result_json(out, summary)
     _say(f"summary (also in {out})")
     print(json.dumps(summary, indent=2, default=str))
     return summary

@@ -19,12 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.local.procs import ManagedProcess, free_port, http_ok, wait_until
-
-
-def _percentile(values: list[float], q: float) -> float | None:
-    import numpy as np
-
-    return round(float(np.percentile(values, q)), 2) if values else None
+from tasks.tools.bench import percentile
 
 
 def run_stream(home: Path, triton_grpc: str, frames: int = 3000, poison: int = 5,
@@ -134,8 +129,8 @@ def run_stream(home: Path, triton_grpc: str, frames: int = 3000, poison: int = 5
         "frames": len(truth),
         "gateway_rejected": rejected,
         "throughput_fps": round(len(preds) / total_s, 1) if preds else 0.0,
-        "p50_ms": _percentile(lat, 50),
-        "p95_ms": _percentile(lat, 95),
+        "p50_ms": percentile(lat, 50, 2),
+        "p95_ms": percentile(lat, 95, 2),
         "accuracy": round(float(np.mean(right)), 4) if right else None,
         "lost": len([f for f in truth if f not in preds]),
         "dlq": dlq,

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tasks.contracts.errors import EXIT_BAD_INPUT, EXIT_REJECTED
 from tasks.steps import drops
 from tasks.steps import validate
 from tasks.local.airflow import airflow_env, dags_test, ensure_db
@@ -77,14 +78,14 @@ def test_fault_stops_run_at_validate(fault_runs, fault):
     lines = [ln for ln in out.splitlines() if "validation failed: " in ln]
     assert any(all(w in ln for w in LOG_WORDS[fault]) for ln in lines), \
         f"no log line naming {fault} with {LOG_WORDS[fault]}: {lines}"
-    assert "step validate rejected (exit 1)" in out  # final: not retried
+    assert f"step validate rejected (exit {EXIT_REJECTED})" in out  # final: not retried
 
 
 def test_unknown_drop_is_a_clear_error(fault_runs):
     proc, states, _ = fault_runs["unknown_drop"]
     out = proc.stdout + proc.stderr
     assert states["validate"] == "failed" and states["train"] == "upstream_failed"
-    assert "step validate bad input (exit 2): error: drop 'no-such-drop'" in out
+    assert f"step validate bad input (exit {EXIT_BAD_INPUT}): error: drop 'no-such-drop'" in out
 
 
 def test_incomplete_drop_is_never_read(fault_runs):

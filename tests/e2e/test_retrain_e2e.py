@@ -19,7 +19,7 @@ from tasks.local.triton import LocalTriton
 from tests.e2e.test_retrain_dag import task_states
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
-ALL_TASKS = ["validate", "train", "register", "compile", "qc", "qc_gate", "deploy"]
+ALL_TASKS = ["validate", "train", "register", "compile", "qc", "qc_gate", "deploy", "outcome"]
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +63,9 @@ def test_retrain_deploys_then_gate_blocks_a_worse_model(stack):
     assert states["qc"] == "success" and states["qc_gate"] == "success", states
     assert states["deploy"] == "skipped", states
     assert "QC gate FAILED for v2" in out2 and "accuracy" in out2
+    # ... and the run is visibly not a deploy: its last task fails saying so (no retry)
+    assert states["outcome"] == "failed" and run2.returncode != 0, states
+    assert "REJECTED: v2 failed the QC gate (accuracy: " in out2 and "champion keeps serving" in out2
     v2 = registry.get_version(store, "digits", 2)
     assert v2["stage"] == "rejected" and v2["qc"]["verdict"] == "failed"
     assert v2["lineage"]["parent_champion"] == 1

@@ -53,6 +53,11 @@ def test_bench_writes_results_with_every_key(tmp_path, mlpipe_env, _tiny_onnx_ca
     assert "(c) consumer" in table and table in printed.out  # the table is printed too
     assert "Consumer main thread, `low_confidence:0.7,sample:0.05` drain, seconds per step" in table
     assert set(drain["consumer_loop_s"]) >= {"decode", "wait_triton", "qdrant", "commit"}
+    # CPU per process group (psutil) and Triton's / the consumer's Prometheus metrics (prometheus_client)
+    assert drain["cpu_cores"]["consumer"] > 0 and drain["cpu_cores"]["triton"] > 0, drain["cpu_cores"]
+    assert drain["cpu_cores"]["machine"] >= drain["cpu_cores"]["consumer"]
+    assert drain["triton"]["digits"]["requests"] > 0 and drain["triton"]["digits"]["avg_batch"] >= 1, drain["triton"]
+    assert lat["avg_batch"] is not None and lat["avg_batch"] >= 1
 
 
 def test_latency_steps_split_each_frame_at_its_timestamps():

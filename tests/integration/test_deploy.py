@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tasks.contracts.errors import EXIT_BAD_INPUT, EXIT_REJECTED, EXIT_TRANSIENT
 from tasks.model import repo as model_repo
 from tasks.steps import registry
 from tasks.steps.deploy import (
@@ -100,6 +101,9 @@ def test_deploy_v1_then_v2_then_rollback(serving, store, good_model, good_model_
     assert first["deployed_version"] == v1 and first["previous_version"] is None
     assert first["archived_version"] is None and first["pruned"] == []
     assert first["smoke"]["accuracy"] >= 0.9 and first["smoke"]["max_score_diff"] < 1e-3
+    # the smoke test also sent one request of the ensemble's declared max batch (what the consumer may send)
+    from tasks.contracts.serving import MAX_BATCH
+    assert first["smoke"]["full_batch"] == MAX_BATCH
     assert (target.repo_dir / LOCK_NAME).is_file()
     assert not any(m["name"].startswith(".") for m in client.repository_index())  # Triton ignores the lock file
     assert _answers_like(client, model, good_model.onnx, images)
@@ -139,7 +143,7 @@ def test_deploy_v1_then_v2_then_rollback(serving, store, good_model, good_model_
     code = deploy_main(["--model", model, "--repo", str(target.repo_dir), "--triton-url", target.triton_url,
                         "rollback", "--version", "99"])
     err = capsys.readouterr().err
-    assert code == 2 and "Traceback" not in err
+    assert code == EXIT_BAD_INPUT and "Traceback" not in err
     assert err.strip().splitlines()[-1].startswith(f"error: model '{model}' has no version 99 (known versions: ")
     assert model_repo.serving_version(target.repo_dir, model) == v1
     assert _answers_like(client, model, good_model.onnx, images)
@@ -149,7 +153,7 @@ def test_module_entry_point_errors_are_one_line(mlpipe_env, store, tmp_path):
     env = {**os.environ, "MLPIPE_MODEL_REPO": str(tmp_path / "repo"), "MLPIPE_TRITON_URL": f"127.0.0.1:{free_port()}"}
     proc = subprocess.run([sys.executable, "-m", "tasks.cli", "deploy", "rollback", "--version", "3"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2
+    assert proc.returncode == EXIT_BAD_INPUT
     assert proc.stderr.strip().splitlines() == ["error: model 'digits' has no version 3 (known versions: none)"]
     proc = subprocess.run([sys.executable, "-m", "tasks.cli", "deploy", "status"], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=120)
@@ -184,7 +188,7 @@ def test_deploy_with_triton_down_exits_75_and_changes_nothing(serving, store, go
                         "deploy", "--version", str(v2)])
 
     err = capsys.readouterr().err
-    assert code == 75 and "Traceback" not in err
+    assert code == EXIT_TRANSIENT and "Traceback" not in err
     assert f"error: Triton at {dead} (http) is not reachable" in err and f"pins v{v1}" in err
     assert (config.read_bytes(), config.stat().st_mtime_ns) == before
     assert model_repo.list_versions(target.repo_dir, model) == [v1]
@@ -249,10 +253,10 @@ def test_broken_models_fail_deploy_and_previous_version_keeps_answering(serving,
     still_v1()
     assert registry.get_version(store, model, v4)["stage"] == "candidate"
 
-    # 4. the CLI says the same in one line, exit 1
+    # 4. the CLI says the same in one line, exit EXIT_REJECTED (final: not retried)
     code = deploy_main(["--model", model, "--repo", str(target.repo_dir), "--triton-url", target.triton_url,
                         "deploy", "--version", str(v2)])
-    assert code == 1
+    assert code == EXIT_REJECTED
     still_v1()
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from tasks.contracts.errors import EXIT_BAD_INPUT, EXIT_REJECTED, EXIT_TRANSIENT
 from tasks.steps import drops
 from tasks.steps import monitor
 from tasks.adapters.kafka import KafkaConfig, ensure_topics
@@ -176,13 +177,13 @@ def test_cli(served, tmp_path):
     skewed = served.streams["skewed"]
     out = _cli(["--topic-prefix", skewed.topic_prefix, "--fail-on-drift", "--result-json", str(tmp_path / "r.json")],
                served.env)
-    assert out.returncode == 1, out.stderr[-1500:]
+    assert out.returncode == EXIT_REJECTED, out.stderr[-1500:]  # drift with --fail-on-drift: final
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["drift"] is True and result["checks"]["class_psi"]["status"] == "drift"
     bad = _cli(["--window", "0"], served.env)
-    assert bad.returncode == 2 and bad.stderr.strip() == "error: --window must be positive, got 0"
+    assert bad.returncode == EXIT_BAD_INPUT and bad.stderr.strip() == "error: --window must be positive, got 0"
     empty = _cli([], {**served.env, "MLPIPE_STORE_URL": f"file://{tmp_path / 'empty'}"})
-    assert empty.returncode == 2 and "has no production version" in empty.stderr and "Traceback" not in empty.stderr
+    assert empty.returncode == EXIT_BAD_INPUT and "has no production version" in empty.stderr and "Traceback" not in empty.stderr
     # As the scheduled DAG runs it: no champion yet is no verdict, not a failure.
     waiting = _cli(["--no-champion-ok", "--result-json", str(tmp_path / "w.json")],
                    {**served.env, "MLPIPE_STORE_URL": f"file://{tmp_path / 'empty'}"})
@@ -191,7 +192,7 @@ def test_cli(served, tmp_path):
     assert (result["status"], result["drift"]) == ("no_champion", False)
     assert "has no production version" in result["summary"]
     down = _cli(["--bootstrap", "127.0.0.1:1", "--timeout", "3"], served.env)
-    assert down.returncode == 3 and "error: topic" in down.stderr
+    assert down.returncode == EXIT_TRANSIENT and "error: topic" in down.stderr  # retried by Airflow
 
 
 def test_monitor_dag_requests_a_retrain_only_for_the_skewed_stream(served, tmp_path):

@@ -86,10 +86,10 @@ def test_open_store_from_env(monkeypatch, tmp_path, s3_endpoint):
     monkeypatch.setenv("MLPIPE_STORE_URL", "s3://envbucket/pfx")
     monkeypatch.delenv("MLPIPE_S3_ENDPOINT", raising=False)
     with pytest.raises(ValueError, match="MLPIPE_S3_ENDPOINT"):
-        load_settings()
+        open_store(load_settings())  # checked when the store is opened (a DAG parse needs no S3 keys)
     monkeypatch.setenv("MLPIPE_S3_ENDPOINT", s3_endpoint.endpoint)
-    monkeypatch.setenv("MLPIPE_S3_ACCESS_KEY", s3_endpoint.access_key)
-    monkeypatch.setenv("MLPIPE_S3_SECRET_KEY", s3_endpoint.secret_key)
+    monkeypatch.setenv("MLPIPE_S3_ACCESS_KEY", s3_endpoint.access_key.get_secret_value())
+    monkeypatch.setenv("MLPIPE_S3_SECRET_KEY", s3_endpoint.secret_key.get_secret_value())
     st = open_store(load_settings())
     st.put_bytes("x/y", b"1")
     assert st.list("x/") == ["x/y"]
@@ -105,4 +105,65 @@ def test_unreachable_s3_endpoint_names_it():
 
     port = free_port()
     with pytest.raises(StoreError, match=f"127.0.0.1:{port}"):
-        S3Store("b", S3Settings(endpoint=f"127.0.0.1:{port}", access_key="k", secret_key="s"))
+        S3Store("bucket", S3Settings(endpoint=f"127.0.0.1:{port}", access_key="k", secret_key="s"))
+
+
+# --------------------------------------------------------------------------- atomic primitives
+
+
+def test_put_if_absent_creates_once(any_store):
+    assert any_store.put_if_absent("claims/1.json", b"first") is True
+    assert any_store.put_if_absent("claims/1.json", b"second") is False
+    assert any_store.get_bytes("claims/1.json") == b"first"
+    assert any_store.put_json_if_absent("claims/2.json", {"run": "a"}) is True
+    assert any_store.put_json_if_absent("claims/2.json", {"run": "b"}) is False
+    assert any_store.get_json("claims/2.json") == {"run": "a"}
+    assert any_store.list("claims/") == ["claims/1.json", "claims/2.json"]  # no temp files left
+
+
+def test_put_if_absent_has_one_winner_among_concurrent_writers(any_store):
+    winners: list[int] = []
+    barrier = threading.Barrier(8)
+
+    def claim(i: int) -> None:
+        barrier.wait()
+        if any_store.put_if_absent("race/claim.json", str(i).encode()):
+            winners.append(i)
+
+    threads = [threading.Thread(target=claim, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(winners) == 1
+    assert any_store.get_bytes("race/claim.json") == str(winners[0]).encode()
+
+
+def test_put_if_match_is_a_compare_and_swap(any_store):
+    any_store.put_json("m/version.json", {"n": 0})
+    obj, token = any_store.get_json_with_token("m/version.json")
+    assert any_store.put_json_if_match("m/version.json", {"n": 1}, token) is True
+    # the token of the first read is stale now: a second writer with it loses
+    assert any_store.put_json_if_match("m/version.json", {"n": 99}, token) is False
+    assert any_store.get_json("m/version.json") == {"n": 1}
+    assert any_store.put_if_match("m/missing.json", b"x", token) is False
+    assert not any_store.exists("m/missing.json")
+
+
+def test_concurrent_read_modify_write_loses_no_update(any_store):
+    any_store.put_json("cas/counter.json", {"items": []})
+
+    def add(i: int) -> None:
+        for _ in range(200):
+            obj, token = any_store.get_json_with_token("cas/counter.json")
+            obj["items"].append(i)
+            if any_store.put_json_if_match("cas/counter.json", obj, token):
+                return
+        raise AssertionError("no progress")
+
+    threads = [threading.Thread(target=add, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(any_store.get_json("cas/counter.json")["items"]) == list(range(8))

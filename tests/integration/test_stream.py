@@ -549,6 +549,169 @@ def test_sigterm_during_a_broker_outage_exits_within_10s_and_loses_nothing(trito
     assert count == 600 and set(point_ids) == set(feeder.ids)  # one point per frame, none twice
 
 
+def _big_producer(cfg: KafkaConfig) -> BusProducer:
+    """A producer that may write messages up to 8 MB (the frames a misbehaving camera could send)."""
+    return BusProducer(cfg, **{"message.max.bytes": 8_000_000})
+
+
+def test_oversize_value_and_oversize_header_end_in_the_dlq_and_the_consumer_stays_up(
+        kafka_cfg, triton_server, tmp_path):  # noqa: F811
+    """A 2 MB frame value and a valid frame with a 2 MB header (both above the producer's 1 MB message limit):
+    each is dead-lettered (the oversize original stored in the object store, a pointer on the dead letter), the
+    consumer does not exit, and the valid frames around them are predicted and committed."""
+    from tasks.adapters.storage import LocalStore
+    from tasks.contracts.layout import dlq_original_prefix
+
+    store_dir = tmp_path / "store"
+    big_value = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * (2_000_000 // 256)
+    big_header = b"h" * 2_000_000
+    img = digit_images(1, start=42)[0]
+    producer = _big_producer(kafka_cfg)
+    good = send_frames(kafka_cfg, digit_images(10), producer=producer)
+    value_id, header_id = str(uuid.uuid4()), str(uuid.uuid4())
+    producer.produce(kafka_cfg.frames_topic, big_value, key=b"cam-big", headers=frame_headers(value_id))
+    producer.produce(kafka_cfg.frames_topic, png(img), key=b"cam-big",
+                     headers=frame_headers(header_id) + [("junk", big_header)])
+    producer.flush_confirmed(timeout=30)
+    good += send_frames(kafka_cfg, digit_images(10, start=10), producer=producer)
+    producer.close()
+
+    consumer = _consumer(kafka_cfg, triton_server.grpc_url, tmp_path, policy="all",
+                         env={"MLPIPE_STORE_URL": f"file://{store_dir}"}).start()
+    try:
+        dlq = read_topic(kafka_cfg, kafka_cfg.dlq_topic, lambda r: len(r) >= 2, timeout=40)
+        assert len(dlq) == 2, consumer.log()
+        assert predicted_ids(kafka_cfg, set(good), timeout=20) == set(good), consumer.log()
+        assert consumer.proc.alive() and consumer.get("/healthz")[0] == 200
+        wait_until(lambda: consumer.metric("mlpipe_consumer_dead_letters_total", 'reason="oversize"') == 1, 10,
+                   "oversize metric")
+        assert consumer.metric("mlpipe_consumer_dead_letters_total", 'reason="oversize_headers"') == 1
+        assert consumer.metric("mlpipe_consumer_dlq_originals_stored_total") == 2
+        wait_until(lambda: _committed(kafka_cfg, consumer.group) == 22, 10, "all 22 offsets committed")
+    finally:
+        code, _ = consumer.terminate()
+    assert code == 0, consumer.log()
+    assert "Traceback" not in consumer.log(400)
+
+    by_id = {r.header("frame_id"): r for r in dlq}
+    oversize, headers = by_id[value_id], by_id[header_id]
+    store = LocalStore(store_dir)
+    # the 2 MB value: not on the dead letter, which points at the stored original instead
+    assert oversize.header("reason") == "oversize" and not oversize.value
+    assert oversize.header("original_bytes") == str(len(big_value))
+    prefix = dlq_original_prefix(kafka_cfg.frames_topic, int(oversize.header("source_partition")),
+                                 int(oversize.header("source_offset")))
+    assert oversize.header("original") == prefix
+    assert store.get_bytes(prefix + "value") == big_value
+    record = json.loads(store.get_bytes(prefix + "record.json"))
+    assert record["offset"] == int(oversize.header("source_offset")) and record["value_bytes"] == len(big_value)
+    assert oversize.headers.get("traceparent")  # the small original headers travel as before
+    # the 2 MB header: the frame is a dead letter, the header dropped (the fact recorded), the rest kept
+    assert headers.header("reason") == "oversize_headers" and headers.value == png(img)
+    assert "junk" not in headers.headers and headers.header("headers_dropped") == f"junk:{len(big_header)}"
+    hprefix = headers.header("original")
+    stored = json.loads(store.get_bytes(hprefix + "record.json"))
+    import base64
+
+    assert dict((k, v) for k, v in stored["headers"])["junk"] == base64.b64encode(big_header).decode()
+    for rec in dlq:
+        size = len(rec.value or b"") + len(rec.key or b"") + sum(len(k) + len(v) for k, v in rec.raw_headers)
+        assert size < 1_000_000
+
+
+def test_broker_restart_with_an_empty_log_loses_no_frame(triton_server, tmp_path):  # noqa: F811
+    """Tansu's memory engine restarted on the same port: every topic and offset is gone. The consumer notices
+    (topic ids changed), is unready during the gap, never commits the offsets of the old log to the new one,
+    re-joins and predicts the frames sent afterwards; a fresh consumer of the group then skips none of them."""
+    port = free_port()
+    own = LocalBroker(tmp_path / "broker-1", port=port).start()
+    second_broker = None
+    cfg = KafkaConfig(bootstrap=own.bootstrap, topic_prefix="reborn.", partitions=3)
+    first = fresh = None
+    try:
+        ensure_topics(cfg)
+        first = _consumer(cfg, triton_server.grpc_url, tmp_path, policy="all", name="first",
+                          extra=["--backoff-max", "1", "--max-batch", "32"]).start()
+        first.wait_ready(30)
+        before = send_frames(cfg, digit_images(300))
+        assert predicted_ids(cfg, set(before), timeout=40) == set(before), first.log()
+        wait_until(lambda: _committed(cfg, first.group) == 300, 15, "300 offsets committed on the first log")
+
+        own.stop()
+        wait_until(lambda: first.get("/readyz")[0] == 503, 15, "unready while the broker is gone")
+        assert first.proc.alive() and first.get("/healthz")[0] == 200
+        second_broker = LocalBroker(tmp_path / "broker-2", port=port).start()  # the same address, an empty log
+        ensure_topics(cfg)
+        after = send_frames(cfg, digit_images(90, start=300))
+        got = predicted_ids(cfg, set(after), timeout=60)
+        assert got == set(after), first.log(150)
+        first.wait_ready(30)
+        assert first.metric("mlpipe_consumer_broker_resets_total", 'reason="topic_recreated"') or \
+            first.metric("mlpipe_consumer_broker_resets_total", 'reason="topic_gone"'), first.log(150)
+        wait_until(lambda: _committed(cfg, first.group) == 90, 15, "the 90 new offsets committed")
+        code, _ = first.terminate()
+        assert code == 0, first.log()
+        # nothing of the old log (about 100 per partition) was committed to the new one (about 30 per partition)
+        committed = committed_offsets(cfg, first.group, cfg.frames_topic)
+        frames = read_topic(cfg, cfg.frames_topic, lambda r: len(r) >= 90, timeout=15)
+        per_partition = {p: sum(1 for r in frames if r.partition == p) for p in range(3)}
+        assert all(committed[p] <= per_partition[p] for p in range(3)), (committed, per_partition)
+        assert sum(max(0, o) for o in committed.values()) == 90
+
+        # a fresh consumer of the group reads on from there: it skips none of the frames sent after
+        later = send_frames(cfg, digit_images(60, start=400))
+        fresh = _consumer(cfg, triton_server.grpc_url, tmp_path, policy="all", name="fresh",
+                          extra=["--max-batch", "32"]).start()
+        assert set(later) <= predicted_ids(cfg, set(later), timeout=40), fresh.log()
+        wait_until(lambda: _committed(cfg, fresh.group) == 150, 15, "150 offsets committed on the new log")
+        code, _ = fresh.terminate()
+        assert code == 0, fresh.log()
+        preds = read_topic(cfg, cfg.predictions_topic, lambda r: len(r) >= 150, timeout=15, settle=1.0)
+        assert {r.header("frame_id") for r in preds} == set(after) | set(later)
+    finally:
+        for c in (first, fresh):
+            if c is not None:
+                c.kill()
+        own.stop()
+        if second_broker is not None:
+            second_broker.stop()
+    count, point_ids, _ = qdrant_ids(tmp_path / "qdrant")
+    assert count == 450 and set(point_ids) == set(before) | set(after) | set(later)
+
+
+def test_model_with_a_smaller_max_batch_still_gets_every_frame(triton_server, kafka_cfg, tmp_path):  # noqa: F811
+    """A repository rendered with max_batch_size 8 while the consumer batches 64 (and its --model-max-batch is the
+    default 256): the consumer reads 8 from Triton's model configuration and splits its micro-batches."""
+    from tasks.local.triton import LocalTriton
+    from tasks.model.repo import render_repo, set_serving_version, write_classifier_version
+
+    repo = render_repo("local", tmp_path / "repo8", "digits", max_batch_size=8)
+    write_classifier_version(repo, "digits", 1, triton_server.onnx_v1)
+    set_serving_version(repo, "digits", 1)
+    triton = LocalTriton(repo, tmp_path / "triton8-logs", backend_dir=triton_server.work / "backends",
+                         load_models=["digits"], http_port=free_port(), grpc_port=free_port(),
+                         metrics_port=free_port())
+    triton.start(timeout=90)
+    consumer = None
+    try:
+        with triton.client() as c:
+            c.wait_model_ready("digits", timeout=60)
+            assert c.model_config("digits")["max_batch_size"] == 8
+        ids = send_frames(kafka_cfg, digit_images(200))
+        consumer = _consumer(kafka_cfg, triton.grpc_url, tmp_path, policy="none",
+                             extra=["--max-batch", "64"]).start()
+        assert predicted_ids(kafka_cfg, set(ids), timeout=60) == set(ids), consumer.log()
+        assert consumer.metric("mlpipe_consumer_triton_errors_total") == 0, consumer.log()
+        wait_until(lambda: consumer.metric("mlpipe_consumer_model_max_batch") == 8, 10, "model max batch gauge")
+        assert (consumer.metric("mlpipe_consumer_batch_size_sum") or 0) >= 200
+        assert consumer.metric("mlpipe_consumer_dead_letters_total", 'reason="inference_failed"') is None
+    finally:
+        if consumer is not None:
+            code, _ = consumer.terminate()
+            assert code == 0, consumer.log()
+        triton.stop()
+
+
 def test_cli_help_and_bad_arguments():
     import subprocess
     import sys

@@ -1,10 +1,13 @@
 """docker/k8s/serving-deployment.yaml, checked statically (no cluster here): structure, probes,
-resources, the sidecar wiring, configuration that the real CLIs accept, and (when the kubernetes
-client is installed) deserialization into the client's typed models."""
+resources, the sidecar wiring, Triton reading the S3 model repository the deploy step writes, the
+image docker/triton.Dockerfile builds, configuration that the real CLIs accept, a schema check
+against the Kubernetes OpenAPI schemas (kubernetes-validate, strict: unknown fields are errors) and
+(when the kubernetes client is installed) deserialization into the client's typed models."""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,12 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 MANIFEST = ROOT / "docker" / "k8s" / "serving-deployment.yaml"
+CONFIG_MAP = ROOT / "docker" / "k8s" / "configmap.yaml"
+TRITON_DOCKERFILE = ROOT / "docker" / "triton.Dockerfile"
+KUBERNETES_VERSION = "1.31.0"  # the schema version the manifests are checked against
+# how tritonserver 2.51 parses an S3 repository path (the regex in its libtritonserver)
+TRITON_S3_PATH = re.compile(
+    r"s3://(http://|https://|)([0-9a-zA-Z\-.]+):([0-9]+)/([0-9a-z.\-]+)(((/[0-9a-zA-Z.\-_]+)*)?)")
 
 
 @pytest.fixture(scope="module")
@@ -49,15 +58,105 @@ def test_one_pod_with_triton_and_the_consumer_sidecar(docs):
     assert set(containers) == {"triton", "consumer"}
     triton = containers["triton"]
     image, tag = triton["image"].rsplit(":", 1)
-    assert image == "nvcr.io/nvidia/tritonserver" and tag and tag != "latest"
+    assert tag and tag != "latest"
     assert {p["containerPort"] for p in triton["ports"]} == {8000, 8001, 8002}
-    repo_arg = next(a for a in triton["args"] if a.startswith("--model-repository="))
-    repo_path = repo_arg.split("=", 1)[1]
-    mounts = {m["mountPath"]: m for m in triton["volumeMounts"]}
-    assert repo_path in mounts and mounts[repo_path]["readOnly"] is True
-    volumes = {v["name"]: v for v in docs["Deployment"]["spec"]["template"]["spec"]["volumes"]}
-    assert "persistentVolumeClaim" in volumes[mounts[repo_path]["name"]]
     assert "--load-model=digits" in triton["args"]
+
+
+def _dockerfile_build_tag(path: Path) -> str:
+    m = re.search(r"docker build -f \S+ -t (\S+) \.", path.read_text())
+    assert m, f"{path} documents no `docker build ... -t IMAGE .` line"
+    return m.group(1)
+
+
+def test_triton_runs_the_image_docker_triton_dockerfile_builds(docs):
+    triton = _containers(docs)["triton"]
+    assert triton["image"] == _dockerfile_build_tag(TRITON_DOCKERFILE)
+    assert not triton["image"].startswith("nvcr.io/"), "the stock NGC image lacks numpy for the Python backend"
+    text = TRITON_DOCKERFILE.read_text()
+    entry = json.loads(re.search(r"^ENTRYPOINT (\[.*\])$", text, re.M).group(1))
+    assert entry == ["tritonserver"], "the Deployment's args go to tritonserver through the image's ENTRYPOINT"
+    assert "command" not in triton  # the image's ENTRYPOINT, the manifest's args (they replace CMD)
+    assert "numpy" in text and re.search(r"requirements\.txt", text)
+
+
+def _triton_repo_url(triton: dict) -> str:
+    repos = [a.split("=", 1)[1] for a in triton["args"] if a.startswith("--model-repository=")]
+    assert len(repos) == 1, repos
+    return repos[0]
+
+
+def test_triton_reads_the_s3_repository_the_deploy_step_writes(docs):
+    from tasks.steps.deploy import ServingTarget
+
+    spec = docs["Deployment"]["spec"]["template"]["spec"]
+    triton = _containers(docs)["triton"]
+    assert "--model-control-mode=explicit" in triton["args"]  # deploy loads through the repository API
+    url = _triton_repo_url(triton)
+    m = TRITON_S3_PATH.fullmatch(url)
+    assert m, f"{url} is not an S3 path tritonserver parses (s3://host:port/bucket/prefix)"
+    _, host, port, bucket, prefix = m.group(1), m.group(2), m.group(3), m.group(4), m.group(5)
+    # the same endpoint, bucket and prefix as the pipeline pods' settings (docker/k8s/configmap.yaml)
+    pipeline = yaml.safe_load(CONFIG_MAP.read_text())["data"]
+    assert pipeline["MLPIPE_S3_ENDPOINT"] == f"{host}:{port}"
+    assert pipeline["MLPIPE_MODEL_REPO"] == f"s3://{bucket}{prefix}"
+    target = ServingTarget(pipeline["MLPIPE_MODEL_REPO"], pipeline["MLPIPE_TRITON_URL"])
+    assert target.repo_url == f"s3://{bucket}{prefix}" and target.default_flavour == "production"
+    # the Triton the deploy pods talk to is this Deployment's Service
+    svc = docs["Service"]["metadata"]
+    assert pipeline["MLPIPE_TRITON_URL"] == f"{svc['name']}.{svc['namespace']}.svc:8000"
+    # S3 credentials from the mlpipe-credentials Secret, an explicit region, no metadata lookups
+    env = {e["name"]: e for e in triton["env"]}
+    for var, key in (("AWS_ACCESS_KEY_ID", "MLPIPE_S3_ACCESS_KEY"), ("AWS_SECRET_ACCESS_KEY", "MLPIPE_S3_SECRET_KEY")):
+        assert "value" not in env[var]
+        assert env[var]["valueFrom"]["secretKeyRef"] == {"name": "mlpipe-credentials", "key": key}
+    assert env["AWS_DEFAULT_REGION"]["value"] == pipeline["MLPIPE_S3_REGION"]
+    assert env["AWS_EC2_METADATA_DISABLED"]["value"] == "true"
+    # no repository volume any more: Triton mounts only its shared memory
+    assert [m["mountPath"] for m in triton["volumeMounts"]] == ["/dev/shm"]
+    assert not [v for v in spec["volumes"] if "persistentVolumeClaim" in v]
+    assert "model-repository" not in {v["name"] for v in spec["volumes"]}
+
+
+def test_trt_compiler_installs_the_pins_of_requirements_txt():
+    text = (ROOT / "docker" / "trt-compiler.Dockerfile").read_text()
+    pins = {}
+    for line in (ROOT / "requirements.txt").read_text().splitlines():
+        m = re.match(r"^([A-Za-z0-9_.\-\[\],]+)==(\S+)", line)
+        if m:
+            pins[m.group(1).lower()] = m.group(2)
+    for name, version in re.findall(r"\b([A-Za-z][A-Za-z0-9_.\-]*)==([0-9][^\s'\"]*)", text):
+        assert pins.get(name.lower()) == version, f"trt-compiler pins {name}=={version}, requirements.txt " \
+                                                  f"{pins.get(name.lower())}"
+    m = re.search(r"grep -E '\^\(([^)]*)\)==' *\\?\s*requirements\.txt", text)
+    assert m, "trt-compiler.Dockerfile installs its packages from requirements.txt"
+    names = m.group(1).split("|")
+    assert "pyarrow" in names and all(n.lower() in pins for n in names)
+    assert f"-eq {len(names)}" in text  # every package found, none silently missing
+
+
+def test_manifests_match_the_kubernetes_schemas(docs):
+    kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate not installed")
+    objects = list(docs.values()) + [d for d in yaml.safe_load_all(CONFIG_MAP.read_text()) if d]
+    for obj in objects:
+        try:
+            kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{obj['kind']} {obj['metadata']['name']}: {exc.message} at {list(exc.path)}")
+
+
+def test_the_schema_check_catches_mistakes(docs):
+    import copy
+
+    kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate not installed")
+    bad = copy.deepcopy(docs["Deployment"])
+    bad["spec"]["template"]["spec"]["containers"][0]["env"][0]["valueFrom"]["secretKeyRefs"] = {}  # a typo
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(bad, KUBERNETES_VERSION, strict=True)
+    bad = copy.deepcopy(docs["Deployment"])
+    bad["spec"]["replicas"] = "one"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(bad, KUBERNETES_VERSION, strict=True)
 
 
 def test_triton_probes_and_gpu_resources(docs):

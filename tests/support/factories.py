@@ -12,4 +12,13 @@ def fake_run(store, run_id="r1", drop_id="d1", acc=0.97, passed=True, onnx: byte
     store.put_bytes(f"runs/{run_id}/model.onnx", onnx if onnx is not None else b"onnx-bytes-" + run_id.encode())
     store.put_bytes(f"drops/{drop_id}/manifest.parquet", b"manifest-" + drop_id.encode())
     store.put_json(f"drops/{drop_id}/_SUCCESS", {"rows": 1})
-    store.put_json(f"drops/{drop_id}/validation/result.json", {"success": passed, "report_uri": "x/index.html"})
+    validated(store, drop_id, passed)
+
+
+def validated(store, drop_id: str, passed: bool = True) -> dict:
+    """A validation result bound to the drop's current bytes, as ``validate`` leaves it."""
+    from tasks.steps import drops
+
+    return drops.bind_validation(store, drop_id, {"success": passed, "report_uri": "x/index.html",
+                                                  "validated_at": "2026-01-01T00:00:00+00:00"},
+                                 drops.content_digest(store, drop_id))

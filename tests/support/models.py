@@ -209,8 +209,10 @@ def put_drop_lineage(store, drop_id: str, manifest: Path | bytes | None = None) 
     if not store.exists(f"drops/{drop_id}/manifest.parquet"):
         store.put_bytes(f"drops/{drop_id}/manifest.parquet", data)
         store.put_json(f"drops/{drop_id}/_SUCCESS", {"drop_id": drop_id, "rows": 0})
-        store.put_json(f"drops/{drop_id}/validation/result.json",
-                       {"success": True, "failures": [], "report_uri": None, "note": "test fixture"})
+        from tasks.steps import drops
+
+        drops.bind_validation(store, drop_id, {"success": True, "failures": [], "report_uri": None,
+                                               "note": "test fixture"}, drops.content_digest(store, drop_id))
 
 
 def register_files(store, model_name: str, files: dict[str, bytes | Path], *, run_id: str | None = None,

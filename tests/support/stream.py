@@ -200,13 +200,15 @@ class ConsumerProcess:
 
     def metric(self, name: str, labels: str = "") -> float | None:
         """The value of one sample on /metrics (``labels`` like ``outcome="predicted"``)."""
+        from prometheus_client.parser import text_string_to_metric_families
+
         code, text = self.get("/metrics")
         if code != 200:
             return None
-        key = f"{name}{{{labels}}}" if labels else name
-        for line in text.splitlines():
-            if line.startswith(key + " "):
-                return float(line.split()[-1])
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == name and ",".join(f'{k}="{v}"' for k, v in sample.labels.items()) == labels:
+                    return sample.value
         return None
 
     def terminate(self, timeout: float = 15.0) -> tuple[int | None, float]:

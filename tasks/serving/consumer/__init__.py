@@ -7,14 +7,28 @@ order, never past a held batch: at-least-once with idempotent sinks. Triton or a
 fetching pauses and the batch is retried with jittered exponential backoff; SIGTERM -> drain within
 ``--drain-timeout``, commit, leave the group, exit 0 within 10 s.
 
+No poison pill: every message read ends in a prediction or a dead letter. Messages written never exceed
+``MLPIPE_MAX_MESSAGE_BYTES`` (oversize originals go to the object store under ``dlq/<topic>/<partition>/
+<offset>/``, the dead letter points at them); a permanent Triton error is bisected to the frame at
+fault (``inference_failed``); requests follow the served model's ``max_batch_size`` (read from Triton).
+Every bound that is hit is counted in ``mlpipe_consumer_bounds_hit_total{bound}`` and logged.
+
+Broker incarnations: the consumer watches the broker's cluster id and topic ids. When they change (an
+in-memory broker such as local Tansu restarted empty, a topic deleted and re-created, another cluster
+behind the address) it drops every offset of the old log, never commits them to the new one, re-creates
+the topics, re-positions on the group's offsets of the new log (or its start) and goes on; /readyz is
+503 meanwhile. On a real Kafka cluster the log survives a broker restart or failover: the ids do not
+change, nothing is dropped, the member re-joins and resumes from its committed offsets (at most the
+uncommitted tail is redelivered, which the idempotent sinks absorb).
+
 Modules: ``policy`` (which predictions Qdrant indexes), ``records`` (pure: frames -> decoded
 images, results -> prediction / dead-letter messages and Qdrant points), ``offsets`` (what may be
 committed), ``backoff``, ``telemetry`` (metrics, /healthz /readyz /metrics), ``backend`` (the
-inference interface and Triton), ``loop`` (``StreamConsumer``), ``config`` (``StreamConfig``),
-``cli`` (``main``).
+inference interface and Triton), ``bisect`` (finding the frames Triton rejects), ``loop``
+(``StreamConsumer``), ``config`` (``StreamConfig``), ``cli`` (``main``).
 """
 
-from tasks.serving.consumer.backend import InferenceBackend, InferenceUnavailable, TritonBackend
+from tasks.serving.consumer.backend import InferenceBackend, InferenceRejected, InferenceUnavailable, TritonBackend
 from tasks.serving.consumer.backoff import Backoff
 from tasks.serving.consumer.cli import _check_kafka_overrides, _parser, main
 from tasks.serving.consumer.config import DEFAULT_GROUP, StreamConfig
@@ -25,6 +39,6 @@ from tasks.serving.consumer.telemetry import HealthServer, Metrics
 
 __all__ = [
     "DEFAULT_GROUP", "DEFAULT_QDRANT_POLICY", "Backoff", "FrameSource", "HealthServer", "InferenceBackend",
-    "InferenceUnavailable", "Metrics", "OffsetTracker", "QdrantPolicy", "ResultSink", "StreamConfig",
+    "InferenceRejected", "InferenceUnavailable", "Metrics", "OffsetTracker", "QdrantPolicy", "ResultSink", "StreamConfig",
     "StreamConsumer", "TritonBackend", "VectorSink", "_check_kafka_overrides", "_parser", "main",
 ]

@@ -14,18 +14,20 @@ import signal
 import sys
 from typing import Any, Sequence
 
-from tasks.contracts.messages import DEFAULT_MAX_FRAME_BYTES
 from tasks.contracts.serving import MAX_BATCH
 from tasks.serving.consumer.backend import TritonBackend
-from tasks.serving.consumer.config import DEFAULT_GROUP, StreamConfig
+from tasks.serving.consumer.config import StreamConfig
 from tasks.serving.consumer.loop import StreamConsumer
-from tasks.serving.consumer.policy import DEFAULT_QDRANT_POLICY, QdrantPolicy
+from tasks.serving.consumer.policy import QdrantPolicy
 
 logger = logging.getLogger(__name__)
 
 
 def _parser() -> argparse.ArgumentParser:
-    env = os.environ.get
+    """The consumer's flags; their defaults come from the settings tree (``load_settings().consumer``)."""
+    from tasks.config import load_settings
+
+    s = load_settings().consumer
     p = argparse.ArgumentParser(
         prog="mlpipe stream",
         description="Streaming inference consumer: frames (Kafka) -> Triton -> predictions (Kafka) + Qdrant. "
@@ -34,34 +36,49 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--bootstrap", default=None, help="Kafka bootstrap servers (overrides MLPIPE_KAFKA_BOOTSTRAP)")
     p.add_argument("--topic-prefix", default=None, help="topic name prefix (overrides MLPIPE_KAFKA_TOPIC_PREFIX)")
-    p.add_argument("--group", default=env("MLPIPE_CONSUMER_GROUP") or DEFAULT_GROUP, help="consumer group id")
-    p.add_argument("--triton-url", default=env("MLPIPE_TRITON_GRPC_URL") or "127.0.0.1:8001",
+    p.add_argument("--group", default=s.group, help="consumer group id")
+    p.add_argument("--triton-url", default=s.triton_url,
                    help="Triton gRPC host:port (the sidecar uses localhost:8001)")
     p.add_argument("--model", default=None, help="Triton ensemble name (default MLPIPE_MODEL_NAME or digits)")
-    p.add_argument("--max-batch", type=int, default=int(env("MLPIPE_CONSUMER_MAX_BATCH") or 256),
+    p.add_argument("--max-batch", type=int, default=s.max_batch,
                    help="most frames per micro-batch")
-    p.add_argument("--max-wait-ms", type=int, default=int(env("MLPIPE_CONSUMER_MAX_WAIT_MS") or 5),
+    p.add_argument("--max-wait-ms", type=int, default=s.max_wait_ms,
                    help="longest wait to fill a micro-batch")
     p.add_argument("--model-max-batch", type=int, default=MAX_BATCH,
-                   help="the model's max_batch_size: larger micro-batches are split into concurrent calls")
-    p.add_argument("--inflight", type=int, default=int(env("MLPIPE_CONSUMER_INFLIGHT") or 2),
+                   help="most frames per Triton request; the served model's max_batch_size (read from Triton at "
+                        "start and after each deploy) lowers it: larger micro-batches are split into concurrent "
+                        "calls")
+    p.add_argument("--inflight", type=int, default=s.inflight,
                    help="micro-batches sent to Triton at once (2: the next one waits in Triton's queue while "
                         "one is answered, so the model does not idle between batches)")
-    p.add_argument("--commit-interval-ms", type=int, default=int(env("MLPIPE_CONSUMER_COMMIT_INTERVAL_MS") or 100),
+    p.add_argument("--commit-interval-ms", type=int, default=s.commit_interval_ms,
                    help="commit the offsets of finished batches at most this often (and whenever idle); a crash "
                         "redelivers at most this much, which the idempotent sinks absorb")
-    p.add_argument("--max-frame-bytes", type=int, default=int(env("MLPIPE_MAX_FRAME_BYTES") or DEFAULT_MAX_FRAME_BYTES),
+    p.add_argument("--max-frame-bytes", type=int, default=s.max_frame_bytes,
                    help="larger frames are dead-lettered as oversize")
-    p.add_argument("--qdrant-policy", default=env("MLPIPE_QDRANT_POLICY") or DEFAULT_QDRANT_POLICY,
+    p.add_argument("--max-message-bytes", type=int, default=None,
+                   help="largest Kafka message produced (producer message.max.bytes; topics created with it as "
+                        "max.message.bytes); dead letters and predictions are kept below it "
+                        "(default MLPIPE_MAX_MESSAGE_BYTES or 1000000)")
+    p.add_argument("--reject-hold-s", type=float, default=s.reject_hold_s,
+                   help="a batch whose every frame Triton rejects alone (a permanent error, not an outage) is "
+                        "retried this long, then its frames are dead letters (inference_failed)")
+    p.add_argument("--max-hold-s", type=float, default=s.max_hold_s,
+                   help="a batch held by a Triton outage this long is dead-lettered (inference_unavailable), a "
+                        "Qdrant upsert failing this long is given up (0: wait for ever)")
+    p.add_argument("--broker-check-s", type=float, default=s.broker_check_s,
+                   help="how often the broker's cluster id and topic ids are checked: a change (the broker lost "
+                        "its log) drops the old offsets and re-joins the group (0: never)")
+    p.add_argument("--qdrant-policy", default=s.qdrant_policy,
                    help="which predictions go to Qdrant: all | none | sample:F | low_confidence:T (comma = union)")
     p.add_argument("--qdrant-url", default=None, help="Qdrant server URL (overrides MLPIPE_QDRANT_URL)")
     p.add_argument("--qdrant-path", default=None, help="Qdrant local-mode folder or :memory: "
                    "(overrides MLPIPE_QDRANT_PATH; default $MLPIPE_HOME/qdrant)")
-    p.add_argument("--http-host", default=env("MLPIPE_CONSUMER_HTTP_HOST") or "127.0.0.1",
+    p.add_argument("--http-host", default=s.http_host,
                    help="address of /metrics /healthz /readyz (0.0.0.0 in a pod, for the kubelet probes)")
-    p.add_argument("--http-port", type=int, default=int(env("MLPIPE_CONSUMER_HTTP_PORT") or 9108),
+    p.add_argument("--http-port", type=int, default=s.http_port,
                    help="port of /metrics /healthz /readyz (0: a free one, -1: no HTTP server)")
-    p.add_argument("--session-timeout-ms", type=int, default=int(env("MLPIPE_KAFKA_SESSION_TIMEOUT_MS") or 10000))
+    p.add_argument("--session-timeout-ms", type=int, default=s.session_timeout_ms)
     p.add_argument("--triton-timeout", type=float, default=10.0, help="seconds before a Triton call counts as failed")
     p.add_argument("--backoff-max", type=float, default=5.0,
                    help="longest wait between retries while Triton, Kafka or Qdrant is unavailable")
@@ -79,7 +96,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="on exit, write one entry per predicted frame to this JSON file (benchmarks): "
                         "[captured_at epoch, then seconds from it until both sinks were written, the loop "
                         "polled the frame, Triton answered, the loop took the answer]")
-    p.add_argument("--log-level", default=env("MLPIPE_LOG_LEVEL") or "INFO")
+    p.add_argument("--log-level", default=None, help="log level (default MLPIPE_LOG_LEVEL or INFO)")
     return p
 
 
@@ -96,15 +113,22 @@ def _check_kafka_overrides(overrides: dict[str, Any]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import faulthandler
+
+    if hasattr(signal, "SIGUSR1"):  # `kill -USR1 <pid>`: every thread's stack to stderr (a stuck consumer)
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
+    from tasks.logs import setup_logging
+
+    setup_logging(args.log_level)
     logging.getLogger("tasks.adapters.kafka.librdkafka").setLevel(logging.WARNING)
     from tasks.adapters.kafka import KafkaConfig
     from tasks.config import load_settings
 
     try:
-        kafka = KafkaConfig.from_env(bootstrap=args.bootstrap, topic_prefix=args.topic_prefix)
+        kafka = KafkaConfig.from_env(bootstrap=args.bootstrap, topic_prefix=args.topic_prefix,
+                                     max_message_bytes=args.max_message_bytes)
         policy = QdrantPolicy.parse(args.qdrant_policy)
-        for name in ("max_batch", "max_wait_ms", "model_max_batch", "inflight", "max_frame_bytes"):
+        for name in ("max_batch", "max_wait_ms", "model_max_batch", "inflight", "max_frame_bytes", "reject_hold_s"):
             if getattr(args, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive")
         model = args.model or load_settings().model_name
@@ -128,7 +152,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         session_timeout_ms=args.session_timeout_ms, triton_timeout_s=args.triton_timeout,
         drain_timeout_s=args.drain_timeout, exit_when_idle_s=args.exit_when_idle, backoff_max_s=args.backoff_max,
         create_topics=not args.no_create_topics, kafka_overrides=kafka_overrides,
-        record_latency=bool(args.latency_log))
+        record_latency=bool(args.latency_log), max_message_bytes=kafka.max_message_bytes,
+        broker_check_s=max(0.0, args.broker_check_s), reject_hold_s=args.reject_hold_s,
+        max_hold_s=max(0.0, args.max_hold_s))
+    if cfg.max_frame_bytes > kafka.max_message_bytes:
+        logger.warning("--max-frame-bytes %d is above the message limit %d: such frames cannot even be produced",
+                       cfg.max_frame_bytes, kafka.max_message_bytes)
     vectors = None
     if policy.enabled:
         from tasks.adapters.qdrant import VectorStoreError, open_vectors
@@ -140,8 +169,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
     try:
         chunks = -(-cfg.max_batch // cfg.max_model_batch)  # Triton calls per micro-batch
+        # at least 8: a served model with a smaller max_batch_size splits a micro-batch into more calls
         backend = TritonBackend(cfg.triton_url, cfg.model, timeout_s=cfg.triton_timeout_s,
-                                max_model_batch=cfg.max_model_batch, concurrency=chunks * cfg.inflight)
+                                max_model_batch=cfg.max_model_batch, concurrency=max(8, chunks * cfg.inflight))
     except Exception as exc:  # noqa: BLE001 - a bad URL is a usage error
         print(f"error: cannot create a Triton client for {cfg.triton_url}: {exc}", file=sys.stderr)
         return 2

@@ -17,7 +17,7 @@ class StreamConfig:
     group_id: str = DEFAULT_GROUP
     model: str = "digits"
     triton_url: str = "127.0.0.1:8001"
-    max_batch: int = 256
+    max_batch: int = MAX_BATCH  # one default with the model repository (tasks.contracts.serving)
     max_wait_ms: int = 5
     max_model_batch: int = MAX_BATCH
     inflight: int = 2  # micro-batches at Triton at once: the next one is queued there while one is answered
@@ -36,3 +36,9 @@ class StreamConfig:
     kafka_overrides: dict[str, Any] = field(default_factory=dict)
     commit_interval_ms: int = 100  # confirmed offsets are committed at most this often (and when idle)
     record_latency: bool = False  # keep per frame captured_at and the seconds to each step (--latency-log)
+    max_message_bytes: int | None = None  # largest message produced; None: KafkaConfig.max_message_bytes
+    broker_check_s: float = 1.0  # how often the broker's incarnation is read (0: never; fakes)
+    reject_hold_s: float = 10.0  # a batch Triton rejects frame by frame is held at most this long
+    max_hold_s: float = 600.0  # a batch held by a Triton outage (or a Qdrant upsert) at most this long; 0: no bound
+    store_attempts: int = 3  # tries to store an oversize original before dead-lettering without it
+    version_max_age_s: float = 0.0  # the served version is read after each answer (cached at most this long)

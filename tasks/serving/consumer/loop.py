@@ -26,6 +26,38 @@ failing sink or commit is retried the same way; the process never exits for it. 
 while Triton or the broker hangs), commit, leave the group; the final commit and leaving the group
 get ~1.5 s more and are then abandoned (``abandoned``: the uncommitted frames are redelivered).
 
+No poison pill, no endless hold: every message read ends in a prediction or a dead letter.
+* A frame whose headers or key are above their limits is a dead letter (``oversize_headers``); a dead
+  letter never exceeds ``max_message_bytes`` (the producer's ``message.max.bytes``): original headers
+  that do not fit are dropped (``headers_dropped``) and a value that does not fit is stored in the
+  object store (``tasks.contracts.layout.dlq_original_prefix``) and replaced by a pointer
+  (``original``). A prediction above the limit becomes a dead letter (``undeliverable``).
+* A message the broker refuses for good (MSG_SIZE_TOO_LARGE, ...) is replaced by a dead letter, then
+  by a minimal one, then dropped with an error log: it is never retried as it is.
+* A permanent Triton error (``InferenceRejected``) is bisected (``bisect``): the frames that fail
+  alone are dead letters (``inference_failed``). When every frame fails alone (the model rejects
+  everything) the batch is held like an outage, but for at most ``reject_hold_s``.
+* A batch held by a Triton outage is dead-lettered (``inference_unavailable``) after ``max_hold_s``
+  (default 600 s; 0: wait for ever); a Qdrant upsert failing that long is given up (Qdrant is the
+  secondary, sampled index: the predictions are in Kafka).
+* Every bound that is hit counts in ``mlpipe_consumer_bounds_hit_total{bound}`` and logs its reason.
+  The one hold without a bound is the broker itself being down: nothing can be written or dead-lettered
+  without it; the consumer is then unready (``acks_ok`` false), paused, and retries with backoff.
+
+Broker incarnations: a ``BrokerWatch`` thread reads the broker's cluster id and topic ids every
+``broker_check_s``; a change (Tansu's memory engine restarted, a topic deleted and created again, a
+different cluster behind the address) or offsets that go back while a partition stays assigned mean
+the old offsets are meaningless on this log. The consumer then drops the batches in hand and every
+offset it confirmed (nothing of the old log is ever committed to the new one: a commit is sent only
+while the incarnation it was confirmed in is verified), re-creates the topics (unless
+``--no-create-topics``), seeks its partitions to the group's offsets on the new log (none: its
+start), writes through a fresh producer (a new idempotent producer id) and goes on; librdkafka
+re-joins the group on the new coordinator by itself. On a real Kafka cluster the log
+survives a broker restart: cluster and topic ids stay, nothing is reset, the member re-joins and
+resumes from its committed offsets (at most the uncommitted tail is redelivered). /readyz is 503 while
+the member holds no partitions, is paused, gets no acknowledgements, or the broker is unreachable or
+being re-joined.
+
 Seams (tests): ``backend`` is any ``InferenceBackend``; ``consumer_factory`` / ``producer_factory``
 build the Kafka ends (``FrameSource`` / ``ResultSink``, by default ``BatchConsumer`` / ``BusProducer``);
 ``vectors`` is any ``VectorSink``; ``rng`` draws the backoff jitter.
@@ -44,12 +76,22 @@ from concurrent.futures import TimeoutError as FuturesTimeout
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Protocol, Sequence
 
-from tasks.contracts.messages import FrameRejected
-from tasks.serving.consumer.backend import InferenceBackend, InferenceUnavailable
+from tasks.contracts.messages import R_INFERENCE_FAILED, R_INFERENCE_UNAVAILABLE, R_UNDELIVERABLE, FrameRejected
+from tasks.serving.consumer.backend import InferenceBackend, InferenceRejected, InferenceUnavailable
 from tasks.serving.consumer.backoff import Backoff
+from tasks.serving.consumer.bisect import bisect_infer
 from tasks.serving.consumer.config import StreamConfig
 from tasks.serving.consumer.offsets import OffsetTracker
-from tasks.serving.consumer.records import Message, dead_letter_records, decode_frames, iso, prediction_records
+from tasks.serving.consumer.records import (
+    Message,
+    dead_letter_plan,
+    dead_letter_records,
+    decode_frames,
+    iso,
+    message_size,
+    original_record_json,
+    prediction_records,
+)
 from tasks.serving.consumer.records import now as utc_now
 from tasks.serving.consumer.telemetry import HealthServer, Metrics
 
@@ -85,6 +127,8 @@ class FrameSource(Protocol):
 
     def rewind(self, offsets: Mapping[tuple[str, int], int]) -> None: ...
 
+    def reposition(self) -> dict[tuple[str, int], int]: ...
+
     def commit(self, offsets: Mapping[tuple[str, int], int], asynchronous: bool = False) -> "CommitResult": ...
 
     def lag(self) -> dict[tuple[str, int], int]: ...
@@ -109,6 +153,16 @@ class VectorSink(Protocol):
     """The Qdrant end (``tasks.adapters.qdrant.VectorStore``)."""
 
     def upsert_predictions(self, points: Iterable["PredictionPoint"]) -> int: ...
+
+
+class OriginalStore(Protocol):
+    """Where oversize dead-lettered originals go (``tasks.adapters.storage`` stores)."""
+
+    def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None: ...
+
+
+class BrokerReset(Exception):
+    """The broker lost its log (see the module doc): raised from the waits, handled by the main loop."""
 
 
 def tune_gc() -> None:
@@ -142,6 +196,8 @@ class _Batch:
     points: list = field(default_factory=list)
     captured: list = field(default_factory=list)
     ticket: Any = None
+    version: str = ""  # the served classifier version, read when Triton answered
+    fallback: int = 0  # rounds of replacing messages the broker refused for good
 
 
 class StreamConsumer:
@@ -151,7 +207,8 @@ class StreamConsumer:
                  vectors: VectorSink | None = None, *,
                  consumer_factory: Callable[..., FrameSource] | None = None,
                  producer_factory: Callable[["KafkaConfig"], ResultSink] | None = None,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, store: OriginalStore | None = None,
+                 watch_factory: Callable[..., Any] | None = None) -> None:
         self.kafka = kafka
         self.cfg = cfg
         self.metrics = Metrics()
@@ -169,7 +226,22 @@ class StreamConsumer:
         self._infer_pool: ThreadPoolExecutor | None = None
         self._last_message = time.monotonic()
         self.stats = {"predicted": 0, "dead_letter": 0, "batches": 0, "commits": 0, "triton_errors": 0,
-                      "qdrant_points": 0, "rewinds": 0, "busy_s": 0.0}
+                      "qdrant_points": 0, "rewinds": 0, "busy_s": 0.0, "broker_resets": 0, "bounds_hit": 0,
+                      "dropped": 0}
+        self.max_message_bytes = int(cfg.max_message_bytes or getattr(kafka, "max_message_bytes", 0) or 1_000_000)
+        self._store = store
+        self._watch_factory = watch_factory
+        self._watch: Any = None
+        self._inc_lock = threading.Lock()
+        self._inc_gen = 0
+        self._incarnation: Any = None  # the broker's Incarnation the current consumer joined
+        self._reset_reason: str | None = None  # set by the watch thread: the broker lost its log
+        self._broker_state = "unknown"  # same | changed | unreachable | unknown
+        self._unreachable = 0  # consecutive failed checks
+        self._resetting = False
+        self._acks_failing = False
+        self._next_pos: dict[tuple[str, int], int] = {}  # per assigned partition, the offset expected next
+        self._make_producer: Callable[["KafkaConfig"], ResultSink] | None = None
         self.http: HealthServer | None = None
         self._first_batch_at: float | None = None
         self._last_infer_ok = 0.0
@@ -194,10 +266,22 @@ class StreamConsumer:
 
     def ready(self) -> tuple[bool, dict]:
         c = self._consumer
-        assigned = bool(c is not None and c.in_group)
-        detail = {"assigned": assigned, "partitions": len(c.assignment) if c else 0,
-                  "triton_ready": self._triton_ready, "paused": bool(c and c.paused)}
-        return assigned and self._triton_ready and not self._stop.is_set(), detail
+        partitions = len(c.assignment) if c is not None else 0
+        assigned = bool(c is not None and c.in_group and partitions > 0)
+        paused = bool(c is not None and c.paused)
+        broker_ok = not self._resetting and self._broker_state != "changed" and self._unreachable < 2
+        detail = {"assigned": assigned, "partitions": partitions, "triton_ready": self._triton_ready,
+                  "paused": paused, "acks_ok": not self._acks_failing, "broker": self._broker_state,
+                  "rejoining": self._resetting}
+        ok = (assigned and not paused and self._triton_ready and not self._acks_failing and broker_ok
+              and not self._stop.is_set())
+        return ok, detail
+
+    def _bound(self, bound: str, message: str, *args: Any) -> None:
+        """A bound was hit: count it and log why."""
+        self.metrics.bounds_hit.labels(bound).inc()
+        self.stats["bounds_hit"] += 1
+        logger.warning("bound %s hit: " + message, bound, *args)
 
     def stop(self) -> None:
         if not self._stop.is_set():
@@ -214,6 +298,111 @@ class StreamConsumer:
                 self._triton_ready = self.backend.ready()
                 if self._triton_ready:
                     self.backend.model_version(max_age_s=2.0)
+                    chunk = getattr(self.backend, "max_batch_size", None)
+                    if isinstance(chunk, int):
+                        self.metrics.model_max_batch.set(chunk)
+
+    # ----------------------------------------------------------------- broker incarnation
+    def _check_broker(self, timeout: float = 2.0) -> str | None:
+        """Read the broker's incarnation once; returns why it is not the one joined (None: same or unknown)."""
+        from tasks.adapters.kafka import BusError
+
+        watch = self._watch
+        if watch is None:
+            return None
+        with self._inc_lock:
+            gen, base = self._inc_gen, self._incarnation
+        try:
+            inc = watch.incarnation(timeout=timeout)
+        except BusError as exc:
+            with self._inc_lock:
+                if gen == self._inc_gen:
+                    self._unreachable += 1
+                    if self._broker_state != "changed":
+                        self._broker_state = "unreachable"
+            logger.debug("broker check: %s", exc)
+            return None
+        with self._inc_lock:
+            if gen != self._inc_gen:  # a reset happened meanwhile: this answer belongs to no one
+                return None
+            self._unreachable = 0
+            if base is None:
+                self._incarnation = inc
+                self._broker_state = "same"
+                return None
+            why = inc.changed_from(base)
+            if why is None:
+                if inc.missing() != base.missing():  # a topic that was missing at the start appeared
+                    self._incarnation = inc
+                if self._broker_state != "changed":
+                    self._broker_state = "same"
+                return None
+            self._broker_state = "changed"
+            if self._reset_reason is None:
+                self._reset_reason = why
+            return why
+
+    def _broker_loop(self) -> None:
+        while not self._stop.wait(max(0.05, self.cfg.broker_check_s)):
+            try:
+                self._check_broker(timeout=min(2.0, max(0.5, self.cfg.broker_check_s * 2)))
+            except Exception as exc:  # noqa: BLE001 - the watch must never die
+                logger.debug("broker check failed: %s", exc)
+
+    def _commit_allowed(self) -> bool:
+        """Commits go only to the log the offsets were confirmed in: verified, and no reset pending."""
+        if self._watch is None:
+            return True
+        return self._broker_state == "same" and self._reset_reason is None and not self._resetting
+
+    def _raise_if_reset(self) -> None:
+        if self._reset_reason is not None and not self._stop.is_set():
+            raise BrokerReset(self._reset_reason)
+
+    def _reset_broker(self, reason: str, in_hand: int) -> None:
+        """The broker lost its log: forget every offset, re-create the topics, re-position the member on the new
+        log (the group's offsets there, else the start), and write through a fresh (idempotent) producer.
+
+        The group member itself is kept: librdkafka re-joins the new coordinator by itself, while closing it
+        and joining with a new one could leave a half-closed member that still heartbeats and holds the
+        group's rebalance (measured on Tansu: no assignment for minutes)."""
+        kind = ("offsets_went_back" if "went back" in reason else "cluster_id" if "cluster id" in reason
+                else "topic_recreated" if "re-created" in reason else "topic_gone" if "gone" in reason
+                else "other")
+        self.metrics.broker_resets.labels(kind).inc()
+        self.stats["broker_resets"] += 1
+        logger.warning("the broker lost its log (%s): dropping %d batch(es) in hand and every offset confirmed "
+                       "before (none of them is committed to the new log), re-joining group %s", reason, in_hand,
+                       self.cfg.group_id)
+        self._resetting = True
+        old_producer = self._producer
+        self.offsets = OffsetTracker()  # first: a revoke callback meanwhile commits nothing of the old log
+        self._next_pos.clear()
+        with self._inc_lock:
+            self._inc_gen += 1
+            self._incarnation = None
+            self._broker_state = "unknown"
+        if old_producer is not None:  # its producer id and sequence numbers mean nothing to the new log
+            closer = threading.Thread(target=old_producer.close, kwargs={"timeout": 0.5}, name="close-producer",
+                                      daemon=True)
+            closer.start()
+            closer.join(2.0)
+        if self.cfg.create_topics and not self._ensure_topics():
+            return
+        assert self._consumer is not None and self._make_producer is not None
+        self._producer = self._make_producer(self.kafka)
+        with self._inc_lock:
+            self._reset_reason = None
+        self._check_broker()  # the new log's incarnation
+        positions = self._consumer.reposition()
+        if positions:
+            logger.info("re-positioned on the new log: %s", positions)
+        if self._consumer.paused:
+            self._consumer.resume()
+        self.metrics.paused.set(0)
+        self._set_acks_failing(False)
+        self._last_message = time.monotonic()
+        self._resetting = False
 
     # ----------------------------------------------------------------- setup
     def _ensure_topics(self) -> bool:
@@ -245,14 +434,27 @@ class StreamConsumer:
         overrides = {"session.timeout.ms": self.cfg.session_timeout_ms,
                      "heartbeat.interval.ms": max(100, self.cfg.session_timeout_ms // 5),
                      "fetch.wait.max.ms": max(5, min(100, self.cfg.max_wait_ms)),
+                     # a topic created (again) after the subscription is seen within 3 s, not librdkafka's 5 min:
+                     # until then the member would hold no partition of it
+                     "topic.metadata.refresh.interval.ms": 3000,
                      **self.cfg.kafka_overrides}
 
         def assigned(_partitions: list[tuple[str, int]]) -> None:
             self._last_message = time.monotonic()  # idle time counts from the (re)assignment
+            self._next_pos.clear()  # positions come from the group's offsets now
 
+        if self._watch is None and self.cfg.broker_check_s > 0:
+            if self._watch_factory is not None:
+                self._watch = self._watch_factory(self.kafka, [self.kafka.frames_topic])
+            elif self._consumer_factory is None:  # the real Kafka ends: watch the real broker
+                from tasks.adapters.kafka import BrokerWatch
+
+                self._watch = BrokerWatch(self.kafka, [self.kafka.frames_topic])
+        self._check_broker()  # the incarnation this membership belongs to
         self._consumer = consumer_factory(self.kafka, self.cfg.group_id, [self.kafka.frames_topic],
                                           on_assign=assigned, on_revoke=self._revoked, stats_interval_ms=2000,
                                           **overrides)
+        self._make_producer = producer_factory
         self._producer = producer_factory(self.kafka)
 
     # ----------------------------------------------------------------- batch preparation
@@ -279,12 +481,20 @@ class StreamConsumer:
                 if self._stop.is_set() and self._draining_too_long():
                     raise
 
-    def _timed_infer(self, images: "np.ndarray") -> tuple[dict, float, float]:
-        """Triton's outputs, the seconds the call took and when it returned (epoch)."""
+    def _timed_infer(self, images: "np.ndarray") -> tuple[dict, float, float, str]:
+        """Triton's outputs, the seconds the call took, when it returned (epoch) and the served version then.
+
+        The version is read right after the answer (``version_max_age_s``, default 0: no cache), so a
+        prediction's label follows a deploy within one call instead of the health thread's 2 s."""
         assert self.backend is not None
         t0 = time.perf_counter()
         out = self.backend.infer(images)
-        return out, time.perf_counter() - t0, time.time()
+        secs, answered = time.perf_counter() - t0, time.time()
+        try:
+            version = self.backend.model_version(max_age_s=self.cfg.version_max_age_s)
+        except Exception:  # noqa: BLE001 - an unknown version never fails a batch
+            version = self.backend.version
+        return out, secs, answered, version
 
     # ----------------------------------------------------------------- waiting while paused
     def _idle_poll(self, seconds: float) -> None:
@@ -299,6 +509,7 @@ class StreamConsumer:
             extra = self._consumer.poll_batch(100, min(left, 0.1))
             self.offsets.refetched(extra)  # fetched before the pause took effect: re-read them later
             self._update_lag()
+            self._raise_if_reset()
             if self._stop.is_set() and self._draining_too_long():
                 return
 
@@ -308,64 +519,150 @@ class StreamConsumer:
         if rewind:
             self._consumer.rewind(rewind)
             self.stats["rewinds"] += len(rewind)
+            for tp, off in rewind.items():
+                self._next_pos[tp] = off
         if self._consumer.paused:
             self._consumer.resume()
             self.metrics.paused.set(0)
 
     # ----------------------------------------------------------------- finishing a batch
     def _results(self, batch: _Batch) -> dict | None:
-        """Triton outputs for the batch, retrying (paused) until Triton answers; None when giving up."""
+        """Triton outputs for the batch, retrying (paused) until Triton answers; None when giving up.
+
+        A permanent error (``InferenceRejected``) is bisected: frames that fail alone become dead letters
+        (``inference_failed``) and the outputs cover the others. When every frame fails alone, the batch is
+        held like an outage for at most ``reject_hold_s``, then its frames are dead letters."""
         assert self._consumer is not None
         if batch.images is None:
             return {}
         backoff = self._backoff()
         attempt = 0
+        rejected_since: float | None = None
+        held_since: float | None = None
         while True:
             try:
                 if batch.future is None:  # a retry: through the pool too, so a stop request need not wait out
                     self._submit(batch)   # Triton's timeout
-                out, secs, batch.answered_wall = self._await(batch.future)
+                out, secs, batch.answered_wall, batch.version = self._await(batch.future)
                 batch.future = None
                 batch.infer_s = secs
-                self._last_infer_ok = time.monotonic()
-                self.metrics.triton_latency.observe(secs)
-                self._triton_ready = True
-                if self.backend is not None and not self.backend.version:
-                    self.backend.model_version(max_age_s=0.0)
-                if attempt:
-                    logger.info("Triton answers again after %d failed attempt(s)", attempt)
-                self._resume()
+                self._answered(attempt)
                 return out
             except FuturesTimeout:  # stopping, and the drain budget ran out while Triton had not answered
                 return None
+            except InferenceRejected as exc:
+                batch.future = None
+                self.metrics.inference_rejected.inc()
+                try:
+                    found = self._bisect(batch, str(exc))
+                except FuturesTimeout:
+                    return None
+                except InferenceUnavailable as exc2:
+                    unavailable: Exception = exc2
+                else:
+                    if found.ok:
+                        logger.warning("Triton rejected a batch of %d frame(s) (%s); bisected in %d call(s): %d "
+                                       "frame(s) at fault go to the dead-letter topic", len(batch.good), exc,
+                                       found.calls, len(found.failed))
+                        self._reject_frames(batch, found.failed)
+                        self._answered(attempt)
+                        return found.outputs
+                    now = time.monotonic()
+                    rejected_since = now if rejected_since is None else rejected_since
+                    if now - rejected_since >= self.cfg.reject_hold_s:
+                        self._bound("inference_rejected", "Triton rejected every frame of a batch of %d alone for "
+                                    "%.0fs (%s): dead-lettering them as %s", len(batch.good),
+                                    now - rejected_since, exc, R_INFERENCE_FAILED)
+                        self._reject_frames(batch, [(j, str(exc)) for j in range(len(batch.good))])
+                        self._resume()
+                        return {}
+                    unavailable = InferenceUnavailable(f"Triton rejects every frame alone: {exc}")
+                if not self._hold(batch, unavailable, backoff, attempt := attempt + 1):
+                    return None
             except InferenceUnavailable as exc:
                 stale = batch.future is not None and batch.submitted_at < self._last_infer_ok
                 batch.future = None
                 if stale:  # sent during an outage that is over by now: retry at once
                     continue
-                attempt += 1
-                self._triton_ready = False
-                self.metrics.triton_errors.inc()
-                self.stats["triton_errors"] += 1
-                if not self._consumer.paused:
-                    self._consumer.pause()
-                    self.metrics.paused.set(1)
-                    self._commit_confirmed(force=True)  # the batches before this one are done
-                delay = backoff.next()
-                log = logger.warning if attempt == 1 or attempt % 10 == 0 else logger.debug
-                log("Triton unavailable (%s); %d frame(s) held, fetching paused, retry %d in %.1fs",
-                    exc, len(batch.good), attempt, delay)
-                if self._stop.is_set() and self._draining_too_long():
-                    return None
-                self._idle_poll(delay)
-                if self._stop.is_set() and self._draining_too_long():
+                now = time.monotonic()
+                held_since = now if held_since is None else held_since
+                if self.cfg.max_hold_s > 0 and now - held_since >= self.cfg.max_hold_s:
+                    self._bound("triton_hold", "Triton unavailable for %.0fs (%s): the %d frame(s) held are "
+                                "dead-lettered as %s", now - held_since, exc, len(batch.good),
+                                R_INFERENCE_UNAVAILABLE)
+                    self._reject_frames(batch, [(j, str(exc)) for j in range(len(batch.good))],
+                                        reason=R_INFERENCE_UNAVAILABLE)
+                    return {}
+                if not self._hold(batch, exc, backoff, attempt := attempt + 1):
                     return None
 
-    def _retry(self, what: str, sink: str, fn: Callable[[], Any]) -> bool:
-        """Call ``fn`` until it succeeds (fetching paused meanwhile); False only when draining too long."""
+    def _answered(self, attempt: int) -> None:
+        self._last_infer_ok = time.monotonic()
+        self._triton_ready = True
+        if self.backend is not None and not self.backend.version:
+            self.backend.model_version(max_age_s=0.0)
+        if attempt:
+            logger.info("Triton answers again after %d failed attempt(s)", attempt)
+        self._resume()
+
+    def _hold(self, batch: _Batch, exc: Exception, backoff: Backoff, attempt: int) -> bool:
+        """Triton cannot process the batch now: pause fetching and wait the next backoff. False: giving up."""
+        assert self._consumer is not None
+        self._triton_ready = False
+        self.metrics.triton_errors.inc()
+        self.stats["triton_errors"] += 1
+        if not self._consumer.paused:
+            self._consumer.pause()
+            self.metrics.paused.set(1)
+            self._commit_confirmed(force=True)  # the batches before this one are done
+        delay = backoff.next()
+        log = logger.warning if attempt == 1 or attempt % 10 == 0 else logger.debug
+        log("Triton unavailable (%s); %d frame(s) held, fetching paused, retry %d in %.1fs",
+            exc, len(batch.good), attempt, delay)
+        if self._stop.is_set() and self._draining_too_long():
+            return False
+        self._idle_poll(delay)
+        return not (self._stop.is_set() and self._draining_too_long())
+
+    def _bisect(self, batch: _Batch, error: str) -> Any:
+        """``bisect_infer`` over the batch's images, each call through the pool (a stop request is honoured)."""
+        assert self._infer_pool is not None and batch.images is not None
+        answered: list[tuple[float, float, str]] = []
+
+        def infer(images: "np.ndarray") -> dict:
+            assert self._infer_pool is not None
+            out, secs, wall, version = self._await(self._infer_pool.submit(self._timed_infer, images))
+            answered.append((secs, wall, version))
+            return out
+
+        found = bisect_infer(infer, batch.images, error)
+        if answered:
+            batch.infer_s = sum(a[0] for a in answered)
+            batch.answered_wall = max(a[1] for a in answered)
+            batch.version = answered[-1][2]
+        return found
+
+    def _reject_frames(self, batch: _Batch, failed: Sequence[tuple[int, str]], reason: str = R_INFERENCE_FAILED
+                       ) -> None:
+        """Move the frames at positions ``failed`` (into ``batch.good``) to the batch's dead letters."""
+        gone = {j for j, _ in failed}
+        what = "Triton rejected the frame" if reason == R_INFERENCE_FAILED else "Triton was unavailable too long"
+        for j, err in failed:
+            batch.rejected.append((batch.good[j], FrameRejected(reason, f"{what}: {err}")))
+        batch.rejected.sort(key=lambda r: r[0])
+        keep = [j for j in range(len(batch.good)) if j not in gone]
+        batch.good = [batch.good[j] for j in keep]
+        batch.frame_ids = [batch.frame_ids[j] for j in keep]
+        batch.images = batch.images[keep] if keep and batch.images is not None else None
+
+    def _retry(self, what: str, sink: str, fn: Callable[[], Any], bounded: bool = False) -> bool:
+        """Call ``fn`` until it succeeds (fetching paused meanwhile); False only when draining too long.
+
+        ``bounded``: after ``max_hold_s`` of failures give up on ``fn`` (a bound: counted, logged) and go on."""
         assert self._consumer is not None
         backoff: Backoff | None = None  # made on the first failure: the common path stays allocation-free
         attempt = 0
+        since = 0.0
         while True:
             try:
                 fn()
@@ -375,6 +672,12 @@ class StreamConsumer:
                 return True
             except Exception as exc:  # noqa: BLE001 - every sink failure is retried
                 attempt += 1
+                since = since or time.monotonic()
+                if bounded and self.cfg.max_hold_s > 0 and time.monotonic() - since >= self.cfg.max_hold_s:
+                    self._bound(f"{sink}_hold", "%s still failing after %.0fs (%d attempts, %s): going on without it",
+                                what, time.monotonic() - since, attempt, exc)
+                    self._resume()
+                    return True
                 if not self._consumer.paused:
                     self._consumer.pause()
                     self.metrics.paused.set(1)
@@ -396,47 +699,175 @@ class StreamConsumer:
         t1 = time.perf_counter()
         self.stage_s["wait_triton"] += t1 - t0
         if outputs is None:
-            logger.warning("giving up on a batch of %d frame(s) at shutdown; it is not committed and will be "
-                           "redelivered", len(batch.records))
+            self._bound("drain_timeout", "giving up on a batch of %d frame(s) at shutdown; it is not committed and "
+                        "will be redelivered", len(batch.records))
             return False
         self.metrics.batch_size.observe(len(batch.records))
         processed = utc_now()
         batch.processed_wall = processed.timestamp()
-        version = self.backend.version if self.backend is not None else ""  # refreshed by the health thread
+        # the version read when Triton answered this batch (the health thread's is up to 2 s old)
+        version = batch.version or (self.backend.version if self.backend is not None else "")
         built = prediction_records(batch.records, batch.good, batch.frame_ids, outputs,
                                    topic=self.kafka.predictions_topic, model=self.cfg.model, version=version,
                                    infer_s=batch.infer_s, processed=processed,
                                    policy=self.cfg.qdrant_policy if self.vectors is not None else None)
+        limit = self.max_message_bytes
+        too_big = [j for j, m in enumerate(built.messages) if message_size(m) > limit]
+        if too_big:  # headers are validated before, so only with a very low limit: never produce them
+            for j in too_big:
+                self._bound("message_size", "the prediction of frame %s is %d bytes, above the %d of "
+                            "MLPIPE_MAX_MESSAGE_BYTES: dead-lettered as %s", batch.frame_ids[j],
+                            message_size(built.messages[j]), limit, R_UNDELIVERABLE)
+            gone = {batch.frame_ids[j] for j in too_big}
+            built.messages = [m for j, m in enumerate(built.messages) if j not in set(too_big)]
+            built.captured = [c for j, c in enumerate(built.captured) if j not in set(too_big)]
+            built.points = [pt for pt in built.points if pt.frame_id not in gone]
+            keep = [j for j in range(len(batch.good)) if j not in set(too_big)]
+            for j in too_big:
+                batch.rejected.append((batch.good[j], FrameRejected(R_UNDELIVERABLE, "the prediction is larger "
+                                                                    f"than the {limit} bytes a message may have")))
+            batch.good = [batch.good[j] for j in keep]
+            batch.frame_ids = [batch.frame_ids[j] for j in keep]
         messages = built.messages
         if batch.rejected:
+            stored = self._store_originals(batch)
             messages.extend(dead_letter_records(batch.records, batch.rejected, dlq_topic=self.kafka.dlq_topic,
-                                                processed_iso=iso(processed)))
+                                                processed_iso=iso(processed), max_message_bytes=limit,
+                                                stored=stored))
             for i, rej in batch.rejected:
                 rec = batch.records[i]
-                logger.info("dead letter %s[%d]@%d: %s", rec.topic, rec.partition, rec.offset, rej)
+                logger.info("dead letter %s[%d]@%d: %s%s", rec.topic, rec.partition, rec.offset, rej,
+                            f" (original stored at {stored[i]})" if i in stored else "")
         batch.messages, batch.points, batch.captured = messages, built.points, built.captured
         if messages:
             batch.ticket = self._producer.produce_batch(messages)
         self.stage_s["build_produce"] += time.perf_counter() - t1
         return True
 
+    # ----------------------------------------------------------------- oversize originals, refused messages
+    def _original_store(self) -> OriginalStore:
+        if self._store is None:
+            from tasks.adapters.storage import open_store
+
+            self._store = open_store()
+        return self._store
+
+    def _store_originals(self, batch: _Batch) -> dict[int, str]:
+        """Store the originals that do not fit on their dead letter; record index -> object-store prefix."""
+        stored: dict[int, str] = {}
+        for i, _rej in batch.rejected:
+            rec = batch.records[i]
+            if dead_letter_plan(rec, self.max_message_bytes).needs_store:
+                prefix = self._store_original(rec)
+                if prefix is not None:
+                    stored[i] = prefix
+        return stored
+
+    def _store_original(self, rec: "Record") -> str | None:
+        """``value`` and ``record.json`` under ``dlq/<topic>/<partition>/<offset>/``; None when the store failed
+        ``store_attempts`` times (a bound: the dead letter then says the original was not kept)."""
+        from tasks.contracts.layout import dlq_original_prefix
+
+        prefix = dlq_original_prefix(rec.topic, rec.partition, rec.offset)
+        backoff = self._backoff()
+        error: Exception | None = None
+        for _ in range(max(1, self.cfg.store_attempts)):
+            try:
+                store = self._original_store()
+                store.put_bytes(prefix + "value", rec.value or b"")
+                store.put_bytes(prefix + "record.json", original_record_json(rec), "application/json")
+                self.metrics.originals_stored.inc()
+                return prefix
+            except Exception as exc:  # noqa: BLE001 - any store failure: retried a bounded number of times
+                error = exc
+                self._stop.wait(backoff.next())
+        self._bound("store_original", "the original of %s[%d]@%d (%d bytes) could not be stored after %d "
+                    "attempt(s) (%s): its dead letter carries only what fits", rec.topic, rec.partition,
+                    rec.offset, len(rec.value or b""), self.cfg.store_attempts, error)
+        return None
+
+    def _source_index(self, batch: _Batch, message: Message) -> int | None:
+        """The index in ``batch.records`` of the frame a produced message is about."""
+        topic, _value, key, headers = message
+        if topic == self.kafka.predictions_topic and key is not None:
+            fid = key.decode("utf-8", "replace")
+            for j, f in enumerate(batch.frame_ids):
+                if f == fid:
+                    return batch.good[j]
+            return None
+        h = {k: v for k, v in headers}
+        try:
+            part, off = int(h["source_partition"]), int(h["source_offset"])
+        except (KeyError, ValueError):
+            return None
+        for i, rec in enumerate(batch.records):
+            if rec.partition == part and rec.offset == off:
+                return i
+        return None
+
+    def _replace_refused(self, batch: _Batch, ticket: Any) -> list[Message]:
+        """Messages the broker refused for good -> their replacements: a prediction becomes a dead letter
+        (``undeliverable``), a dead letter a minimal one; after two rounds the message is dropped (a bound)."""
+        refused = list(getattr(ticket, "rejected", None) or [])
+        if not refused:
+            return []
+        ticket.rejected = []
+        batch.fallback += 1
+        out: list[Message] = []
+        processed_iso = iso(utc_now())
+        for message, error in refused:
+            i = self._source_index(batch, message)
+            what = "prediction" if message[0] == self.kafka.predictions_topic else "dead letter"
+            if i is None or batch.fallback > 2:
+                self._bound("undeliverable", "the broker refused the %s %s for good (%s) after %d replacement(s): "
+                            "dropped", what, message[2], error, batch.fallback - 1)
+                self.stats["dropped"] += 1
+                continue
+            self._bound("message_refused", "the broker refused the %s of %s[%d]@%d for good (%s): sending a %s "
+                        "dead letter instead", what, batch.records[i].topic, batch.records[i].partition,
+                        batch.records[i].offset, error, "minimal" if what == "dead letter" else "")
+            if what == "prediction":
+                fid = message[2].decode("utf-8", "replace") if message[2] else ""
+                batch.points = [pt for pt in batch.points if pt.frame_id != fid]
+                rej = FrameRejected(R_UNDELIVERABLE, f"the broker refused the prediction: {error}")
+            else:
+                rej = next((r for j, r in batch.rejected if j == i), FrameRejected(R_UNDELIVERABLE, str(error)))
+            out.extend(dead_letter_records(batch.records, [(i, rej)], dlq_topic=self.kafka.dlq_topic,
+                                           processed_iso=processed_iso, max_message_bytes=self.max_message_bytes,
+                                           minimal=what == "dead letter" or batch.fallback > 1))
+        return out
+
+    def _set_acks_failing(self, failing: bool) -> None:
+        if failing != self._acks_failing:
+            self._acks_failing = failing
+            self.metrics.acks_failing.set(1 if failing else 0)
+
     def _confirm(self, batch: _Batch) -> bool:
         """Wait for the batch's Kafka acks (re-sending failures), upsert to Qdrant, commit. False: not committed."""
         assert self._consumer is not None and self._producer is not None
         producer = self._producer
-        points = batch.points
+
+        def give_up() -> bool:  # a stop request or a lost log must not wait out a broker outage
+            return (self._stop.is_set() and self._draining_too_long()) or self._reset_reason is not None
 
         def confirm_kafka() -> None:
             from tasks.adapters.kafka import DeliveryError
 
             assert batch.ticket is not None
-            try:  # a stop request during a broker outage must not wait out the 10 s
-                producer.wait(batch.ticket, timeout=10.0,
-                              give_up=lambda: self._stop.is_set() and self._draining_too_long())
+            ticket = batch.ticket
+            try:
+                producer.wait(ticket, timeout=10.0, give_up=give_up)
             except DeliveryError:
-                if batch.ticket.pending == 0 and batch.ticket.failed:
-                    batch.ticket = producer.produce_batch(batch.ticket.failed)  # re-send just the failures
+                self._set_acks_failing(True)
+                if ticket.pending == 0 and (ticket.failed or getattr(ticket, "rejected", None)):
+                    # re-send just the failures (and the replacements of what was refused for good)
+                    batch.ticket = producer.produce_batch(list(ticket.failed) + self._replace_refused(batch, ticket))
                 raise
+            self._set_acks_failing(False)
+            again = self._replace_refused(batch, ticket)
+            if again:
+                batch.ticket = producer.produce_batch(again)
+                confirm_kafka()
 
         t0 = time.perf_counter()
         if batch.ticket is not None and not self._retry(
@@ -444,10 +875,11 @@ class StreamConsumer:
             return False
         t1 = time.perf_counter()
         self.stage_s["wait_kafka_acks"] += t1 - t0
+        points = batch.points
         if points:
             vectors = self.vectors
             assert vectors is not None
-            if not self._retry(f"upserting {len(points)} point(s) to Qdrant", "qdrant",
+            if not self._retry(f"upserting {len(points)} point(s) to Qdrant", "qdrant", bounded=True, fn=
                                lambda: vectors.upsert_predictions(points)):
                 return False
             self.metrics.qdrant_points.inc(len(points))
@@ -500,6 +932,9 @@ class StreamConsumer:
             return True
         assert self._consumer is not None
         consumer = self._consumer
+        if not self._commit_allowed():  # kept due: committed once the broker's log is verified as the same
+            self.metrics.commits_withheld.inc()
+            return True
 
         def commit() -> None:
             res = consumer.commit(offsets, asynchronous=True)
@@ -522,6 +957,11 @@ class StreamConsumer:
         """Before partitions move to another member: commit what was confirmed for them (synchronously)."""
         assert self._consumer is not None
         offsets = self.offsets.revoke(partitions)
+        if offsets and not self._commit_allowed():
+            self.metrics.commits_withheld.inc()
+            logger.warning("not committing on revoke: the broker's log is not verified as the one these offsets "
+                           "belong to (%s)", self._broker_state)
+            return
         if offsets:
             res = self._consumer.commit(offsets)
             if res.ok:
@@ -559,6 +999,8 @@ class StreamConsumer:
             if self.cfg.create_topics and not self._ensure_topics():
                 return self.stats
             self._open()
+            if self._watch is not None:
+                threading.Thread(target=self._broker_loop, name="broker-watch", daemon=True).start()
             assert self._consumer is not None
             self._infer_pool = ThreadPoolExecutor(max_workers=max(1, self.cfg.inflight), thread_name_prefix="infer")
             tune_gc()
@@ -580,6 +1022,25 @@ class StreamConsumer:
         offset order (batches are confirmed one after the other) and nothing after a batch that could
         not be finished is ever committed.
         """
+        while not self._stop.is_set():
+            try:
+                self._loop_once_per_incarnation()
+                return
+            except BrokerReset as exc:  # the batches in hand belong to the lost log: dropped with it
+                self._reset_broker(str(exc), self.offsets.held)
+
+    def _check_positions(self, records: list["Record"]) -> None:
+        """Offsets that go back while the partition stays assigned (and was not rewound): the log was replaced."""
+        pos = self._next_pos
+        for r in records:
+            tp = (r.topic, r.partition)
+            expected = pos.get(tp)
+            if expected is not None and r.offset < expected and self._reset_reason is None:
+                self._reset_reason = (f"offsets went back on {r.topic}[{r.partition}]: got {r.offset}, expected "
+                                      f"{expected} or later")
+            pos[tp] = r.offset + 1
+
+    def _loop_once_per_incarnation(self) -> None:
         consumer = self._consumer
         assert consumer is not None
         to_confirm: _Batch | None = None  # produced, waiting for acks / Qdrant / commit
@@ -587,6 +1048,7 @@ class StreamConsumer:
         wait_s = self.cfg.max_wait_ms / 1000.0
         while not self._stop.is_set():
             self._heartbeat = time.monotonic()
+            self._raise_if_reset()
             busy = pending is not None or to_confirm is not None
             t0 = time.perf_counter()
             # With batches in hand, take only what has arrived (consume() waits its whole timeout unless
@@ -597,6 +1059,8 @@ class StreamConsumer:
             self.stage_s["poll"] += t1 - t0
             batch = None
             if records:
+                self._check_positions(records)
+                self._raise_if_reset()
                 self._last_message = time.monotonic()
                 batch = self._prepare(records)
                 self._submit(batch)
@@ -635,6 +1099,17 @@ class StreamConsumer:
         def leave() -> None:
             if consumer is None:
                 return
+            if committed and self._watch is not None:
+                # verify right now that these offsets belong to this log: a broker that lost its log since
+                # would otherwise get them, and the next consumer of the group would skip frames below them
+                self._check_broker(timeout=1.0)
+                if not self._commit_allowed():
+                    self._bound("final_commit", "the broker's log is not verified as the one the offsets were "
+                                "confirmed in (%s%s): final commit skipped, the next consumer re-reads from the "
+                                "last commit", self._broker_state,
+                                f": {self._reset_reason}" if self._reset_reason else "")
+                    consumer.close()
+                    return
             if committed:
                 res = consumer.commit(committed)  # synchronous: the last async commits may be in flight
                 if not res.ok:
@@ -646,8 +1121,8 @@ class StreamConsumer:
         leaving.join(max(0.5, exit_by - 0.5 - time.monotonic()))
         if leaving.is_alive():
             self.abandoned = True
-            logger.warning("the broker did not answer the final commit / leaving the group in time: exiting "
-                           "without them; frames after the last acknowledged commit will be redelivered")
+            self._bound("shutdown", "the broker did not answer the final commit / leaving the group in time: "
+                        "exiting without them; frames after the last acknowledged commit will be redelivered")
         if self._producer is not None:
             self._producer.close(timeout=max(0.1, min(2.0, exit_by - time.monotonic())))
         if self._infer_pool is not None:

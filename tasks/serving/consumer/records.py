@@ -3,7 +3,8 @@
 No I/O and no clock (the caller passes ``processed``): the same inputs give the same records.
 
 * ``decode_frames``: a polled micro-batch -> uint8 ``[N, 28, 28]`` plus the rejected frames (no or
-  invalid ``frame_id`` header, oversize, undecodable, wrong shape: ``FrameRejected``).
+  invalid ``frame_id`` header, headers or key above their limits, oversize, undecodable, wrong shape:
+  ``FrameRejected``).
 * ``prediction_records``: one JSON prediction per frame to ``predictions`` (key = frame id; headers
   ``frame_id``, ``content-type``, ``traceparent`` if the frame had one) and the Qdrant points the
   policy selects. Prediction value: ``frame_id``, ``device_id`` (the frame's key), ``label``,
@@ -13,7 +14,12 @@ No I/O and no clock (the caller passes ``processed``): the same inputs give the 
   ``traceparent``. The Qdrant payload is the same without ``traceparent``, plus ``indexed_because``.
 * ``dead_letter_records``: a rejected frame to ``frames.dlq`` with its original key, bytes and
   headers plus ``reason``, ``reason_detail``, ``source_topic``/``_partition``/``_offset`` and
-  ``dead_lettered_at``.
+  ``dead_lettered_at``. Bounded: a dead letter never exceeds ``max_message_bytes`` (the producers'
+  ``message.max.bytes``). An original header above ``MAX_HEADER_VALUE_BYTES`` (or past the headers'
+  budget) or a key above ``MAX_KEY_BYTES`` is not copied (``headers_dropped`` says which, with its
+  size); a value that does not fit is replaced by ``original`` (the object-store prefix where the
+  loop stored it, ``dead_letter_plan(...).needs_store``) and ``original_bytes``.
+* ``message_size``: what a message counts against ``message.max.bytes`` (plus a margin).
 """
 
 from __future__ import annotations
@@ -26,13 +32,22 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from tasks.adapters.qdrant import PredictionPoint
 from tasks.contracts.messages import (
+    DEFAULT_MAX_HEADERS_BYTES,
+    DEFAULT_MAX_MESSAGE_BYTES,
     H_CONTENT_TYPE,
     H_FRAME_ID,
+    H_HEADERS_DROPPED,
+    H_ORIGINAL,
+    H_ORIGINAL_BYTES,
     H_REASON,
+    H_REASON_DETAIL,
     H_TRACEPARENT,
     IMAGE_SIZE,
+    MAX_HEADER_VALUE_BYTES,
+    MAX_KEY_BYTES,
     R_INVALID_ID,
     R_MISSING_ID,
+    R_OVERSIZE_HEADERS,
     RAW_BYTES,
     FrameRejected,
 )
@@ -48,6 +63,20 @@ if TYPE_CHECKING:  # pragma: no cover
 Message = tuple[str, bytes | None, bytes | None, list[tuple[str, bytes]]]
 
 _JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True)
+
+#: Room kept below ``message.max.bytes`` for the record's framing (librdkafka counts it too).
+MESSAGE_OVERHEAD = 512
+
+
+def message_size(message: Message) -> int:
+    """Bytes ``message`` counts against the producer's ``message.max.bytes`` (value, key, headers, framing)."""
+    _topic, value, key, headers = message
+    return (len(value or b"") + len(key or b"") + sum(len(k) + len(v or b"") + 8 for k, v in headers)
+            + MESSAGE_OVERHEAD)
+
+
+def headers_size(rec: "Record") -> int:
+    return sum(len(k) + len(v or b"") for k, v in rec.raw_headers)
 
 
 def parse_time(value: str | None) -> dt.datetime | None:
@@ -82,7 +111,8 @@ class Decoded:
     frame_ids: list[str]
 
 
-def decode_frames(records: Sequence["Record"], max_frame_bytes: int) -> Decoded:
+def decode_frames(records: Sequence["Record"], max_frame_bytes: int,
+                  max_headers_bytes: int = DEFAULT_MAX_HEADERS_BYTES) -> Decoded:
     import numpy as np
 
     good: list[int] = []
@@ -92,6 +122,13 @@ def decode_frames(records: Sequence["Record"], max_frame_bytes: int) -> Decoded:
     n = 0
     for i, rec in enumerate(records):
         try:
+            hsize = headers_size(rec)
+            if hsize > max_headers_bytes:
+                raise FrameRejected(R_OVERSIZE_HEADERS, f"the frame's headers are {hsize} bytes, the limit is "
+                                                        f"{max_headers_bytes}")
+            if rec.key is not None and len(rec.key) > MAX_KEY_BYTES:
+                raise FrameRejected(R_OVERSIZE_HEADERS, f"the frame's key is {len(rec.key)} bytes, the limit is "
+                                                        f"{MAX_KEY_BYTES}")
             raw_id = rec.headers.get(H_FRAME_ID)
             if raw_id is None:
                 raise FrameRejected(R_MISSING_ID, "the frame has no frame_id header")
@@ -194,15 +231,85 @@ def prediction_records(records: Sequence["Record"], good: Sequence[int], frame_i
     return built
 
 
+#: Room kept for the headers the consumer adds to a dead letter (reason, detail, source, pointer, drops).
+DEAD_LETTER_OWN_BYTES = 3 * 1024
+
+
+@dataclass
+class DeadLetterPlan:
+    """What of a rejected frame fits on its dead letter (``max_message_bytes``)."""
+
+    headers: list[tuple[str, bytes]]  # the original headers kept
+    dropped: list[tuple[str, int]]  # (name, size) of those not kept; name "<key>" for the key
+    key: bytes | None
+    keep_value: bool
+
+    @property
+    def needs_store(self) -> bool:
+        """Something of the original is not on the dead letter: store the original in the object store."""
+        return bool(self.dropped) or not self.keep_value
+
+
+def dead_letter_plan(rec: "Record", max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                     minimal: bool = False) -> DeadLetterPlan:
+    """Which original headers, key and value a dead letter of ``rec`` carries (``minimal``: none of them)."""
+    budget = max(0, max_message_bytes - MESSAGE_OVERHEAD - DEAD_LETTER_OWN_BYTES)
+    kept: list[tuple[str, bytes]] = []
+    dropped: list[tuple[str, int]] = []
+    key = rec.key
+    if key is not None and (minimal or len(key) > MAX_KEY_BYTES):
+        dropped.append(("<key>", len(key)))
+        key = None
+    used = len(key or b"")
+    header_budget = min(DEFAULT_MAX_HEADERS_BYTES, budget)
+    for name, value in rec.raw_headers:
+        size = len(name) + len(value or b"") + 8
+        if minimal or len(value or b"") > MAX_HEADER_VALUE_BYTES or used + size > header_budget:
+            dropped.append((name[:64], len(value or b"")))
+            continue
+        kept.append((name, value))
+        used += size
+    value = rec.value or b""
+    keep_value = not minimal and used + len(value) <= budget
+    return DeadLetterPlan(headers=kept, dropped=dropped, key=key, keep_value=keep_value)
+
+
 def dead_letter_records(records: Sequence["Record"], rejected: Sequence[tuple[int, FrameRejected]], *,
-                        dlq_topic: str, processed_iso: str) -> list[Message]:
-    """One dead letter per rejected frame (``records[i]``), in order."""
+                        dlq_topic: str, processed_iso: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                        stored: Mapping[int, str] | None = None, minimal: bool = False) -> list[Message]:
+    """One dead letter per rejected frame (``records[i]``), in order, none above ``max_message_bytes``.
+
+    ``stored``: record index -> object-store prefix of its stored original (``original`` header).
+    ``minimal``: the dead letter keeps none of the original (a last resort the broker refused otherwise).
+    """
     out: list[Message] = []
+    stored = stored or {}
     for i, rej in rejected:
         rec = records[i]
-        headers = list(rec.raw_headers) + [
-            (H_REASON, rej.reason.encode()), ("reason_detail", rej.detail[:500].encode()),
+        plan = dead_letter_plan(rec, max_message_bytes, minimal=minimal)
+        headers = list(plan.headers) + [
+            (H_REASON, rej.reason.encode()), (H_REASON_DETAIL, rej.detail[:500].encode("utf-8", "replace")),
             ("source_topic", rec.topic.encode()), ("source_partition", str(rec.partition).encode()),
             ("source_offset", str(rec.offset).encode()), ("dead_lettered_at", processed_iso.encode())]
-        out.append((dlq_topic, rec.value or b"", rec.key, headers))
+        if plan.dropped:
+            text = ",".join(f"{name}:{size}" for name, size in plan.dropped)
+            headers.append((H_HEADERS_DROPPED, text[:1000].encode("utf-8", "replace")))
+        if not plan.keep_value:
+            headers.append((H_ORIGINAL_BYTES, str(len(rec.value or b"")).encode()))
+        if i in stored:
+            headers.append((H_ORIGINAL, stored[i].encode()))
+        out.append((dlq_topic, (rec.value or b"") if plan.keep_value else b"", plan.key, headers))
     return out
+
+
+def original_record_json(rec: "Record") -> bytes:
+    """``record.json`` of a stored original: where it came from, its key and headers (base64)."""
+    import base64
+
+    def b64(data: bytes | None) -> str | None:
+        return None if data is None else base64.b64encode(data).decode()
+
+    return json.dumps({"topic": rec.topic, "partition": rec.partition, "offset": rec.offset,
+                       "timestamp_ms": rec.timestamp_ms, "key_b64": b64(rec.key),
+                       "value_bytes": len(rec.value or b""),
+                       "headers": [[k, b64(v)] for k, v in rec.raw_headers]}).encode()

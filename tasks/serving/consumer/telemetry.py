@@ -1,8 +1,9 @@
 """Telemetry: the consumer's Prometheus metrics and its HTTP endpoints.
 
 ``/metrics`` (Prometheus, own registry per consumer), ``/healthz`` (200 while the main loop is
-alive), ``/readyz`` (200 while partitions are assigned by the group and Triton is ready); 503 with a
-JSON detail otherwise. Loopback by default (``--http-host``/``--http-port``).
+alive), ``/readyz`` (200 while the member holds partitions, is not paused, gets the broker's
+acknowledgements, the broker's log is the one it joined, and Triton is ready); 503 with a JSON detail
+otherwise. Loopback by default (``--http-host``/``--http-port``).
 """
 
 from __future__ import annotations
@@ -49,6 +50,26 @@ class Metrics:
         self.paused = Gauge("mlpipe_consumer_paused", "1 while fetching is paused (Triton unavailable)",
                             registry=r)
         self.commits = Counter("mlpipe_consumer_commits_total", "Offset commits", registry=r)
+        self.bounds_hit = Counter(
+            "mlpipe_consumer_bounds_hit_total",
+            "A limit that stopped a frame from waiting longer or a message from growing past the broker's limit, "
+            "by bound (each also logged with its reason)", ["bound"], registry=r)
+        self.broker_resets = Counter("mlpipe_consumer_broker_resets_total",
+                                     "The broker lost its log (restart of an in-memory broker, topic re-created, "
+                                     "cluster id changed): offsets dropped, group re-joined", ["reason"], registry=r)
+        self.commits_withheld = Counter("mlpipe_consumer_commits_withheld_total",
+                                        "Commits not sent because the broker's incarnation was not verified",
+                                        registry=r)
+        self.inference_rejected = Counter("mlpipe_consumer_inference_rejected_total",
+                                          "Triton calls that failed permanently (bisected to find the frames)",
+                                          registry=r)
+        self.originals_stored = Counter("mlpipe_consumer_dlq_originals_stored_total",
+                                        "Dead-lettered originals too large for frames.dlq, stored in the object store",
+                                        registry=r)
+        self.model_max_batch = Gauge("mlpipe_consumer_model_max_batch",
+                                     "Frames per Triton request (the served model's max_batch_size)", registry=r)
+        self.acks_failing = Gauge("mlpipe_consumer_acks_failing", "1 while the broker does not acknowledge writes",
+                                  registry=r)
 
     def render(self) -> bytes:
         from prometheus_client import generate_latest

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from google.protobuf import text_format
 
 from tasks.model import repo as mr
 from tasks.model.repo import ModelRepoError
@@ -32,8 +33,9 @@ def test_both_flavours_render_and_every_config_parses(tmp_path, flavour, tiny_on
         cfg = mr.validate_config_text(text)
         assert cfg["name"] == name
         assert cfg["max_batch_size"] == mr.MAX_BATCH == 256
-        # the built-in reader agrees with the protobuf parser
-        assert mr.parse_config_text(text, use_protobuf=False) == mr.parse_config_text(text, use_protobuf=True)
+        # the text is protobuf text format: it round-trips through Triton's ModelConfig message
+        msg = mr.parse_config(text)
+        assert text.split("\n", 1)[1] == text_format.MessageToString(msg, use_short_repeated_primitives=True)
         if name != "digits":
             assert "dynamic_batching" in cfg  # on; the delay may be 0 (queued requests still merge)
     for name in ("preprocess", "postprocess"):
@@ -190,17 +192,44 @@ def test_validator_names_the_problems():
         mr.validate_config_text(good + "\nno_such_field: 3\n")
     with pytest.raises(ModelRepoError, match="not a valid Triton ModelConfig"):
         mr.validate_config_text(good.replace("TYPE_UINT8", "TYPE_BYTE"))
-    broken = good.replace('value: "pixels"\n      }\n    },', 'value: "pixelz"\n      }\n    },', 1)
+    broken = good.replace('value: "pixels"', 'value: "pixelz"', 1)  # the preprocess step's output
     with pytest.raises(ModelRepoError, match="reads 'pixels', which no ensemble input or step output provides"):
         mr.validate_config_text(broken)
     with pytest.raises(ModelRepoError, match="'EMBEDDING' is not produced"):
         mr.validate_config_text(good.replace('value: "EMBEDDING"', 'value: "embedding_x"'))
     with pytest.raises(ModelRepoError, match="dims are empty"):
         mr.validate_config_text('name: "m" backend: "python" input [{ name: "a" data_type: TYPE_FP32 }] '
-                                'output [{ name: "b" data_type: TYPE_FP32 dims: [1] }]', use_protobuf=False)
-    with pytest.raises(ModelRepoError, match="not a Triton data type"):
-        mr.validate_config_text('name: "m" backend: "python" input [{ name: "a" data_type: TYPE_X dims: 1 }] '
-                                'output [{ name: "b" data_type: TYPE_FP32 dims: [1] }]', use_protobuf=False)
+                                'output [{ name: "b" data_type: TYPE_FP32 dims: [1] }]')
+    with pytest.raises(ModelRepoError, match="'a': data_type 'TYPE_INVALID' is not a Triton data type"):
+        mr.validate_config_text('name: "m" backend: "python" input [{ name: "a" dims: 1 }] '
+                                'output [{ name: "b" data_type: TYPE_FP32 dims: [1] }]')
+
+
+def test_invalid_config_text_names_file_and_line(tmp_path):
+    spec = mr.repo_spec(MODEL)
+    good = mr.render_config(spec.postprocess, spec, "local")
+    lines = good.splitlines()
+    at = next(i for i, line in enumerate(lines) if "TYPE_INT64" in line)
+    lines[at] = lines[at].replace("TYPE_INT64", "TYPE_X")
+    with pytest.raises(ModelRepoError, match=rf"^cfg\.pbtxt:{at + 1}:\d+: not a valid Triton ModelConfig: .*TYPE_X"):
+        mr.parse_config_text("\n".join(lines), source="cfg.pbtxt")
+    with pytest.raises(ModelRepoError, match=r"^config\.pbtxt:3:\d+: not a valid Triton ModelConfig: .*no_such_field"):
+        mr.validate_config_text('name: "m"\nbackend: "python"\nno_such_field: 3\n')
+    with pytest.raises(ModelRepoError, match=r"^config\.pbtxt:1:\d+: not a valid Triton ModelConfig"):
+        mr.parse_config_text('name: "m" input { name: "a"')  # unclosed message
+    assert mr.parse_config(good) == mr.build_config(spec.postprocess, spec, "local")
+
+    # in a repository, the error names the file that is broken
+    repo = mr.render_repo("local", tmp_path / "repo", MODEL)
+    path = repo / "postprocess" / "config.pbtxt"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ModelRepoError, match=rf"^{re.escape(str(path))}:{at + 1}:\d+: not a valid Triton ModelConfig"):
+        mr.validate_repo(repo)
+    path.write_text(good)
+    pre = repo / "preprocess" / "config.pbtxt"
+    pre.write_text('name: "preprocess" backend: "python" input { name: "x" }')
+    with pytest.raises(ModelRepoError, match=rf"^invalid {re.escape(str(pre))}:\n  - preprocess: no outputs"):
+        mr.validate_repo(repo)
 
 
 def test_repo_validation_catches_dtype_mismatch_between_steps(tmp_path, tiny_onnx):
@@ -208,7 +237,7 @@ def test_repo_validation_catches_dtype_mismatch_between_steps(tmp_path, tiny_onn
     mr.write_classifier_version(repo, MODEL, 1, tiny_onnx)
     mr.set_serving_version(repo, MODEL, 1)
     post = repo / "postprocess" / "config.pbtxt"
-    post.write_text(post.read_text().replace("TYPE_FP32\n    dims: [ 10 ]", "TYPE_FP16\n    dims: [ 10 ]"))
+    post.write_text(post.read_text().replace('name: "LOGITS"\n  data_type: TYPE_FP32', 'name: "LOGITS"\n  data_type: TYPE_FP16'))
     with pytest.raises(ModelRepoError, match=r"digits_classifier\.logits gives 'logits' as TYPE_FP32 \[10\], "
                                              r"but postprocess\.LOGITS expects TYPE_FP16"):
         mr.validate_repo(repo)

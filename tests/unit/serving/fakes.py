@@ -17,8 +17,10 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from tasks.adapters.kafka import CommitResult, DeliveryError, KafkaConfig, Record
+from tasks.adapters.kafka import CommitResult, DeliveryError, Incarnation, KafkaConfig, Record
 from tasks.serving.consumer import InferenceUnavailable
+from tasks.serving.consumer.backend import InferenceRejected
+from tasks.serving.consumer.records import message_size
 
 RAW = "application/x-raw-uint8"
 CAPTURED = dt.datetime(2026, 1, 2, 3, 4, 5, 678000, tzinfo=dt.timezone.utc)
@@ -81,10 +83,15 @@ def outputs(n: int, *, scores: Sequence[float] | None = None, embedding: bool = 
 
 
 class FakeBackend:
-    """An ``InferenceBackend``: ``fail(sources)`` -> True makes that call raise ``InferenceUnavailable``."""
+    """An ``InferenceBackend``: ``fail(sources)`` -> True makes that call raise ``InferenceUnavailable``;
+    ``reject(sources)`` -> True makes it raise ``InferenceRejected`` (a permanent error), and so does a call
+    of more than ``max_batch`` images (like Triton's "batch-size must be <= N")."""
 
-    def __init__(self, fail: Callable[[list[tuple[int, int]]], bool] | None = None, delay_s: float = 0.0) -> None:
+    def __init__(self, fail: Callable[[list[tuple[int, int]]], bool] | None = None, delay_s: float = 0.0, *,
+                 reject: Callable[[list[tuple[int, int]]], bool] | None = None, max_batch: int | None = None) -> None:
         self.fail = fail
+        self.reject = reject
+        self.max_batch = max_batch
         self.delay_s = delay_s
         self.calls: list[tuple[list[tuple[int, int]], bool]] = []  # (frames of the call, succeeded)
         self._lock = threading.Lock()
@@ -95,10 +102,15 @@ class FakeBackend:
         if self.delay_s:
             time.sleep(self.delay_s)
         failed = self.fail is not None and self.fail(sources)
+        too_big = self.max_batch is not None and len(images) > self.max_batch
+        rejected = not failed and (too_big or (self.reject is not None and self.reject(sources)))
         with self._lock:
-            self.calls.append((sources, not failed))
+            self.calls.append((sources, not failed and not rejected))
         if failed:
             raise InferenceUnavailable("fake Triton is down")
+        if rejected:
+            raise InferenceRejected(f"[StatusCode.INVALID_ARGUMENT] batch-size must be <= {self.max_batch}"
+                                    if too_big else "[StatusCode.INVALID_ARGUMENT] fake Triton rejects this input")
         return outputs(len(images))
 
     def ready(self) -> bool:
@@ -108,8 +120,10 @@ class FakeBackend:
     def version(self) -> str:
         return self._version
 
+    served = "7"  # the classifier version Triton serves (a test may deploy another)
+
     def model_version(self, max_age_s: float = 10.0) -> str:
-        self._version = "7"
+        self._version = self.served
         return self._version
 
 
@@ -118,20 +132,36 @@ class FakeTicket:
     messages: list
     pending: int
     failed: list = field(default_factory=list)
+    rejected: list = field(default_factory=list)  # (message, error): refused for good
 
 
 class FakeProducer:
-    """A ``ResultSink``: ``wait`` acknowledges the ticket's messages, or fails ``fail_waits`` times first."""
+    """A ``ResultSink``: ``wait`` acknowledges the ticket's messages, or fails ``fail_waits`` times first.
 
-    def __init__(self, world: "World", fail_waits: int = 0) -> None:
+    Like librdkafka, a message above ``max_message_bytes`` is refused for good (``ticket.rejected``,
+    MSG_SIZE_TOO_LARGE), and so is any message ``refuse(message)`` picks (a broker with a lower limit)."""
+
+    def __init__(self, world: "World", fail_waits: int = 0, max_message_bytes: int = 1_000_000,
+                 refuse: Callable[[tuple], bool] | None = None) -> None:
         self.world = world
         self.fail_waits = fail_waits
+        self.max_message_bytes = max_message_bytes
+        self.refuse = refuse
         self.acked: list[tuple] = []
+        self.refused: list[tuple] = []
         self.closed = False
 
     def produce_batch(self, messages: Sequence[tuple]) -> FakeTicket:
         self.world.event("produce", list(messages))
-        return FakeTicket(list(messages), len(messages))
+        ticket = FakeTicket([], 0)
+        for m in messages:
+            if message_size(m) > self.max_message_bytes:
+                self.refused.append(m)
+                ticket.rejected.append((m, "KafkaError{code=MSG_SIZE_TOO_LARGE}"))
+            else:
+                ticket.messages.append(m)
+        ticket.pending = len(ticket.messages)
+        return ticket
 
     def wait(self, ticket: FakeTicket, timeout: float = 30.0, give_up: Callable[[], bool] | None = None) -> None:
         if self.fail_waits > 0:
@@ -139,8 +169,15 @@ class FakeProducer:
             ticket.pending, ticket.failed = 0, list(ticket.messages)
             raise DeliveryError(f"{len(ticket.messages)} message(s) not delivered: fake broker down")
         ticket.pending = 0
-        self.acked.extend(ticket.messages)
-        self.world.event("ack", list(ticket.messages))
+        ok = []
+        for m in ticket.messages:
+            if self.refuse is not None and self.refuse(m):
+                self.refused.append(m)
+                ticket.rejected.append((m, "Broker: Message size too large"))
+            else:
+                ok.append(m)
+        self.acked.extend(ok)
+        self.world.event("ack", ok)
 
     def close(self, timeout: float = 5.0) -> None:
         self.closed = True
@@ -187,6 +224,7 @@ class FakeFrames:
         self.in_group = False
         self.polls = 0
         self.committed: dict[tuple[str, int], int] = {}
+        self.committed_in: dict[tuple[int, tuple[str, int]], int] = {}  # (log generation, partition) -> offset
         self.closed = False
 
     @property
@@ -248,8 +286,18 @@ class FakeFrames:
             if tp in self._assignment:
                 self.positions[tp] = off
 
+    def reposition(self) -> dict[tuple[str, int], int]:
+        """The log was replaced: read on from the committed offsets of the current log (none: the start)."""
+        gen = self.world.generation
+        out = {tp: self.committed_in.get((gen, tp), 0) for tp in self._assignment}
+        self.positions.update(out)
+        self.world.event("reposition", dict(out))
+        return out
+
     def commit(self, offsets: Mapping[tuple[str, int], int], asynchronous: bool = False) -> CommitResult:
         kept = {tp: o for tp, o in offsets.items() if tp in self._assignment}
+        for tp, o in kept.items():
+            self.committed_in[(self.world.generation, tp)] = o
         if kept:
             self.world.check_commit(kept)
             self.committed.update(kept)
@@ -262,6 +310,30 @@ class FakeFrames:
     def close(self) -> None:
         self.closed = True
         self.world.event("close", None)
+
+
+class FakeStore:
+    """An ``OriginalStore`` in memory; fails ``fail_puts`` times first."""
+
+    def __init__(self, fail_puts: int = 0) -> None:
+        self.objects: dict[str, bytes] = {}
+        self.fail_puts = fail_puts
+
+    def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+        if self.fail_puts > 0:
+            self.fail_puts -= 1
+            raise OSError("fake store down")
+        self.objects[key] = bytes(data)
+
+
+class FakeWatch:
+    """A ``BrokerWatch`` over ``World``: the topic id changes with ``World.reincarnate``."""
+
+    def __init__(self, world: "World") -> None:
+        self.world = world
+
+    def incarnation(self, timeout: float = 2.0) -> Incarnation:
+        return Incarnation(cluster_id="fake-cluster", topic_ids=((self.world.topic, f"id-{self.world.generation}"),))
 
 
 class World:
@@ -277,7 +349,19 @@ class World:
         self.frames: FakeFrames | None = None
         self.frames_options: dict[str, Any] = {}
         self.violations: list[str] = []
+        self.generation = 0  # the broker's incarnation (``reincarnate``)
+        self.consumers: list[FakeFrames] = []
         self._lock = threading.Lock()
+
+    def reincarnate(self, log: Mapping[int, list[Record]]) -> None:
+        """The broker lost its log and came back with ``log`` (fresh offsets, fresh topic id)."""
+        with self._lock:
+            self.log = {p: list(recs) for p, recs in log.items()}
+            self.generation += 1
+            self.events.append(("reincarnate", self.generation))
+
+    def watch_factory(self, kafka: KafkaConfig, topics: list[str]) -> FakeWatch:
+        return FakeWatch(self)
 
     @classmethod
     def with_frames(cls, partitions: int, per_partition: int, poison: Mapping[tuple[int, int], str] | None = None
@@ -296,6 +380,7 @@ class World:
                          on_revoke: Callable, stats_interval_ms: int, **overrides: Any) -> FakeFrames:
         assert topics == [self.topic]
         self.frames = FakeFrames(self, on_assign, on_revoke, **self.frames_options)
+        self.consumers.append(self.frames)
         return self.frames
 
     def producer_factory(self, kafka: KafkaConfig) -> FakeProducer:
@@ -314,7 +399,7 @@ class World:
                 out.add((int(h["source_partition"]), int(h["source_offset"])))
             elif topic == self.kafka.predictions_topic:
                 fid = key.decode()
-                if upserted is None or fid in upserted:
+                if fid in fid_at and (upserted is None or fid in upserted):  # (not a frame of an earlier log)
                     out.add(fid_at[fid])
         return out
 

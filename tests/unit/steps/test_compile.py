@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from tasks.contracts.errors import EXIT_BAD_INPUT
 from tasks.steps import compile as trt_compile
 from tasks.steps import registry
 from tests.support.factories import fake_run
@@ -30,7 +31,7 @@ def test_skip_is_recorded_with_reason(store):
 
 def test_cli_unknown_version_is_a_clear_error(mlpipe_env):
     proc = subprocess.run([sys.executable, "-m", "tasks.cli", "compile", "--version", "99"], capture_output=True, text=True)
-    assert proc.returncode == 2
+    assert proc.returncode == EXIT_BAD_INPUT
     assert "error: model 'digits' has no version 99" in proc.stderr
     assert "Traceback" not in proc.stderr
 

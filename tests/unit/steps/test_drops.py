@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from tasks.contracts.errors import EXIT_BAD_INPUT
 from tasks.steps import drops
 from tasks.adapters.storage import LocalStore
 
@@ -230,6 +231,37 @@ def test_fault_seen_before(store, base_drop):
     assert s2["params"]["seen_from"] == "base"
 
 
+def test_fault_future_and_ancient_timestamps(store):
+    s = drops.make_drop(store, "f", size=200, seed=2, faults=["future_timestamps", "ancient_timestamps"])
+    created = pd.Timestamp(s["created_at"])
+    ts = _manifest(store, "f")["captured_at"]
+    assert (ts > created).sum() == s["fault_rows"]["future_timestamps"] == 10
+    assert (ts > created + pd.Timedelta(hours=23)).sum() == 10  # at least a day ahead: far beyond any clock skew
+    assert (ts < pd.Timestamp("2000-01-01", tz="UTC")).sum() == s["fault_rows"]["ancient_timestamps"] == 10
+    assert pd.Timestamp("1970-01-01", tz="UTC") in set(ts)
+    clean = ts[(ts <= created) & (ts >= pd.Timestamp("2000-01-01", tz="UTC"))]
+    assert len(clean) == 180
+
+
+def test_fault_blank_images(store):
+    s = drops.make_drop(store, "f", size=200, seed=2, faults=["blank_images"])
+    df = _manifest(store, "f")
+    stds = [drops.decode_png(store.get_bytes(drops.image_key("f", i))).std() for i in df["image_id"]]
+    assert sum(v == 0 for v in stds) == s["fault_rows"]["blank_images"] == 10
+    assert df["sha256"].is_unique  # each blank image is its own grey: no duplicate bytes
+
+
+def test_fault_wrong_format(store):
+    s = drops.make_drop(store, "f", size=200, seed=2, faults=["wrong_format"])
+    formats = []
+    for row in _manifest(store, "f").itertuples():
+        data = store.get_bytes(drops.image_key("f", row.image_id))
+        assert hashlib.sha256(data).hexdigest() == row.sha256  # the manifest hash describes the bytes
+        with Image.open(io.BytesIO(data)) as im:
+            formats.append(im.format)
+    assert formats.count("JPEG") == s["fault_rows"]["wrong_format"] == 10 and formats.count("PNG") == 190
+
+
 # ---------------------------------------------------------------- incomplete / unknown / unreadable
 
 def test_incomplete_drop_is_never_read(store):
@@ -314,9 +346,9 @@ def test_cli_make_list_show_and_errors(mlpipe_env, tmp_path):
     assert p.returncode == 0 and json.loads(p.stdout)["manifest"]["rows"] == 120
 
     p = _cli("show", "nope")
-    assert p.returncode == 2 and p.stderr.strip().splitlines()[-1].startswith("error: drop 'nope' not found")
+    assert p.returncode == EXIT_BAD_INPUT and p.stderr.strip().splitlines()[-1].startswith("error: drop 'nope' not found")
     assert "Traceback" not in p.stderr
     p = _cli("make", "--drop-id", "x", "--class-mix", "0:abc")
-    assert p.returncode == 2 and "error: bad class mix entry '0:abc'" in p.stderr
+    assert p.returncode == EXIT_BAD_INPUT and "error: bad class mix entry '0:abc'" in p.stderr
     p = _cli("make", "--drop-id", "x", "--fault", "bogus")
-    assert p.returncode == 2 and "invalid choice" in p.stderr
+    assert p.returncode == EXIT_BAD_INPUT and "invalid choice" in p.stderr  # argparse: the same code

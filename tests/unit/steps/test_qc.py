@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tasks.contracts.errors import EXIT_BAD_INPUT, EXIT_REJECTED
 from tasks.steps import registry
 from tasks.steps.qc import QCThresholds, main as qc_main, run_qc
 from tests.support.models import export_wrong_shape_onnx, register_files, register_model
@@ -90,11 +91,12 @@ def test_worse_model_fails_and_is_rejected_cli(no_triton, store, worse_model, ca
     v = register_model(store, worse_model, MODEL)
     code = qc_main(["--version", str(v), "--result-json", str(no_triton.home / "qc.json")])
     out, err = capsys.readouterr()
-    assert code == 1
+    assert code == EXIT_REJECTED
     assert "Traceback" not in err
     assert f"error: QC gate failed for {MODEL} v{v}" in err and "accuracy" in err
     result = json.loads((no_triton.home / "qc.json").read_text())
-    assert set(result) == {"model", "version", "verdict", "reasons", "report_uri", "accuracy"}
+    assert set(result) == {"model", "version", "verdict", "reasons", "report_uri", "accuracy", "overrides"}
+    assert result["overrides"] == []
     assert result["verdict"] == "failed" and result["accuracy"] < 0.9
     assert any(r.startswith("accuracy: golden-set accuracy") for r in result["reasons"])
     assert any(r.startswith("class_recall: lowest recall") for r in result["reasons"])
@@ -105,10 +107,18 @@ def test_worse_model_fails_and_is_rejected_cli(no_triton, store, worse_model, ca
     assert "FAILED" in html and "alt='Confusion matrix'" in html
 
     # --no-fail (the DAG's mode): exit 0, verdict in the result; re-running does not re-reject
-    events_before = len(registry.events(store, MODEL))
+    def stage_events():
+        return [e for e in registry.events(store, MODEL) if e["event"] == "stage"]
+
+    events_before = stage_events()
+    assert events_before[-1]["stage"] == "rejected" and events_before[-1]["previous"] == "candidate"
     assert qc_main(["--version", str(v), "--no-fail", "--result-json", str(no_triton.home / "qc2.json")]) == 0
     assert json.loads((no_triton.home / "qc2.json").read_text())["verdict"] == "failed"
-    assert len(registry.events(store, MODEL)) == events_before  # already rejected: no new stage event
+    assert stage_events() == events_before  # already rejected: no new stage event
+    # the verdict and the reports were recorded through the registry: events, not silent rewrites
+    recorded = [e for e in registry.events(store, MODEL) if e.get("version") == v]
+    assert [e["verdict"] for e in recorded if e["event"] == "qc"] == ["failed", "failed"]
+    assert {"qc_report.json", "qc_report.html"} <= {e.get("name") for e in recorded if e["event"] == "artifact"}
 
 
 def test_regression_against_champion_fails_no_regression(no_triton, store, good_model, worse_model, monkeypatch):
@@ -131,6 +141,40 @@ def test_regression_against_champion_fails_no_regression(no_triton, store, good_
     assert registry.champion(store, MODEL)["version"] == champ  # the champion keeps its stage
     html = store.get_bytes(f"models/{MODEL}/{cand}/qc_report.html").decode()
     assert f"champion v{champ}" in html and "alt='Per-class recall'" in html
+
+
+def test_unreadable_champion_fails_closed_and_an_override_is_recorded(no_triton, store, good_model):
+    """A champion whose model.onnx cannot be read fails no_regression (not "skipped"), with the reason
+    and what to do; an explicit override lets it pass and is recorded in the report, the manifest
+    and the registry's qc event."""
+    champ = register_model(store, good_model, MODEL)
+    registry.set_stage(store, MODEL, champ, "production", "test champion")
+    store.put_bytes(f"models/{MODEL}/{champ}/model.onnx", b"not an onnx model")  # the champion is broken
+    cand = register_model(store, good_model, MODEL)
+
+    report = run_qc(store, MODEL, cand)
+
+    assert report["verdict"] == "failed"
+    assert _failed(report) == {"no_regression"}, report["reasons"]
+    detail = _checks(report)["no_regression"]["detail"]
+    assert f"champion v{champ} could not be evaluated" in detail and "--override-unreadable-champion" in detail
+    assert any(r.startswith("no_regression: ") for r in report["reasons"])
+    assert registry.get_version(store, MODEL, cand)["stage"] == "rejected"
+
+    cand2 = register_model(store, good_model, MODEL)
+    out = no_triton.home / "qc-override.json"
+    code = qc_main(["--version", str(cand2), "--override-unreadable-champion", "champion file lost in the outage",
+                    "--result-json", str(out)])
+    assert code == 0
+    result = json.loads(Path(out).read_text())
+    assert result["verdict"] == "passed"
+    assert result["overrides"] == [{"check": "no_regression", "reason": "champion file lost in the outage",
+                                    "because": result["overrides"][0]["because"]}]
+    assert f"champion v{champ}" in result["overrides"][0]["because"]
+    manifest = registry.get_version(store, MODEL, cand2)
+    assert manifest["qc"]["overrides"][0]["reason"] == "champion file lost in the outage"
+    qc_events = [e for e in registry.events(store, MODEL) if e.get("version") == cand2 and e["event"] == "qc"]
+    assert qc_events and qc_events[-1]["overrides"][0]["reason"] == "champion file lost in the outage"
 
 
 def test_failed_recheck_of_the_champion_keeps_its_stage(no_triton, store, good_model, monkeypatch):
@@ -204,12 +248,12 @@ def test_thresholds_parse_and_validate(monkeypatch):
 
 
 def test_cli_unknown_version_and_bad_threshold_exit_2(no_triton, store, capsys, monkeypatch):
-    assert qc_main(["--version", "42"]) == 2
+    assert qc_main(["--version", "42"]) == EXIT_BAD_INPUT
     err = capsys.readouterr().err
     assert err.strip().splitlines()[-1].startswith("error: model 'digits' has no version 42")
     assert "Traceback" not in err
     monkeypatch.setenv("MLPIPE_QC_LATENCY_REQUESTS", "0")
-    assert qc_main(["--version", "1"]) == 2
+    assert qc_main(["--version", "1"]) == EXIT_BAD_INPUT
     err = capsys.readouterr().err
     assert "error: QC latency_requests" in err and "Traceback" not in err
 
@@ -217,7 +261,7 @@ def test_cli_unknown_version_and_bad_threshold_exit_2(no_triton, store, capsys, 
 def test_module_entry_point_unknown_version_is_one_error_line(no_triton):
     proc = subprocess.run([sys.executable, "-m", "tasks.cli", "qc", "--version", "7"], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
-    assert proc.returncode == 2, proc.stderr
+    assert proc.returncode == EXIT_BAD_INPUT, proc.stderr
     assert proc.stderr.strip().splitlines() == ["error: model 'digits' has no version 7 (known versions: none)"]
 
 

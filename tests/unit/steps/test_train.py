@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tasks.contracts.errors import EXIT_BAD_INPUT
 from tasks.steps import drops
 from tasks.model import networks as model_lib
 from tasks.steps import train as train_lib
@@ -236,7 +237,7 @@ def test_cli_help():
 
 def test_cli_unknown_drop_exits_with_one_line_error(mlpipe_env):
     proc = _cli(["--drop-id", "nope", "--epochs", "1"])
-    assert proc.returncode == 2
+    assert proc.returncode == EXIT_BAD_INPUT
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "nope" in errors[0] and "not found" in errors[0]
@@ -287,3 +288,64 @@ def test_train_on_gpu_matches_onnx(small_arrays, tmp_path):
     model = model.cpu().eval()
     path = model_lib.export_onnx(model, tmp_path / "model.onnx")
     assert model_lib.check_onnx_parity(model, path) <= 1e-4
+
+
+# --------------------------------------------------------------------------- bound to the validated content
+
+
+@pytest.fixture
+def validated_drops(store):
+    """Two small drops that passed validation."""
+    from tasks.steps import validate
+
+    for name, seed in (("good", 21), ("other", 22)):
+        drops.make_drop(store, name, size=120, seed=seed)
+        assert validate.validate_drop(store, name, min_rows=50).success
+    return store
+
+
+def test_train_records_the_validated_digests(validated_drops):
+    store = validated_drops
+    result = train_lib.train(store, ["good", "other"], epochs=1, seed=0, track=False)
+    content = result["metrics"]["drop_content"]
+    for name in ("good", "other"):
+        bound = store.get_json(f"drops/{name}/validation/result.json")["content"]
+        assert {k: content[name][k] for k in bound} == bound
+
+
+@pytest.mark.parametrize("mutation, words", [
+    ("manifest", ["manifest replaced"]),
+    ("image", ["1 image changed (other-000007.png)"]),
+    ("extra", ["1 image added (intruder.png)"]),
+])
+def test_train_refuses_a_drop_changed_after_its_validation(validated_drops, mutation, words):
+    from tasks.contracts.errors import EXIT_REJECTED
+
+    store = validated_drops
+    if mutation == "manifest":  # a re-delivered manifest (here: the other drop's, valid Parquet)
+        store.put_bytes("drops/other/manifest.parquet", store.get_bytes("drops/good/manifest.parquet"))
+    elif mutation == "image":
+        store.put_bytes("drops/other/images/other-000007.png", store.get_bytes("drops/good/images/good-000001.png"))
+    else:
+        store.put_bytes("drops/other/images/intruder.png", store.get_bytes("drops/good/images/good-000001.png"))
+    # the changed drop is the extra one: each drop of --drop-id a,b is checked
+    with pytest.raises(drops.DropChanged) as err:
+        train_lib.train(store, ["good", "other"], epochs=1, track=False)
+    msg = str(err.value)
+    assert msg.startswith("drop 'other' changed since its passing validation at ")
+    for w in words:
+        assert w in msg, msg
+    assert "validate it again" in msg
+    assert store.list("runs/") == []  # refused before any training or upload
+    # the CLI: a rejection (final), the reason on one error line
+    assert train_lib.main(["--drop-id", "good,other", "--epochs", "1"]) == EXIT_REJECTED
+
+
+def test_train_refuses_a_drop_that_failed_validation(store):
+    from tasks.steps import validate
+
+    drops.make_drop(store, "bad", size=120, seed=3, faults=["blank_images"])
+    assert not validate.validate_drop(store, "bad", min_rows=50).success
+    with pytest.raises(drops.DropNotValidated, match="drop 'bad' failed validation"):
+        train_lib.train(store, ["bad"], epochs=1, track=False)
+    assert store.list("runs/") == []

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tasks.contracts.errors import EXIT_BAD_INPUT, EXIT_REJECTED
 from tasks.steps import drops
 from tasks.steps import validate
 from tasks.adapters.storage import LocalStore
@@ -28,6 +29,10 @@ FAULTS = {
     "empty": ("expect_table_row_count_to_be_between", None, None),
     "skewed": ("expect_column_values_to_be_between", "class_share", None),
     "seen_before": ("expect_column_values_to_be_in_set", "seen_before", 20),
+    "future_timestamps": ("expect_column_values_to_be_in_set", "captured_at_future", 10),
+    "ancient_timestamps": ("expect_column_values_to_be_in_set", "captured_at_too_old", 10),
+    "blank_images": ("expect_column_values_to_be_between", "pixel_std", 10),
+    "wrong_format": ("expect_column_values_to_be_in_set", "format_ok", 10),
 }
 # words the log line must carry so a reader knows the fault
 LOG_WORDS = {
@@ -39,7 +44,13 @@ LOG_WORDS = {
     "empty": ["expect_table_row_count_to_be_between", "observed 0 rows", "row count"],
     "skewed": ["(class_share)", "class balance", "classes 0 (60.0%), 1 (1.0%)"],
     "seen_before": ["(seen_before)", "20 of 200 rows", "sha256 overlap with earlier drops", "['base']"],
+    "future_timestamps": ["(captured_at_future)", "10 of 200 rows", "captured_at in the future", "5 min"],
+    "ancient_timestamps": ["(captured_at_too_old)", "10 of 200 rows", "before 2000-01-01", "1970-01-01"],
+    "blank_images": ["(pixel_std)", "10 of 200 rows", "blank images", "[0.0]"],
+    "wrong_format": ["(format_ok)", "10 of 200 rows", "wrong image format", "['JPEG']"],
 }
+# faults that must fail on nothing but their own check (each is one new, independent expectation)
+ONLY_FAILURE = ("future_timestamps", "ancient_timestamps", "blank_images", "wrong_format")
 
 
 def _failure_lines(caplog) -> list[str]:
@@ -103,6 +114,8 @@ def test_fault_fails_with_a_named_failure(fault_store, fault, caplog):
     for word in LOG_WORDS[fault]:
         assert word in line, f"{word!r} not in {line!r}"
 
+    if fault in ONLY_FAILURE:
+        assert len(res.failures) == 1, [f["summary"] for f in res.failures]
     stored = fault_store.get_json(f"drops/f-{fault}/validation/result.json")
     assert stored["success"] is False and len(stored["failures"]) == len(res.failures)
     assert fault_store.exists(f"drops/f-{fault}/validation/data_docs/index.html")
@@ -164,23 +177,25 @@ def test_cli_exit_codes(mlpipe_env, store, tmp_path, capsys, caplog):
     assert result["drop_id"] == "ok" and result["success"] is True and result["report_uri"].endswith("index.html")
 
     p = _cli("--drop-id", "nope")
-    assert p.returncode == 2 and p.stderr.strip().splitlines()[-1].startswith("error: drop 'nope' not found")
+    assert p.returncode == EXIT_BAD_INPUT and p.stderr.strip().splitlines()[-1].startswith("error: drop 'nope' not found")
     assert "Traceback" not in p.stderr
 
     # the failing path in-process (same main(), no second interpreter start-up)
     drops.make_drop(store, "bad", size=ROWS, seed=2, faults=["bad_label"])
     caplog.clear()
-    assert validate.main(["--drop-id", "bad", "--min-rows", "50"]) == 1
-    printed = capsys.readouterr().out
+    assert validate.main(["--drop-id", "bad", "--min-rows", "50"]) == EXIT_REJECTED
+    captured = capsys.readouterr()
     line = "validation failed: expect_column_values_to_be_in_set(label): 10 of 200 rows"
     logged = [r.getMessage() for r in caplog.records if r.name == "tasks.steps.validate" and r.levelname == "ERROR"]
     assert sum(line in m for m in logged) == 1, logged  # one log line per failed expectation, once
-    assert line not in printed  # not printed a second time (the task log would show it twice)
-    assert f"report: {store.uri('drops/bad/validation/data_docs/index.html')}" in printed
+    assert line not in captured.out  # not printed a second time (the task log would show it twice)
+    verdict = [ln for ln in captured.err.splitlines() if ln.startswith("error: ")]  # the one closing line
+    assert len(verdict) == 1 and line not in verdict[0], captured.err
+    assert f"report: {store.uri('drops/bad/validation/data_docs/index.html')}" in verdict[0]
     drops.make_drop(store, "unfinished", size=ROWS, seed=3, complete=False)
-    assert validate.main(["--drop-id", "unfinished"]) == 2
+    assert validate.main(["--drop-id", "unfinished"]) == EXIT_BAD_INPUT
     assert "error: drop 'unfinished' is incomplete" in capsys.readouterr().err
-    assert validate.main(["--drop-id", "ok", "--min-class-share", "0.5", "--max-class-share", "0.1"]) == 2
+    assert validate.main(["--drop-id", "ok", "--min-class-share", "0.5", "--max-class-share", "0.1"]) == EXIT_BAD_INPUT
 
 
 @pytest.mark.integration
@@ -193,3 +208,88 @@ def test_clean_drop_on_s3(s3_store):
     assert s3_store.exists("drops/s3clean/validation/data_docs/index.html")
     X, y = drops.load_arrays(s3_store, ["s3clean"])
     assert X.shape == (ROWS, 28, 28) and len(y) == ROWS
+
+
+# --------------------------------------------------------------------------- the bytes, not the claims
+
+
+def test_result_is_bound_to_the_validated_content(store):
+    import hashlib
+
+    from tasks.contracts import layout
+
+    drops.make_drop(store, "bound", size=ROWS, seed=7)
+    res = validate.validate_drop(store, "bound")
+    assert res.success
+    stored = store.get_json(layout.validation_result_key("bound"))
+    manifest_sha = hashlib.sha256(store.get_bytes(layout.manifest_key("bound"))).hexdigest()
+    files = {k.rsplit("/", 1)[1]: hashlib.sha256(store.get_bytes(k)).hexdigest()
+             for k in store.list(layout.images_prefix("bound"))}
+    assert len(files) == ROWS
+    assert stored["content"] == res.content == {
+        "manifest_sha256": manifest_sha, "images_sha256": drops.images_digest(files), "image_count": ROWS}
+    assert store.get_json(layout.validation_content_key("bound"))["images"] == files
+    assert drops.verify_validated(store, "bound")["images_sha256"] == drops.images_digest(files)
+
+    # one image replaced by other bytes (a valid PNG): the digest moves and verification names the image
+    other = drops.encode_png(drops.golden_set()[0][0])
+    name = sorted(files)[3]
+    store.put_bytes(layout.images_prefix("bound") + name, other)
+    with pytest.raises(drops.DropChanged, match=rf"drop 'bound' changed .*1 image changed \({name}\)"):
+        drops.verify_validated(store, "bound")
+    # validating again binds the result to the new bytes (and the manifest hash now disagrees: it fails)
+    again = validate.validate_drop(store, "bound")
+    assert not again.success and again.content["images_sha256"] != res.content["images_sha256"]
+
+
+def test_the_format_is_read_from_the_bytes():
+    import io
+
+    from PIL import Image
+
+    img = drops.golden_set()[0][0]
+    png = drops.encode_png(img)
+    jpeg, gif = io.BytesIO(), io.BytesIO()
+    Image.fromarray(img, mode="L").save(jpeg, format="JPEG")
+    Image.fromarray(img, mode="L").save(gif, format="GIF")
+    assert validate.sniff_format(png) == "PNG"
+    assert validate.sniff_format(jpeg.getvalue()) == "JPEG" and validate.sniff_format(gif.getvalue()) == "GIF"
+    assert validate.sniff_format(b"not an image at all") == "unknown"
+    info = validate._inspect_image(jpeg.getvalue())
+    assert info["decodes"] is True and info["format_ok"] is False and info["file_format"] == "JPEG"
+    assert validate._inspect_image(png)["format_ok"] is True
+    # a truncated PNG is still PNG by its magic: the decode check (not the format check) names it
+    assert validate._inspect_image(png[: len(png) // 2])["format_ok"] is True
+
+
+def test_blank_means_no_signal():
+    import numpy as np
+
+    for value in (0, 255, 17):
+        info = validate._inspect_image(drops.encode_png(np.full((28, 28), value, dtype=np.uint8)))
+        assert info["pixel_std"] == 0.0 < validate.MIN_PIXEL_STD
+    one_dot = np.zeros((28, 28), dtype=np.uint8)
+    one_dot[14, 14] = 255  # a single bright pixel still varies (std ~9)
+    assert validate._inspect_image(drops.encode_png(one_dot))["pixel_std"] > validate.MIN_PIXEL_STD
+    assert validate._inspect_image(drops.encode_png(drops.golden_set()[0][0]))["pixel_std"] > 30
+
+
+def test_timestamps_that_cannot_be_true():
+    import datetime as dt
+
+    import pandas as pd
+
+    now = dt.datetime(2026, 6, 1, 12, 0, tzinfo=dt.timezone.utc)
+    values = pd.Series([
+        pd.Timestamp(now),                                   # ok
+        pd.Timestamp(now + dt.timedelta(minutes=4)),         # within the clock skew: ok
+        pd.Timestamp(now + dt.timedelta(minutes=6)),         # future
+        pd.Timestamp("2000-01-01T00:00:00Z"),                # the earliest allowed: ok
+        pd.Timestamp("1999-12-31T23:59:59Z"),                # too old
+        pd.Timestamp("1970-01-01T00:00:00Z"),                # the epoch: too old
+        pd.Timestamp("2026-06-01T11:00:00"),                 # naive: read as UTC, ok
+        "yesterday",                                         # not a timestamp: the type check names it
+    ], dtype=object)
+    future, too_old = validate._captured_at_checks(values, now)
+    assert future == [False, False, True, False, False, False, False, None]
+    assert too_old == [False, False, False, False, True, True, False, None]
