@@ -41,4 +41,7 @@ class StreamConfig:
     reject_hold_s: float = 10.0  # a batch Triton rejects frame by frame is held at most this long
     max_hold_s: float = 600.0  # a batch held by a Triton outage (or a Qdrant upsert) at most this long; 0: no bound
     store_attempts: int = 3  # tries to store an oversize original before dead-lettering without it
-    version_max_age_s: float = 0.0  # the served version is read after each answer (cached at most this long)
+    # the served version is read after an answer, cached at most this long: a prediction's label follows a
+    # deploy within 0.25 s; 0 reads it after every answer (one more gRPC call per micro-batch: a measurable
+    # share of the loop at small batches, docs/BENCH.md)
+    version_max_age_s: float = 0.25

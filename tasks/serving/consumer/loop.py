@@ -484,8 +484,8 @@ class StreamConsumer:
     def _timed_infer(self, images: "np.ndarray") -> tuple[dict, float, float, str]:
         """Triton's outputs, the seconds the call took, when it returned (epoch) and the served version then.
 
-        The version is read right after the answer (``version_max_age_s``, default 0: no cache), so a
-        prediction's label follows a deploy within one call instead of the health thread's 2 s."""
+        The version is read right after the answer, cached at most ``version_max_age_s`` (default 0.25 s), so
+        a prediction's label follows a deploy within that instead of the health thread's 2 s."""
         assert self.backend is not None
         t0 = time.perf_counter()
         out = self.backend.infer(images)

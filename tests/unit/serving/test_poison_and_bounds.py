@@ -356,9 +356,41 @@ def test_the_version_label_follows_a_deploy_at_the_next_answer():
                 self.served = "8"  # deployed while the second batch was answered
             return out
 
-    c = consumer(world, Deploying(), config(max_batch=8, inflight=1))
+    c = consumer(world, Deploying(), config(max_batch=8, inflight=1, version_max_age_s=0.0))
     run(c)
     versions = [json.loads(v)["model_version"] for t, v, _, _ in world.producer.acked
                 if t == world.kafka.predictions_topic]
     # read after each answer, not the health thread's value of up to 2 s ago
     assert versions == ["7"] * 8 + ["8"] * 16
+
+
+def test_the_version_label_is_cached_at_most_version_max_age_s():
+    """The consumer's default reads the served version at most every 0.25 s (one lookup per answer is a gRPC
+    call per micro-batch); TritonBackend.model_version asks Triton again only once the age has passed."""
+    from tasks.serving.consumer.backend import TritonBackend
+
+    assert StreamConfig().version_max_age_s == 0.25
+
+    class Index:  # a fake of the client's one call used here
+        def __init__(self):
+            self.calls, self.versions = 0, [7]
+
+        def ready_versions(self, name):
+            self.calls += 1
+            return list(self.versions)
+
+    backend = TritonBackend("127.0.0.1:1", "digits")  # never connects: only the version lookup is used
+    backend.refresh_config = lambda: backend.chunk  # no config read in this test
+    index = Index()
+    backend._health_client = index
+    try:
+        assert backend.model_version(max_age_s=0.25) == "7" and index.calls == 1
+        index.versions = [8]  # a deploy
+        assert backend.model_version(max_age_s=0.25) == "7" and index.calls == 1  # cached
+        time.sleep(0.3)
+        assert backend.model_version(max_age_s=0.25) == "8" and index.calls == 2
+        assert backend.model_version(max_age_s=0.0) == "8" and index.calls == 3  # 0: every answer
+    finally:
+        backend._health_client = type("Closed", (), {"close": lambda self: None})()
+        backend.close()
+
