@@ -5,8 +5,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+CHAOS_ARGS ?=
 
-.PHONY: help setup demo demo-regression test bench up down status clean distclean
+.PHONY: help setup demo demo-regression test bench chaos up down status clean distclean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -34,6 +35,9 @@ test: $(STAMP) ## run the test suite (starts its own local services)
 
 bench: $(STAMP) ## streaming benchmark: ORT in-process vs naive vs the consumer; writes var/bench/results.{json,md}
 	$(VENV)/bin/mlpipe bench
+
+chaos: $(STAMP) ## fault injection (kill -9, stalls, broker restarts, poison) on the local stack under a steady stream; writes var/chaos/results.{json,md}
+	$(VENV)/bin/mlpipe chaos $(CHAOS_ARGS)
 
 up: $(STAMP) ## start the local stack (Airflow UI on 127.0.0.1:8080, Triton, broker, consumer, gateway) and its supervisor; after a crash, clean up and restart
 	$(VENV)/bin/mlpipe stack up

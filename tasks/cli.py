@@ -31,7 +31,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "broker": ("tasks.local.broker", "run the local Kafka-compatible broker (Tansu)"),
     "triton": ("tasks.local.triton", "run the local tritonserver; status, load, unload"),
     "bench": ("tasks.tools.bench", "streaming benchmark (make bench)"),
+    "chaos": ("tasks.tools.chaos", "fault-injection trials on the local stack under a steady stream (make chaos)"),
     "demo": ("tasks.tools.demo", "the retrain pipeline end to end on embedded defaults (make demo)"),
+    "spec": ("tasks.tools.spec", "check a model spec (models/<name>/spec.yaml); print its JSON Schema"),
 }
 ALIASES = {"consumer": "stream"}
 

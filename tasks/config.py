@@ -8,7 +8,7 @@ it), ``settings()`` once per long-running process.
 
 The tree (``Settings``) has one section per external system (``store``,
 ``kafka``, ``triton``, ``qdrant``, ``clearml``, ``k8s``, ``airflow``, ``qc``,
-``deploy``, ``gateway``, ``consumer``, ``monitor``, ``train``, ``local``); each
+``compile``, ``deploy``, ``gateway``, ``consumer``, ``monitor``, ``train``, ``local``); each
 field names its variable explicitly (``validation_alias``), so the names
 deployments already set (``MLPIPE_*``, plus ClearML's own ``CLEARML_*``) stay
 exactly as they were. An empty variable counts as unset. Secrets are
@@ -233,6 +233,30 @@ class QCSection(_Section):
     triton_check: bool = env("MLPIPE_QC_TRITON_CHECK", True, "QC: serve the model in a throw-away Triton")
     triton_runner: str = env("MLPIPE_QC_TRITON_RUNNER", "tasks.local.triton:LocalTriton", "QC: `module:Class` "
                              "that starts that Triton")
+    min_compiled_agreement: float = env("MLPIPE_QC_MIN_COMPILED_AGREEMENT", 0.99, "QC: lowest share of golden "
+                                        "labels a compiled model (`model.opt.onnx`, `model.int8.onnx`) must give "
+                                        "as its ONNX model does")
+    max_compiled_accuracy_delta: float = env("MLPIPE_QC_MAX_COMPILED_ACCURACY_DELTA", 0.005, "QC: largest golden "
+                                             "accuracy drop of a compiled model vs its ONNX model")
+    max_compiled_recall_delta: float = env("MLPIPE_QC_MAX_COMPILED_RECALL_DELTA", 0.02, "QC: largest per-class "
+                                           "recall drop of a compiled model vs its ONNX model")
+
+
+class CompileSection(_Section):
+    """The compile step on CPU (ONNX Runtime): graph optimisation and INT8 static quantisation."""
+
+    cpu: bool = env("MLPIPE_COMPILE_CPU", True, "compile: build the ONNX Runtime CPU artefacts (`model.opt.onnx`, "
+                    "`model.int8.onnx`) besides TensorRT")
+    opt_level: Literal["basic", "extended", "all"] = env("MLPIPE_COMPILE_OPT_LEVEL", "extended", "compile: ONNX "
+                                                         "Runtime graph optimisation level saved in "
+                                                         "`model.opt.onnx` (`all` adds layout changes tied to "
+                                                         "this CPU)")
+    calibration_samples: int = env("MLPIPE_COMPILE_CALIBRATION_SAMPLES", 300, "compile: training-drop images "
+                                   "the INT8 calibration sees (a seeded sample)", ge=1, le=100_000)
+    calibration_seed: int = env("MLPIPE_COMPILE_CALIBRATION_SEED", 0, "compile: seed of that sample", ge=0)
+    per_channel: bool = env("MLPIPE_COMPILE_PER_CHANNEL", True, "compile: per-channel INT8 weight scales")
+
+    lower_level = field_validator("opt_level", mode="before")(_lower)
 
 
 class DeploySection(_Section):
@@ -378,6 +402,7 @@ class Settings(_Section):
     k8s: KubernetesSection = _section(KubernetesSection)
     airflow: AirflowSection = _section(AirflowSection)
     qc: QCSection = _section(QCSection)
+    compile: CompileSection = _section(CompileSection)
     deploy: DeploySection = _section(DeploySection)
     gateway: GatewaySection = _section(GatewaySection)
     consumer: ConsumerSection = _section(ConsumerSection)

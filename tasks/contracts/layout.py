@@ -18,6 +18,7 @@ Keys are ``/``-separated and relative to the store's root (docs/CONTRACTS.md)::
         <version>/version.json                the version manifest (written by the registry only)
         <version>/model.onnx | model.plan | model.pt | metrics.json | lineage.json | curves.png
         <version>/qc_report.json | qc_report.html | compile.json
+        <version>/model.opt.onnx | model.int8.onnx   CPU compile: ORT-optimised / INT8 QDQ ONNX models
         _events/<stamp>-<id>.json             one object per registry event
         _claims/runs/<run_id>.json            "this run is being registered" (exclusive create)
         _claims/versions/<version>.json       "this version number belongs to run X" (exclusive create)
@@ -55,6 +56,10 @@ DATA_DOCS_DIR = "data_docs"
 VERSION_MANIFEST = "version.json"
 MODEL_ONNX = "model.onnx"
 MODEL_PLAN = "model.plan"
+MODEL_OPT_ONNX = "model.opt.onnx"  # ONNX Runtime graph-optimised model (compile, CPU)
+MODEL_INT8_ONNX = "model.int8.onnx"  # INT8 static-quantised QDQ model (compile, CPU)
+#: the CPU-compiled artefacts, best first (deploy serves the first that passed QC, else model.onnx)
+CPU_COMPILED = (MODEL_INT8_ONNX, MODEL_OPT_ONNX)
 MODEL_PT = "model.pt"
 METRICS = "metrics.json"
 LINEAGE = "lineage.json"
@@ -149,6 +154,13 @@ def version_file_key(model: str, version: int, name: str) -> str:
 
 def version_manifest_key(model: str, version: int) -> str:
     return version_file_key(model, version, VERSION_MANIFEST)
+
+
+def compiled_model_key(model: str, version: int, artifact: str) -> str:
+    """A compiled artefact of a version (``model.opt.onnx``, ``model.int8.onnx``, ``model.plan``)."""
+    if artifact not in (*CPU_COMPILED, MODEL_PLAN):
+        raise ValueError(f"unknown compiled artefact {artifact!r}: one of {', '.join((*CPU_COMPILED, MODEL_PLAN))}")
+    return version_file_key(model, version, artifact)
 
 
 def events_prefix(model: str) -> str:

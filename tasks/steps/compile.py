@@ -1,14 +1,32 @@
-"""compile: a TensorRT engine from a registered version's ONNX model.
+"""compile: a TensorRT engine and ONNX Runtime CPU models from a registered version's ONNX model.
 
-FP16 (when the GPU supports it) with one optimization profile for the dynamic
-batch axis (1..max batch). Runs as a Kubernetes pod on the serving GPU type in
-production (``MLPIPE_EXECUTION=kubernetes``, image ``MLPIPE_COMPILER_IMAGE``).
+TensorRT (the GPU path): FP16 (when the GPU supports it) with one optimization profile
+for the dynamic batch axis (1..max batch). Runs as a Kubernetes pod on the serving GPU
+type in production (``MLPIPE_EXECUTION=kubernetes``, image ``MLPIPE_COMPILER_IMAGE``).
 Where TensorRT or a GPU is absent, nothing is faked: the step records
-``{"status": "skipped", "reason": ...}`` and the run goes on with ONNX.
+``{"status": "skipped", "reason": ...}`` (the top-level ``status``/``reason`` of the result
+are TensorRT's).
 
-Outputs on the version: ``model.plan`` (when compiled) and ``compile.json``.
+ONNX Runtime (the CPU path, every machine; ``MLPIPE_COMPILE_CPU``), under ``cpu`` in the result:
 
-    mlpipe compile --version 3 [--max-batch 256] [--no-fp16]
+* ``model.opt.onnx``: the graph ONNX Runtime optimises at ``MLPIPE_COMPILE_OPT_LEVEL``
+  (default ``extended``: constant folding, Conv+BN/activation fusions), saved with
+  ``SessionOptions.optimized_model_filepath`` as a standard ONNX file that plain onnxruntime loads;
+* ``model.int8.onnx``: INT8 static quantisation (``onnxruntime.quantization.quantize_static``,
+  QDQ format, S8S8, per-channel weight scales by default) calibrated (MinMax) on a seeded sample of
+  ``MLPIPE_COMPILE_CALIBRATION_SAMPLES`` images of the version's training drops (``lineage.drops``,
+  read with ``tasks.steps.drops.load_arrays``, preprocessed as ``tasks.model.networks.to_input``).
+  The golden set is never used to calibrate (QC measures on it). Drops that cannot be read: no
+  INT8 model, with the reason.
+
+A model ONNX Runtime cannot optimise or quantise is recorded (``cpu.artifacts.<name>.status``
+``failed`` with why), never a failed step: QC's ``loads`` check decides about ``model.onnx``, and
+QC gates each compiled artefact against ``model.onnx`` before deploy may serve it.
+
+Outputs on the version: ``model.plan`` (when compiled), ``model.opt.onnx``, ``model.int8.onnx``
+and ``compile.json`` (the report: sizes, seconds, calibration count), all through the registry.
+
+    mlpipe compile --version 3 [--max-batch 256] [--no-fp16] [--no-cpu]
 
 Exit codes (``tasks.contracts.errors``): 0 compiled or skipped; ``EXIT_BAD_INPUT`` an unknown
 version or a bad option; ``EXIT_REJECTED`` TensorRT could not build an engine from this model;
@@ -32,7 +50,8 @@ from typing import Any, Sequence
 from tasks.steps import registry
 from tasks.config import load_settings
 from tasks.contracts import layout
-from tasks.contracts.errors import Rejected, run_cli
+from tasks.contracts.errors import Rejected, is_transient, run_cli
+from tasks.contracts.files import sha256_file
 from tasks.logs import setup_logging
 from tasks.contracts.serving import MAX_BATCH
 from tasks.adapters.storage import Store, open_store
@@ -45,6 +64,167 @@ INPUT_SHAPE = (1, 28, 28)
 
 class CompileError(Rejected, RuntimeError):
     """TensorRT is present but could not build an engine (the version is rejected: final)."""
+
+
+class CalibrationUnavailable(RuntimeError):
+    """The version's training drops cannot give calibration images (no INT8 model; the reason is recorded)."""
+
+
+def calibration_inputs(store: Store, manifest: dict[str, Any], *, samples: int,
+                       seed: int) -> tuple[Any, dict[str, Any]]:
+    """A seeded sample of ``samples`` images of the version's training drops as contract input
+    (float32 ``[n, 1, 28, 28]``), and what it is (drops, count, seed)."""
+    import numpy as np
+
+    from tasks.model.networks import to_input
+    from tasks.steps import drops
+
+    drop_ids = [str(d.get("drop_id")) for d in (manifest.get("lineage") or {}).get("drops") or [] if d.get("drop_id")]
+    if not drop_ids:
+        raise CalibrationUnavailable("the version's lineage names no training drops")
+    try:
+        images, _labels = drops.load_arrays(store, drop_ids)
+    except drops.DropError as exc:  # an outage (Transient) is not caught: the step is retried
+        raise CalibrationUnavailable(f"training drops {drop_ids} cannot be read for calibration: {exc}") from None
+    if len(images) == 0:
+        raise CalibrationUnavailable(f"training drops {drop_ids} hold no images")
+    rng = np.random.default_rng(seed)
+    idx = np.sort(rng.choice(len(images), size=min(samples, len(images)), replace=False))
+    return to_input(images[idx]), {"drops": drop_ids, "count": len(idx), "seed": int(seed),
+                                   "pool": len(images)}
+
+
+class _Batches:
+    """``onnxruntime.quantization.CalibrationDataReader`` over fixed batches of contract input."""
+
+    def __init__(self, x, batch_size: int = 64) -> None:
+        self._batches = [x[i:i + batch_size] for i in range(0, len(x), batch_size)]
+        self._next = 0
+
+    def get_next(self) -> dict[str, Any] | None:
+        if self._next >= len(self._batches):
+            return None
+        self._next += 1
+        return {INPUT_NAME: self._batches[self._next - 1]}
+
+    def rewind(self) -> None:
+        self._next = 0
+
+
+def _check_loads(path: Path, x) -> None:
+    """``path`` loads in a plain ONNX Runtime session and answers the contract shapes."""
+    from tasks.model.networks import EMBEDDING_DIM, NUM_CLASSES, OUTPUT_NAMES, onnx_session
+
+    logits, emb = onnx_session(path).run(list(OUTPUT_NAMES), {INPUT_NAME: x[:8]})
+    if logits.shape != (len(x[:8]), NUM_CLASSES) or emb.shape != (len(x[:8]), EMBEDDING_DIM):
+        raise CompileError(f"{path.name} answers logits {list(logits.shape)}, embedding {list(emb.shape)}")
+
+
+def optimize_onnx(onnx_path: Path, out_path: Path, *, level: str = "extended") -> dict[str, Any]:
+    """Save ONNX Runtime's optimised graph of ``onnx_path`` (``SessionOptions.optimized_model_filepath``)."""
+    import onnxruntime as ort
+
+    levels = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+              "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+    if level not in levels:
+        raise ValueError(f"unknown optimisation level {level!r}: one of {', '.join(levels)}")
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = levels[level]
+    opts.optimized_model_filepath = str(out_path)
+    opts.log_severity_level = 3
+    ort.InferenceSession(str(onnx_path), sess_options=opts, providers=["CPUExecutionProvider"])
+    if not out_path.is_file():
+        raise CompileError(f"ONNX Runtime wrote no optimised model to {out_path}")
+    return {"opt_level": level}
+
+
+def quantize_int8(onnx_path: Path, out_path: Path, calibration, *, per_channel: bool = True) -> dict[str, Any]:
+    """INT8 static quantisation of ``onnx_path`` (QDQ, S8S8, MinMax calibration on ``calibration``)."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    pre = out_path.with_name(f".{out_path.stem}.pre.onnx")
+    try:
+        # the recommended pre-processing (shape inference, basic folding); symbolic shape inference is not needed
+        # for this static-shaped CNN (and fails on some exporters' dim names)
+        quant_pre_process(str(onnx_path), str(pre), skip_symbolic_shape=True)
+        quantize_static(str(pre), str(out_path), _Batches(calibration), quant_format=QuantFormat.QDQ,
+                        per_channel=per_channel, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.MinMax)
+    finally:
+        pre.unlink(missing_ok=True)
+    return {"format": "QDQ", "activation_type": "int8", "weight_type": "int8", "per_channel": per_channel,
+            "calibrate_method": "MinMax"}
+
+
+def compile_cpu(store: Store, model: str, version: int, onnx_path: Path, work: Path, *, opt_level: str,
+                calibration_samples: int, calibration_seed: int, per_channel: bool) -> dict[str, Any]:
+    """Build ``model.opt.onnx`` and ``model.int8.onnx`` from ``onnx_path``; record each through the registry."""
+    try:
+        import onnxruntime as ort
+        import onnxruntime.quantization  # needs onnx
+    except ImportError as exc:
+        why = f"ONNX Runtime (with onnx) is not installed: {exc}"
+        logger.warning("CPU compile skipped: %s", why)
+        return {"tool": "onnxruntime", "status": "skipped", "reason": why,
+                "artifacts": {n: {"status": "skipped", "reason": why} for n in layout.CPU_COMPILED}}
+    started = time.monotonic()
+    out: dict[str, Any] = {"tool": "onnxruntime", "onnxruntime_version": ort.__version__,
+                           "source": layout.MODEL_ONNX, "source_bytes": onnx_path.stat().st_size, "artifacts": {}}
+    probe = None
+    try:
+        from tasks.model.networks import parity_inputs
+
+        probe = parity_inputs(8)
+        _check_loads(onnx_path, probe)
+    except Exception as exc:  # noqa: BLE001 - a model ORT cannot run: nothing to compile, QC's loads check decides
+        why = f"{layout.MODEL_ONNX} does not load or run in ONNX Runtime: {type(exc).__name__}: {str(exc)[:300]}"
+        logger.warning("CPU compile skipped: %s", why)
+        out.update(status="failed", reason=why, seconds=round(time.monotonic() - started, 2))
+        for name in layout.CPU_COMPILED:
+            out["artifacts"][name] = {"status": "failed", "reason": why}
+        return out
+
+    def build(name: str, fn) -> None:
+        path = work / name
+        t0 = time.monotonic()
+        try:
+            info = fn(path)
+            _check_loads(path, probe)
+        except CalibrationUnavailable as exc:
+            out["artifacts"][name] = {"status": "skipped", "reason": str(exc)}
+            logger.warning("%s not built: %s", name, exc)
+            return
+        except Exception as exc:  # noqa: BLE001 - recorded; QC and deploy go on with model.onnx
+            if is_transient(exc):
+                raise
+            out["artifacts"][name] = {"status": "failed", "reason": f"{type(exc).__name__}: {str(exc)[:500]}"}
+            logger.warning("%s could not be built: %s", name, exc)
+            return
+        seconds = round(time.monotonic() - t0, 3)
+        uri = registry.record_artifact(store, model, version, name, path.read_bytes())
+        size = path.stat().st_size
+        out["artifacts"][name] = {"status": "compiled", "reason": None, "bytes": size,
+                                  "size_ratio": round(size / out["source_bytes"], 4), "seconds": seconds,
+                                  "sha256": sha256_file(path), "uri": uri, **info}
+        logger.info("built %s (%d bytes, %.0f%% of model.onnx) in %.2fs", name, size,
+                    100 * size / out["source_bytes"], seconds)
+
+    build(layout.MODEL_OPT_ONNX, lambda path: optimize_onnx(onnx_path, path, level=opt_level))
+
+    def int8(path: Path) -> dict[str, Any]:
+        x, calib = calibration_inputs(store, registry.get_version(store, model, version),
+                                      samples=calibration_samples, seed=calibration_seed)
+        return {**quantize_int8(onnx_path, path, x, per_channel=per_channel), "calibration": calib}
+
+    build(layout.MODEL_INT8_ONNX, int8)
+    built = [n for n, a in out["artifacts"].items() if a["status"] == "compiled"]
+    out["status"] = "compiled" if len(built) == len(layout.CPU_COMPILED) else "partial" if built else "failed"
+    out["reason"] = None if out["status"] == "compiled" else "; ".join(
+        f"{n}: {a['reason']}" for n, a in out["artifacts"].items() if a["status"] != "compiled")
+    out["seconds"] = round(time.monotonic() - started, 2)
+    return out
 
 
 def tensorrt_unavailable_reason() -> str | None:
@@ -124,9 +304,13 @@ def build_engine_trtexec(onnx_path: Path, plan_path: Path, *, max_batch: int, fp
 
 
 def compile_version(store: Store, model: str, version: int, *, max_batch: int = MAX_BATCH, fp16: bool = True,
-                    force_skip_reason: str | None = None) -> dict[str, Any]:
-    """Compile ``models/<model>/<version>/model.onnx`` to ``model.plan``; record compile.json either way."""
+                    force_skip_reason: str | None = None, cpu: bool | None = None) -> dict[str, Any]:
+    """Compile ``models/<model>/<version>/model.onnx`` to ``model.plan`` (TensorRT, where it can) and to
+    ``model.opt.onnx`` / ``model.int8.onnx`` (ONNX Runtime, unless ``cpu`` is False or
+    ``MLPIPE_COMPILE_CPU=0``); record compile.json either way."""
     registry.get_version(store, model, version)  # unknown version: RegistryError before any work
+    settings = load_settings().compile
+    cpu = settings.cpu if cpu is None else cpu
     result: dict[str, Any] = {"model": model, "version": version, "max_batch": max_batch,
                               "at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
     reason = force_skip_reason or tensorrt_unavailable_reason()
@@ -150,9 +334,21 @@ def compile_version(store: Store, model: str, version: int, *, max_batch: int = 
                           plan_bytes=plan_path.stat().st_size, **info)
             logger.info("compiled %s v%s with %s (%s) in %.1fs", model, version, info["tool"],
                         info["precision"], result["seconds"])
+    if cpu:
+        with tempfile.TemporaryDirectory(prefix="mlpipe-ort-") as tmp:
+            onnx_path = store.get_file(layout.version_file_key(model, version, layout.MODEL_ONNX),
+                                       Path(tmp) / "model.onnx")
+            result["cpu"] = compile_cpu(store, model, version, onnx_path, Path(tmp), opt_level=settings.opt_level,
+                                        calibration_samples=settings.calibration_samples,
+                                        calibration_seed=settings.calibration_seed, per_channel=settings.per_channel)
+    else:
+        result["cpu"] = {"status": "skipped", "reason": "MLPIPE_COMPILE_CPU=0", "artifacts": {}}
     # compile.json, and its summary on the version manifest, through the registry (its only writer)
-    registry.record_artifact(store, model, version, layout.COMPILE_JSON, result, field="compile",
-                             summary={k: result.get(k) for k in ("status", "reason", "precision", "tool")})
+    summary = {k: result.get(k) for k in ("status", "reason", "precision", "tool")}
+    summary["cpu"] = {"status": result["cpu"]["status"], "reason": result["cpu"].get("reason"),
+                      "artifacts": {n: {k: a.get(k) for k in ("status", "bytes", "sha256")}
+                                    for n, a in result["cpu"]["artifacts"].items()}}
+    registry.record_artifact(store, model, version, layout.COMPILE_JSON, result, field="compile", summary=summary)
     return result
 
 
@@ -168,6 +364,8 @@ def _main(argv: Sequence[str] | None) -> int:
     parser.add_argument("--max-batch", type=int, default=MAX_BATCH,
                         help="upper end of the batch optimization profile (the repository's max_batch_size)")
     parser.add_argument("--no-fp16", action="store_true", help="build an FP32 engine")
+    parser.add_argument("--no-cpu", action="store_true", help="do not build the ONNX Runtime CPU models "
+                        "(default: MLPIPE_COMPILE_CPU)")
     parser.add_argument("--result-json", type=Path, help="write the result here (Airflow XCom)")
     args = parser.parse_args(argv)
     setup_logging()
@@ -175,7 +373,7 @@ def _main(argv: Sequence[str] | None) -> int:
         raise ValueError(f"--max-batch must be >= 1, got {args.max_batch}")
     cfg = load_settings()
     result = compile_version(open_store(cfg), args.model or cfg.model_name, args.version,
-                             max_batch=args.max_batch, fp16=not args.no_fp16)
+                             max_batch=args.max_batch, fp16=not args.no_fp16, cpu=False if args.no_cpu else None)
     print(json.dumps(result, indent=2, default=str))
     if args.result_json:
         write_result_json(args.result_json, result)

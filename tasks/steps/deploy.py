@@ -4,8 +4,13 @@ deploy (in the spirit of TFX's Pusher, which only pushes a blessed model):
 
 1. refuse a version that has not passed the QC gate (or was rejected), unless ``--force``;
 2. check Triton answers *before* touching anything (down: exit 75, nothing changed);
-3. pre-flight the version's ``model.onnx`` in ONNX Runtime (corrupt file, wrong output
-   shape: a clear error, nothing changed);
+3. choose the file to serve and pre-flight it in ONNX Runtime (corrupt file, wrong output
+   shape: a clear error, nothing changed). The local flavour serves the artefact QC chose
+   (``qc.serving`` on the manifest: ``model.int8.onnx`` if it passed its QC check against
+   ``model.onnx``, else ``model.opt.onnx``, else ``model.onnx``; a file whose sha256 is not the one
+   QC checked is never served) as the classifier version's ``model.onnx``; the production flavour
+   serves ``model.plan`` when one was compiled, else ``model.onnx``. What is served, and why, is
+   recorded on the version manifest (``serving``) and in a ``serving`` registry event;
 4. write the new numbered classifier version atomically (Triton never sees half a version);
 5. pin it as the serving version and load it through Triton's repository API (Triton loads
    the new version before it retires the old one, so in-flight clients see no errors);
@@ -632,6 +637,33 @@ def _fetch(store: Store, model: str, version: int, tmp: Path, flavour: str) -> t
     return onnx, plan
 
 
+def _served_artifact(store: Store, model: str, version: int, tmp: Path, flavour: str, onnx: Path,
+                     plan: Path | None) -> tuple[Path, dict[str, Any]]:
+    """The file the classifier version serves as ``model.onnx``, and what it is and why."""
+    from tasks.contracts.files import sha256_file
+
+    if flavour != "local":  # the production flavour's choice is Triton's platform: model.plan when compiled
+        return onnx, {"artifact": layout.MODEL_PLAN if plan is not None else layout.MODEL_ONNX, "flavour": flavour,
+                      "reason": "production flavour: the TensorRT plan when one was compiled, else model.onnx"}
+    serving = (registry.get_version(store, model, version).get("qc") or {}).get("serving") or {}
+    name = serving.get("artifact")
+    if name in layout.CPU_COMPILED:
+        try:
+            path = store.get_file(layout.compiled_model_key(model, version, name), tmp / name)
+        except ObjectNotFound:
+            why = f"QC chose {name}, but it is missing from the store"
+        else:
+            sha = sha256_file(path)
+            if sha == serving.get("sha256"):
+                return path, {"artifact": name, "flavour": flavour, "sha256": sha, "reason": serving.get("reason")}
+            why = f"QC chose {name}, but the stored file is not the one QC checked (sha256 {sha[:12]})"
+        logger.warning("%s v%s: %s; serving model.onnx", model, version, why)
+        return onnx, {"artifact": layout.MODEL_ONNX, "flavour": flavour, "sha256": sha256_file(onnx),
+                      "reason": f"{why}: serving model.onnx"}
+    return onnx, {"artifact": layout.MODEL_ONNX, "flavour": flavour, "sha256": sha256_file(onnx),
+                  "reason": serving.get("reason") or "QC recorded no compiled artefact to serve"}
+
+
 def _read_config(target: ServingTarget, model: str) -> bytes | None:
     from tasks.model import repo as model_repo
 
@@ -698,8 +730,10 @@ def _switch(store: Store, target: ServingTarget, model: str, version: int, actio
                 previous = None
             config = _read_config(target, model)
             onnx, plan = _fetch(store, model, version, Path(tmp), flavour)
+            onnx, served = _served_artifact(store, model, version, Path(tmp), flavour, onnx, plan)
             unchanged = "nothing was changed" + (f", v{previous} still serves" if previous is not None else "")
-            expected = preflight(onnx, f"{what} ({unchanged})")
+            serves = "" if served["artifact"] == layout.MODEL_ONNX else f"; serving {served['artifact']}"
+            expected = preflight(onnx, f"{what} ({unchanged}{serves})")
             prev_expected = None
             prev_dir = target.repo_dir / model_repo.classifier_name(model) / str(previous)
             if previous is not None and not (flavour == "production" and (prev_dir / "model.plan").is_file()):
@@ -737,9 +771,16 @@ def _switch(store: Store, target: ServingTarget, model: str, version: int, actio
                 raise cls(f"{reason}; {restored}") from exc
     finally:
         client.close()
-    logger.info("%s: Triton at %s serves v%s (was v%s); smoke test %s", action, target.triton_url, version,
-                previous, smoke)
-    return {"previous_version": previous, "smoke": smoke}
+    logger.info("%s: Triton at %s serves v%s (was v%s) from %s (%s); smoke test %s", action, target.triton_url,
+                version, previous, served["artifact"], served["reason"], smoke)
+    return {"previous_version": previous, "smoke": smoke, "served": served}
+
+
+def _record_serving(store: Store, model: str, version: int, served: dict[str, Any], action: str) -> None:
+    """Record on the version manifest (through the registry) which artefact serves, and why."""
+    entry = {**served, "action": action, "at": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())}
+    registry.update_version(store, model, version, lambda m: {**m, "serving": entry}, event="serving",
+                            artifact=served["artifact"], reason=served.get("reason"), action=action)
 
 
 def _switch_recorded(store: Store, target: ServingTarget, model: str, version: int, action: str) -> dict[str, Any]:
@@ -804,12 +845,13 @@ def deploy(store: Store, model: str, version: int, target: ServingTarget | None 
     if force and verdict != "passed":
         logger.warning("FORCED deploy of %s v%s without a passed QC verdict (verdict: %s)", model, version, verdict)
     switched = _switch_recorded(store, target, model, version, "deploy")
+    _record_serving(store, model, version, switched["served"], "deploy")
     archived = _promote(store, model, version, "deployed after QC" if verdict == "passed" else "forced deploy",
                         smoke=switched["smoke"])
     pruned = _prune(target, model)
     registry.record_event(store, model, "deploy", version=version, previous=switched["previous_version"],
                           archived=archived, smoke=switched["smoke"], pruned=pruned, forced=bool(force),
-                          triton=target.triton_url)
+                          triton=target.triton_url, served=switched["served"]["artifact"])
     logger.info("deployed %s v%s (previous v%s, archived v%s); pruned %s", model, version,
                 switched["previous_version"], archived, pruned)
     return {"model": model, "deployed_version": version, "previous_version": switched["previous_version"],
@@ -827,6 +869,7 @@ def rollback(store: Store, model: str, version: int, target: ServingTarget | Non
     if manifest.get("stage") == "rejected":
         raise registry.RegistryError(f"{model} v{version} was rejected by QC; roll back to a version that passed")
     switched = _switch_recorded(store, target, model, version, "rollback")
+    _record_serving(store, model, version, switched["served"], "rollback")
     replaced = _promote(store, model, version, f"rollback: {reason}", served_before=switched["previous_version"])
     registry.record_event(store, model, "rollback", version=version, previous=switched["previous_version"],
                           archived=replaced, reason=reason, smoke=switched["smoke"], triton=target.triton_url)

@@ -9,8 +9,15 @@ golden set (1,000 real digits never put in any drop, ``tasks.steps.drops.golden_
 * ``no_regression``: champion accuracy - candidate accuracy <= ``max_regression`` (same set);
 * ``parity_onnx_torch``: max |ONNX - PyTorch| over logits and embedding <= ``max_parity_diff``;
 * ``parity_trt_onnx``: the same for the TensorRT engine when one was compiled (else skipped, with why);
-* ``triton_serves``: the candidate loads in a real Triton (a throw-away server on loopback) and its
-  answers through the ensemble agree with ONNX Runtime;
+* ``compiled_int8`` / ``compiled_opt``: each CPU-compiled artefact (``model.int8.onnx``,
+  ``model.opt.onnx``, see ``tasks.steps.compile``) against the ``model.onnx`` it came from on the
+  golden set: label agreement >= ``min_compiled_agreement``, accuracy drop <=
+  ``max_compiled_accuracy_delta``, every class's recall drop <= ``max_compiled_recall_delta``.
+  These gate the *artefact*, not the version: a failing one is not served (the report's
+  ``serving`` says which file deploy will serve and why: INT8 if it passed, else the optimised
+  model, else ``model.onnx``), and the version's verdict does not depend on them;
+* ``triton_serves``: the candidate (the artefact it will be served as) loads in a real Triton (a
+  throw-away server on loopback) and its answers through the ensemble agree with ONNX Runtime;
 * ``latency_p95``: p95 latency at batch 1 through that Triton <= ``p95_latency_ms``.
 
 Thresholds come from ``MLPIPE_QC_*`` environment variables (or CLI flags). Output:
@@ -68,6 +75,9 @@ class QCThresholds:
     p95_latency_ms: float = 50.0
     latency_requests: int = 200
     triton_check: bool = True
+    min_compiled_agreement: float = 0.99
+    max_compiled_accuracy_delta: float = 0.005
+    max_compiled_recall_delta: float = 0.02
 
     @classmethod
     def from_env(cls, **overrides: Any) -> "QCThresholds":
@@ -81,12 +91,13 @@ class QCThresholds:
 
     def validate(self) -> None:
         """Raise ValueError naming the first threshold that makes no sense."""
-        for name in ("min_accuracy", "min_class_recall"):
+        for name in ("min_accuracy", "min_class_recall", "min_compiled_agreement"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"QC threshold {name} (MLPIPE_QC_{name.upper()}) must be a fraction in [0, 1], "
                                  f"got {value}")
-        for name in ("max_regression", "max_parity_diff", "max_trt_parity_diff", "p95_latency_ms"):
+        for name in ("max_regression", "max_parity_diff", "max_trt_parity_diff", "p95_latency_ms",
+                     "max_compiled_accuracy_delta", "max_compiled_recall_delta"):
             if getattr(self, name) < 0:
                 raise ValueError(f"QC threshold {name} (MLPIPE_QC_{name.upper()}) must be >= 0, "
                                  f"got {getattr(self, name)}")
@@ -146,7 +157,7 @@ def triton_runner():
 
 
 def _triton_checks(model: str, version: int, onnx_path: Path, images, ort_labels, th: QCThresholds,
-                   work: Path) -> list[dict[str, Any]]:
+                   work: Path, artifact: str = layout.MODEL_ONNX) -> list[dict[str, Any]]:
     """Load the candidate in a throw-away local Triton (InfraValidator); check its answers and batch-1 latency."""
     import numpy as np
 
@@ -179,7 +190,8 @@ def _triton_checks(model: str, version: int, onnx_path: Path, images, ort_labels
                 agree = float(np.mean(labels == ort_labels[:len(labels)])) if len(labels) == n else 0.0
                 ok = len(labels) == n and emb_shape == [n, 64] and agree >= 0.99
                 serves = _check("triton_serves", ok,
-                                f"{n} golden images through the ensemble {model!r} (classifier v{version}): "
+                                f"{n} golden images through the ensemble {model!r} (classifier v{version}, "
+                                f"serving {artifact}): "
                                 f"{agree:.1%} of labels agree with ONNX Runtime; LABEL {len(labels)} rows, "
                                 f"EMBEDDING {emb_shape}", round(agree, 4), 0.99)
                 if not ok:
@@ -252,6 +264,101 @@ def _trt_parity(store: Store, model: str, version: int, x, ort_logits, ort_emb, 
     except Exception as exc:  # noqa: BLE001
         _raise_if_outage(exc)
         return _check("parity_trt_onnx", False, f"TensorRT engine could not be run for parity: {exc}")
+
+
+COMPILED_CHECKS = {layout.MODEL_INT8_ONNX: "compiled_int8", layout.MODEL_OPT_ONNX: "compiled_opt"}
+
+
+def _compiled_checks(store: Store, model: str, version: int, x, y, onnx_path: Path, pred, acc: float,
+                     recalls: list[float], th: QCThresholds, work: Path
+                     ) -> tuple[list[dict[str, Any]], dict[str, Any], Path, Any]:
+    """Gate each CPU-compiled artefact against ``model.onnx`` on the golden set; choose what is served.
+
+    Returns (checks, serving, the served file, its golden labels). A check's ``gates`` is
+    ``"artifact"``: its failure keeps that file from being served, it never fails the version."""
+    import numpy as np
+
+    from tasks.adapters.storage import ObjectNotFound
+    from tasks.contracts.files import sha256_file
+    from tasks.model.networks import EMBEDDING_DIM
+
+    try:
+        report = store.get_json(layout.version_file_key(model, version, layout.COMPILE_JSON))
+        compiled = (report.get("cpu") or {}).get("artifacts") or {}
+        missing = "not in the compile report"
+    except ObjectNotFound:
+        compiled, missing = {}, "not compiled (no compile report for this version)"
+    checks: list[dict[str, Any]] = []
+    passed: dict[str, tuple[Path, str, Any, dict[str, Any]]] = {}
+    why_not: dict[str, str] = {}
+    for name in layout.CPU_COMPILED:
+        cname = COMPILED_CHECKS[name]
+        info = compiled.get(name)
+        if not info or info.get("status") != "compiled":
+            why = missing if not info else f"not compiled: {info.get('reason') or info.get('status')}"
+            why_not[name] = why
+            checks.append({**_check(cname, None, f"skipped: {name} {why}"), "gates": "artifact", "artifact": name})
+            continue
+        try:
+            path = store.get_file(layout.compiled_model_key(model, version, name), work / name)
+            sha = sha256_file(path)
+            if info.get("sha256") and sha != info["sha256"]:
+                raise ValueError(f"the stored file (sha256 {sha[:12]}) is not the one compile built "
+                                 f"({str(info['sha256'])[:12]})")
+            c_logits, c_emb = _ort_predict(path, x)
+            if c_logits.shape != (len(y), NUM_CLASSES) or c_emb.shape != (len(y), EMBEDDING_DIM):
+                raise ValueError(f"outputs logits {list(c_logits.shape)}, embedding {list(c_emb.shape)}")
+            if not (np.isfinite(c_logits).all() and np.isfinite(c_emb).all()):
+                raise ValueError("NaN or infinite outputs on the golden set")
+        except Exception as exc:  # noqa: BLE001 - an unusable compiled file is a failed check, not a crash
+            _raise_if_outage(exc)
+            detail = f"{name} cannot be evaluated: {type(exc).__name__}: {str(exc).strip()[:300]}"
+            why_not[name] = detail
+            checks.append({**_check(cname, False, detail, threshold=th.min_compiled_agreement), "gates": "artifact",
+                           "artifact": name})
+            continue
+        c_pred = c_logits.argmax(1)
+        agree = float(np.mean(c_pred == pred))
+        c_acc = float(np.mean(c_pred == y))
+        c_recalls = _recalls(_confusion(y, c_pred))
+        drops = [r - c for r, c in zip(recalls, c_recalls)]
+        worst = int(np.argmax(drops))
+        acc_drop, rec_drop = acc - c_acc, float(drops[worst])
+        failures = []
+        if agree < th.min_compiled_agreement:
+            failures.append(f"label agreement {agree:.2%} < {th.min_compiled_agreement:.2%}")
+        if acc_drop > th.max_compiled_accuracy_delta + 1e-12:
+            failures.append(f"accuracy drop {acc_drop:.4f} > {th.max_compiled_accuracy_delta:g}")
+        if rec_drop > th.max_compiled_recall_delta + 1e-12:
+            failures.append(f"class {worst} recall drop {rec_drop:.3f} > {th.max_compiled_recall_delta:g}")
+        detail = (f"{name} vs model.onnx on {len(y)} golden images: labels agree {agree:.2%} (min "
+                  f"{th.min_compiled_agreement:.2%}), accuracy {c_acc:.4f} vs {acc:.4f} (drop {acc_drop:+.4f}, max "
+                  f"{th.max_compiled_accuracy_delta:g}), largest per-class recall drop {rec_drop:+.3f} (class {worst}, "
+                  f"max {th.max_compiled_recall_delta:g})" + (f": FAILED ({'; '.join(failures)})" if failures else ""))
+        check = {**_check(cname, not failures, detail, round(agree, 4), th.min_compiled_agreement),
+                 "gates": "artifact", "artifact": name, "sha256": sha, "bytes": path.stat().st_size,
+                 "accuracy": round(c_acc, 4), "accuracy_drop": round(acc_drop, 4), "recall_drop": round(rec_drop, 4),
+                 "worst_class": worst, "per_class_recall": c_recalls}
+        checks.append(check)
+        if failures:
+            why_not[name] = f"{name} failed its check against model.onnx ({'; '.join(failures)})"
+        else:
+            passed[name] = (path, sha, c_pred, check)
+    chosen = next((n for n in layout.CPU_COMPILED if n in passed), None)
+    rejected = [why_not[n] for n in layout.CPU_COMPILED if n in why_not and (chosen is None or
+                                                                              layout.CPU_COMPILED.index(n) <
+                                                                              layout.CPU_COMPILED.index(chosen))]
+    if chosen is not None:
+        path, sha, c_pred, check = passed[chosen]
+        reason = (f"{chosen} passed its check against model.onnx (labels agree {check['value']:.2%}, accuracy drop "
+                  f"{check['accuracy_drop']:+.4f}, largest recall drop {check['recall_drop']:+.3f})")
+        if rejected:
+            reason = "; ".join(rejected) + f"; {reason}"
+        serving = {"artifact": chosen, "sha256": sha, "reason": reason}
+        return checks, {**serving, "flavour": "local"}, path, c_pred
+    reason = "no compiled artefact passed QC: " + "; ".join(why_not[n] for n in layout.CPU_COMPILED)
+    serving = {"artifact": layout.MODEL_ONNX, "sha256": sha256_file(onnx_path), "reason": reason, "flavour": "local"}
+    return checks, serving, onnx_path, pred
 
 
 def _raise_if_outage(exc: BaseException) -> None:
@@ -371,15 +478,23 @@ def evaluate(store: Store, model: str, version: int, th: QCThresholds, work: Pat
         checks.append(_check("parity_onnx_torch", False, "model.pt missing: parity with PyTorch cannot be shown"))
 
     checks.append(_trt_parity(store, model, version, x, logits, emb, th, work))
+    compiled_checks, serving, served_path, served_pred = _compiled_checks(store, model, version, x, y, onnx_path,
+                                                                          pred, acc, recalls, th, work)
+    checks.extend(compiled_checks)
+    report["serving"] = {**serving, "note": "the local flavour serves this file as the classifier's model.onnx; "
+                         "the production flavour serves model.plan when one was compiled, else model.onnx"}
     if th.triton_check:
-        checks.extend(_triton_checks(model, version, onnx_path, images, pred, th, work))
+        checks.extend(_triton_checks(model, version, served_path, images, served_pred, th, work,
+                                     artifact=serving["artifact"]))
     else:
         checks.append(_check("triton_serves", None, "skipped: MLPIPE_QC_TRITON_CHECK=0"))
         checks.append(_check("latency_p95", None, "skipped: MLPIPE_QC_TRITON_CHECK=0"))
 
-    failed = [c for c in checks if c["passed"] is False]
+    failed = [c for c in checks if c["passed"] is False and c.get("gates") != "artifact"]
     report["verdict"] = "failed" if failed else "passed"
     report["reasons"] = [f"{c['name']}: {c['detail']}" for c in failed]
+    report["artifact_failures"] = [f"{c['name']}: {c['detail']}" for c in checks
+                                   if c["passed"] is False and c.get("gates") == "artifact"]
     report["training_metrics"] = {k: manifest.get("metrics", {}).get(k) for k in ("val_accuracy", "golden_accuracy")}
     return report
 
@@ -439,6 +554,9 @@ def render_html(report: dict[str, Any]) -> str:
     figs = "".join(f"<figure><img src='data:image/png;base64,{b64}' alt='{t}'><figcaption>{t}</figcaption></figure>"
                    for t, b64 in images)
     verdict = report["verdict"]
+    serving = report.get("serving")
+    serving_html = (f"<p><b>Served artefact:</b> {html.escape(serving['artifact'])}: {html.escape(serving['reason'])}"
+                    "</p>" if serving else "")
     return f"""<!doctype html><html><head><meta charset="utf-8">
 <title>QC {html.escape(report['model'])} v{report['version']}: {verdict}</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1100px}}table{{border-collapse:collapse}}
@@ -448,7 +566,7 @@ td,th{{border:1px solid #d0d7de;padding:4px 8px;text-align:left;vertical-align:t
 <p class="verdict">{verdict.upper()}</p><p>{html.escape(report.get('at', ''))} &middot; golden set of
 {report['golden_set_size']} real digits never seen in training</p>
 <ul>{''.join(f'<li>{html.escape(r)}</li>' for r in report['reasons'])}</ul>
-<table><tr><th>check</th><th>status</th><th>value</th><th>threshold</th><th>detail</th></tr>{rows}</table>
+{serving_html}<table><tr><th>check</th><th>status</th><th>value</th><th>threshold</th><th>detail</th></tr>{rows}</table>
 {figs}</body></html>"""
 
 
@@ -480,10 +598,15 @@ def run_qc(store: Store, model: str, version: int, th: QCThresholds | None = Non
                "report_json": report["report_json_uri"], "at": report["at"]}
     if report.get("overrides"):
         verdict["overrides"] = report["overrides"]
+    if report.get("serving"):
+        verdict["serving"] = {k: report["serving"][k] for k in ("artifact", "sha256", "reason", "flavour")}
     # the verdict on the version manifest through the registry (its only writer: no lost stage change)
     registry.update_version(store, model, version, lambda m: {**m, "qc": verdict}, event="qc",
                             verdict=report["verdict"], reasons=report["reasons"],
-                            overrides=report.get("overrides", []))
+                            overrides=report.get("overrides", []),
+                            serving=(report.get("serving") or {}).get("artifact"))
+    if report.get("serving"):
+        logger.info("qc serving: %s (%s)", report["serving"]["artifact"], report["serving"]["reason"])
     if report["verdict"] == "failed":
         # only a candidate is rejected, decided at the moment of the write
         if registry.set_stage(store, model, version, "rejected", "QC gate failed: " + "; ".join(report["reasons"]),
