@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from tasks.adapters.kafka import CommitResult, DeliveryError, Incarnation, KafkaConfig, Record
-from tasks.serving.consumer import InferenceUnavailable
+from tasks.serving.consumer import InferenceBackend, InferenceUnavailable, QdrantPolicy, StreamConfig, StreamConsumer
 from tasks.serving.consumer.backend import InferenceRejected
 from tasks.serving.consumer.records import message_size
 
@@ -414,3 +414,34 @@ class World:
 
     def commits(self) -> list[tuple[dict[tuple[str, int], int], bool]]:
         return [data for kind, data in self.events if kind == "commit"]
+
+
+# --------------------------------------------------------------------------- driving the loop
+
+
+def loop_config(**kw) -> StreamConfig:
+    """A StreamConfig for the loop against the fakes: small batches, fast backoff, no HTTP server."""
+    base = dict(max_batch=8, max_wait_ms=2, inflight=2, http_port=None, create_topics=False, exit_when_idle_s=0.05,
+                backoff_initial_s=0.005, backoff_max_s=0.02, drain_timeout_s=2.0, commit_interval_ms=0,
+                qdrant_policy=QdrantPolicy.parse("all"))
+    base.update(kw)
+    return StreamConfig(**base)
+
+
+def consumer(world: World, backend: InferenceBackend, cfg: StreamConfig, **kw) -> StreamConsumer:
+    return StreamConsumer(world.kafka, cfg, backend=backend, vectors=world.vectors,
+                          consumer_factory=world.consumer_factory, producer_factory=world.producer_factory, **kw)
+
+
+def run(c: StreamConsumer, limit_s: float = 5.0) -> dict:
+    """``c.run()``, stopped after ``limit_s`` should it not exit by itself (a hung test fails, it does not hang)."""
+    timer = threading.Timer(limit_s, c.stop)
+    timer.start()
+    try:
+        return c.run()
+    finally:
+        timer.cancel()
+
+
+def everything(world: World) -> set[tuple[int, int]]:
+    return {(p, o) for p, recs in world.log.items() for o in range(len(recs))}

@@ -14,42 +14,9 @@ import time
 
 import pytest
 
-from tasks.serving.consumer import Backoff, InferenceBackend, QdrantPolicy, StreamConfig, StreamConsumer
-from tasks.serving.consumer import loop as loop_module
+from tasks.serving.consumer import Backoff, InferenceBackend
 from tasks.serving.consumer.backoff import bounds
-from tests.unit.serving.fakes import FakeBackend, World
-
-
-@pytest.fixture(autouse=True)
-def _no_gc_tuning(monkeypatch):
-    monkeypatch.setattr(loop_module, "tune_gc", lambda: None)  # gc.freeze() would outlive the test
-
-
-def config(**kw) -> StreamConfig:
-    base = dict(max_batch=8, max_wait_ms=2, inflight=2, http_port=None, create_topics=False, exit_when_idle_s=0.05,
-                backoff_initial_s=0.005, backoff_max_s=0.02, drain_timeout_s=2.0, commit_interval_ms=0,
-                qdrant_policy=QdrantPolicy.parse("all"))
-    base.update(kw)
-    return StreamConfig(**base)
-
-
-def consumer(world: World, backend: InferenceBackend, cfg: StreamConfig, **kw) -> StreamConsumer:
-    return StreamConsumer(world.kafka, cfg, backend=backend, vectors=world.vectors,
-                          consumer_factory=world.consumer_factory, producer_factory=world.producer_factory, **kw)
-
-
-def run(c: StreamConsumer, limit_s: float = 5.0) -> dict:
-    """``c.run()``, stopped after ``limit_s`` should it not exit by itself (a hung test fails, it does not hang)."""
-    timer = threading.Timer(limit_s, c.stop)
-    timer.start()
-    try:
-        return c.run()
-    finally:
-        timer.cancel()
-
-
-def everything(world: World) -> set[tuple[int, int]]:
-    return {(p, o) for p, recs in world.log.items() for o in range(len(recs))}
+from tests.unit.serving.fakes import FakeBackend, World, consumer, everything, loop_config as config, run
 
 
 def assert_commits_in_order(world: World) -> dict[tuple[str, int], int]:

@@ -15,50 +15,24 @@ import json
 import threading
 import time
 
-import pytest
 
 from tasks.adapters.kafka import Incarnation, Record
 from tasks.contracts.layout import dlq_original_prefix
 from tasks.contracts.messages import DEFAULT_MAX_MESSAGE_BYTES, R_INFERENCE_FAILED, R_OVERSIZE_HEADERS
-from tasks.serving.consumer import QdrantPolicy, StreamConfig, StreamConsumer
-from tasks.serving.consumer import loop as loop_module
+from tasks.serving.consumer import StreamConfig
 from tasks.serving.consumer.backend import InferenceRejected, is_permanent
 from tasks.serving.consumer.bisect import bisect_infer
 from tasks.serving.consumer.records import dead_letter_records, decode_frames, message_size
-from tests.unit.serving.fakes import FakeBackend, FakeStore, World, frame, outputs, pixels, source_of
+from tests.unit.serving.fakes import (FakeBackend, FakeStore, World, consumer, everything, frame, loop_config, outputs,
+                                      pixels, run, source_of)
 
 MB2 = 2_000_000
 
 
-@pytest.fixture(autouse=True)
-def _no_gc_tuning(monkeypatch):
-    monkeypatch.setattr(loop_module, "tune_gc", lambda: None)
 
 
 def config(**kw) -> StreamConfig:
-    base = dict(max_batch=8, max_wait_ms=2, inflight=2, http_port=None, create_topics=False, exit_when_idle_s=0.05,
-                backoff_initial_s=0.005, backoff_max_s=0.02, drain_timeout_s=2.0, commit_interval_ms=0,
-                qdrant_policy=QdrantPolicy.parse("all"), broker_check_s=0.0)
-    base.update(kw)
-    return StreamConfig(**base)
-
-
-def consumer(world: World, backend, cfg: StreamConfig, **kw) -> StreamConsumer:
-    return StreamConsumer(world.kafka, cfg, backend=backend, vectors=world.vectors,
-                          consumer_factory=world.consumer_factory, producer_factory=world.producer_factory, **kw)
-
-
-def run(c: StreamConsumer, limit_s: float = 5.0) -> dict:
-    timer = threading.Timer(limit_s, c.stop)
-    timer.start()
-    try:
-        return c.run()
-    finally:
-        timer.cancel()
-
-
-def everything(world: World) -> set[tuple[int, int]]:
-    return {(p, o) for p, recs in world.log.items() for o in range(len(recs))}
+    return loop_config(**{"broker_check_s": 0.0, **kw})  # the broker-incarnation tests turn it on
 
 
 def dead_letters(world: World) -> dict[tuple[int, int], dict[str, bytes]]:
