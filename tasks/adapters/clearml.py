@@ -381,6 +381,28 @@ def start_run(project: str, name: str, params: Mapping[str, Any] | None = None, 
 # --------------------------------------------------------------------------- registry mirror
 
 
+@contextlib.contextmanager
+def _registry_run(name: str, params: Mapping[str, Any], tags: Iterable[str]) -> Iterator[tuple[TrackingRun, bool,
+                                                                                              dict[str, Any]]]:
+    """The run a registry mirror records on: the one open in this process (``nested`` True), else a new
+    ``custom`` task that is closed afterwards, its offline session path put into ``closed`` then."""
+    from tasks.config import load_settings
+
+    current = active_run()
+    run = current or start_run(load_settings().clearml.project, name, params, tags=tags, task_type="custom")
+    closed: dict[str, Any] = {}
+    try:
+        yield run, current is not None, closed
+    except Exception:
+        if current is None:
+            run.close()
+        raise
+    if current is None:
+        info = run.close()
+        if "offline_session" in info:
+            closed["offline_session"] = info["offline_session"]
+
+
 def mirror_model_version(model_name: str, version: int, stage: str, metrics: Mapping[str, Any],
                          lineage: Mapping[str, Any], onnx_path: str | Path | None = None) -> dict[str, Any]:
     """Mirror a registry version to ClearML: a ``custom`` task with the lineage and metrics,
@@ -391,16 +413,11 @@ def mirror_model_version(model_name: str, version: int, stage: str, metrics: Map
     Returns ``task_id``, ``model_id``, ``offline``, ``offline_session`` (offline), ``warning``.
     If a run is already open in this process, the version is recorded on that run.
     """
-    from tasks.config import load_settings
-
-    project = load_settings().clearml.project
     params = {"model": model_name, "version": int(version), "stage": stage}
     tags = ("registry", model_name, f"v{version}", stage)
     numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    current = active_run()
-    run = current or start_run(project, f"{model_name} v{version} [{stage}]", params, tags=tags, task_type="custom")
-    try:
-        if current is not None:
+    with _registry_run(f"{model_name} v{version} [{stage}]", params, tags) as (run, current, closed):
+        if current:
             run.log_params(params, name=f"registry_{model_name}_v{version}")
         run.log_configuration(f"lineage_v{version}" if current else "lineage", lineage)
         run.log_configuration(f"metrics_v{version}" if current else "metrics", dict(metrics))
@@ -417,14 +434,7 @@ def mirror_model_version(model_name: str, version: int, stage: str, metrics: Map
         }
         if run.warning:
             result["warning"] = run.warning
-    except Exception:
-        if current is None:
-            run.close()
-        raise
-    if current is None:
-        info = run.close()
-        if "offline_session" in info:
-            result["offline_session"] = info["offline_session"]
+    result.update(closed)
     logger.info("mirrored %s v%s (%s) to ClearML task %s", model_name, version, stage, run.task_id)
     return result
 
@@ -445,20 +455,14 @@ def mirror_stage_change(model_name: str, version: int, stage: str, previous: str
     Returns ``task_id``, ``offline``, ``stage``, ``previous``, ``archived``, ``published``,
     ``model_updated`` and ``offline_session`` (offline).
     """
-    from tasks.config import load_settings
-
-    project = load_settings().clearml.project
     params = {"model": model_name, "version": int(version), "stage": stage, "previous_stage": previous or "",
               "reason": reason}
     tags = ("registry", model_name, f"v{version}", "stage-change", stage)
     archive = stage in ("archived", "rejected")
-    current = active_run()
-    run = current or start_run(project, f"{model_name} v{version} [{previous} -> {stage}]", params, tags=tags,
-                               task_type="custom")
     result: dict[str, Any] = {"model": model_name, "version": int(version), "stage": stage, "previous": previous,
                               "archived": False, "published": False, "model_updated": False}
-    try:
-        if current is not None:
+    with _registry_run(f"{model_name} v{version} [{previous} -> {stage}]", params, tags) as (run, current, closed):
+        if current:
             run.log_params(params, name=f"registry_{model_name}_v{version}_{stage}")
         elif archive:  # Task.set_archived fails offline (no system tags yet): set ClearML's archived tag itself
             tags_now = list(run.task.get_system_tags() or [])
@@ -479,14 +483,7 @@ def mirror_stage_change(model_name: str, version: int, stage: str, previous: str
         result.update(task_id=run.task_id, offline=run.offline)
         if run.offline and stage == "production":
             result["publish"] = "not possible in an offline session: publish when the session is imported"
-    except Exception:
-        if current is None:
-            run.close()
-        raise
-    if current is None:
-        info = run.close()
-        if "offline_session" in info:
-            result["offline_session"] = info["offline_session"]
+    result.update(closed)
     logger.info("mirrored the stage change of %s v%s (%s -> %s) to ClearML task %s", model_name, version,
                 previous, stage, run.task_id)
     return result

@@ -69,6 +69,14 @@ class ObjectStore(Protocol):
 
 
 class _JsonMixin:
+    """What both stores build on their own ``put_bytes`` / ``get_bytes``: JSON, text, files, folders."""
+
+    def get_file(self, key: str, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(self.get_bytes(key))  # type: ignore[attr-defined]
+        return path
+
     def put_json(self, key: str, obj: Any) -> None:
         data = json.dumps(obj, indent=2, sort_keys=True, default=str).encode()
         self.put_bytes(key, data, content_type="application/json")  # type: ignore[attr-defined]
@@ -144,12 +152,6 @@ class LocalStore(_JsonMixin):
             return path.read_bytes()
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise ObjectNotFound(key, self.url) from None
-
-    def get_file(self, key: str, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(self.get_bytes(key))
-        return path
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
@@ -279,12 +281,6 @@ class S3Store(_JsonMixin):
                 resp.release_conn()
         except Exception as exc:  # noqa: BLE001
             raise self._wrap(key, exc) from exc
-
-    def get_file(self, key: str, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(self.get_bytes(key))
-        return path
 
     def exists(self, key: str) -> bool:
         from minio.error import S3Error
