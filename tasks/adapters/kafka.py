@@ -124,7 +124,7 @@ class KafkaConfig:
             sasl_username=ks.sasl_username, sasl_password=ks.sasl_password.get_secret_value(), ssl_ca=ks.ssl_ca,
             ssl_cert=ks.ssl_cert, ssl_key=ks.ssl_key, topic_prefix=ks.topic_prefix, client_id=ks.client_id,
             partitions=ks.partitions, replication=ks.replication,
-            max_message_bytes=_max_message_bytes(ks),
+            max_message_bytes=ks.max_message_bytes,
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
         cfg = cls(**values)
@@ -224,20 +224,6 @@ class KafkaConfig:
         conf = self.common()
         conf.update(overrides)
         return conf
-
-
-def _max_message_bytes(ks: Any) -> int:
-    """``MLPIPE_MAX_MESSAGE_BYTES``: from the settings once they carry it, else from the environment."""
-    value = getattr(ks, "max_message_bytes", None)
-    if value is None:
-        import os
-
-        raw = os.environ.get("MLPIPE_MAX_MESSAGE_BYTES", "").strip()
-        try:
-            value = int(raw) if raw else DEFAULT_MAX_MESSAGE_BYTES
-        except ValueError:
-            raise ValueError(f"MLPIPE_MAX_MESSAGE_BYTES must be an integer, got {raw!r}") from None
-    return int(value)
 
 
 def _quiet_logger() -> logging.Logger:

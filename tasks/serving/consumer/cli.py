@@ -14,6 +14,7 @@ import signal
 import sys
 from typing import Any, Sequence
 
+from tasks.contracts.files import atomic_write
 from tasks.contracts.serving import MAX_BATCH
 from tasks.serving.consumer.backend import TritonBackend
 from tasks.serving.consumer.config import StreamConfig
@@ -185,13 +186,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if vectors is not None:
             vectors.close()
     if args.stats_json:
-        with open(args.stats_json + ".tmp", "w") as fh:
-            json.dump(stats, fh)
-        os.replace(args.stats_json + ".tmp", args.stats_json)
+        atomic_write(args.stats_json, json.dumps(stats), 0o644)
     if args.latency_log:
-        with open(args.latency_log + ".tmp", "w") as fh:
-            json.dump(consumer.latencies, fh)
-        os.replace(args.latency_log + ".tmp", args.latency_log)
+        atomic_write(args.latency_log, json.dumps(consumer.latencies), 0o644)
     if consumer.abandoned:  # librdkafka's handles would block the interpreter's exit on the unreachable broker
         logging.shutdown()
         sys.stdout.flush()
