@@ -6,6 +6,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 CHAOS_ARGS ?=
+# the model project of demo / bench (models/<name>/spec.yaml): digits, shapes or your own
+MODEL ?= digits
 
 .PHONY: help setup demo demo-regression test bench chaos up down status clean distclean
 
@@ -23,18 +25,18 @@ $(STAMP): requirements.txt pyproject.toml
 
 setup: $(STAMP) ## create the venv and install the pinned requirements
 
-demo: $(STAMP) ## run the retrain pipeline end to end on a generated drop; writes var/demo/summary.json
-	$(VENV)/bin/mlpipe demo
+demo: $(STAMP) ## run the retrain pipeline end to end on a generated drop (MODEL=digits|shapes|yours); writes var/demo/summary.json
+	$(VENV)/bin/mlpipe demo --model $(MODEL)
 
 demo-regression: $(STAMP) ## the demo, then a deliberately worse model that the QC gate must block
-	$(VENV)/bin/mlpipe demo --regression
+	$(VENV)/bin/mlpipe demo --model $(MODEL) --regression
 
 test: $(STAMP) ## run the test suite (starts its own local services)
 	@bash .ci/ensure-chromium
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-bench: $(STAMP) ## streaming benchmark: ORT in-process vs naive vs the consumer; writes var/bench/results.{json,md}
-	$(VENV)/bin/mlpipe bench
+bench: $(STAMP) ## streaming benchmark (MODEL=digits): ORT in-process vs naive vs the consumer; writes var/bench/results.{json,md}
+	$(VENV)/bin/mlpipe bench --model $(MODEL)
 
 chaos: $(STAMP) ## fault injection (kill -9, stalls, broker restarts, poison) on the local stack under a steady stream; writes var/chaos/results.{json,md}
 	$(VENV)/bin/mlpipe chaos $(CHAOS_ARGS)

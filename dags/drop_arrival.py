@@ -7,8 +7,9 @@ Drops without ``_SUCCESS`` are ignored until they are complete.
 1. ``new_drops``: the drop ids of the triggering events (several drops can arrive together and
    share this run) and any other complete, unclaimed drop, minus those whose ``retrain`` run
    exists already;
-2. ``trigger_retrain`` (one mapped instance per drop): ``retrain`` with ``conf={"drop_id": ...}``
-   and the run id ``drop__<drop_id>``; an existing run is skipped, never duplicated;
+2. ``trigger_retrain`` (one mapped instance per drop): ``retrain`` with ``conf={"drop_id": ...,
+   "model": ...}`` (the model the drop was made for, from its ``drop.json``; else retrain's default,
+   ``MLPIPE_MODEL_NAME``) and the run id ``drop__<drop_id>``; an existing run is skipped, never duplicated;
 3. ``claim``: marks each drop whose run exists (``triggers/drop_arrival/<id>.json``) so the
    watcher stops announcing it, also after a triggerer restart.
 
@@ -67,8 +68,12 @@ def drop_arrival():
                 log.info("drop %s: retrain run %s exists already (a repeated event): not triggering again",
                          drop_id, run_id)
                 continue
-            log.info("drop %s: triggering retrain run %s", drop_id, run_id)
-            plan.append({"trigger_run_id": run_id, "conf": {"drop_id": drop_id}})
+            conf = {"drop_id": drop_id}
+            model = drops.drop_model(store, drop_id)
+            if model:
+                conf["model"] = model
+            log.info("drop %s: triggering retrain run %s (model %s)", drop_id, run_id, model or "default")
+            plan.append({"trigger_run_id": run_id, "conf": conf})
         if not plan:
             log.info("no drop needs a new retrain run (events: %d)", len(events))
         return plan

@@ -22,6 +22,7 @@ from airflow.sdk import CronTriggerTimetable, Param, dag, task
 from mlpipe_assets import DEPLOYMENTS, DRIFT
 from mlpipe_steps import step
 from mlpipe_triggers import cron_from_env
+from tasks.config import load_settings
 
 DEFAULT_CRON = "*/30 * * * *"
 
@@ -40,6 +41,8 @@ def monitor_schedule():
     tags=["mlpipe", "monitoring"],
     doc_md=__doc__,
     params={
+        "model": Param(load_settings().model_name, type="string", pattern=r"^[a-z][a-z0-9_-]{0,62}$", title="Model",
+                       description="The model project (models/<model>/spec.yaml) whose champion is monitored."),
         "source": Param("kafka", type="string", enum=["kafka", "qdrant"], title="Source",
                         description="kafka: the 'predictions' topic (and the frames for embeddings); "
                                     "qdrant: the prediction collection with its embeddings."),
@@ -55,7 +58,7 @@ def monitor_schedule():
 )
 def monitor():
     analyze = step("analyze", "monitor",
-                   ["--source", "{{ params.source }}", "--window", "{{ params.window }}",
+                   ["--model", "{{ params.model }}", "--source", "{{ params.source }}", "--window", "{{ params.window }}",
                     "--min-samples", "{{ params.min_samples }}", "--max-class-psi", "{{ params.max_class_psi }}",
                     "--max-embedding-cosine", "{{ params.max_embedding_cosine }}", "--no-champion-ok"],
                    retries=2, inlets=[DEPLOYMENTS])

@@ -10,6 +10,7 @@ from airflow.sdk import Param, dag
 
 from mlpipe_assets import DEPLOYMENTS
 from mlpipe_steps import SERVING_POOL, step
+from tasks.config import load_settings
 
 
 @dag(
@@ -21,6 +22,8 @@ from mlpipe_steps import SERVING_POOL, step
     tags=["mlpipe", "serving"],
     doc_md=__doc__,
     params={
+        "model": Param(load_settings().model_name, type="string", pattern=r"^[a-z][a-z0-9_-]{0,62}$", title="Model",
+                       description="The model project (models/<model>/spec.yaml) to roll back."),
         "version": Param(1, type="integer", minimum=1, title="Version",
                          description="Registered model version to serve (must exist and not be rejected)."),
         "reason": Param("manual rollback", type="string", maxLength=200, title="Reason",
@@ -28,7 +31,7 @@ from mlpipe_steps import SERVING_POOL, step
     },
 )
 def rollback():
-    step("rollback", "deploy", ["rollback", "--version", "{{ params.version }}", "--reason", "{{ params.reason }}"], retries=1,
+    step("rollback", "deploy", ["--model", "{{ params.model }}", "rollback", "--version", "{{ params.version }}", "--reason", "{{ params.reason }}"], retries=1,
          pool=SERVING_POOL, outlets=[DEPLOYMENTS])
 
 

@@ -6,7 +6,8 @@
    yet are left to ``drop_arrival``; drops that failed validation are never trained on.
 2. ``trigger_retrain``: one ``retrain`` run with ``drop_id`` = the newest of them and
    ``extra_drop_ids`` = the others (one model trained on all of them). Its run id is derived from
-   the set of drops, so the same set is never retrained twice.
+   the set of drops, so the same set is never retrained twice; ``model`` = ``MLPIPE_MODEL_NAME`` (the model
+   whose champion is compared).
 
 Schedule: ``MLPIPE_RETRAIN_CRON`` (cron, UTC; default ``0 3 * * *``; ``off`` for none), read when
 the DAG file is parsed, **or** an event of the ``mlpipe_drift`` asset (the monitor's retrain
@@ -67,7 +68,7 @@ def scheduled_retrain():
         if not result["drops"]:
             log.info("%s; ending early", message)
             raise AirflowSkipException(message)
-        result["conf"].update({"epochs": params["epochs"], "seed": params["seed"]})
+        result["conf"].update({"epochs": params["epochs"], "seed": params["seed"], "model": cfg.model_name})
         log.info("%s; triggering retrain run %s", message, result["run_id"])
         return result
 

@@ -7,6 +7,7 @@ USER airflow
 COPY requirements.txt /opt/mlpipe/requirements.txt
 RUN pip install --no-cache-dir -r /opt/mlpipe/requirements.txt
 COPY tasks /opt/mlpipe/tasks
+COPY models /opt/mlpipe/models
 COPY dags /opt/airflow/dags
 COPY plugins /opt/airflow/plugins
 COPY airflow.cfg /opt/airflow/airflow.cfg

@@ -10,6 +10,7 @@ RUN grep -E '^(confluent-kafka|tritonclient\[http,grpc\]|qdrant-client|numpy|pil
     && test "$(wc -l < consumer-requirements.txt)" -eq 6 \
     && pip install --no-cache-dir -r consumer-requirements.txt
 COPY tasks ./tasks
+COPY models ./models
 # MLPIPE_HOME must be writable by the non-root user (only local-mode Qdrant writes there; in a pod
 # MLPIPE_QDRANT_URL points at the Qdrant server). The HTTP endpoint listens on all interfaces so the
 # kubelet's probes and Prometheus reach /healthz, /readyz and /metrics.

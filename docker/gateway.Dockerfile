@@ -9,6 +9,7 @@ RUN grep -E '^(confluent-kafka|fastapi|uvicorn|pillow)==' requirements.txt > gat
     && test "$(wc -l < gateway-requirements.txt)" -eq 4 \
     && pip install --no-cache-dir -r gateway-requirements.txt python-multipart==0.0.34
 COPY tasks ./tasks
+COPY models ./models
 ENV PYTHONPATH=/opt/mlpipe PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 MLPIPE_HOME=/tmp/mlpipe \
     MLPIPE_GATEWAY_HOST=0.0.0.0 MLPIPE_GATEWAY_PORT=8080
 USER 65534

@@ -5,6 +5,7 @@ WORKDIR /opt/mlpipe
 COPY requirements.txt .
 RUN pip install --no-cache-dir -r requirements.txt
 COPY tasks ./tasks
+COPY models ./models
 COPY model_repo ./model_repo
 ENV PYTHONPATH=/opt/mlpipe PYTHONUNBUFFERED=1
 USER 65534

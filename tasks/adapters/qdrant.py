@@ -1,7 +1,7 @@
 """The vector store: the only module that talks to Qdrant.
 
-Predictions (with their 64-d embeddings) are stored in the collection
-``predictions`` (cosine distance); the point id is the frame id (a UUID), so
+Predictions (with their embeddings, sized by the model spec's ``embedding_dim``) are stored in the
+collection ``predictions`` (cosine distance; ``MLPIPE_QDRANT_COLLECTION``); the point id is the frame id (a UUID), so
 writing the same prediction twice leaves one point (idempotent upserts).
 
 Where the points live (``QdrantSettings.from_env``):
@@ -34,7 +34,6 @@ from tasks.contracts.errors import Transient
 logger = logging.getLogger(__name__)
 
 COLLECTION = "predictions"
-VECTOR_SIZE = 64
 
 
 class VectorStoreError(Transient, RuntimeError):
@@ -110,11 +109,17 @@ class VectorStore:
         self.collection = settings.collection
         self._tuned = False
 
-    def ensure_collection(self, size: int = VECTOR_SIZE) -> bool:
-        """Create the collection (cosine, ``size``) if missing; True when created."""
+    def ensure_collection(self, size: int) -> bool:
+        """Create the collection (cosine, ``size``-d: the model spec's ``embedding_dim``) if missing; True when
+        created. An existing collection of another size is a ``VectorStoreError`` naming both sizes."""
         from qdrant_client import models
 
         if self._client.collection_exists(self.collection):
+            have = self.vector_size()
+            if have is not None and have != size:
+                raise VectorStoreError(f"Qdrant collection {self.collection!r} ({self.settings.describe()}) holds "
+                                       f"{have}-d vectors, this model's embeddings are {size}-d: give this model its "
+                                       "own collection (MLPIPE_QDRANT_COLLECTION) or path (MLPIPE_QDRANT_PATH)")
             self._tune_local_storage()
             return False
         self._client.create_collection(
@@ -161,6 +166,13 @@ class VectorStore:
             raise VectorStoreError(f"upsert of {len(structs)} point(s) to {self.collection} "
                                    f"({self.settings.describe()}) failed: {exc}") from exc
         return len(structs)
+
+    def vector_size(self) -> int | None:
+        """The vector size of the existing collection (None when missing or not a single unnamed vector)."""
+        if not self._client.collection_exists(self.collection):
+            return None
+        vectors = self._client.get_collection(self.collection).config.params.vectors
+        return int(vectors.size) if hasattr(vectors, "size") else None
 
     def count(self) -> int:
         if not self._client.collection_exists(self.collection):
@@ -213,11 +225,19 @@ class VectorStore:
         self.close()
 
 
-def open_vectors(settings: QdrantSettings | None = None, create: bool = True, **overrides: Any) -> VectorStore:
-    """Open the prediction collection (settings from the environment unless given)."""
+def open_vectors(settings: QdrantSettings | None = None, create: bool = True, size: int | None = None,
+                 **overrides: Any) -> VectorStore:
+    """Open the prediction collection (settings from the environment unless given); ``create``: make it, of
+    ``size``-d vectors (the model spec's ``embedding_dim``), when missing."""
+    if create and size is None:
+        raise ValueError("open_vectors(create=True) needs the vector size (the model spec's embedding_dim)")
     vs = VectorStore(settings or QdrantSettings.from_env(**overrides))
     if create:
-        vs.ensure_collection()
+        try:
+            vs.ensure_collection(size)  # type: ignore[arg-type]
+        except BaseException:
+            vs.close()
+            raise
     return vs
 
 

@@ -1,7 +1,7 @@
 """Triton client: the only module that talks to a Triton server.
 
 ``TritonClient``: health, repository control (load / unload / index) and
-``infer_images`` for the ensemble, over gRPC (default) or HTTP. Every failure
+``infer_frames`` (encoded frames) for the ensemble, over gRPC (default) or HTTP. Every failure
 is a ``TritonError`` naming the server URL, the model and what failed.
 The local server (the ``tritonserver`` binary of the nvidia-pytriton wheel) is
 ``tasks.local.triton``; ``tasks.model.serve.serve_classifier_version`` pins and
@@ -16,12 +16,11 @@ import time
 from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 from tasks.contracts.errors import Transient
-from tasks.contracts.serving import MAX_BATCH
+from tasks.contracts.serving import ENSEMBLE_OUTPUTS, FRAME_INPUT, MAX_BATCH
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-ENSEMBLE_OUTPUTS = ("LABEL", "SCORE", "TOPK_LABELS", "TOPK_SCORES", "EMBEDDING")
 DEFAULT_TIMEOUT_S = 30.0
 
 
@@ -245,37 +244,25 @@ class TritonClient:
             import tritonclient.http as mod
         return mod
 
-    def infer_images(self, model_name: str, images: Any, version: str | int = "",
+    def infer_frames(self, model_name: str, frames: Sequence[bytes], version: str | int = "",
                      outputs: Sequence[str] = ENSEMBLE_OUTPUTS) -> dict[str, Any]:
-        """Run the ensemble on uint8 images ``[N, 28, 28]`` (a single ``[28, 28]`` image is allowed).
+        """Run the ensemble on encoded frames (PNG / JPEG / raw ``bytes``, one per row of the BYTES input
+        ``FRAME`` ``[N, 1]``); Triton's preprocess model decodes them as the model spec says.
 
-        Batches larger than ``max_batch_size`` are split into several requests. Returns
-        ``LABEL`` int64 ``[N, 1]``, ``SCORE`` float32 ``[N, 1]``, ``TOPK_LABELS`` int64 ``[N, 3]``,
-        ``TOPK_SCORES`` float32 ``[N, 3]``, ``EMBEDDING`` float32 ``[N, 64]``. The server checks shapes;
-        a wrong one comes back as a ``TritonError`` quoting Triton's message.
+        Returns the ensemble outputs, row i for ``frames[i]``; ``FRAME_ERROR`` (object ``[N, 1]``, bytes)
+        is ``b""`` for a frame that was used and ``b"<reason>: <detail>"`` for one that was not (its other
+        outputs are then meaningless). Batches above ``max_batch_size`` are split into several requests.
+        The frames go into the request as they are (one object array, no per-frame copy).
         """
         import numpy as np
 
-        arr = np.asarray(images)
-        if arr.dtype != np.uint8:
-            if np.issubdtype(arr.dtype, np.integer) and arr.size and (arr.min() < 0 or arr.max() > 255):
-                raise TritonError(f"Triton at {self.url}: images for model {model_name!r} must be uint8 pixels "
-                                  f"0..255, got {arr.dtype} values {arr.min()}..{arr.max()}",
-                                  url=self.url, model=model_name, what="input check")
-            if not np.issubdtype(arr.dtype, np.integer):
-                raise TritonError(f"Triton at {self.url}: images for model {model_name!r} must be uint8, "
-                                  f"got {arr.dtype} (scale float images to 0..255 and cast first)",
-                                  url=self.url, model=model_name, what="input check")
-            arr = arr.astype(np.uint8)
-        if arr.ndim == 2:
-            arr = arr[None]
-        if arr.shape[0] == 0:
-            raise TritonError(f"Triton at {self.url}: no images given for model {model_name!r}",
+        if not len(frames):
+            raise TritonError(f"Triton at {self.url}: no frames given for model {model_name!r}",
                               url=self.url, model=model_name, what="input check")
-        parts = [self.infer(model_name, {"IMAGE": arr[i:i + self.max_batch_size]}, outputs, version)
+        arr = np.empty((len(frames), 1), dtype=object)
+        arr[:, 0] = frames
+        parts = [self.infer(model_name, {FRAME_INPUT: arr[i:i + self.max_batch_size]}, outputs, version)
                  for i in range(0, arr.shape[0], self.max_batch_size)]
         if len(parts) == 1:
             return parts[0]
         return {o: np.concatenate([p[o] for p in parts], axis=0) for o in outputs}
-
-

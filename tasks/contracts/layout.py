@@ -95,15 +95,19 @@ def images_prefix(drop_id: str) -> str:
     return f"{DROPS}/{drop_id}/{IMAGES_DIR}/"
 
 
-def image_key(drop_id: str, image_id: str) -> str:
-    return f"{DROPS}/{drop_id}/{IMAGES_DIR}/{image_id}.png"
+def image_key(drop_id: str, image_id: str, ext: str = "png") -> str:
+    """``drops/<id>/images/<image_id>.<ext>``: ``ext`` is the model's image encoding's (``png``, ``jpg``;
+    ``tasks.steps.drops.image_key`` picks it from the spec)."""
+    return f"{DROPS}/{drop_id}/{IMAGES_DIR}/{image_id}.{ext}"
 
 
 def image_id_from_key(drop_id: str, key: str) -> str | None:
-    """``drops/<id>/images/<image_id>.png`` -> ``<image_id>`` (None for any other key)."""
+    """``drops/<id>/images/<image_id>.<ext>`` -> ``<image_id>`` (None for any other key)."""
     prefix = images_prefix(drop_id)
-    if key.startswith(prefix) and key.endswith(".png") and "/" not in key[len(prefix):]:
-        return key[len(prefix):-len(".png")]
+    name = key[len(prefix):] if key.startswith(prefix) else ""
+    stem, dot, ext = name.rpartition(".")
+    if dot and stem and ext and "/" not in name:
+        return stem
     return None
 
 

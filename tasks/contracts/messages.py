@@ -1,14 +1,16 @@
 """Message formats that cross the Kafka boundary: topics, headers, frame encodings, dead-letter reasons.
 
-* ``frames``: key = device id; value = the encoded image; headers ``frame_id``,
+* ``frames``: key = device id; value = the encoded image (an encoding the model spec's
+  ``frames.encodings`` lists: PNG, JPEG, or raw pixels of ``frames.raw_bytes``); headers ``frame_id``,
   ``content-type``, ``captured_at`` (ISO 8601), ``traceparent`` (W3C).
-* ``predictions``: one JSON object per frame (frame id, outputs, model version,
-  latency, processed-at), keyed like the frame.
+* ``predictions``: one JSON object per frame (frame id, class id and name, outputs, model
+  version, latency, processed-at), keyed like the frame.
 * ``frames.dlq``: the original value and headers plus ``reason`` (one of
   ``DLQ_REASONS``) and a human-readable detail.
 
-The decoder of frame values is ``tasks.model.frames``; this module holds only
-the names and limits both sides agree on.
+The checks and the decoder of frame values are ``tasks.model.frames`` (sizes and
+encodings come from the model spec); this module holds only the names and limits both
+sides agree on.
 """
 
 from __future__ import annotations
@@ -25,9 +27,6 @@ H_TRACEPARENT = "traceparent"
 H_REASON = "reason"
 H_DEVICE_ID = "device_id"
 
-IMAGE_SIZE = 28
-RAW_BYTES = IMAGE_SIZE * IMAGE_SIZE
-DEFAULT_MAX_FRAME_BYTES = 64 * 1024
 #: Largest Kafka message (value + key + headers) any producer of the pipeline writes: librdkafka's default
 #: ``message.max.bytes`` (1 MB; a larger message fails with MSG_SIZE_TOO_LARGE). One setting
 #: (``MLPIPE_MAX_MESSAGE_BYTES``) sets the producers' ``message.max.bytes`` and the topics'
@@ -40,9 +39,9 @@ MAX_HEADER_VALUE_BYTES = 4 * 1024
 #: Largest frame key (device id) accepted.
 MAX_KEY_BYTES = 1024
 
-#: content types whose value is the raw pixels: 784 bytes, row-major, uint8.
+#: content types whose value is the raw pixels: the spec's ``frames.raw_bytes``, row-major, uint8.
 RAW_CONTENT_TYPES = frozenset({"application/x-raw-uint8", "application/x-mlpipe-raw"})
-#: ``application/octet-stream`` is raw when exactly 784 bytes, else decoded as an image file.
+#: ``application/octet-stream`` (or no content type): the encoding is told by the bytes (magic, or the raw size).
 OCTET_STREAM = "application/octet-stream"
 
 # Dead-letter reasons (the ``reason`` header of ``frames.dlq``).

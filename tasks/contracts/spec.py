@@ -7,11 +7,10 @@ the typed model; ``docs/model-spec.schema.json`` is its published JSON Schema (`
 schema`` prints it, ``tests/static/test_spec_schema.py`` fails when the committed file drifts);
 ``mlpipe spec check FILE`` validates a file and explains every error by field path and rule.
 
-Today the layers still read their own constants (``tasks.contracts.messages.IMAGE_SIZE``,
-``tasks.model.networks.NUM_CLASSES`` / ``EMBEDDING_DIM``, ``tasks.steps.qc.QCThresholds``,
-``tasks.steps.monitor.Thresholds``, ...); ``models/digits/spec.yaml`` describes exactly that
-model and ``tests/unit/contracts/test_spec.py`` checks that the two agree, until each layer is
-switched over to read the spec.
+Every layer reads the model's numbers from here: ``tasks.config.Settings.model_spec(name)`` finds
+``$MLPIPE_MODELS_DIR/<name>/spec.yaml`` (``find_spec``; the model name is ``MLPIPE_MODEL_NAME`` or a
+step's ``--model``). No module outside this one keeps a shape, a class count or an embedding size
+(``tests/static/test_no_model_constants.py``).
 
 Rules beyond the types (each error names its field and rule, one line each):
 
@@ -42,7 +41,7 @@ The trainer contract (both paths, the same contract; also docs/CONTRACTS.md "Mod
   ``[N, embedding_dim]``), batch axis dynamic; plus ``metrics.json`` (a JSON object of the run's
   metrics);
 * **local path**: ``trainer.entry_point`` (``module:function``) is imported and called as
-  ``function(store, drop_ids, *, run_id=..., seed=..., ...)``; it returns the result dict (at
+  ``function(store, drop_ids, *, spec=..., run_id=..., seed=..., epochs=..., ...)``; it returns the result dict (at
   least ``run_id``, ``drop_ids``, ``onnx_key``, ``metrics``) and raises the error kinds of
   ``tasks.contracts.errors`` (BadInput, Rejected, Transient);
 * **pod path**: ``trainer.image`` runs ``trainer.command`` + ``trainer.args`` (placeholders filled
@@ -252,7 +251,9 @@ class QCSpec(_Section):
 class GoldenSetSpec(_Section):
     """How the fixed held-out golden set is drawn (``tasks.steps.drops.golden_set``): never in a drop."""
 
-    source: str = Field(min_length=1, description="the labelled data it is drawn from (e.g. mnist)")
+    source: str = Field(min_length=1, description="the labelled data drops and the golden set are drawn from "
+                        "(tasks/steps/sources.py): mnist, sklearn-digits, shapes, or folder:<path> (one "
+                        "sub-folder per class name, relative to the spec file)")
     per_class: int = Field(gt=0, description="images per class")
     seed: int = Field(ge=0, description="fixes the golden/pool split forever: do not change")
 
@@ -350,6 +351,38 @@ class ModelSpec(_Section):
     def class_names(self) -> list[str]:
         return [c.name for c in self.classes]
 
+    def class_name(self, class_id: int) -> str:
+        """The name of class ``class_id`` (its id as text when out of range)."""
+        return self.classes[class_id].name if 0 <= class_id < len(self.classes) else str(class_id)
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        """Shape of one decoded uint8 image as arrays carry it: ``(H, W)`` for 1 channel, ``(H, W, 3)`` for 3
+        (what Pillow's ``np.asarray`` gives). Needs a fixed input size."""
+        inp = self.input
+        if not inp.fixed:
+            raise ValueError(f"model {self.name!r} has a variable input size: no fixed image shape")
+        return (inp.height, inp.width) if inp.channels == 1 else (inp.height, inp.width, inp.channels)  # type: ignore[return-value]
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of the ONNX input without the batch axis: ``(C, H, W)`` (NCHW) or ``(H, W, C)`` (NHWC);
+        -1 for a variable height or width."""
+        inp = self.input
+        h, w = inp.height or -1, inp.width or -1
+        return (inp.channels, h, w) if inp.layout == "NCHW" else (h, w, inp.channels)
+
+    @property
+    def pil_mode(self) -> str:
+        """Pillow mode of a decoded frame: ``L`` (1 channel) or ``RGB`` (3)."""
+        return "L" if self.input.channels == 1 else "RGB"
+
+    @property
+    def image_encoding(self) -> str:
+        """How drops and producers encode this model's images: the first encoded format of ``frames.encodings``
+        (``png`` when only raw is listed)."""
+        return next((e for e in self.frames.encodings if e != "raw"), "png")
+
     def summary(self) -> str:
         """One paragraph: what this spec declares."""
         inp, fr, norm = self.input, self.frames, self.preprocessing.normalisation
@@ -404,6 +437,39 @@ def load_spec(path: str | Path) -> ModelSpec:
 def spec_path(name: str, root: str | Path = ".") -> Path:
     """``<root>/models/<name>/spec.yaml``."""
     return Path(root) / MODELS_DIR / name / SPEC_FILE
+
+
+def known_models(models_dir: str | Path) -> list[str]:
+    """The model projects under ``models_dir``: folder names holding a ``spec.yaml``, sorted."""
+    root = Path(models_dir)
+    return sorted(p.parent.name for p in root.glob(f"*/{SPEC_FILE}")) if root.is_dir() else []
+
+
+_CACHE: dict[Path, tuple[int, int, ModelSpec]] = {}
+
+
+def find_spec(name: str, models_dir: str | Path) -> ModelSpec:
+    """The spec of model ``name``: ``<models_dir>/<name>/spec.yaml``, validated, whose ``name`` is ``name``.
+
+    Cached per file (re-read when its size or mtime changes). Raises ``SpecError`` (BadInput) when the
+    file is missing (naming the known models), invalid, or declares another name."""
+    path = Path(models_dir) / str(name) / SPEC_FILE
+    try:
+        st = path.stat()
+    except OSError:
+        known = known_models(models_dir)
+        raise SpecError(str(path), [
+            f"no model spec for {name!r}: {path} does not exist (model projects in {models_dir}: "
+            f"{', '.join(known) or 'none'}); write one (`mlpipe spec check FILE` explains it) or point "
+            f"MLPIPE_MODELS_DIR at the folder holding <name>/spec.yaml"]) from None
+    hit = _CACHE.get(path)
+    if hit is not None and hit[:2] == (st.st_mtime_ns, st.st_size):
+        return hit[2]
+    spec = load_spec(path)
+    if spec.name != name:
+        raise SpecError(str(path), [f"name: must be the model project's folder name {name!r} (got {spec.name!r})"])
+    _CACHE[path] = (st.st_mtime_ns, st.st_size, spec)
+    return spec
 
 
 def parse_spec(text: str, source: str = "<spec>") -> ModelSpec:

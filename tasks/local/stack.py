@@ -580,7 +580,7 @@ def _triton_models(spec: StackSpec) -> list[str]:
     """Models Triton loads at start: pre/postprocess always; the classifier and ensemble once deployed."""
     from tasks.model import repo as model_repo
 
-    models = [model_repo.PREPROCESS, model_repo.POSTPROCESS]
+    models = [model_repo.preprocess_name(spec.model), model_repo.postprocess_name(spec.model)]
     try:
         if model_repo.serving_version(spec.model_repo, spec.model) is not None:
             models += [model_repo.classifier_name(spec.model), spec.model]
@@ -766,7 +766,9 @@ def up(spec: StackSpec, *, env: Mapping[str, str] | None = None, out: Callable[[
         from tasks.local.triton import remove_shm_regions
         from tasks.model import repo as model_repo
 
-        model_repo.render_repo("local", spec.model_repo, spec.model)
+        from tasks.config import load_settings
+
+        model_repo.render_repo("local", spec.model_repo, load_settings().model_spec(spec.model))
         remove_shm_regions(shm_prefix(home))
     if set(missing) & set(AIRFLOW_SERVICES):
         out("preparing the Airflow metadata DB (SQLite)...")

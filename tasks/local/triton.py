@@ -290,7 +290,7 @@ class LocalTriton:
             return self
         if not self.model_repository.is_dir():
             raise TritonError(f"model repository {self.model_repository} does not exist: render it first "
-                              "(mlpipe model-repo render --out DIR)", what="start")
+                              "(mlpipe model-repo render --out DIR --model NAME)", what="start")
         python_version, libpython_dir = _python_info(self.python_exe)
         backend_dir = prepare_backends(self.backend_dir or _default_backend_dir(), python_version)
         env = self._env(libpython_dir)

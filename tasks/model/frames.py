@@ -1,131 +1,39 @@
-"""Frame values to pixels and back: the decoder every reader of ``frames`` shares (consumer, gateway, monitor),
-and the one PNG encoder / plain PNG decoder (drops, producers, tests)."""
+"""Frame values for a model spec: the cheap checks the host makes before a frame goes to Triton
+(``check_frame``: size, content type, magic bytes), the full decoder for the host's own readers
+(``decode_frame``, exactly what Triton's preprocess model does: both run ``tasks.model.frame_codec``), the
+encoder of producers (``encode_frame``) and the content type of each encoding (``content_type_of``).
+
+``encode_png`` / ``decode_png`` are the plain grayscale PNG helpers of the data drops (any size, no spec).
+"""
 
 from __future__ import annotations
 
 import io
-import struct
 from typing import TYPE_CHECKING
 
-from tasks.contracts.messages import (DEFAULT_MAX_FRAME_BYTES, IMAGE_SIZE, OCTET_STREAM, R_EMPTY, R_OVERSIZE,
-                                      R_UNDECODABLE, R_UNSUPPORTED, R_WRONG_SHAPE, RAW_BYTES, RAW_CONTENT_TYPES,
+from tasks.contracts.messages import (OCTET_STREAM, R_UNDECODABLE, R_UNSUPPORTED, R_WRONG_SHAPE, RAW_CONTENT_TYPES,
                                       FrameRejected, media_type)
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
 
-
-_PNG_SIG = b"\x89PNG\r\n\x1a\n"
-_IHDR = struct.Struct(">I4sIIBBBBB")
-_CHUNK = struct.Struct(">I4s")
-
-
-def _png_fast(payload: bytes) -> bytes | None:
-    """Pixels of an 8-bit grayscale, non-interlaced 28x28 PNG (the common case), else None.
-
-    Skips PIL's generic loader (2x faster): the IDAT stream goes straight to
-    PIL's PNG ("zip") decoder. zlib's checksum catches corrupted data.
-    """
-    from PIL import Image
-
-    if len(payload) < 45 or not payload.startswith(_PNG_SIG):
-        return None
-    length, ctype, width, height, depth, color, _comp, _filt, interlace = _IHDR.unpack_from(payload, 8)
-    if ctype != b"IHDR" or depth != 8 or color != 0 or interlace != 0:
-        return None
-    if width != IMAGE_SIZE or height != IMAGE_SIZE:
-        raise FrameRejected(R_WRONG_SHAPE, f"image is {width}x{height}, expected {IMAGE_SIZE}x{IMAGE_SIZE}")
-    pos = 8 + 12 + length
-    idat: list[bytes] = []
-    end = len(payload)
-    while pos + 8 <= end:
-        length, ctype = _CHUNK.unpack_from(payload, pos)
-        if ctype == b"IDAT":
-            idat.append(payload[pos + 8:pos + 8 + length])
-        elif ctype == b"IEND":
-            break
-        pos += 12 + length
-    if not idat:
-        raise FrameRejected(R_UNDECODABLE, "PNG has no image data (IDAT)")
-    try:
-        return Image.frombytes("L", (IMAGE_SIZE, IMAGE_SIZE), b"".join(idat), "zip", "L").tobytes()
-    except (ValueError, OSError) as exc:
-        raise FrameRejected(R_UNDECODABLE, f"PNG image data is corrupt or truncated ({exc})") from exc
-
-
-def _image_generic(payload: bytes) -> bytes:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(io.BytesIO(payload)) as im:
-            if im.size != (IMAGE_SIZE, IMAGE_SIZE):
-                raise FrameRejected(R_WRONG_SHAPE, f"image is {im.size[0]}x{im.size[1]}, "
-                                                   f"expected {IMAGE_SIZE}x{IMAGE_SIZE}")
-            if im.mode != "L":
-                raise FrameRejected(R_WRONG_SHAPE, f"image mode is {im.mode}, expected 8-bit grayscale (L)")
-            if getattr(im, "n_frames", 1) != 1:
-                raise FrameRejected(R_WRONG_SHAPE, "animated / multi-frame images are not accepted")
-            im.load()
-            return im.tobytes()
-    except FrameRejected:
-        raise
-    except UnidentifiedImageError:
-        raise FrameRejected(R_UNDECODABLE, "not a decodable image: the format is not recognised "
-                                           "(send PNG, or application/x-raw-uint8 with 784 bytes)") from None
-    except (OSError, ValueError, SyntaxError, struct.error) as exc:
-        raise FrameRejected(R_UNDECODABLE, f"not a decodable image ({type(exc).__name__}: {exc})") from exc
-    except Exception as exc:  # noqa: BLE001 - any decoder failure is a property of the bytes
-        raise FrameRejected(R_UNDECODABLE, f"image decoder failed ({type(exc).__name__}: {exc})") from exc
-
-
-def decode_pixels(payload: bytes | None, content_type: str | None = None,
-                  max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> bytes:
-    """The 784 uint8 pixels (row-major) of a frame value, or ``FrameRejected``.
-
-    ``application/x-raw-uint8``: exactly 784 raw bytes. ``application/octet-stream``:
-    raw when exactly 784 bytes, otherwise an image file. ``image/*`` or no
-    content type: an image file (PNG fast path; anything PIL reads), which
-    must be 28x28, 8-bit grayscale, one frame. Other types are rejected.
-    """
-    if not payload:
-        raise FrameRejected(R_EMPTY, "frame value is empty")
-    if len(payload) > max_bytes:
-        raise FrameRejected(R_OVERSIZE, f"frame is {len(payload)} bytes, the limit is {max_bytes}")
-    mtype = media_type(content_type)
-    if mtype in RAW_CONTENT_TYPES or (mtype == OCTET_STREAM and len(payload) == RAW_BYTES):
-        if len(payload) != RAW_BYTES:
-            raise FrameRejected(R_WRONG_SHAPE, f"raw frame is {len(payload)} bytes, expected {RAW_BYTES} "
-                                               f"({IMAGE_SIZE}x{IMAGE_SIZE} uint8)")
-        return bytes(payload)
-    if mtype and not (mtype.startswith("image/") or mtype == OCTET_STREAM):
-        raise FrameRejected(R_UNSUPPORTED, f"content-type {mtype!r} is not an image; send image/png or "
-                                           f"application/x-raw-uint8 ({RAW_BYTES} bytes)")
-    pixels = _png_fast(payload)
-    return pixels if pixels is not None else _image_generic(payload)
-
-
-def decode_image(payload: bytes | None, content_type: str | None = None,
-                 max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> "np.ndarray":
-    """``decode_pixels`` as a uint8 array ``[28, 28]``."""
-    import numpy as np
-
-    return np.frombuffer(decode_pixels(payload, content_type, max_bytes), dtype=np.uint8).reshape(
-        IMAGE_SIZE, IMAGE_SIZE).copy()
+    from tasks.contracts.spec import ModelSpec
 
 
 def encode_png(image: "np.ndarray") -> bytes:
     """A uint8 ``[H, W]`` array as an 8-bit grayscale PNG, deterministic (same pixels, same bytes): the
-    images of drops, and frames of producers, tests and the demo."""
-    from PIL import Image
+    images of the digits drops (``encode_frame(image, spec, "png")`` for any spec)."""
+    from tasks.model import frame_codec
 
-    buf = io.BytesIO()
-    Image.fromarray(image.astype("uint8"), "L").save(buf, "PNG", optimize=False, compress_level=6)
-    return buf.getvalue()
+    if image.ndim != 2:
+        raise ValueError(f"encode_png takes a grayscale [H, W] image (got shape {image.shape}); "
+                         "use encode_frame for colour images")
+    return frame_codec.encode(image, "png")
 
 
 def decode_png(data: bytes) -> "np.ndarray":
     """PNG bytes -> uint8 array ``[H, W]`` of any size; ``ValueError`` when undecodable or not 8-bit
-    grayscale. (A frame value goes through :func:`decode_image`, which also checks the contract.)"""
+    grayscale. (A frame value goes through :func:`decode_frame`, which also checks the model's contract.)"""
     import numpy as np
     from PIL import Image
 
@@ -139,3 +47,103 @@ def decode_png(data: bytes) -> "np.ndarray":
         raise
     except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad bytes
         raise ValueError(f"not a decodable PNG: {exc}") from None
+
+
+# =============================================================================== spec-driven frames
+# (the decoder itself is tasks.model.frame_codec, shared with Triton's preprocess model)
+
+#: content types per encoding (a frame's ``content-type`` header, the gateway's Content-Type)
+CONTENT_TYPES = {"png": ("image/png",), "jpeg": ("image/jpeg", "image/jpg"),
+                 "raw": ("application/x-raw-uint8", *sorted(RAW_CONTENT_TYPES - {"application/x-raw-uint8"}))}
+
+
+def codec_params(spec: "ModelSpec", max_frame_bytes: int | None = None) -> dict:
+    """The ``tasks.model.frame_codec`` parameters of ``spec`` (``max_frame_bytes`` overrides the spec's limit)."""
+    inp, fr, pre = spec.input, spec.frames, spec.preprocessing
+    return {"height": inp.height, "width": inp.width, "channels": inp.channels, "layout": inp.layout,
+            "encodings": list(fr.encodings), "raw_bytes": fr.raw_bytes,
+            "max_frame_bytes": int(max_frame_bytes or fr.max_frame_bytes), "resize": pre.resize,
+            "scale": pre.normalisation.scale, "mean": list(pre.normalisation.mean),
+            "std": list(pre.normalisation.std)}
+
+
+_last_params: tuple = (None, None, {})  # (spec, max_frame_bytes, params) of the last call: frames come in streams
+
+
+def _params(spec: "ModelSpec", max_frame_bytes: int | None) -> dict:
+    """``codec_params``, made once per spec and limit (the tuple is swapped whole: safe across threads)."""
+    global _last_params
+    last = _last_params
+    if last[0] is not spec or last[1] != max_frame_bytes:
+        last = _last_params = (spec, max_frame_bytes, codec_params(spec, max_frame_bytes))
+    return last[2]
+
+
+def accepted_content_types(spec: "ModelSpec") -> list[str]:
+    """The content types a frame of ``spec`` may declare (the first of each accepted encoding)."""
+    return [CONTENT_TYPES[e][0] for e in spec.frames.encodings]
+
+
+def check_frame(payload: bytes | None, content_type: str | None, spec: "ModelSpec",
+                max_frame_bytes: int | None = None) -> str:
+    """Cheap checks of a frame for ``spec`` (no decoding), in this order: not empty and not above the size limit
+    (``max_frame_bytes``, default the spec's), a content type the spec accepts (none and
+    ``application/octet-stream`` are sniffed), magic bytes of an accepted encoding that agree with the
+    content type (raw: no magic and exactly ``frames.raw_bytes``). Returns the encoding (``png``, ``jpeg``,
+    ``raw``); raises ``FrameRejected`` (``empty``, ``oversize``, ``unsupported_content_type``,
+    ``wrong_shape`` for a raw frame of another size, ``undecodable``) naming the problem. Whether the image
+    itself decodes (and its size) is found by Triton's preprocess model, or ``decode_frame`` on the host."""
+    from tasks.model import frame_codec
+
+    encodings = spec.frames.encodings
+    mtype = media_type(content_type)
+    declared = None
+    if mtype and mtype != OCTET_STREAM:
+        declared = next((e for e, types in CONTENT_TYPES.items() if mtype in types), None)
+    try:
+        enc: str | None = frame_codec.encoding_of(payload or b"", _params(spec, max_frame_bytes))
+        error = None
+    except frame_codec.FrameError as exc:
+        if exc.reason in (frame_codec.EMPTY, frame_codec.OVERSIZE):
+            raise FrameRejected(exc.reason, exc.detail) from None
+        enc, error = None, exc
+    if mtype and mtype != OCTET_STREAM and declared not in encodings:  # unknown (None) or not this model's
+        raise FrameRejected(R_UNSUPPORTED, f"content-type {mtype!r} is not accepted by model {spec.name!r} "
+                                           f"(send {', '.join(accepted_content_types(spec))})")
+    if error is not None:
+        if declared == "raw" and frame_codec.sniff(payload or b"") is None:
+            inp = spec.input
+            raise FrameRejected(R_WRONG_SHAPE, f"raw frame is {len(payload or b'')} bytes, expected "
+                                               f"{spec.frames.raw_bytes} ({inp.height}x{inp.width}x{inp.channels} "
+                                               "uint8, row-major)")
+        raise FrameRejected(error.reason, error.detail) from None
+    if declared is not None and declared != enc:
+        raise FrameRejected(R_UNDECODABLE, f"content-type {mtype!r} but the bytes are "
+                                           f"{'raw pixels' if enc == 'raw' else str(enc).upper()}")
+    return str(enc)
+
+
+def decode_frame(payload: bytes | None, spec: "ModelSpec", content_type: str | None = None,
+                 max_frame_bytes: int | None = None) -> "np.ndarray":
+    """A frame value -> uint8 image of ``spec`` (``spec.image_shape``), decoded and resized as Triton's
+    preprocess model does; ``FrameRejected`` when it cannot be used."""
+    from tasks.model import frame_codec
+
+    check_frame(payload, content_type, spec, max_frame_bytes)
+    try:
+        return frame_codec.decode(payload or b"", _params(spec, max_frame_bytes))
+    except frame_codec.FrameError as exc:
+        raise FrameRejected(exc.reason, exc.detail) from None
+
+
+def encode_frame(image: "np.ndarray", spec: "ModelSpec", encoding: str | None = None) -> bytes:
+    """A uint8 image as a frame of ``spec``: ``encoding`` or the spec's preferred one (PNG if accepted, else
+    JPEG); deterministic. ``content_type_of(encoding)`` is the header to send with it."""
+    from tasks.model import frame_codec
+
+    return frame_codec.encode(image, encoding or spec.image_encoding)
+
+
+def content_type_of(encoding: str) -> str:
+    """The ``content-type`` of a frame of ``encoding``."""
+    return CONTENT_TYPES[encoding][0]

@@ -1,15 +1,24 @@
-"""The Triton model repository: one Python spec, two rendered flavours, atomic versions.
+"""The Triton model repository, rendered from the model spec: two flavours, atomic versions.
 
-Layout rendered for model ``digits`` (see ``model_repo/README.md``)::
+Layout rendered for model ``digits`` (``models/digits/spec.yaml``; see ``model_repo/README.md``)::
 
     <repo>/
       .mlpipe-repo.json            which flavour / batch size rendered this folder (Triton ignores files here)
-      digits/config.pbtxt          ensemble: IMAGE -> preprocess -> digits_classifier -> postprocess
+      digits/config.pbtxt          ensemble: FRAME -> digits_preprocess -> digits_classifier -> digits_postprocess
       digits/1/                    (ensembles need one, empty, version folder)
-      preprocess/config.pbtxt, preprocess/1/model.py      Python backend
-      postprocess/config.pbtxt, postprocess/1/model.py    Python backend
+      digits_preprocess/config.pbtxt, 1/model.py, 1/frame_codec.py     Python backend: decodes the frames
+      digits_postprocess/config.pbtxt, 1/model.py                      Python backend: softmax, top-k
       digits_classifier/config.pbtxt                      version_policy pins the served version
       digits_classifier/<N>/model.onnx [model.plan] [model.py] mlpipe-version.json
+
+Everything a config says comes from the ``tasks.contracts.spec.ModelSpec``: the ensemble takes one
+BYTES input ``FRAME`` (an encoded frame per row: PNG / JPEG / raw, as ``frames.encodings`` allows);
+the preprocess model decodes it with ``tasks/model/frame_codec.py`` (copied next to its
+``model.py``: the one decoder, shared with the host), resizes and normalises as the spec says (the
+codec parameters are the JSON config parameter ``codec``) and answers ``PIXELS`` (the ONNX input,
+``spec.input_shape``) plus ``FRAME_ERROR`` per row; the classifier's tensors are the spec's
+``onnx`` names and shapes; postprocess gives the top ``min(3, classes)``. Pre/postprocess are per
+model (``<model>_preprocess``), so models of different shapes share one repository.
 
 Flavours:
 
@@ -18,7 +27,9 @@ Flavours:
   classifier_ort/model.py``, copied into each version folder) running ONNX
   Runtime on ``model.onnx``.
 * ``production``: the classifier uses ``platform: "onnxruntime_onnx"``, or
-  ``"tensorrt_plan"`` when the served version folder holds a ``model.plan``.
+  ``"tensorrt_plan"`` when the served version folder holds a ``model.plan``. The preprocess model
+  is the same Python model; the GPU alternative, a DALI pipeline (``backend: "dali"``), is rendered
+  from the same spec by :func:`render_dali_preprocess` (``templates/production/preprocess_dali/``).
 
 Serving-version policy: the classifier config carries
 ``version_policy: { specific: { versions: [N] } }``; ``set_serving_version``
@@ -45,16 +56,19 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from tasks.config import PROJECT_ROOT
+from tasks.contracts.errors import BadInput, MlpipeError, exit_code_for
 from tasks.contracts.files import atomic_write, sha256_file
 from tasks.contracts.results import write_result_json
-from tasks.contracts.errors import BadInput
-from tasks.contracts.serving import MAX_BATCH
+from tasks.contracts.serving import ENSEMBLE_OUTPUTS, FRAME_ERROR, FRAME_INPUT, MAX_BATCH
+
+if TYPE_CHECKING:  # pragma: no cover
+    from tasks.contracts.spec import ModelSpec
 
 logger = logging.getLogger(__name__)
 
@@ -63,8 +77,12 @@ MARKER = ".mlpipe-repo.json"
 VERSION_META = "mlpipe-version.json"
 PYTHON_SOURCES = PROJECT_ROOT / "model_repo" / "python"
 TEMPLATES_DIR = PROJECT_ROOT / "model_repo" / "templates"
-PREPROCESS = "preprocess"
-POSTPROCESS = "postprocess"
+#: the one frame decoder, copied next to the preprocess model.py (it imports nothing of ``tasks``)
+FRAME_CODEC = Path(__file__).resolve().with_name("frame_codec.py")
+PIXELS = "PIXELS"
+#: the preprocess model's config parameter holding the frame codec parameters as JSON
+CODEC_PARAMETER = "codec"
+_ROLE_SUFFIXES = ("_preprocess", "_classifier", "_postprocess")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _VERSION_RE = re.compile(r"^[1-9][0-9]*$")
 
@@ -77,7 +95,7 @@ class ModelRepoError(BadInput, RuntimeError):
 
 
 # ----------------------------------------------------------------------------------------------
-# The spec: the single source of truth for names, dtypes and dims
+# The repository's models: names, dtypes and dims, all derived from the model spec
 # ----------------------------------------------------------------------------------------------
 
 
@@ -85,7 +103,7 @@ class ModelRepoError(BadInput, RuntimeError):
 class TensorSpec:
     name: str
     dtype: str  # Triton data type, e.g. "TYPE_FP32"
-    dims: tuple[int, ...]  # without the batch dimension (all models are batched)
+    dims: tuple[int, ...]  # without the batch dimension (all models are batched); -1 = variable
 
 
 @dataclass(frozen=True)
@@ -96,7 +114,9 @@ class StepSpec:
 
 
 @dataclass(frozen=True)
-class ModelSpec:
+class TritonModel:
+    """One model of the repository (a folder with a ``config.pbtxt``)."""
+
     name: str
     role: str  # "preprocess" | "classifier" | "postprocess" | "ensemble"
     inputs: tuple[TensorSpec, ...]
@@ -108,22 +128,22 @@ class ModelSpec:
     # batch-1 throughput) and did not help 8 concurrent clients; requests that queue while an instance
     # is busy are still merged. Production: a short wait on the GPU classifier fills bigger batches.
     queue_delay_us: Mapping[str, int] = field(default_factory=lambda: {"local": 0, "production": 0})
+    parameters: Mapping[str, str] = field(default_factory=dict)  # config parameters (string values)
 
 
 @dataclass(frozen=True)
 class RepoSpec:
     model_name: str
     max_batch_size: int
-    preprocess: ModelSpec
-    classifier: ModelSpec
-    postprocess: ModelSpec
-    ensemble: ModelSpec
+    preprocess: TritonModel
+    classifier: TritonModel
+    postprocess: TritonModel
+    ensemble: TritonModel
     intra_op_threads: int = 1
     instances: int = 1
-    parameters: Mapping[str, str] = field(default_factory=dict)
 
     @property
-    def models(self) -> tuple[ModelSpec, ...]:
+    def models(self) -> tuple[TritonModel, ...]:
         return (self.preprocess, self.classifier, self.postprocess, self.ensemble)
 
 
@@ -138,56 +158,84 @@ def classifier_name(model_name: str) -> str:
     return f"{model_name}_classifier"
 
 
+def preprocess_name(model_name: str) -> str:
+    return f"{model_name}_preprocess"
+
+
+def postprocess_name(model_name: str) -> str:
+    return f"{model_name}_postprocess"
+
+
+def model_names(model_name: str) -> tuple[str, str, str, str]:
+    """The four repository models of ``model_name``: preprocess, classifier, postprocess, ensemble."""
+    return (preprocess_name(model_name), classifier_name(model_name), postprocess_name(model_name), model_name)
+
+
 def _check_model_name(model_name: str) -> str:
-    if not _NAME_RE.match(model_name or "") or model_name in {PREPROCESS, POSTPROCESS}:
-        raise ModelRepoError(
-            f"invalid model name {model_name!r}: use letters, digits, '_', '.', '-' (not 'preprocess'/'postprocess')")
+    if not _NAME_RE.match(model_name or "") or model_name.endswith(_ROLE_SUFFIXES):
+        raise ModelRepoError(f"invalid model name {model_name!r}: use letters, digits, '_', '.', '-', not ending "
+                             f"in {', '.join(_ROLE_SUFFIXES)} (the names of its step models)")
     return model_name
 
 
-def repo_spec(model_name: str = "digits", max_batch_size: int = MAX_BATCH, *, image_size: int = 28,
-              num_classes: int = 10, embedding_dim: int = 64, top_k: int = 3,
+def repo_spec(model_spec: "ModelSpec", max_batch_size: int = MAX_BATCH, *, top_k: int = 3,
               intra_op_threads: int = 1) -> RepoSpec:
-    """The repository spec; the ONNX contract of docs/CONTRACTS.md (``input`` -> ``logits``, ``embedding``)."""
-    _check_model_name(model_name)
+    """The repository's models for ``model_spec`` (``tasks.contracts.spec.ModelSpec``).
+
+    Ensemble ``<name>``: ``FRAME`` BYTES ``[1]`` -> ``<name>_preprocess`` (``PIXELS`` FP32
+    ``spec.input_shape``, ``FRAME_ERROR`` BYTES ``[1]``) -> ``<name>_classifier`` (the spec's ``onnx``
+    tensor names: input ``spec.input_shape``, logits ``[classes]``, embedding ``[embedding_dim]``) ->
+    ``<name>_postprocess`` (top ``min(top_k, classes)``); outputs ``ENSEMBLE_OUTPUTS``.
+    """
+    from tasks.model.frames import codec_params
+
+    name = _check_model_name(model_spec.name)
     if not 1 <= max_batch_size <= 4096:
         raise ModelRepoError(f"max_batch_size must be between 1 and 4096, got {max_batch_size}")
-    if not 1 <= top_k <= num_classes:
-        raise ModelRepoError(f"top_k must be between 1 and num_classes ({num_classes}), got {top_k}")
-    hw = (image_size, image_size)
-    pre = ModelSpec(
-        PREPROCESS, "preprocess",
-        inputs=(TensorSpec("IMAGE", "TYPE_UINT8", hw),),
-        outputs=(TensorSpec("PIXELS", "TYPE_FP32", (1, *hw)),),
+    if top_k < 1:
+        raise ModelRepoError(f"top_k must be at least 1, got {top_k}")
+    if not model_spec.input.fixed:
+        raise ModelRepoError(f"model {name!r}: serving in Triton needs a fixed input size (input.height and "
+                             f"input.width in its spec), got {model_spec.input.height}x{model_spec.input.width}")
+    classes, k = model_spec.num_classes, min(top_k, model_spec.num_classes)
+    pixels = tuple(model_spec.input_shape)
+    onnx = model_spec.onnx
+    frame_error = TensorSpec(FRAME_ERROR, "TYPE_STRING", (1,))
+    pre = TritonModel(
+        preprocess_name(name), "preprocess",
+        inputs=(TensorSpec(FRAME_INPUT, "TYPE_STRING", (1,)),),
+        outputs=(TensorSpec(PIXELS, "TYPE_FP32", pixels), frame_error),
         source="preprocess",
+        parameters={CODEC_PARAMETER: json.dumps(codec_params(model_spec), sort_keys=True)},
     )
-    clf = ModelSpec(
-        classifier_name(model_name), "classifier",
-        inputs=(TensorSpec("input", "TYPE_FP32", (1, *hw)),),
-        outputs=(TensorSpec("logits", "TYPE_FP32", (num_classes,)),
-                 TensorSpec("embedding", "TYPE_FP32", (embedding_dim,))),
+    clf = TritonModel(
+        classifier_name(name), "classifier",
+        inputs=(TensorSpec(onnx.input, "TYPE_FP32", pixels),),
+        outputs=(TensorSpec(onnx.logits, "TYPE_FP32", (classes,)),
+                 TensorSpec(onnx.embedding, "TYPE_FP32", (model_spec.embedding_dim,))),
         source="classifier_ort",
         queue_delay_us={"local": 0, "production": 100},
     )
-    post = ModelSpec(
-        POSTPROCESS, "postprocess",
-        inputs=(TensorSpec("LOGITS", "TYPE_FP32", (num_classes,)),),
+    post = TritonModel(
+        postprocess_name(name), "postprocess",
+        inputs=(TensorSpec("LOGITS", "TYPE_FP32", (classes,)),),
         outputs=(TensorSpec("LABEL", "TYPE_INT64", (1,)), TensorSpec("SCORE", "TYPE_FP32", (1,)),
-                 TensorSpec("TOPK_LABELS", "TYPE_INT64", (top_k,)), TensorSpec("TOPK_SCORES", "TYPE_FP32", (top_k,))),
+                 TensorSpec("TOPK_LABELS", "TYPE_INT64", (k,)), TensorSpec("TOPK_SCORES", "TYPE_FP32", (k,))),
         source="postprocess",
     )
-    ens = ModelSpec(
-        model_name, "ensemble",
-        inputs=(TensorSpec("IMAGE", "TYPE_UINT8", hw),),
-        outputs=(*post.outputs, TensorSpec("EMBEDDING", "TYPE_FP32", (embedding_dim,))),
+    ens_outputs = (*post.outputs, TensorSpec("EMBEDDING", "TYPE_FP32", (model_spec.embedding_dim,)), frame_error)
+    assert tuple(t.name for t in ens_outputs) == ENSEMBLE_OUTPUTS, "the ensemble outputs are tasks.contracts.serving's"
+    ens = TritonModel(
+        name, "ensemble",
+        inputs=(TensorSpec(FRAME_INPUT, "TYPE_STRING", (1,)),),
+        outputs=ens_outputs,
         steps=(
-            StepSpec(PREPROCESS, {"IMAGE": "IMAGE"}, {"PIXELS": "pixels"}),
-            StepSpec(clf.name, {"input": "pixels"}, {"logits": "logits", "embedding": "EMBEDDING"}),
-            StepSpec(POSTPROCESS, {"LOGITS": "logits"},
-                     {t.name: t.name for t in post.outputs}),
+            StepSpec(pre.name, {FRAME_INPUT: FRAME_INPUT}, {PIXELS: "pixels", FRAME_ERROR: FRAME_ERROR}),
+            StepSpec(clf.name, {onnx.input: "pixels"}, {onnx.logits: "logits", onnx.embedding: "EMBEDDING"}),
+            StepSpec(post.name, {"LOGITS": "logits"}, {t.name: t.name for t in post.outputs}),
         ),
     )
-    return RepoSpec(model_name, max_batch_size, pre, clf, post, ens, intra_op_threads=intra_op_threads)
+    return RepoSpec(name, max_batch_size, pre, clf, post, ens, intra_op_threads=intra_op_threads)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -208,7 +256,7 @@ def _classifier_platform(flavour: str, version_dir: Path | None, prefer_plan: bo
     return "onnxruntime_onnx"
 
 
-def build_config(model: ModelSpec, spec: RepoSpec, flavour: str, *, serving_version: int | None = None,
+def build_config(model: TritonModel, spec: RepoSpec, flavour: str, *, serving_version: int | None = None,
                  classifier_platform: str | None = None) -> mc.ModelConfig:
     """The Triton ``ModelConfig`` message of one model of ``spec`` in ``flavour``."""
     _check_flavour(flavour)
@@ -244,7 +292,7 @@ def build_config(model: ModelSpec, spec: RepoSpec, flavour: str, *, serving_vers
         cfg.instance_group.add(count=spec.instances, kind=kind)
         cfg.dynamic_batching.SetInParent()  # on, even when the delay is 0 (queued requests still merge)
         cfg.dynamic_batching.max_queue_delay_microseconds = model.queue_delay_us[flavour]
-        params = dict(spec.parameters)
+        params = dict(model.parameters)
         if python_classifier:
             params.setdefault("intra_op_threads", str(spec.intra_op_threads))
         for key, value in params.items():
@@ -252,7 +300,7 @@ def build_config(model: ModelSpec, spec: RepoSpec, flavour: str, *, serving_vers
     return cfg
 
 
-def render_config(model: ModelSpec, spec: RepoSpec, flavour: str, *, serving_version: int | None = None,
+def render_config(model: TritonModel, spec: RepoSpec, flavour: str, *, serving_version: int | None = None,
                   classifier_platform: str | None = None) -> str:
     """The ``config.pbtxt`` text of one model of ``spec`` in ``flavour`` (see :func:`build_config`)."""
     cfg = build_config(model, spec, flavour, serving_version=serving_version,
@@ -526,24 +574,41 @@ def repo_flavour(repo_dir: Path) -> str | None:
     return marker.get("flavour") if marker else None
 
 
-def _spec_for(repo_dir: Path, model_name: str) -> tuple[RepoSpec, str]:
+def repo_max_batch_size(repo_dir: Path) -> int | None:
+    """The ``max_batch_size`` ``repo_dir`` was rendered with, or None if it was not rendered by ``render_repo``."""
     marker = _read_marker(repo_dir)
-    if marker is None or model_name not in marker.get("models", []):
-        raise ModelRepoError(f"{repo_dir} has no rendered model {model_name!r}: run "
-                             f"`mlpipe model-repo render --out {repo_dir} --model-name {model_name}` first")
-    return repo_spec(model_name, int(marker.get("max_batch_size", MAX_BATCH))), marker["flavour"]
+    return int(marker["max_batch_size"]) if marker and "max_batch_size" in marker else None
 
 
-def render_repo(flavour: str, out_dir: Path, model_name: str = "digits", max_batch_size: int = MAX_BATCH, *,
+def _spec_for(repo_dir: Path, model_spec: "ModelSpec") -> tuple[RepoSpec, str]:
+    """The repository spec of ``model_spec`` at the batch size ``repo_dir`` was rendered with, and its flavour."""
+    marker = _read_marker(repo_dir)
+    if marker is None or model_spec.name not in marker.get("models", []):
+        raise ModelRepoError(f"{repo_dir} has no rendered model {model_spec.name!r}: run "
+                             f"`mlpipe model-repo render --out {repo_dir} --model {model_spec.name}` first")
+    return repo_spec(model_spec, int(marker.get("max_batch_size", MAX_BATCH))), marker["flavour"]
+
+
+def _write_python_model(mdir: Path, model: TritonModel) -> None:
+    """``<model>/1/model.py`` from ``model_repo/python/<source>/``; the preprocess model also gets
+    ``frame_codec.py``, the decoder the host uses (``tasks/model/frame_codec.py``)."""
+    assert model.source is not None
+    write_repo_file(mdir / "1" / "model.py", (PYTHON_SOURCES / model.source / "model.py").read_bytes())
+    if model.role == "preprocess":
+        write_repo_file(mdir / "1" / FRAME_CODEC.name, FRAME_CODEC.read_bytes())
+
+
+def render_repo(flavour: str, out_dir: Path, model_spec: "ModelSpec", max_batch_size: int = MAX_BATCH, *,
                 serving_version: int | None = None) -> Path:
-    """Render the static parts of the repository for ``model_name`` into ``out_dir``; returns ``out_dir``.
+    """Render the static parts of the repository for ``model_spec`` into ``out_dir``; returns ``out_dir``.
 
     Idempotent: unchanged files are left alone (their mtime too, so Triton does not reload),
     classifier version folders are never touched and an existing serving-version pin is kept
-    unless ``serving_version`` is given. Refuses to mix flavours in one folder.
+    unless ``serving_version`` is given. Refuses to mix flavours in one folder. Re-rendering after
+    the spec changed rewrites what changed (the ONNX of existing versions must still match it).
     """
     _check_flavour(flavour)
-    spec = repo_spec(model_name, max_batch_size)
+    spec = repo_spec(model_spec, max_batch_size)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     marker = _read_marker(out_dir) or {}
@@ -553,16 +618,15 @@ def render_repo(flavour: str, out_dir: Path, model_name: str = "digits", max_bat
     if marker and int(marker.get("max_batch_size", max_batch_size)) != max_batch_size:
         raise ModelRepoError(f"{out_dir} was rendered with max_batch_size {marker.get('max_batch_size')}; "
                              f"render max_batch_size {max_batch_size} into another folder")
-    models = sorted(set(marker.get("models", [])) | {model_name})
+    models = sorted(set(marker.get("models", [])) | {spec.model_name})
     write_repo_file(out_dir / MARKER, json.dumps(
         {"flavour": flavour, "max_batch_size": max_batch_size, "models": models,
-         "generated_by": "tasks/model_repo.py"}, indent=2, sort_keys=True) + "\n")
+         "generated_by": "tasks/model/repo.py"}, indent=2, sort_keys=True) + "\n")
 
     for model in (spec.preprocess, spec.postprocess):
         mdir = out_dir / model.name
         write_repo_file(mdir / "config.pbtxt", render_config(model, spec, flavour))
-        assert model.source is not None
-        write_repo_file(mdir / "1" / "model.py", (PYTHON_SOURCES / model.source / "model.py").read_bytes())
+        _write_python_model(mdir, model)
     ens_dir = out_dir / spec.ensemble.name
     write_repo_file(ens_dir / "config.pbtxt", render_config(spec.ensemble, spec, flavour))
     (ens_dir / "1").mkdir(parents=True, exist_ok=True)
@@ -572,20 +636,130 @@ def render_repo(flavour: str, out_dir: Path, model_name: str = "digits", max_bat
     if serving_version is None:
         serving_version = _pinned_version(clf_dir / "config.pbtxt")
     if serving_version is not None and (clf_dir / str(serving_version)).is_dir():
-        set_serving_version(out_dir, model_name, serving_version)
+        set_serving_version(out_dir, model_spec, serving_version, only_if_changed=True)
     else:
-        platform = _classifier_platform(flavour, None)
         write_repo_file(clf_dir / "config.pbtxt",
-                           render_config(spec.classifier, spec, flavour, serving_version=serving_version,
-                                         classifier_platform=platform))
-    logger.info("rendered %s model repository for %r in %s", flavour, model_name, out_dir)
+                        render_config(spec.classifier, spec, flavour, serving_version=serving_version,
+                                      classifier_platform=_classifier_platform(flavour, None)))
+    logger.info("rendered %s model repository for %r in %s", flavour, spec.model_name, out_dir)
     return out_dir
 
 
-def export_templates(out_dir: Path = TEMPLATES_DIR, model_name: str = "digits", max_batch_size: int = MAX_BATCH) -> list[Path]:
+# ----------------------------------------------------------------------------------------------
+# The GPU preprocess variant: a DALI pipeline, rendered from the same spec (not runnable here)
+# ----------------------------------------------------------------------------------------------
+
+DALI_PIPELINE = "dali.py"
+#: DALI's image decoder output type per channel count
+_DALI_OUTPUT_TYPE = {1: "types.GRAY", 3: "types.RGB"}
+
+
+def dali_preprocess_config(spec: RepoSpec, *, instances: int = 1) -> mc.ModelConfig:
+    """The ``ModelConfig`` of the DALI variant of ``<model>_preprocess`` (``backend: "dali"``, on the GPU).
+
+    DALI takes each encoded frame as a UINT8 ``[-1]`` tensor (ragged batching merges requests of
+    different lengths) and gives only ``PIXELS``: a frame DALI cannot decode fails its request (no
+    per-row ``FRAME_ERROR``); see ``model_repo/README.md``.
+    """
+    pixels = spec.preprocess.outputs[0]
+    cfg = mc.ModelConfig(name=spec.preprocess.name, backend="dali", max_batch_size=spec.max_batch_size)
+    cfg.input.add(name=FRAME_INPUT, data_type=mc.TYPE_UINT8, dims=[-1], allow_ragged_batch=True)
+    _tensors(cfg.output, (pixels,))
+    cfg.instance_group.add(count=instances, kind=mc.ModelInstanceGroup.KIND_GPU)
+    cfg.dynamic_batching.SetInParent()
+    cfg.dynamic_batching.max_queue_delay_microseconds = spec.preprocess.queue_delay_us["production"]
+    return cfg
+
+
+def dali_ensemble_config(spec: RepoSpec) -> mc.ModelConfig:
+    """The ensemble in front of the DALI preprocess: ``FRAME`` UINT8 ``[-1]`` (one frame per request), the
+    outputs of ``ENSEMBLE_OUTPUTS`` but ``FRAME_ERROR``."""
+    cfg = build_config(spec.ensemble, spec, "production")
+    del cfg.input[:]
+    cfg.input.add(name=FRAME_INPUT, data_type=mc.TYPE_UINT8, dims=[-1])
+    kept = [o for o in cfg.output if o.name != FRAME_ERROR]
+    del cfg.output[:]
+    cfg.output.extend(kept)
+    del cfg.ensemble_scheduling.step[0].output_map[FRAME_ERROR]
+    return cfg
+
+
+def render_dali_pipeline(model_spec: "ModelSpec", spec: RepoSpec) -> str:
+    """The DALI pipeline source (``<model>_preprocess/1/dali.py``) for ``model_spec``: the GPU decoder
+    (``fn.decoders.image(device="mixed")``), the spec's resize policy (``fn.resize``) and normalisation
+    and layout (``fn.crop_mirror_normalize``). The DALI backend serializes it at load (``autoserialize``)."""
+    inp, pre = model_spec.input, model_spec.preprocessing
+    norm = pre.normalisation
+    # (pixel * scale - mean) / std == (pixel - mean / scale) / (std / scale): DALI's mean/std are in pixels
+    mean = [m / norm.scale for m in norm.mean]
+    std = [s / norm.scale for s in norm.std]
+    if pre.resize == "stretch":
+        resize = "    images = fn.resize(images, resize_y=HEIGHT, resize_x=WIDTH, interp_type=types.INTERP_LINEAR)\n"
+        crop = ""
+    elif pre.resize == "letterbox":
+        resize = ("    images = fn.resize(images, size=[HEIGHT, WIDTH], mode=\"not_larger\", "
+                  "interp_type=types.INTERP_LINEAR)\n")
+        crop = "crop=[HEIGHT, WIDTH], out_of_bounds_policy=\"pad\", fill_values=0.0, "
+    else:  # none: DALI cannot reject a frame of another size; it is centre-cropped / padded instead
+        resize = ""
+        crop = "crop=[HEIGHT, WIDTH], out_of_bounds_policy=\"pad\", fill_values=0.0, "
+    layout = "CHW" if inp.layout == "NCHW" else "HWC"
+    return (
+        f'"""DALI preprocess of model {model_spec.name!r}: encoded frames -> {spec.preprocess.outputs[0].name} '
+        f'float32 {list(model_spec.input_shape)}.\n\n'
+        "Generated by tasks/model/repo.py (render_dali_pipeline) from models/"
+        f"{model_spec.name}/spec.yaml; re-render instead of editing.\n"
+        f"Resize policy {pre.resize!r}; normalisation (pixel * {norm.scale!r} - mean) / std, "
+        f"mean {list(norm.mean)}, std {list(norm.std)}.\n"
+        '"""\n\n'
+        "import nvidia.dali.fn as fn\n"
+        "import nvidia.dali.types as types\n"
+        "from nvidia.dali import pipeline_def\n"
+        "from nvidia.dali.plugin.triton import autoserialize\n\n"
+        f"MAX_BATCH_SIZE = {spec.max_batch_size}\n"
+        f"HEIGHT, WIDTH = {inp.height}, {inp.width}\n"
+        f"MEAN = {mean!r}  # spec mean / scale, in pixel units\n"
+        f"STD = {std!r}  # spec std / scale, in pixel units\n\n\n"
+        "@autoserialize\n"
+        "@pipeline_def(batch_size=MAX_BATCH_SIZE, num_threads=4, device_id=0)\n"
+        "def preprocess():\n"
+        f"    frames = fn.external_source(device=\"cpu\", name={json.dumps(FRAME_INPUT)}, dtype=types.UINT8)\n"
+        f"    images = fn.decoders.image(frames, device=\"mixed\", output_type={_DALI_OUTPUT_TYPE[inp.channels]})\n"
+        f"{resize}"
+        f"    return fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout={json.dumps(layout)}, {crop}"
+        "mean=MEAN, std=STD)\n"
+    )
+
+
+def render_dali_preprocess(model_spec: "ModelSpec", out_dir: Path, max_batch_size: int = MAX_BATCH) -> list[Path]:
+    """Write the DALI variant of ``model_spec``'s preprocess into ``out_dir``: ``<model>_preprocess/config.pbtxt``,
+    ``<model>_preprocess/1/dali.py`` and the ensemble config that goes with it (``<model>/config.pbtxt``).
+    Copy these over a rendered production repository to switch (``model_repo/README.md``)."""
+    spec = repo_spec(model_spec, max_batch_size)
+    header = ("# Generated by tasks/model/repo.py (flavour: production, DALI preprocess); "
+              "re-render instead of editing.\n")
+    files = {
+        Path(spec.preprocess.name) / "config.pbtxt":
+            header + text_format.MessageToString(dali_preprocess_config(spec), use_short_repeated_primitives=True),
+        Path(spec.preprocess.name) / "1" / DALI_PIPELINE: render_dali_pipeline(model_spec, spec),
+        Path(spec.ensemble.name) / "config.pbtxt":
+            header + text_format.MessageToString(dali_ensemble_config(spec), use_short_repeated_primitives=True),
+    }
+    written = []
+    for rel, text in files.items():
+        if rel.suffix == ".pbtxt":
+            validate_config_text(text, source=rel)
+        write_repo_file(Path(out_dir) / rel, text)
+        written.append(Path(out_dir) / rel)
+    return written
+
+
+def export_templates(model_spec: "ModelSpec", out_dir: Path = TEMPLATES_DIR,
+                     max_batch_size: int = MAX_BATCH) -> list[Path]:
     """Write the config.pbtxt of every model for both flavours to ``out_dir/<flavour>/<model>/`` (for reading,
-    and for images that copy a fixed repository); ``tests/test_model_repo.py`` checks they are current."""
-    spec = repo_spec(model_name, max_batch_size)
+    and for images that copy a fixed repository), the TensorRT classifier config and the DALI preprocess
+    variant (``production/preprocess_dali/``); ``tests/unit/model/test_model_repo.py`` checks they are current."""
+    spec = repo_spec(model_spec, max_batch_size)
     written = []
     for flavour in FLAVOURS:
         for model in spec.models:
@@ -594,13 +768,14 @@ def export_templates(out_dir: Path = TEMPLATES_DIR, model_name: str = "digits", 
                 platform = _classifier_platform(flavour, None)
             path = Path(out_dir) / flavour / model.name / "config.pbtxt"
             write_repo_file(path, render_config(model, spec, flavour, serving_version=1 if platform else None,
-                                                   classifier_platform=platform))
+                                                classifier_platform=platform))
             written.append(path)
     # what set_serving_version writes in production when the served version folder holds model.plan
     path = Path(out_dir) / "production-tensorrt" / spec.classifier.name / "config.pbtxt"
     write_repo_file(path, render_config(spec.classifier, spec, "production", serving_version=1,
-                                           classifier_platform="tensorrt_plan"))
+                                        classifier_platform="tensorrt_plan"))
     written.append(path)
+    written += render_dali_preprocess(model_spec, Path(out_dir) / "production" / "preprocess_dali", max_batch_size)
     return written
 
 
@@ -609,48 +784,27 @@ def export_templates(out_dir: Path = TEMPLATES_DIR, model_name: str = "digits", 
 # ----------------------------------------------------------------------------------------------
 
 
-def _check_onnx_contract(onnx_path: Path, spec: RepoSpec) -> None:
-    """Fail early, with names, when ``onnx_path`` does not match the classifier's tensors."""
-    try:
-        import onnx
-    except ImportError:  # pragma: no cover - onnx is in requirements
-        return
-    try:
-        model = onnx.load(str(onnx_path), load_external_data=False)
-    except Exception as exc:  # noqa: BLE001 - any parse failure means "not an ONNX model"
-        raise ModelRepoError(f"{onnx_path} is not a readable ONNX model: {exc}") from exc
-    initializers = {i.name for i in model.graph.initializer}
-    inputs = [i.name for i in model.graph.input if i.name not in initializers]
-    outputs = [o.name for o in model.graph.output]
-    want_in = [t.name for t in spec.classifier.inputs]
-    want_out = [t.name for t in spec.classifier.outputs]
-    if inputs != want_in or any(n not in outputs for n in want_out):
-        raise ModelRepoError(f"{onnx_path} has inputs {inputs} and outputs {outputs}; the classifier contract "
-                             f"(docs/CONTRACTS.md) needs inputs {want_in} and outputs {want_out}")
-    shape = [d.dim_value or d.dim_param for d in model.graph.input[0].type.tensor_type.shape.dim]
-    want_shape = list(spec.classifier.inputs[0].dims)
-    if len(shape) != len(want_shape) + 1 or shape[1:] != want_shape or isinstance(shape[0], int) and shape[0] > 0:
-        raise ModelRepoError(f"{onnx_path} input shape is {shape}; expected [batch (dynamic), "
-                             f"{', '.join(map(str, want_shape))}]")
-
-
 def _version_dir_name(version: int) -> str:
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise ModelRepoError(f"version must be an integer >= 1, got {version!r}")
     return str(version)
 
 
-def write_classifier_version(repo_dir: Path, model_name: str, version: int, onnx_path: Path,
+def write_classifier_version(repo_dir: Path, model_spec: "ModelSpec", version: int, onnx_path: Path,
                              plan_path: Path | None = None, flavour: str | None = None) -> Path:
-    """Write classifier version ``version`` atomically; returns ``<repo>/<model>_classifier/<version>``.
+    """Write classifier version ``version`` of ``model_spec`` atomically; returns ``<repo>/<model>_classifier/<N>``.
 
-    Files are staged in ``<model>_classifier/.tmp-<version>-<random>`` (Triton ignores folders not
-    named by a number) and renamed to ``<version>`` in one step, so Triton never sees half a version.
-    Re-writing identical files is a no-op; different files under an existing number are refused.
-    ``flavour`` (default: the repository's) must match the flavour the repository was rendered with.
+    ``onnx_path`` must be the spec's classifier contract (``networks.check_onnx_contract``: an
+    ``OnnxContractError``, rejected, names the tensor and the expected shape). Files are staged in
+    ``<model>_classifier/.tmp-<version>-<random>`` (Triton ignores folders not named by a number) and
+    renamed to ``<version>`` in one step, so Triton never sees half a version. Re-writing identical
+    files is a no-op; different files under an existing number are refused. ``flavour`` (default: the
+    repository's) must match the flavour the repository was rendered with.
     """
+    from tasks.model.networks import check_onnx_contract
+
     repo_dir = Path(repo_dir)
-    spec, repo_flav = _spec_for(repo_dir, model_name)
+    spec, repo_flav = _spec_for(repo_dir, model_spec)
     flavour = _check_flavour(flavour or repo_flav)
     if repo_flav != flavour:
         raise ModelRepoError(f"{repo_dir} is a {repo_flav!r} repository, but a {flavour!r} version was requested")
@@ -659,7 +813,7 @@ def write_classifier_version(repo_dir: Path, model_name: str, version: int, onnx
         raise ModelRepoError(f"ONNX file {onnx_path} does not exist")
     if plan_path is not None and not Path(plan_path).is_file():
         raise ModelRepoError(f"TensorRT plan {plan_path} does not exist")
-    _check_onnx_contract(onnx_path, spec)
+    check_onnx_contract(onnx_path, model_spec)
     clf_dir = repo_dir / spec.classifier.name
     final = clf_dir / _version_dir_name(version)
     meta = {"version": version, "onnx_sha256": sha256_file(onnx_path),
@@ -741,30 +895,32 @@ def serving_version(repo_dir: Path, model_name: str) -> int | None:
     return _pinned_version(Path(repo_dir) / classifier_name(model_name) / "config.pbtxt")
 
 
-def set_serving_version(repo_dir: Path, model_name: str, version: int, *, prefer_plan: bool = True) -> Path:
+def set_serving_version(repo_dir: Path, model_spec: "ModelSpec", version: int, *, prefer_plan: bool = True,
+                        only_if_changed: bool = False) -> Path:
     """Atomically rewrite ``<model>_classifier/config.pbtxt`` to serve exactly ``version``; returns its path.
 
     In the production flavour the platform follows the version folder: ``tensorrt_plan`` when it
     holds ``model.plan`` (and ``prefer_plan``), else ``onnxruntime_onnx``. The new file gets a
-    strictly newer mtime. Triton notices nothing until ``load_model(<model>_classifier)``.
+    strictly newer mtime (unless ``only_if_changed`` and the text is the same: ``render_repo``).
+    Triton notices nothing until ``load_model(<model>_classifier)``.
     """
     repo_dir = Path(repo_dir)
-    spec, flavour = _spec_for(repo_dir, model_name)
+    spec, flavour = _spec_for(repo_dir, model_spec)
     vdir = repo_dir / spec.classifier.name / _version_dir_name(version)
     if not vdir.is_dir():
         raise ModelRepoError(f"cannot serve version {version}: {vdir} does not exist "
-                             f"(versions present: {list_versions(repo_dir, model_name)})")
+                             f"(versions present: {list_versions(repo_dir, spec.model_name)})")
     platform = _classifier_platform(flavour, vdir, prefer_plan)
     needed = {"python": ["model.py", "model.onnx"], "onnxruntime_onnx": ["model.onnx"],
               "tensorrt_plan": ["model.plan"]}[platform]
     missing = [f for f in needed if not (vdir / f).is_file()]
     if missing:
         raise ModelRepoError(f"cannot serve version {version}: {vdir} lacks {missing}")
-    path = repo_dir / spec.classifier.name / "config.pbtxt"
+    path = vdir.parent / "config.pbtxt"
     text = render_config(spec.classifier, spec, flavour, serving_version=version, classifier_platform=platform)
     validate_config_text(text)
-    write_repo_file(path, text, only_if_changed=False)
-    logger.info("%s now pins version %d (%s)", spec.classifier.name, version, platform)
+    if write_repo_file(path, text, only_if_changed=only_if_changed):
+        logger.info("%s now pins version %d (%s)", spec.classifier.name, version, platform)
     return path
 
 
@@ -807,67 +963,49 @@ def clean_staging(repo_dir: Path) -> list[Path]:
 def _parser() -> argparse.ArgumentParser:
     from tasks.config import load_settings
 
-    model_name = load_settings().model_name  # MLPIPE_MODEL_NAME; --model-name wins
+    model_name = load_settings().model_name  # MLPIPE_MODEL_NAME; --model wins
     p = argparse.ArgumentParser(prog="mlpipe model-repo", description=(
-        "Render and maintain the Triton model repository (ensemble = preprocess -> <model>_classifier -> "
-        "postprocess). Flavour 'local' runs on the Python-backend-only tritonserver of the nvidia-pytriton "
-        "wheel; 'production' uses onnxruntime_onnx / tensorrt_plan."))
+        "Render and maintain the Triton model repository of a model spec (models/<name>/spec.yaml; ensemble = "
+        "<model>_preprocess -> <model>_classifier -> <model>_postprocess). Flavour 'local' runs on the "
+        "Python-backend-only tritonserver of the nvidia-pytriton wheel; 'production' uses onnxruntime_onnx / "
+        "tensorrt_plan."))
     p.add_argument("--result-json", type=Path, help="also write the result as JSON to this file")
     sub = p.add_subparsers(dest="cmd", required=True)
+    model_help = "model spec name (models/<name>/spec.yaml under MLPIPE_MODELS_DIR; default $MLPIPE_MODEL_NAME)"
+    repo_help = "default: $MLPIPE_HOME/triton/model_repository"
     r = sub.add_parser("render", help="render the static parts (configs, pre/post-processing models)")
-    r.add_argument("--out", type=Path, help="repository folder (default: $MLPIPE_HOME/triton/model_repository)")
+    r.add_argument("--out", type=Path, help=f"repository folder ({repo_help})")
     r.add_argument("--flavour", choices=FLAVOURS, default="local")
-    r.add_argument("--model-name", default=model_name)
     r.add_argument("--max-batch-size", type=int, default=MAX_BATCH)
     a = sub.add_parser("add-version", help="write a classifier version atomically")
-    a.add_argument("--repo", type=Path, help="default: $MLPIPE_HOME/triton/model_repository")
-    a.add_argument("--model-name", default=model_name)
     a.add_argument("--version", type=int, required=True)
     a.add_argument("--onnx", type=Path, required=True)
     a.add_argument("--plan", type=Path)
     a.add_argument("--serve", action="store_true", help="also pin this version in the classifier config")
     s = sub.add_parser("set-version", help="pin the classifier version Triton serves (then load the model)")
-    s.add_argument("--repo", type=Path, help="default: $MLPIPE_HOME/triton/model_repository")
-    s.add_argument("--model-name", default=model_name)
     s.add_argument("--version", type=int, required=True)
     ls = sub.add_parser("list", help="list classifier versions and the served one")
-    ls.add_argument("--repo", type=Path, help="default: $MLPIPE_HOME/triton/model_repository")
-    ls.add_argument("--model-name", default=model_name)
     rm = sub.add_parser("remove-version", help="remove a classifier version that is not served")
-    rm.add_argument("--repo", type=Path, help="default: $MLPIPE_HOME/triton/model_repository")
-    rm.add_argument("--model-name", default=model_name)
     rm.add_argument("--version", type=int, required=True)
+    for sp in (r, a, s, ls, rm):
+        sp.add_argument("--model", default=model_name, help=model_help)
+    for sp in (a, s, ls, rm):
+        sp.add_argument("--repo", type=Path, help=repo_help)
     v = sub.add_parser("validate", help="validate a repository folder or one config.pbtxt")
     v.add_argument("path", type=Path)
-    t = sub.add_parser("templates", help="re-export model_repo/templates/ (configs of both flavours)")
+    t = sub.add_parser("templates", help="re-export model_repo/templates/ (configs of both flavours, the DALI "
+                                         "preprocess) for a model")
+    t.add_argument("--model", default="digits", help="model spec name (default: digits, the checked-in templates)")
     t.add_argument("--out", type=Path, default=TEMPLATES_DIR)
     return p
 
 
 def _run(args: argparse.Namespace) -> dict[str, Any]:
+    from tasks.config import load_settings
+
     for attr in ("out", "repo"):
         if attr in vars(args) and getattr(args, attr) is None and args.cmd != "templates":
             setattr(args, attr, default_repo_dir())
-    if args.cmd == "render":
-        out = render_repo(args.flavour, args.out, args.model_name, args.max_batch_size)
-        validate_repo(out)
-        return {"repo": str(out), "flavour": args.flavour, "model_name": args.model_name,
-                "versions": list_versions(out, args.model_name),
-                "serving_version": serving_version(out, args.model_name)}
-    if args.cmd == "add-version":
-        path = write_classifier_version(args.repo, args.model_name, args.version, args.onnx, args.plan)
-        if args.serve:
-            set_serving_version(args.repo, args.model_name, args.version)
-        return {"path": str(path), "version": args.version, "serving_version": serving_version(args.repo,
-                                                                                               args.model_name)}
-    if args.cmd == "set-version":
-        path = set_serving_version(args.repo, args.model_name, args.version)
-        return {"config": str(path), "serving_version": args.version}
-    if args.cmd == "list":
-        return {"model": classifier_name(args.model_name), "versions": list_versions(args.repo, args.model_name),
-                "serving_version": serving_version(args.repo, args.model_name), "flavour": repo_flavour(args.repo)}
-    if args.cmd == "remove-version":
-        return {"removed": remove_version(args.repo, args.model_name, args.version), "version": args.version}
     if args.cmd == "validate":
         if args.path.is_dir():
             return {"valid": True, "models": sorted(validate_repo(args.path))}
@@ -875,8 +1013,29 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
             raise ModelRepoError(f"{args.path} does not exist")
         cfg = validate_config_text(args.path.read_text(), source=args.path)
         return {"valid": True, "name": cfg.get("name")}
+    if args.cmd in ("list", "remove-version"):  # by name: no spec needed
+        if args.cmd == "list":
+            return {"model": classifier_name(args.model), "versions": list_versions(args.repo, args.model),
+                    "serving_version": serving_version(args.repo, args.model), "flavour": repo_flavour(args.repo)}
+        return {"removed": remove_version(args.repo, args.model, args.version), "version": args.version}
+    model_spec = load_settings().model_spec(args.model)
+    if args.cmd == "render":
+        out = render_repo(args.flavour, args.out, model_spec, args.max_batch_size)
+        validate_repo(out)
+        return {"repo": str(out), "flavour": args.flavour, "model_name": model_spec.name,
+                "versions": list_versions(out, model_spec.name),
+                "serving_version": serving_version(out, model_spec.name)}
+    if args.cmd == "add-version":
+        path = write_classifier_version(args.repo, model_spec, args.version, args.onnx, args.plan)
+        if args.serve:
+            set_serving_version(args.repo, model_spec, args.version)
+        return {"path": str(path), "version": args.version,
+                "serving_version": serving_version(args.repo, model_spec.name)}
+    if args.cmd == "set-version":
+        path = set_serving_version(args.repo, model_spec, args.version)
+        return {"config": str(path), "serving_version": args.version}
     if args.cmd == "templates":
-        return {"written": [str(p) for p in export_templates(args.out)]}
+        return {"written": [str(p) for p in export_templates(model_spec, args.out)]}
     raise AssertionError(args.cmd)
 
 
@@ -892,9 +1051,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         result = _run(args)
-    except ModelRepoError as exc:
+    except MlpipeError as exc:  # ModelRepoError, SpecError (bad input: 2), OnnxContractError (rejected: 3)
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return exit_code_for(exc)
     except OSError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from tasks.adapters.triton import TritonClient, TritonError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from tasks.contracts.spec import ModelSpec
 
 logger = logging.getLogger(__name__)
 
 
-
-
-def serve_classifier_version(client: TritonClient, repo_dir: Path, model_name: str, version: int,
+def serve_classifier_version(client: TritonClient, repo_dir: Path, model_spec: "ModelSpec", version: int,
                              timeout: float = 120.0, sync: Callable[[], None] | None = None) -> dict[str, Any]:
-    """Make Triton serve exactly classifier ``version`` of ``model_name`` (the version folder must exist).
+    """Make Triton serve exactly classifier ``version`` of ``model_spec`` (the version folder must exist).
 
     Pins the version in ``<model>_classifier/config.pbtxt`` (atomic rewrite, new mtime), reloads the
     classifier (Triton loads the new version before it retires the old one, and reloads the ensemble
@@ -27,9 +28,10 @@ def serve_classifier_version(client: TritonClient, repo_dir: Path, model_name: s
     """
     from tasks.model.repo import classifier_name, serving_version, set_serving_version
 
+    model_name = model_spec.name
     clf = classifier_name(model_name)
     previous = serving_version(repo_dir, model_name)
-    set_serving_version(repo_dir, model_name, version)
+    set_serving_version(repo_dir, model_spec, version)
     publish = sync or (lambda: None)
     try:
         publish()
@@ -46,7 +48,7 @@ def serve_classifier_version(client: TritonClient, repo_dir: Path, model_name: s
         # Triton keeps serving the old version when the new one fails to load: make the files say so too
         if previous is not None and previous != version:
             try:
-                set_serving_version(repo_dir, model_name, previous)
+                set_serving_version(repo_dir, model_spec, previous)
                 publish()
                 note = f"; config.pbtxt pins version {previous} again (Triton keeps serving it if it was loaded)"
             except Exception as restore_exc:  # noqa: BLE001 - report both failures

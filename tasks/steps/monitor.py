@@ -1,17 +1,21 @@
 """Drift monitor: live predictions against the champion's training reference.
 
-``mlpipe monitor --help``. One run:
+``mlpipe monitor --help``. Everything model-specific comes from the model spec of ``--model``
+(``models/<name>/spec.yaml``, ``load_settings().model_spec``): the classes (counted and named in the
+report and plots), the embedding size, the frame decoding, and the drift thresholds (its ``drift``
+section; a threshold flag set explicitly wins). One run:
 
 1. **Reference** (cached at ``monitoring/reference/<model>/v<version>.npz``): the champion
    (the ``production`` version in the registry) run with ONNX Runtime over a sample of the
-   drops it was trained on (its lineage; the golden set when those cannot be read):
-   predicted class distribution, top-1 confidence, 64-d embeddings.
+   drops it was trained on (its lineage; the spec's golden set when those cannot be read):
+   predicted class distribution, top-1 confidence, embeddings (``embedding_dim`` each).
 2. **Live window**, a bounded read:
 
    * ``--source kafka`` (default): the newest ``--window`` predictions on ``predictions``
      (read with an assign-only tail reader: no consumer group, nothing committed), and
-     their frames from ``frames``, embedded with the champion (the prediction messages
-     carry no embedding);
+     their frames from ``frames``, decoded as the spec says (``tasks.model.frames.decode_frame``,
+     the decoder Triton runs) and embedded with the champion (the prediction messages carry no
+     embedding);
    * ``--source qdrant``: the newest ``--window`` points of the prediction collection, with
      their stored embeddings. The consumer's default policy indexes every low-confidence
      prediction plus an unbiased sample; only the sample (``indexed_because`` ``sample`` or
@@ -51,7 +55,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -66,11 +70,10 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from tasks.adapters.kafka import KafkaConfig
     from tasks.adapters.storage import Store
+    from tasks.contracts.spec import ModelSpec
 
 logger = logging.getLogger(__name__)
 
-NUM_CLASSES = 10
-EMBED_DIM = 64
 REFERENCE_PREFIX = layout.MONITOR_REFERENCE_PREFIX
 REPORT_PREFIX = layout.MONITORING
 SOURCES = ("kafka", "qdrant")
@@ -96,15 +99,21 @@ class DriftDetected(Rejected):
 
 @dataclass(frozen=True)
 class Thresholds:
-    """Drift thresholds. A check whose value exceeds its threshold is drift."""
+    """Drift thresholds (``for_spec`` builds them from a spec's ``drift``). A check past its threshold is drift."""
 
-    class_psi: float = 0.25  # population stability index of the predicted class distribution
-    class_js: float = 0.15  # Jensen-Shannon distance (base 2, 0..1) of the same
-    confidence_drop: float = 0.08  # mean top-1 score: reference minus live
-    confidence_ks: float = 0.3  # two-sample KS statistic of the top-1 scores
-    embedding_cosine: float = 0.05  # cosine distance between the mean embeddings
-    embedding_mmd: float = 0.05  # squared MMD, RBF kernel with the median-distance bandwidth
-    min_samples: int = 200  # fewer live predictions: insufficient data, no verdict
+    class_psi: float  # population stability index of the predicted class distribution
+    class_js: float  # Jensen-Shannon distance (base 2, 0..1) of the same
+    confidence_drop: float  # mean top-1 score: reference minus live
+    confidence_ks: float  # two-sample KS statistic of the top-1 scores
+    embedding_cosine: float  # cosine distance between the mean embeddings
+    embedding_mmd: float  # squared MMD, RBF kernel with the median-distance bandwidth
+    min_samples: int  # fewer live predictions: insufficient data, no verdict
+
+    @classmethod
+    def for_spec(cls, spec: "ModelSpec", **overrides: Any) -> "Thresholds":
+        """``spec.drift``, with the non-None ``overrides`` (CLI flags, set explicitly) winning."""
+        values = {**spec.drift.model_dump(), **{k: v for k, v in overrides.items() if v is not None}}
+        return cls(**values)
 
     def __post_init__(self) -> None:
         for name, value in asdict(self).items():
@@ -117,7 +126,8 @@ class Thresholds:
 # --------------------------------------------------------------------------- statistics (pure numpy)
 
 
-def class_distribution(labels: "np.ndarray", num_classes: int = NUM_CLASSES) -> "np.ndarray":
+def class_distribution(labels: "np.ndarray", num_classes: int) -> "np.ndarray":
+    """Share of each class id ``0..num_classes-1`` among ``labels`` (ids outside are ignored; uniform when none)."""
     import numpy as np
 
     labels = np.asarray(labels, dtype=np.int64).reshape(-1)
@@ -216,7 +226,7 @@ class Reference:
     source: str  # "training drops a, b" | "golden set"
     labels: "np.ndarray"  # predicted labels
     scores: "np.ndarray"  # top-1 softmax scores
-    embeddings: "np.ndarray"  # [N, 64]
+    embeddings: "np.ndarray"  # [N, embedding_dim]
     true_labels: "np.ndarray"
 
     def to_bytes(self) -> bytes:
@@ -250,38 +260,45 @@ def champion(store: "Store", model: str) -> dict[str, Any]:
 
 
 class ChampionModel:
-    """The champion's ONNX model in ONNX Runtime: images -> (labels, scores, embeddings)."""
+    """The champion's ONNX model in ONNX Runtime: uint8 images of ``spec`` -> (labels, scores, embeddings).
 
-    def __init__(self, store: "Store", model: str, version: int) -> None:
-        from tasks.model.networks import onnx_session
+    The file must be the spec's ONNX contract (``check_onnx_contract``), else ``MonitorError`` naming the
+    tensor and the expected shape."""
 
-        key = layout.version_file_key(model, version, layout.MODEL_ONNX)
+    def __init__(self, store: "Store", spec: "ModelSpec", version: int) -> None:
+        from tasks.model.networks import OnnxContractError, check_onnx_contract, onnx_session
+
+        key = layout.version_file_key(spec.name, version, layout.MODEL_ONNX)
         self._tmp = tempfile.TemporaryDirectory(prefix="mlpipe-monitor-")
         try:
             path = store.get_file(key, Path(self._tmp.name) / "model.onnx")
         except Exception as exc:  # noqa: BLE001 - ObjectNotFound or a store error: name the key
+            self._tmp.cleanup()
             raise (SourceUnavailable if is_transient(exc) else MonitorError)(
                 f"cannot read the champion's model {store.uri(key)}: {exc}") from exc
         self.session = onnx_session(path)
+        try:
+            check_onnx_contract(path, spec, session=self.session)
+        except OnnxContractError as exc:
+            self._tmp.cleanup()
+            raise MonitorError(f"the champion v{version} cannot be monitored: {exc}") from None
+        self.spec = spec
         self.version = version
 
     def run(self, images: "np.ndarray", batch: int = 256) -> tuple["np.ndarray", "np.ndarray", "np.ndarray"]:
+        """(predicted labels int64 ``[N]``, top-1 softmax scores float32 ``[N]``, embeddings float32
+        ``[N, embedding_dim]``) of uint8 ``images`` ``[N, *spec.image_shape]``."""
         import numpy as np
 
-        from tasks.model.networks import INPUT_NAME, OUTPUT_NAMES, to_input
+        from tasks.model.networks import run_onnx, to_input
 
-        labels, scores, embs = [], [], []
-        for start in range(0, len(images), batch):
-            logits, emb = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: to_input(images[start:start + batch])})
-            z = logits - logits.max(axis=1, keepdims=True)
-            prob = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
-            labels.append(prob.argmax(axis=1))
-            scores.append(prob.max(axis=1))
-            embs.append(emb)
-        if not labels:
-            return np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros((0, EMBED_DIM), np.float32)
-        return (np.concatenate(labels).astype(np.int64), np.concatenate(scores).astype(np.float32),
-                np.concatenate(embs).astype(np.float32))
+        spec = self.spec
+        if len(images) == 0:
+            return np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros((0, spec.embedding_dim), np.float32)
+        logits, embs = run_onnx(self.session, to_input(images, spec), spec, batch_size=batch)
+        z = logits - logits.max(axis=1, keepdims=True)
+        prob = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+        return prob.argmax(axis=1).astype(np.int64), prob.max(axis=1).astype(np.float32), embs
 
     def close(self) -> None:
         self._tmp.cleanup()
@@ -293,32 +310,33 @@ def reference_key(model: str, version: int) -> str:
 
 def build_reference(store: "Store", champ: dict[str, Any], runner: ChampionModel, size: int = 2000,
                     seed: int = 0) -> Reference:
-    """The champion on a sample of its training drops (the golden set if they cannot be read)."""
+    """The champion on a sample of its training drops (the spec's golden set if they cannot be read)."""
     import numpy as np
 
     from tasks.steps import drops
 
-    model, version = champ["model"] if "model" in champ else "digits", int(champ["version"])
+    spec = runner.spec
     drop_ids = [d["drop_id"] for d in champ.get("lineage", {}).get("drops", [])]
     try:
         if not drop_ids:
             raise MonitorError("no drops in the champion's lineage")
-        images, labels = drops.load_arrays(store, drop_ids)
+        images, labels = drops.load_arrays(store, drop_ids, spec)
         source = f"training drops {', '.join(drop_ids)}"
     except Exception as exc:  # noqa: BLE001 - fall back to the golden set, say why
         logger.warning("reference: cannot read the champion's training drops (%s); using the golden set", exc)
-        images, labels = drops.golden_set()
+        images, labels = drops.golden_set(spec)
         source = "golden set"
     if len(images) > size:
         idx = np.sort(np.random.default_rng(seed).choice(len(images), size, replace=False))
         images, labels = images[idx], labels[idx]
     pred, scores, embs = runner.run(images)
-    return Reference(model=model, version=version, source=source, labels=pred, scores=scores, embeddings=embs,
-                     true_labels=np.asarray(labels, dtype=np.int64))
+    return Reference(model=spec.name, version=int(champ["version"]), source=source, labels=pred, scores=scores,
+                     embeddings=embs, true_labels=np.asarray(labels, dtype=np.int64))
 
 
-def load_reference(store: "Store", champ: dict[str, Any], model: str, runner: ChampionModel,
-                   size: int = 2000) -> Reference:
+def load_reference(store: "Store", champ: dict[str, Any], runner: ChampionModel, size: int = 2000) -> Reference:
+    """The champion's reference: the cached one, else built (``build_reference``) and cached."""
+    model = runner.spec.name
     key = reference_key(model, int(champ["version"]))
     if store.exists(key):
         try:
@@ -328,7 +346,7 @@ def load_reference(store: "Store", champ: dict[str, Any], model: str, runner: Ch
         except Exception as exc:  # noqa: BLE001 - a corrupt cache is rebuilt
             logger.warning("reference cache %s unreadable (%s): rebuilding", store.uri(key), exc)
     t0 = time.monotonic()
-    ref = build_reference(store, {**champ, "model": model}, runner, size=size)
+    ref = build_reference(store, champ, runner, size=size)
     store.put_bytes(key, ref.to_bytes())
     logger.info("reference for %s v%s: %d images from %s in %.1fs, cached at %s", model, ref.version,
                 len(ref.labels), ref.source, time.monotonic() - t0, store.uri(key))
@@ -406,12 +424,12 @@ def _tail(kafka: "KafkaConfig", topic: str, window: int, timeout: float, idle: f
 
 def kafka_window(kafka: "KafkaConfig", runner: ChampionModel, window: int, min_samples: int,
                  timeout: float = 30.0) -> LiveWindow:
-    """The newest ``window`` predictions and the embeddings of their frames (by the champion)."""
+    """The newest ``window`` predictions and the embeddings of their frames (decoded for the champion's spec
+    by ``decode_frame``; a frame that cannot be decoded is left out)."""
     import numpy as np
 
     from tasks.contracts.messages import FrameRejected
-
-    from tasks.model.frames import decode_pixels
+    from tasks.model.frames import decode_frame
 
     preds = []
     for rec in _tail(kafka, kafka.predictions_topic, window, timeout):
@@ -429,10 +447,9 @@ def kafka_window(kafka: "KafkaConfig", runner: ChampionModel, window: int, min_s
             if fid not in wanted:
                 continue
             try:
-                pixels = decode_pixels(rec.value, rec.header("content-type"))
+                images.append(decode_frame(rec.value, runner.spec, rec.header("content-type")))
             except FrameRejected:
                 continue
-            images.append(np.frombuffer(pixels, dtype=np.uint8).reshape(28, 28))
             wanted.discard(fid)
     embeddings = None
     if images:
@@ -503,17 +520,23 @@ def _check(name: str, value: float | None, threshold: float, detail: str, **extr
             "status": status, "drift": drift, "detail": detail, **extra}
 
 
-def compare(ref: Reference, live: LiveWindow, th: Thresholds) -> dict[str, Any]:
-    """All checks of ``live`` against ``ref``; ``drift`` is true when any check is past its threshold."""
+def _shares(dist: "np.ndarray", spec: "ModelSpec") -> dict[str, float]:
+    """A class distribution keyed by class name (as reports carry it)."""
+    return {spec.class_name(i): round(float(v), 4) for i, v in enumerate(dist)}
+
+
+def compare(ref: Reference, live: LiveWindow, th: Thresholds, spec: "ModelSpec") -> dict[str, Any]:
+    """All checks of ``live`` against ``ref`` over ``spec``'s classes; ``drift`` is true when any check is
+    past its threshold. ``class_distribution`` is keyed by class name."""
     import numpy as np
 
     out: dict[str, Any] = {"samples": live.n, "reference_samples": int(len(ref.labels))}
-    p_ref = class_distribution(ref.labels)
+    p_ref = class_distribution(ref.labels, spec.num_classes)
     if live.n < th.min_samples:
         out.update(status="insufficient_data", drift=False, checks=[],
-                   class_distribution={"reference": p_ref.round(4).tolist(), "live": None})
+                   class_distribution={"reference": _shares(p_ref, spec), "live": None})
         return out
-    p_live = class_distribution(live.labels)
+    p_live = class_distribution(live.labels, spec.num_classes)
     mean_ref, mean_live = float(np.mean(ref.scores)), float(np.mean(live.scores))
     ks, ks_p = ks_statistic(ref.scores, live.scores)
     shift = np.abs(p_live - p_ref)
@@ -521,7 +544,7 @@ def compare(ref: Reference, live: LiveWindow, th: Thresholds) -> dict[str, Any]:
     checks = [
         _check("class_psi", psi(p_ref, p_live), th.class_psi,
                "PSI of the predicted class distribution; largest moves: "
-               + ", ".join(f"class {c} {p_ref[c]:.1%} -> {p_live[c]:.1%}" for c in top)),
+               + ", ".join(f"class {spec.class_name(c)} {p_ref[c]:.1%} -> {p_live[c]:.1%}" for c in top)),
         _check("class_js", js_distance(p_ref, p_live), th.class_js,
                "Jensen-Shannon distance (base 2) of the predicted class distribution"),
         _check("confidence_drop", mean_ref - mean_live, th.confidence_drop,
@@ -545,7 +568,7 @@ def compare(ref: Reference, live: LiveWindow, th: Thresholds) -> dict[str, Any]:
                    _check("embedding_mmd", None, th.embedding_mmd, f"skipped: {reason}")]
     drift = any(c["drift"] for c in checks)
     out.update(status="drift" if drift else "ok", drift=drift, checks=checks,
-               class_distribution={"reference": p_ref.round(4).tolist(), "live": p_live.round(4).tolist()})
+               class_distribution={"reference": _shares(p_ref, spec), "live": _shares(p_live, spec)})
     return out
 
 
@@ -558,8 +581,8 @@ def _png(fig: Any) -> bytes:
     return buf.getvalue()
 
 
-def plots(ref: Reference, live: LiveWindow) -> dict[str, bytes]:
-    """PNG plots: class distribution, confidence histograms, embeddings (PCA of the reference)."""
+def plots(ref: Reference, live: LiveWindow, spec: "ModelSpec") -> dict[str, bytes]:
+    """PNG plots: class distribution (by class name), confidence histograms, embeddings (PCA of the reference)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -567,12 +590,14 @@ def plots(ref: Reference, live: LiveWindow) -> dict[str, bytes]:
     import numpy as np
 
     out: dict[str, bytes] = {}
-    x = np.arange(NUM_CLASSES)
-    fig, ax = plt.subplots(figsize=(6.5, 3.2))
-    ax.bar(x - 0.2, class_distribution(ref.labels), 0.4, label=f"reference ({len(ref.labels)})")
+    names = spec.class_names
+    x = np.arange(len(names))
+    rotation = 45 if max(map(len, names)) > 2 else 0
+    fig, ax = plt.subplots(figsize=(min(14.0, 3.5 + 0.35 * len(names)), 3.2))
+    ax.bar(x - 0.2, class_distribution(ref.labels, len(names)), 0.4, label=f"reference ({len(ref.labels)})")
     if live.n:
-        ax.bar(x + 0.2, class_distribution(live.labels), 0.4, label=f"live ({live.n})")
-    ax.set_xticks(x)
+        ax.bar(x + 0.2, class_distribution(live.labels, len(names)), 0.4, label=f"live ({live.n})")
+    ax.set_xticks(x, names, rotation=rotation, ha="right" if rotation else "center")
     ax.set_xlabel("predicted class")
     ax.set_ylabel("share")
     ax.set_title("Predicted class distribution")
@@ -640,8 +665,14 @@ def run_monitor(store: "Store", model: str, *, source: str = "kafka", window: in
                 thresholds: Thresholds | None = None, kafka: "KafkaConfig | None" = None,
                 qdrant_url: str | None = None, qdrant_path: str | None = None, reference_size: int = 2000,
                 timeout: float = 30.0) -> dict[str, Any]:
-    """One monitoring pass; writes the report under ``monitoring/<ts>/`` and returns its summary."""
-    th = thresholds or Thresholds()
+    """One monitoring pass; writes the report under ``monitoring/<ts>/`` and returns its summary.
+
+    The model spec is ``model``'s (``load_settings().model_spec(model)``; ``SpecError``, bad input, when
+    there is none); ``thresholds`` default to ``Thresholds.for_spec`` of it."""
+    from tasks.config import load_settings
+
+    spec = load_settings().model_spec(model)
+    th = thresholds or Thresholds.for_spec(spec)
     if source not in SOURCES:
         raise MonitorError(f"unknown source {source!r}: choose {' or '.join(SOURCES)}")
     if window < th.min_samples:
@@ -649,9 +680,9 @@ def run_monitor(store: "Store", model: str, *, source: str = "kafka", window: in
                            "reached; widen --window or lower --min-samples")
     t0 = time.monotonic()
     champ = champion(store, model)
-    runner = ChampionModel(store, model, int(champ["version"]))
+    runner = ChampionModel(store, spec, int(champ["version"]))
     try:
-        ref = load_reference(store, champ, model, runner, size=reference_size)
+        ref = load_reference(store, champ, runner, size=reference_size)
         if source == "kafka":
             from tasks.adapters.kafka import KafkaConfig
 
@@ -660,20 +691,20 @@ def run_monitor(store: "Store", model: str, *, source: str = "kafka", window: in
             live = qdrant_window(runner.version, window, th.min_samples, url=qdrant_url, path=qdrant_path)
     finally:
         runner.close()
-    result = compare(ref, live, th)
+    result = compare(ref, live, th, spec)
     now = dt.datetime.now(dt.timezone.utc)
     stamp = now.strftime("%Y%m%dT%H%M%S%fZ")
     prefix = layout.monitor_report_prefix(stamp)
     report = {
         "model": model, "champion": runner.version, "created_at": now.isoformat(timespec="seconds"),
-        **result,
+        "classes": spec.class_names, **result,
         "thresholds": asdict(th),
         "reference": {"source": ref.source, "version": ref.version,
                       "key": store.uri(reference_key(model, ref.version))},
         "live": {"source": live.source, "versions": live.versions, "first": live.first, "last": live.last,
                  "notes": live.notes, "window": window},
     }
-    images = plots(ref, live)
+    images = plots(ref, live, spec)
     for name, data in images.items():
         store.put_bytes(prefix + name, data, content_type="image/png")
     report["report_uri"] = store.uri(prefix + "report.html")
@@ -703,15 +734,15 @@ def _parser() -> argparse.ArgumentParser:
     from tasks.config import load_settings
 
     cfg = load_settings()
-    d = Thresholds()
     p = argparse.ArgumentParser(prog="mlpipe monitor", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", choices=SOURCES, default=cfg.monitor.source,
                    help=f"where live predictions come from (MLPIPE_MONITOR_SOURCE, default {cfg.monitor.source})")
     p.add_argument("--window", type=int, default=2000, help="newest live predictions compared (default 2000)")
-    p.add_argument("--min-samples", type=int, default=d.min_samples,
-                   help=f"fewer live predictions give no verdict (default {d.min_samples})")
-    p.add_argument("--model", default=None, help="model name (default $MLPIPE_MODEL_NAME or digits)")
+    p.add_argument("--min-samples", type=int, default=None,
+                   help="fewer live predictions give no verdict (default the model spec's drift.min_samples)")
+    p.add_argument("--model", default=None, help="model name: its spec is $MLPIPE_MODELS_DIR/<name>/spec.yaml "
+                   "(default $MLPIPE_MODEL_NAME or digits)")
     p.add_argument("--bootstrap", default=None, help="Kafka bootstrap (overrides MLPIPE_KAFKA_BOOTSTRAP)")
     p.add_argument("--topic-prefix", default=None, help="topic prefix (overrides MLPIPE_KAFKA_TOPIC_PREFIX)")
     p.add_argument("--qdrant-url", default=None, help="Qdrant server (overrides MLPIPE_QDRANT_URL)")
@@ -724,8 +755,8 @@ def _parser() -> argparse.ArgumentParser:
                         ("confidence_ks", "KS statistic of the top-1 scores"),
                         ("embedding_cosine", "cosine distance of the mean embeddings"),
                         ("embedding_mmd", "squared MMD of the embeddings")):
-        p.add_argument(f"--max-{name.replace('_', '-')}", dest=name, type=float, default=getattr(d, name),
-                       help=f"threshold: {help_} (default {getattr(d, name)})")
+        p.add_argument(f"--max-{name.replace('_', '-')}", dest=name, type=float, default=None,
+                       help=f"threshold: {help_} (default the model spec's drift.{name})")
     p.add_argument("--fail-on-drift", action="store_true", help="exit EXIT_REJECTED (3) when drift is found")
     p.add_argument("--no-champion-ok", action="store_true",
                    help="no production version yet: report status no_champion (no verdict, exit 0) instead of "
@@ -749,10 +780,9 @@ def _main(argv: Sequence[str] | None) -> int:
     try:
         if args.window <= 0:
             raise MonitorError(f"--window must be positive, got {args.window}")
-        th = Thresholds(class_psi=args.class_psi, class_js=args.class_js, confidence_drop=args.confidence_drop,
-                        confidence_ks=args.confidence_ks, embedding_cosine=args.embedding_cosine,
-                        embedding_mmd=args.embedding_mmd, min_samples=args.min_samples)
         cfg = load_settings()
+        th = Thresholds.for_spec(cfg.model_spec(args.model or cfg.model_name),
+                                 **{f.name: getattr(args, f.name) for f in fields(Thresholds)})
         kafka = None
         if args.source == "kafka":
             from tasks.adapters.kafka import KafkaConfig

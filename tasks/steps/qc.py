@@ -1,11 +1,13 @@
 """qc: the gate a candidate must pass before it can be deployed.
 
-In the spirit of TFX's Evaluator (blessing) and InfraValidator, on the fixed
-golden set (1,000 real digits never put in any drop, ``tasks.steps.drops.golden_set``):
+In the spirit of TFX's Evaluator (blessing) and InfraValidator, for the model spec of ``--model``
+(``models/<name>/spec.yaml``: its classes, input, tensor names, thresholds) on its fixed golden set
+(``golden_set`` of the spec, never put in any drop: ``tasks.steps.drops.golden_set(spec)``):
 
-* ``loads``: the ONNX model loads in ONNX Runtime and its outputs have the contract shapes;
+* ``loads``: ``model.onnx`` is the spec's ONNX contract (``tasks.model.networks.check_onnx_contract``:
+  a failure names the tensor and the expected shape) and gives finite outputs on the golden set;
 * ``accuracy``: golden-set accuracy >= ``min_accuracy``;
-* ``class_recall``: every class's recall >= ``min_class_recall``;
+* ``class_recall``: every class's recall >= ``min_class_recall`` (classes by their spec names);
 * ``no_regression``: champion accuracy - candidate accuracy <= ``max_regression`` (same set);
 * ``parity_onnx_torch``: max |ONNX - PyTorch| over logits and embedding <= ``max_parity_diff``;
 * ``parity_trt_onnx``: the same for the TensorRT engine when one was compiled (else skipped, with why);
@@ -17,19 +19,24 @@ golden set (1,000 real digits never put in any drop, ``tasks.steps.drops.golden_
   ``serving`` says which file deploy will serve and why: INT8 if it passed, else the optimised
   model, else ``model.onnx``), and the version's verdict does not depend on them;
 * ``triton_serves``: the candidate (the artefact it will be served as) loads in a real Triton (a
-  throw-away server on loopback) and its answers through the ensemble agree with ONNX Runtime;
-* ``latency_p95``: p95 latency at batch 1 through that Triton <= ``p95_latency_ms``.
+  throw-away server on loopback); golden images sent as encoded frames of the spec
+  (``tasks.model.frames.encode_frame``) through the ensemble are all decoded (no ``FRAME_ERROR``) and
+  its labels agree with ONNX Runtime on the same decoded frames;
+* ``latency_p95``: p95 latency at batch 1 (one frame) through that Triton <= ``p95_latency_ms``.
 
-Thresholds come from ``MLPIPE_QC_*`` environment variables (or CLI flags). Output:
-``qc_report.json`` and ``qc_report.html`` (confusion matrix, per-class recall bars) on the
-version; a failed gate sets the stage to ``rejected`` with the reasons.
+Thresholds (``QCThresholds.for_spec``), lowest layer first: the ``MLPIPE_QC_*`` settings' defaults,
+the spec's ``qc`` section, the ``MLPIPE_QC_*`` variables that are set, CLI flags. Output:
+``qc_report.json`` (per-class results by class name) and ``qc_report.html`` (confusion matrix and
+per-class recall bars labelled by class name) on the version; a failed gate sets the stage to
+``rejected`` with the reasons.
 
     mlpipe qc --version 3            # exit 0 passed, 3 rejected (or --no-fail: exit 0, verdict in JSON)
     MLPIPE_QC_MIN_ACCURACY=0.97 mlpipe qc --version 3 --latency-requests 50
 
 Exit codes (``tasks.contracts.errors``): 0 passed (or failed with ``--no-fail``); ``EXIT_REJECTED``
-the gate failed; ``EXIT_BAD_INPUT`` an unknown version or a nonsensical threshold (one ``error:``
-line, no traceback); ``EXIT_TRANSIENT`` the object store is unreachable (retried).
+the gate failed; ``EXIT_BAD_INPUT`` an unknown version, a missing or invalid model spec, or a
+nonsensical threshold (one ``error:`` line, no traceback); ``EXIT_TRANSIENT`` the object store is
+unreachable (retried).
 A corrupt or wrongly shaped ``model.onnx`` is a failed ``loads`` check, never a crash.
 """
 
@@ -50,40 +57,50 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from tasks.steps import registry
-from tasks.config import load_settings, parse_bool
+from tasks.config import QCSection, load_settings, parse_bool
 from tasks.contracts import layout
 from tasks.contracts.errors import Rejected, is_transient, run_cli
+from tasks.contracts.serving import FRAME_ERROR
+from tasks.contracts.spec import ModelSpec, QCSpec
 from tasks.logs import setup_logging
 from tasks.adapters.storage import Store, open_store
 from tasks.contracts.results import write_result_json
 
 logger = logging.getLogger(__name__)
-NUM_CLASSES = 10
 
 
 class QCFailed(Rejected):
     """The version failed the QC gate (rejected: final); the message lists the reasons."""
 
 
+#: the thresholds a model spec declares (its ``qc`` section); the others are deployment settings only
+SPEC_THRESHOLDS = tuple(QCSpec.model_fields)
+
+
 @dataclass(frozen=True)
 class QCThresholds:
-    min_accuracy: float = 0.95
-    min_class_recall: float = 0.90
-    max_regression: float = 0.01
-    max_parity_diff: float = 1e-4
-    max_trt_parity_diff: float = 5e-2
-    p95_latency_ms: float = 50.0
-    latency_requests: int = 200
-    triton_check: bool = True
-    min_compiled_agreement: float = 0.99
-    max_compiled_accuracy_delta: float = 0.005
-    max_compiled_recall_delta: float = 0.02
+    """The gate's thresholds (``for_spec`` builds them; ``validate`` checks their ranges)."""
+
+    min_accuracy: float
+    min_class_recall: float
+    max_regression: float
+    max_parity_diff: float
+    max_trt_parity_diff: float
+    p95_latency_ms: float
+    latency_requests: int
+    triton_check: bool
+    min_compiled_agreement: float
+    max_compiled_accuracy_delta: float
+    max_compiled_recall_delta: float
 
     @classmethod
-    def from_env(cls, **overrides: Any) -> "QCThresholds":
-        """From ``load_settings().qc`` (``MLPIPE_QC_*``); non-None ``overrides`` (CLI flags) win."""
+    def for_spec(cls, spec: ModelSpec, **overrides: Any) -> "QCThresholds":
+        """The thresholds for ``spec``, lowest layer first: the QC settings' defaults, ``spec.qc`` (for the
+        thresholds a spec declares, ``SPEC_THRESHOLDS``), the ``MLPIPE_QC_*`` variables that are set, then
+        the non-None ``overrides`` (CLI flags). Raises ValueError naming a threshold out of range."""
         qc = load_settings().qc
         values: dict[str, Any] = {f.name: getattr(qc, f.name) for f in fields(cls)}
+        values.update({name: getattr(spec.qc, name) for name in SPEC_THRESHOLDS if values[name] is None})
         values.update({k: v for k, v in overrides.items() if v is not None})
         th = cls(**values)
         th.validate()
@@ -106,38 +123,43 @@ class QCThresholds:
                              f"got {self.latency_requests}")
 
 
+#: the built-in trainer, whose ``model.pt`` QC reloads for the ONNX/PyTorch parity check
+BUILTIN_TRAINER = "tasks.steps.train:train"
+
+
 def _check(name: str, passed: bool | None, detail: str, value: Any = None, threshold: Any = None) -> dict[str, Any]:
     return {"name": name, "passed": passed, "status": {True: "passed", False: "failed", None: "skipped"}[passed],
             "value": value, "threshold": threshold, "detail": detail}
 
 
-def _ort_predict(onnx_path: Path, x) -> tuple[Any, Any]:
+def _ort_predict(onnx_path: Path, x, spec: ModelSpec) -> tuple[Any, Any]:
+    """(logits, embedding) of ``onnx_path`` in ONNX Runtime for contract input ``x``."""
+    from tasks.model.networks import onnx_session, run_onnx
+
+    return run_onnx(onnx_session(onnx_path), x, spec)
+
+
+def _confusion(y_true, y_pred, num_classes: int):
+    """Confusion matrix ``[true, predicted]`` of ``num_classes`` classes."""
     import numpy as np
 
-    from tasks.model.networks import INPUT_NAME, OUTPUT_NAMES, onnx_session
-
-    sess = onnx_session(onnx_path)
-    logits, embs = [], []
-    for start in range(0, len(x), 256):
-        lo, em = sess.run(list(OUTPUT_NAMES), {INPUT_NAME: x[start:start + 256]})
-        logits.append(lo)
-        embs.append(em)
-    return np.concatenate(logits), np.concatenate(embs)
-
-
-def _confusion(y_true, y_pred):
-    import numpy as np
-
-    cm = np.zeros((NUM_CLASSES, NUM_CLASSES), dtype=np.int64)
+    cm = np.zeros((num_classes, num_classes), dtype=np.int64)
     np.add.at(cm, (y_true, y_pred), 1)
     return cm
 
 
 def _recalls(cm) -> list[float]:
-    return [float(cm[i, i] / cm[i].sum()) if cm[i].sum() else 0.0 for i in range(NUM_CLASSES)]
+    """Recall per class (row) of confusion matrix ``cm``, in class id order (0 for a class with no images)."""
+    return [float(cm[i, i] / cm[i].sum()) if cm[i].sum() else 0.0 for i in range(len(cm))]
+
+
+def _by_name(values: Sequence[float], spec: ModelSpec) -> dict[str, float]:
+    """Per-class values (class id order) keyed by class name, as reports carry them."""
+    return {spec.class_name(i): v for i, v in enumerate(values)}
 
 
 DEFAULT_TRITON_RUNNER = "tasks.local.triton:LocalTriton"
+WARMUP_REQUESTS = 10  # batch-1 requests before the latency is measured
 
 
 def triton_runner():
@@ -156,19 +178,38 @@ def triton_runner():
         raise ValueError(f"MLPIPE_QC_TRITON_RUNNER={spec!r} does not name a class as 'module:Class' ({exc})") from exc
 
 
-def _triton_checks(model: str, version: int, onnx_path: Path, images, ort_labels, th: QCThresholds,
+def _frame_errors(out: dict[str, Any]) -> list[str]:
+    """The non-empty ``FRAME_ERROR`` rows of an ensemble answer (``"<reason>: <detail>"`` each)."""
+    import numpy as np
+
+    rows = np.asarray(out[FRAME_ERROR], dtype=object).reshape(-1)
+    return [(r.decode("utf-8", "replace") if isinstance(r, bytes) else str(r)) for r in rows if r]
+
+
+def _triton_checks(spec: ModelSpec, version: int, onnx_path: Path, images, th: QCThresholds,
                    work: Path, artifact: str = layout.MODEL_ONNX) -> list[dict[str, Any]]:
-    """Load the candidate in a throw-away local Triton (InfraValidator); check its answers and batch-1 latency."""
+    """Load the candidate in a throw-away local Triton (InfraValidator); check its answers and batch-1 latency.
+
+    Golden ``images`` go as encoded frames of ``spec`` (what producers send) through the ensemble; the
+    reference labels are ONNX Runtime's on the same frames decoded on the host (``decode_frame``, the
+    decoder Triton's preprocess model runs), so a lossy encoding does not count against the server."""
     import numpy as np
 
     from tasks.adapters.triton import TritonClient
     from tasks.model import repo as model_repo
+    from tasks.model.frames import decode_frame, encode_frame
+    from tasks.model.networks import to_input
 
+    model = spec.name
+    n = min(256, len(images))
+    frames = [encode_frame(img, spec) for img in images[:n]]
+    ref_labels = _ort_predict(onnx_path, to_input(np.stack([decode_frame(f, spec) for f in frames]), spec),
+                              spec)[0].argmax(1)
     not_measured = "not measured: the candidate did not {} in Triton"
     try:
-        repo = model_repo.render_repo("local", work / "repo", model)
-        model_repo.write_classifier_version(repo, model, version, onnx_path)
-        model_repo.set_serving_version(repo, model, version)
+        repo = model_repo.render_repo("local", work / "repo", spec)
+        model_repo.write_classifier_version(repo, spec, version, onnx_path)
+        model_repo.set_serving_version(repo, spec, version)
     except Exception as exc:  # noqa: BLE001 - a model that cannot be put in a repository fails the gate
         return [_check("triton_serves", False, f"the candidate cannot be put in a Triton model repository: {exc}"),
                 _check("latency_p95", None, not_measured.format("load"))]
@@ -178,31 +219,35 @@ def _triton_checks(model: str, version: int, onnx_path: Path, images, ort_labels
                 try:
                     client.load_model(model)
                     client.wait_model_ready(model, timeout=120)
-                    n = min(256, len(images))
-                    out = client.infer_images(model, images[:n])
+                    out = client.infer_frames(model, frames)
                 except Exception as exc:  # noqa: BLE001
                     tail = "\n".join(server.log_tail(15).splitlines()[-5:])
                     return [_check("triton_serves", False, f"Triton did not load or answer: {exc}"
                                    + (f" (server log: {tail})" if tail else "")),
                             _check("latency_p95", None, not_measured.format("answer"))]
+                errors = _frame_errors(out)
                 labels = np.asarray(out["LABEL"]).reshape(-1)
                 emb_shape = list(np.asarray(out["EMBEDDING"]).shape)
-                agree = float(np.mean(labels == ort_labels[:len(labels)])) if len(labels) == n else 0.0
-                ok = len(labels) == n and emb_shape == [n, 64] and agree >= 0.99
-                serves = _check("triton_serves", ok,
-                                f"{n} golden images through the ensemble {model!r} (classifier v{version}, "
-                                f"serving {artifact}): "
-                                f"{agree:.1%} of labels agree with ONNX Runtime; LABEL {len(labels)} rows, "
-                                f"EMBEDDING {emb_shape}", round(agree, 4), 0.99)
+                agree = float(np.mean(labels == ref_labels)) if len(labels) == n else 0.0
+                ok = not errors and len(labels) == n and emb_shape == [n, spec.embedding_dim] and agree >= 0.99
+                detail = (f"{n} golden images as {spec.image_encoding} frames through the ensemble {model!r} "
+                          f"(classifier v{version}, serving {artifact}): ")
+                if errors:
+                    detail += (f"{len(errors)} of {n} frames were not decoded by the preprocess model "
+                               f"(FRAME_ERROR), first: {errors[0]}")
+                else:
+                    detail += (f"{agree:.1%} of labels agree with ONNX Runtime; LABEL {len(labels)} rows, "
+                               f"EMBEDDING {emb_shape} (expected [{n}, {spec.embedding_dim}])")
+                serves = _check("triton_serves", ok, detail, round(agree, 4), 0.99)
                 if not ok:
                     return [serves, _check("latency_p95", None, "not measured: the answers were wrong")]
-                for i in range(10):  # warm-up
-                    client.infer_images(model, images[i:i + 1])
+                for i in range(WARMUP_REQUESTS):
+                    client.infer_frames(model, frames[i % n:i % n + 1])
                 lat = []
                 for i in range(th.latency_requests):
-                    j = i % len(images)
+                    j = i % n
                     t0 = time.perf_counter()
-                    client.infer_images(model, images[j:j + 1])
+                    client.infer_frames(model, frames[j:j + 1])
                     lat.append((time.perf_counter() - t0) * 1000)
                 p50, p95 = float(np.percentile(lat, 50)), float(np.percentile(lat, 95))
                 latency = _check("latency_p95", p95 <= th.p95_latency_ms,
@@ -215,9 +260,10 @@ def _triton_checks(model: str, version: int, onnx_path: Path, images, ort_labels
                 _check("latency_p95", None, "not measured: Triton did not run")]
 
 
-def _trt_parity(store: Store, model: str, version: int, x, ort_logits, ort_emb, th: QCThresholds,
+def _trt_parity(store: Store, spec: ModelSpec, version: int, x, ort_logits, ort_emb, th: QCThresholds,
                 work: Path) -> dict[str, Any]:
-    prefix = layout.version_prefix(model, version)
+    """The TensorRT engine (``model.plan``) against ONNX Runtime on golden images (skipped without a plan)."""
+    prefix = layout.version_prefix(spec.name, version)
     if not store.exists(prefix + "model.plan"):
         reason = "no TensorRT engine for this version"
         if store.exists(prefix + "compile.json"):
@@ -245,19 +291,20 @@ def _trt_parity(store: Store, model: str, version: int, x, ort_logits, ort_emb, 
         if engine is None:
             raise RuntimeError("the engine could not be deserialized (built for another GPU or TensorRT version?)")
         ctx = engine.create_execution_context()
-        max_batch = int(engine.get_tensor_profile_shape("input", 0)[2][0])
+        names = spec.onnx
+        max_batch = int(engine.get_tensor_profile_shape(names.input, 0)[2][0])
         batch = np.ascontiguousarray(x[:max(1, min(32, max_batch))])
         inp = torch.from_numpy(batch).cuda()
-        outs = {"logits": torch.empty((len(batch), 10), device="cuda"),
-                "embedding": torch.empty((len(batch), 64), device="cuda")}
-        ctx.set_input_shape("input", tuple(inp.shape))
-        ctx.set_tensor_address("input", inp.data_ptr())
+        outs = {names.logits: torch.empty((len(batch), spec.num_classes), device="cuda"),
+                names.embedding: torch.empty((len(batch), spec.embedding_dim), device="cuda")}
+        ctx.set_input_shape(names.input, tuple(inp.shape))
+        ctx.set_tensor_address(names.input, inp.data_ptr())
         for name, t in outs.items():
             ctx.set_tensor_address(name, t.data_ptr())
         ctx.execute_async_v3(torch.cuda.current_stream().cuda_stream)
         torch.cuda.synchronize()
-        diff = max(float(np.max(np.abs(outs["logits"].cpu().numpy() - ort_logits[:len(batch)]))),
-                   float(np.max(np.abs(outs["embedding"].cpu().numpy() - ort_emb[:len(batch)]))))
+        diff = max(float(np.max(np.abs(outs[names.logits].cpu().numpy() - ort_logits[:len(batch)]))),
+                   float(np.max(np.abs(outs[names.embedding].cpu().numpy() - ort_emb[:len(batch)]))))
         return _check("parity_trt_onnx", diff <= th.max_trt_parity_diff,
                       f"max |TensorRT - ONNX| over logits and embedding, {len(batch)} golden images: {diff:.3g}",
                       diff, th.max_trt_parity_diff)
@@ -269,18 +316,19 @@ def _trt_parity(store: Store, model: str, version: int, x, ort_logits, ort_emb, 
 COMPILED_CHECKS = {layout.MODEL_INT8_ONNX: "compiled_int8", layout.MODEL_OPT_ONNX: "compiled_opt"}
 
 
-def _compiled_checks(store: Store, model: str, version: int, x, y, onnx_path: Path, pred, acc: float,
+def _compiled_checks(store: Store, spec: ModelSpec, version: int, x, y, onnx_path: Path, pred, acc: float,
                      recalls: list[float], th: QCThresholds, work: Path
-                     ) -> tuple[list[dict[str, Any]], dict[str, Any], Path, Any]:
+                     ) -> tuple[list[dict[str, Any]], dict[str, Any], Path]:
     """Gate each CPU-compiled artefact against ``model.onnx`` on the golden set; choose what is served.
 
-    Returns (checks, serving, the served file, its golden labels). A check's ``gates`` is
-    ``"artifact"``: its failure keeps that file from being served, it never fails the version."""
+    Returns (checks, serving, the served file). A check's ``gates`` is ``"artifact"``: its failure keeps
+    that file from being served, it never fails the version."""
     import numpy as np
 
     from tasks.adapters.storage import ObjectNotFound
     from tasks.contracts.files import sha256_file
-    from tasks.model.networks import EMBEDDING_DIM
+
+    model = spec.name
 
     try:
         report = store.get_json(layout.version_file_key(model, version, layout.COMPILE_JSON))
@@ -289,7 +337,7 @@ def _compiled_checks(store: Store, model: str, version: int, x, y, onnx_path: Pa
     except ObjectNotFound:
         compiled, missing = {}, "not compiled (no compile report for this version)"
     checks: list[dict[str, Any]] = []
-    passed: dict[str, tuple[Path, str, Any, dict[str, Any]]] = {}
+    passed: dict[str, tuple[Path, str, dict[str, Any]]] = {}
     why_not: dict[str, str] = {}
     for name in layout.CPU_COMPILED:
         cname = COMPILED_CHECKS[name]
@@ -305,9 +353,11 @@ def _compiled_checks(store: Store, model: str, version: int, x, y, onnx_path: Pa
             if info.get("sha256") and sha != info["sha256"]:
                 raise ValueError(f"the stored file (sha256 {sha[:12]}) is not the one compile built "
                                  f"({str(info['sha256'])[:12]})")
-            c_logits, c_emb = _ort_predict(path, x)
-            if c_logits.shape != (len(y), NUM_CLASSES) or c_emb.shape != (len(y), EMBEDDING_DIM):
-                raise ValueError(f"outputs logits {list(c_logits.shape)}, embedding {list(c_emb.shape)}")
+            c_logits, c_emb = _ort_predict(path, x, spec)
+            want = [len(y), spec.num_classes], [len(y), spec.embedding_dim]
+            if (list(c_logits.shape), list(c_emb.shape)) != want:
+                raise ValueError(f"outputs {spec.onnx.logits} {list(c_logits.shape)}, {spec.onnx.embedding} "
+                                 f"{list(c_emb.shape)}; expected {want[0]} and {want[1]}")
             if not (np.isfinite(c_logits).all() and np.isfinite(c_emb).all()):
                 raise ValueError("NaN or infinite outputs on the golden set")
         except Exception as exc:  # noqa: BLE001 - an unusable compiled file is a failed check, not a crash
@@ -320,9 +370,10 @@ def _compiled_checks(store: Store, model: str, version: int, x, y, onnx_path: Pa
         c_pred = c_logits.argmax(1)
         agree = float(np.mean(c_pred == pred))
         c_acc = float(np.mean(c_pred == y))
-        c_recalls = _recalls(_confusion(y, c_pred))
+        c_recalls = _recalls(_confusion(y, c_pred, spec.num_classes))
         drops = [r - c for r, c in zip(recalls, c_recalls)]
         worst = int(np.argmax(drops))
+        worst_name = spec.class_name(worst)
         acc_drop, rec_drop = acc - c_acc, float(drops[worst])
         failures = []
         if agree < th.min_compiled_agreement:
@@ -330,35 +381,36 @@ def _compiled_checks(store: Store, model: str, version: int, x, y, onnx_path: Pa
         if acc_drop > th.max_compiled_accuracy_delta + 1e-12:
             failures.append(f"accuracy drop {acc_drop:.4f} > {th.max_compiled_accuracy_delta:g}")
         if rec_drop > th.max_compiled_recall_delta + 1e-12:
-            failures.append(f"class {worst} recall drop {rec_drop:.3f} > {th.max_compiled_recall_delta:g}")
+            failures.append(f"class {worst_name!r} recall drop {rec_drop:.3f} > {th.max_compiled_recall_delta:g}")
         detail = (f"{name} vs model.onnx on {len(y)} golden images: labels agree {agree:.2%} (min "
                   f"{th.min_compiled_agreement:.2%}), accuracy {c_acc:.4f} vs {acc:.4f} (drop {acc_drop:+.4f}, max "
-                  f"{th.max_compiled_accuracy_delta:g}), largest per-class recall drop {rec_drop:+.3f} (class {worst}, "
-                  f"max {th.max_compiled_recall_delta:g})" + (f": FAILED ({'; '.join(failures)})" if failures else ""))
+                  f"{th.max_compiled_accuracy_delta:g}), largest per-class recall drop {rec_drop:+.3f} (class "
+                  f"{worst_name!r}, max {th.max_compiled_recall_delta:g})"
+                  + (f": FAILED ({'; '.join(failures)})" if failures else ""))
         check = {**_check(cname, not failures, detail, round(agree, 4), th.min_compiled_agreement),
                  "gates": "artifact", "artifact": name, "sha256": sha, "bytes": path.stat().st_size,
                  "accuracy": round(c_acc, 4), "accuracy_drop": round(acc_drop, 4), "recall_drop": round(rec_drop, 4),
-                 "worst_class": worst, "per_class_recall": c_recalls}
+                 "worst_class": worst_name, "per_class_recall": _by_name(c_recalls, spec)}
         checks.append(check)
         if failures:
             why_not[name] = f"{name} failed its check against model.onnx ({'; '.join(failures)})"
         else:
-            passed[name] = (path, sha, c_pred, check)
+            passed[name] = (path, sha, check)
     chosen = next((n for n in layout.CPU_COMPILED if n in passed), None)
     rejected = [why_not[n] for n in layout.CPU_COMPILED if n in why_not and (chosen is None or
                                                                               layout.CPU_COMPILED.index(n) <
                                                                               layout.CPU_COMPILED.index(chosen))]
     if chosen is not None:
-        path, sha, c_pred, check = passed[chosen]
+        path, sha, check = passed[chosen]
         reason = (f"{chosen} passed its check against model.onnx (labels agree {check['value']:.2%}, accuracy drop "
                   f"{check['accuracy_drop']:+.4f}, largest recall drop {check['recall_drop']:+.3f})")
         if rejected:
             reason = "; ".join(rejected) + f"; {reason}"
         serving = {"artifact": chosen, "sha256": sha, "reason": reason}
-        return checks, {**serving, "flavour": "local"}, path, c_pred
+        return checks, {**serving, "flavour": "local"}, path
     reason = "no compiled artefact passed QC: " + "; ".join(why_not[n] for n in layout.CPU_COMPILED)
     serving = {"artifact": layout.MODEL_ONNX, "sha256": sha256_file(onnx_path), "reason": reason, "flavour": "local"}
-    return checks, serving, onnx_path, pred
+    return checks, serving, onnx_path
 
 
 def _raise_if_outage(exc: BaseException) -> None:
@@ -374,57 +426,71 @@ def _load_failure(report: dict[str, Any], checks: list[dict[str, Any]], detail: 
     return report
 
 
-def evaluate(store: Store, model: str, version: int, th: QCThresholds, work: Path,
+def _spec_report(spec: ModelSpec, manifest: dict[str, Any]) -> dict[str, Any]:
+    """The spec QC ran with (name, sha256 of its file) and the one the version was registered with."""
+    current = registry.spec_record(spec)
+    built_for = manifest.get("spec")
+    if built_for and built_for != current:
+        logger.warning("%s v%s was registered for spec %s (sha256 %s); QC runs with the current spec file "
+                       "(sha256 %s)", spec.name, manifest.get("version"), built_for.get("name"),
+                       str(built_for.get("sha256"))[:12], current["sha256"][:12])
+    return {**current, "registered_with": built_for}
+
+
+def evaluate(store: Store, spec: ModelSpec, version: int, th: QCThresholds, work: Path,
              champion_override: str | None = None) -> dict[str, Any]:
-    """Run every check; return the report dict (no side effects on the registry).
+    """Run every check of version ``version`` of model ``spec.name``; return the report dict (no side
+    effects on the registry).
 
     The gate fails closed: a champion that cannot be read or evaluated fails ``no_regression``,
     unless ``champion_override`` gives the reason to go ahead anyway (recorded in ``overrides``)."""
     import numpy as np
 
     from tasks.steps.drops import golden_set
-    from tasks.model.networks import EMBEDDING_DIM, check_onnx_parity, load_torch, to_input
+    from tasks.model.networks import OnnxContractError, check_onnx_contract, check_onnx_parity, load_torch, to_input
     from tasks.adapters.storage import ObjectNotFound
 
+    model = spec.name
     manifest = registry.get_version(store, model, version)
     prefix = layout.version_prefix(model, version)
-    images, y = golden_set()
-    x = to_input(images)
+    images, y = golden_set(spec)
+    x = to_input(images, spec)
     checks: list[dict[str, Any]] = []
     report: dict[str, Any] = {"model": model, "version": version, "stage": manifest.get("stage"),
+                              "spec": _spec_report(spec, manifest), "classes": spec.class_names,
+                              "golden_set": spec.golden_set.model_dump(),
                               "golden_set_size": int(len(y)), "thresholds": asdict(th), "checks": checks}
 
     try:
-        onnx_path = store.get_file(prefix + "model.onnx", work / "model.onnx")
+        onnx_path = store.get_file(prefix + layout.MODEL_ONNX, work / layout.MODEL_ONNX)
     except ObjectNotFound:
         return _load_failure(report, checks, f"model.onnx is missing from {store.uri(prefix)}")
     try:
-        logits, emb = _ort_predict(onnx_path, x)
-    except Exception as exc:  # noqa: BLE001 - a corrupt or wrong model is a failed gate, not a crash
-        return _load_failure(report, checks, f"model.onnx does not load or run in ONNX Runtime: "
+        check_onnx_contract(onnx_path, spec)
+        logits, emb = _ort_predict(onnx_path, x, spec)
+    except OnnxContractError as exc:
+        return _load_failure(report, checks, str(exc))
+    except Exception as exc:  # noqa: BLE001 - a model that fails on real images is a failed gate, not a crash
+        return _load_failure(report, checks, f"model.onnx does not run in ONNX Runtime on the golden set: "
                              f"{type(exc).__name__}: {str(exc).strip()[:500]}")
-    expected = (len(y), NUM_CLASSES), (len(y), EMBEDDING_DIM)
-    if (logits.shape, emb.shape) != expected:
-        return _load_failure(report, checks, f"model.onnx outputs have the wrong shape: logits {list(logits.shape)}, "
-                             f"embedding {list(emb.shape)}; the contract (docs/CONTRACTS.md) needs "
-                             f"[N, {NUM_CLASSES}] and [N, {EMBEDDING_DIM}]")
     if not (np.isfinite(logits).all() and np.isfinite(emb).all()):
         return _load_failure(report, checks, "model.onnx gives NaN or infinite outputs on the golden set")
-    checks.append(_check("loads", True, "model.onnx loads in ONNX Runtime; outputs logits "
-                         f"[N, {NUM_CLASSES}] and embedding [N, {EMBEDDING_DIM}] as in the contract"))
+    checks.append(_check("loads", True, f"model.onnx is the ONNX contract of spec {model!r}: "
+                         f"{spec.onnx.input} [N, {', '.join(map(str, spec.input_shape))}] -> {spec.onnx.logits} "
+                         f"[N, {spec.num_classes}], {spec.onnx.embedding} [N, {spec.embedding_dim}]"))
 
     pred = logits.argmax(1)
-    cm = _confusion(y, pred)
+    cm = _confusion(y, pred, spec.num_classes)
     acc = float((pred == y).mean())
     recalls = _recalls(cm)
-    report.update(accuracy=acc, per_class_recall=recalls, confusion_matrix=cm.tolist())
+    report.update(accuracy=acc, per_class_recall=_by_name(recalls, spec), confusion_matrix=cm.tolist())
     checks.append(_check("accuracy", acc >= th.min_accuracy, f"golden-set accuracy {acc:.4f} "
                          f"(threshold {th.min_accuracy:g})", round(acc, 4), th.min_accuracy))
     worst = int(np.argmin(recalls))
-    low = [str(c) for c, r in enumerate(recalls) if r < th.min_class_recall]
+    low = [f"{spec.class_name(c)} {r:.3f}" for c, r in enumerate(recalls) if r < th.min_class_recall]
     checks.append(_check("class_recall", not low,
-                         f"lowest recall {recalls[worst]:.3f} for class {worst} (threshold {th.min_class_recall:g})"
-                         + (f"; classes below: {', '.join(low)}" if low else ""),
+                         f"lowest recall {recalls[worst]:.3f} for class {spec.class_name(worst)!r} "
+                         f"(threshold {th.min_class_recall:g})" + (f"; classes below: {', '.join(low)}" if low else ""),
                          round(min(recalls), 4), th.min_class_recall))
 
     champ = registry.champion(store, model)
@@ -437,7 +503,8 @@ def evaluate(store: Store, model: str, version: int, th: QCThresholds, work: Pat
         try:
             c_onnx = store.get_file(layout.version_file_key(model, champ["version"], layout.MODEL_ONNX),
                                     work / "champion.onnx")
-            c_pred = _ort_predict(c_onnx, x)[0].argmax(1)
+            check_onnx_contract(c_onnx, spec)
+            c_pred = _ort_predict(c_onnx, x, spec)[0].argmax(1)
         except Exception as exc:  # noqa: BLE001 - an unreadable champion fails the gate unless overridden
             _raise_if_outage(exc)
             why = (f"champion v{champ['version']} could not be evaluated on the golden set "
@@ -458,7 +525,7 @@ def evaluate(store: Store, model: str, version: int, th: QCThresholds, work: Pat
             c_acc = float((c_pred == y).mean())
             drop = c_acc - acc
             report["champion"] = {"version": champ["version"], "accuracy": c_acc,
-                                  "per_class_recall": _recalls(_confusion(y, c_pred))}
+                                  "per_class_recall": _by_name(_recalls(_confusion(y, c_pred, spec.num_classes)), spec)}
             checks.append(_check("no_regression", drop <= th.max_regression + 1e-12,
                                  f"champion v{champ['version']} {c_acc:.4f} vs candidate {acc:.4f} on the same "
                                  f"golden set (change {-drop:+.4f}, tolerance -{th.max_regression:g})",
@@ -466,26 +533,30 @@ def evaluate(store: Store, model: str, version: int, th: QCThresholds, work: Pat
 
     if store.exists(prefix + "model.pt"):
         try:
-            torch_model = load_torch(store.get_file(prefix + "model.pt", work / "model.pt"))
-            diff = check_onnx_parity(torch_model, onnx_path, inputs=x[:64], tolerance=th.max_parity_diff)
+            torch_model = load_torch(store.get_file(prefix + "model.pt", work / "model.pt"), spec)
+            diff = check_onnx_parity(torch_model, onnx_path, spec, inputs=x[:64], tolerance=th.max_parity_diff)
             checks.append(_check("parity_onnx_torch", True, f"max |ONNX - PyTorch| over logits and embedding "
                                  f"(batches 1, 7, 32): {diff:.3g}", diff, th.max_parity_diff))
         except Exception as exc:  # noqa: BLE001 - ParityError, a bad state_dict, an unreadable file
             _raise_if_outage(exc)
             checks.append(_check("parity_onnx_torch", False, f"{type(exc).__name__}: {exc}",
                                  threshold=th.max_parity_diff))
+    elif spec.trainer.entry_point != BUILTIN_TRAINER:
+        checks.append(_check("parity_onnx_torch", None, f"skipped: the trainer {spec.trainer.entry_point} is not the "
+                             f"built-in one ({BUILTIN_TRAINER}) and left no model.pt of the built-in network; "
+                             "ONNX/framework parity is that trainer's own check (the train step checked the ONNX "
+                             "contract)", threshold=th.max_parity_diff))
     else:
         checks.append(_check("parity_onnx_torch", False, "model.pt missing: parity with PyTorch cannot be shown"))
 
-    checks.append(_trt_parity(store, model, version, x, logits, emb, th, work))
-    compiled_checks, serving, served_path, served_pred = _compiled_checks(store, model, version, x, y, onnx_path,
-                                                                          pred, acc, recalls, th, work)
+    checks.append(_trt_parity(store, spec, version, x, logits, emb, th, work))
+    compiled_checks, serving, served_path = _compiled_checks(store, spec, version, x, y, onnx_path, pred, acc,
+                                                             recalls, th, work)
     checks.extend(compiled_checks)
     report["serving"] = {**serving, "note": "the local flavour serves this file as the classifier's model.onnx; "
                          "the production flavour serves model.plan when one was compiled, else model.onnx"}
     if th.triton_check:
-        checks.extend(_triton_checks(model, version, served_path, images, served_pred, th, work,
-                                     artifact=serving["artifact"]))
+        checks.extend(_triton_checks(spec, version, served_path, images, th, work, artifact=serving["artifact"]))
     else:
         checks.append(_check("triton_serves", None, "skipped: MLPIPE_QC_TRITON_CHECK=0"))
         checks.append(_check("latency_p95", None, "skipped: MLPIPE_QC_TRITON_CHECK=0"))
@@ -505,8 +576,12 @@ def _png(fig) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
+MAX_ANNOTATED_CLASSES = 20  # the confusion matrix shows its counts up to this many classes
+
+
 def render_html(report: dict[str, Any]) -> str:
-    """A self-contained HTML page: verdict, checks table, confusion matrix, per-class recall bars."""
+    """A self-contained HTML page: verdict, checks table, confusion matrix and per-class recall bars,
+    both labelled by class name (``report["classes"]``)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -515,31 +590,38 @@ def render_html(report: dict[str, Any]) -> str:
 
     images = []
     if "confusion_matrix" in report:
+        names = report["classes"]
+        n = len(names)
+        rotation = 45 if max(map(len, names)) > 2 else 0
         cm = np.array(report["confusion_matrix"])
-        fig, ax = plt.subplots(figsize=(5, 4.4))
+        side = min(12.0, 3.0 + 0.3 * n)
+        fig, ax = plt.subplots(figsize=(side + 1, side))
         im = ax.imshow(cm, cmap="Blues")
-        for i in range(NUM_CLASSES):
-            for j in range(NUM_CLASSES):
-                ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7,
-                        color="white" if cm[i, j] > cm.max() / 2 else "black")
+        if n <= MAX_ANNOTATED_CLASSES:
+            for i in range(n):
+                for j in range(n):
+                    ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7,
+                            color="white" if cm[i, j] > cm.max() / 2 else "black")
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
-        ax.set_xticks(range(NUM_CLASSES))
-        ax.set_yticks(range(NUM_CLASSES))
+        ax.set_xticks(range(n), names, rotation=rotation, ha="right" if rotation else "center")
+        ax.set_yticks(range(n), names)
         ax.set_title(f"confusion matrix, golden set (v{report['version']})")
         fig.colorbar(im, ax=ax, fraction=0.046)
         images.append(("Confusion matrix", _png(fig)))
         plt.close(fig)
-        fig, ax = plt.subplots(figsize=(6, 3.2))
-        xs = np.arange(NUM_CLASSES)
+        fig, ax = plt.subplots(figsize=(min(14.0, 3.0 + 0.35 * n), 3.2))
+        xs = np.arange(n)
         champ = report.get("champion")
         w = 0.4 if champ else 0.8
-        ax.bar(xs - (w / 2 if champ else 0), report["per_class_recall"], w, label=f"candidate v{report['version']}")
+        ax.bar(xs - (w / 2 if champ else 0), [report["per_class_recall"][c] for c in names], w,
+               label=f"candidate v{report['version']}")
         if champ:
-            ax.bar(xs + w / 2, champ["per_class_recall"], w, label=f"champion v{champ['version']}")
+            ax.bar(xs + w / 2, [champ["per_class_recall"].get(c, 0.0) for c in names], w,
+                   label=f"champion v{champ['version']}")
         ax.axhline(report["thresholds"]["min_class_recall"], color="red", linestyle="--", label="threshold")
         ax.set_ylim(0, 1.02)
-        ax.set_xticks(xs)
+        ax.set_xticks(xs, names, rotation=rotation, ha="right" if rotation else "center")
         ax.set_xlabel("class")
         ax.set_ylabel("recall")
         ax.legend(loc="lower right", fontsize=8)
@@ -554,6 +636,7 @@ def render_html(report: dict[str, Any]) -> str:
     figs = "".join(f"<figure><img src='data:image/png;base64,{b64}' alt='{t}'><figcaption>{t}</figcaption></figure>"
                    for t, b64 in images)
     verdict = report["verdict"]
+    golden = report["golden_set"]
     serving = report.get("serving")
     serving_html = (f"<p><b>Served artefact:</b> {html.escape(serving['artifact'])}: {html.escape(serving['reason'])}"
                     "</p>" if serving else "")
@@ -564,7 +647,8 @@ td,th{{border:1px solid #d0d7de;padding:4px 8px;text-align:left;vertical-align:t
 .verdict{{font-size:1.6em;color:{colour[verdict]}}}</style></head><body>
 <h1>QC gate: {html.escape(report['model'])} v{report['version']}</h1>
 <p class="verdict">{verdict.upper()}</p><p>{html.escape(report.get('at', ''))} &middot; golden set of
-{report['golden_set_size']} real digits never seen in training</p>
+{report['golden_set_size']} images ({html.escape(golden['source'])}, {golden['per_class']} per class of
+{len(report['classes'])}: {html.escape(', '.join(report['classes']))}) never seen in training</p>
 <ul>{''.join(f'<li>{html.escape(r)}</li>' for r in report['reasons'])}</ul>
 {serving_html}<table><tr><th>check</th><th>status</th><th>value</th><th>threshold</th><th>detail</th></tr>{rows}</table>
 {figs}</body></html>"""
@@ -574,17 +658,21 @@ def run_qc(store: Store, model: str, version: int, th: QCThresholds | None = Non
            work_dir: Path | None = None, champion_override: str | None = None) -> dict[str, Any]:
     """Evaluate, store ``qc_report.json``/``.html`` on the version, and reject a failing candidate.
 
-    Only a ``candidate`` is moved to ``rejected``; re-running QC on a version in another stage records
-    the new verdict on it (``version.json`` ``qc``) without changing its stage.
+    The model spec is ``model``'s (``load_settings().model_spec(model)``; ``SpecError``, bad input, when
+    there is none); ``th`` defaults to ``QCThresholds.for_spec`` of it. Only a ``candidate`` is moved to
+    ``rejected``; re-running QC on a version in another stage records the new verdict on it
+    (``version.json`` ``qc``) without changing its stage.
     """
-    th = th or QCThresholds.from_env()
+    cfg = load_settings()
+    spec = cfg.model_spec(model)
+    th = th or QCThresholds.for_spec(spec)
     registry.get_version(store, model, version)  # unknown version: RegistryError before any work
-    work_root = Path(work_dir) if work_dir else load_settings().home / "qc"
+    work_root = Path(work_dir) if work_dir else cfg.home / "qc"
     work_root.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     logger.info("QC of %s v%s on the golden set (thresholds %s)", model, version, asdict(th))
     with tempfile.TemporaryDirectory(prefix=f"{model}-v{version}-", dir=work_root) as tmp:
-        report = evaluate(store, model, version, th, Path(tmp), champion_override=champion_override)
+        report = evaluate(store, spec, version, th, Path(tmp), champion_override=champion_override)
     report["seconds"] = round(time.monotonic() - t0, 2)
     report["at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     report["report_uri"] = store.uri(layout.version_file_key(model, version, layout.QC_REPORT_HTML))
@@ -631,15 +719,14 @@ def _main(argv: Sequence[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="mlpipe qc", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", type=int, required=True, help="registered candidate version")
-    parser.add_argument("--model", default=None, help="model name (default $MLPIPE_MODEL_NAME or 'digits')")
+    parser.add_argument("--model", default=None, help="model name: its spec is $MLPIPE_MODELS_DIR/<name>/spec.yaml "
+                        "(default $MLPIPE_MODEL_NAME or 'digits')")
     for f in fields(QCThresholds):
         flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool):
-            parser.add_argument(flag, type=parse_bool, default=None,
-                                help=f"(env MLPIPE_QC_{f.name.upper()}, default {f.default})")
-        else:
-            parser.add_argument(flag, type=int if f.type in ("int", int) else float, default=None,
-                                help=f"(env MLPIPE_QC_{f.name.upper()}, default {f.default})")
+        default = (f"the model spec's qc.{f.name}" if f.name in SPEC_THRESHOLDS
+                   else QCSection.model_fields[f.name].default)
+        kind = parse_bool if f.type in ("bool", bool) else int if f.type in ("int", int) else float
+        parser.add_argument(flag, type=kind, default=None, help=f"(env MLPIPE_QC_{f.name.upper()}, default {default})")
     parser.add_argument("--no-fail", action="store_true",
                         help="exit 0 on a failed gate (the verdict is in the result); the DAG's gate task decides")
     parser.add_argument("--override-unreadable-champion", metavar="REASON", default=None,
@@ -649,8 +736,9 @@ def _main(argv: Sequence[str] | None) -> int:
     args = parser.parse_args(argv)
     setup_logging()
     cfg = load_settings()
-    th = QCThresholds.from_env(**{f.name: getattr(args, f.name) for f in fields(QCThresholds)})
-    report = run_qc(open_store(cfg), args.model or cfg.model_name, args.version, th,
+    model = args.model or cfg.model_name
+    th = QCThresholds.for_spec(cfg.model_spec(model), **{f.name: getattr(args, f.name) for f in fields(QCThresholds)})
+    report = run_qc(open_store(cfg), model, args.version, th,
                     champion_override=(args.override_unreadable_champion or "").strip() or None)
     result = {k: report[k] for k in ("model", "version", "verdict", "reasons", "report_uri")}
     result["accuracy"] = report.get("accuracy")

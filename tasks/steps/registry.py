@@ -2,7 +2,7 @@
 
 Layout (see docs/CONTRACTS.md)::
 
-    models/<model>/<version>/version.json   version, stage, metrics, lineage, history
+    models/<model>/<version>/version.json   version, stage, metrics, lineage, spec, history
     models/<model>/<version>/model.onnx     + model.pt, metrics.json, lineage.json, curves.png
     models/<model>/_events/<ts>-<id>.json   one object per registry event
     models/<model>/_claims/...              run and version-number claims (exclusive creates)
@@ -13,6 +13,12 @@ Layout (see docs/CONTRACTS.md)::
 version numbers without gaps. The registry is the only writer of ``version.json``: other steps go
 through ``update_version`` / ``record_artifact`` / ``set_stage`` (compare-and-swap writes). Every
 stage change is an event and is mirrored to ClearML.
+
+A version is built for one model spec (``models/<model>/spec.yaml``, ``Settings.model_spec``): at
+register the run's ``model.onnx`` must be that spec's ONNX contract
+(``tasks.model.networks.check_onnx_contract``; a mismatch is rejected, naming the tensor and the
+expected shape), and ``version.json`` ``spec`` records the spec's name and the sha256 of its file,
+so QC and deploy can tell which spec a version was built for.
 
 CLI: ``mlpipe registry {register,list,show,stage,champion} --help``.
 """
@@ -28,6 +34,7 @@ import os
 import random
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -36,6 +43,8 @@ from typing import Any, Callable, Sequence
 from tasks.config import PROJECT_ROOT, load_settings
 from tasks.contracts import layout
 from tasks.contracts.errors import BadInput, Transient, run_cli
+from tasks.contracts.files import sha256_file
+from tasks.contracts.spec import SPEC_FILE, ModelSpec
 from tasks.logs import setup_logging
 from tasks.adapters.storage import ObjectNotFound, Store, StoreError, open_store
 from tasks.contracts.results import write_result_json
@@ -123,19 +132,19 @@ def events(store: Store, model: str) -> list[dict[str, Any]]:
     return [store.get_json(k) for k in store.list(layout.events_prefix(model)) if k.endswith(".json")]
 
 
-def _drop_lineage(store: Store, drop_id: str) -> dict[str, Any]:
-    """The lineage entry of a drop: the digests of the content its passing validation checked, after
-    checking that the drop still is that content. Raises ``DropChanged`` (rejected) naming the drop and
-    what changed, ``RegistryError`` for a drop without a passing validation."""
+def _drop_lineage(store: Store, drop_id: str, model: str) -> dict[str, Any]:
+    """The lineage entry of a drop: the digests of the content its passing validation (for ``model``)
+    checked, after checking that the drop still is that content. Raises ``DropChanged`` (rejected) naming
+    the drop and what changed, ``RegistryError`` for a drop without a passing validation for ``model``."""
     from tasks.steps import drops
 
     try:
-        validated = drops.verify_validated(store, drop_id)
+        validated = drops.verify_validated(store, drop_id, model=model)
     except drops.DropChanged as exc:  # rejected, like train's refusal (exit EXIT_REJECTED, no retry)
         raise drops.DropChanged(f"refusing to register: {exc}") from None
     except drops.DropNotValidated as exc:
         raise RegistryError(f"refusing to register: drops [{drop_id!r}] have no passing validation result "
-                            f"bound to their content ({exc})") from None
+                            f"for model {model!r} bound to their content ({exc})") from None
     except drops.DropError as exc:
         raise RegistryError(f"refusing to register: {exc}") from None
     assert validated is not None
@@ -151,6 +160,26 @@ def _drop_lineage(store: Store, drop_id: str) -> dict[str, Any]:
             "report_uri": validated["report_uri"],
         },
     }
+
+
+def spec_record(spec: ModelSpec) -> dict[str, str]:
+    """What ``version.json`` ``spec`` records of the model spec a version is built for: its name and the
+    sha256 of its file (``$MLPIPE_MODELS_DIR/<name>/spec.yaml``)."""
+    return {"name": spec.name, "sha256": sha256_file(load_settings().models_dir / spec.name / SPEC_FILE)}
+
+
+def _check_run_onnx(store: Store, run_id: str, spec: ModelSpec) -> None:
+    """Raise ``OnnxContractError`` (rejected) unless the run's ``model.onnx`` is ``spec``'s ONNX contract."""
+    from tasks.model.networks import OnnxContractError, check_onnx_contract
+
+    with tempfile.TemporaryDirectory(prefix="mlpipe-register-") as tmp:
+        path = store.get_file(layout.run_file_key(run_id, layout.MODEL_ONNX), Path(tmp) / layout.MODEL_ONNX)
+        try:
+            check_onnx_contract(path, spec)
+        except OnnxContractError as exc:
+            raise OnnxContractError(f"refusing to register run {run_id!r} ({store.uri(layout.run_prefix(run_id))}) "
+                                    f"as {spec.name!r}: {exc}; export the model as the spec's onnx section and "
+                                    f"input/classes/embedding_dim say") from None
 
 
 def _version_claims(store: Store, model: str) -> dict[int, str]:
@@ -194,6 +223,10 @@ def register(store: Store, model: str, run_id: str, drop_ids: Sequence[str], *,
     taken over) and the version-number claim ``models/<m>/_claims/versions/<v>.json`` (kept: a retry
     after a crash reuses its number). Every drop must still be the content its passing validation
     checked (``tasks.steps.drops.verify_validated``); the lineage records the digests.
+
+    The run's ``model.onnx`` must be the ONNX contract of the model spec of ``model``
+    (``load_settings().model_spec(model)``: ``SpecError``, bad input, when there is none); otherwise
+    ``OnnxContractError`` (rejected) names the tensor and the expected shape, and nothing is claimed.
     """
     run_prefix = layout.run_prefix(run_id)
     try:
@@ -209,7 +242,9 @@ def register(store: Store, model: str, run_id: str, drop_ids: Sequence[str], *,
         logger.info("run %s is already registered as %s v%s", run_id, model, existing["version"])
         return existing
 
-    lineage_drops = [_drop_lineage(store, d) for d in drop_ids]  # refuses before anything is claimed
+    spec = load_settings().model_spec(model)
+    _check_run_onnx(store, run_id, spec)  # refuses before anything is claimed
+    lineage_drops = [_drop_lineage(store, d, model) for d in drop_ids]
 
     claim_key = layout.run_claim_key(model, run_id)
     deadline = time.monotonic() + wait_s
@@ -236,13 +271,15 @@ def register(store: Store, model: str, run_id: str, drop_ids: Sequence[str], *,
         existing = _registered(store, model, run_id)  # registered between our first look and our claim
         if existing is not None:
             return existing
-        return _write_version(store, model, run_id, drop_ids, metrics, lineage_drops, clearml_task_id, mirror)
+        return _write_version(store, model, run_id, drop_ids, metrics, lineage_drops, spec_record(spec),
+                              clearml_task_id, mirror)
     finally:
         store.delete(claim_key)
 
 
 def _write_version(store: Store, model: str, run_id: str, drop_ids: Sequence[str], metrics: dict[str, Any],
-                   lineage_drops: list[dict[str, Any]], clearml_task_id: str | None, mirror: bool) -> dict[str, Any]:
+                   lineage_drops: list[dict[str, Any]], spec: dict[str, str], clearml_task_id: str | None,
+                   mirror: bool) -> dict[str, Any]:
     """Claim a version number and write the version; called while holding the run claim."""
     parent = champion(store, model)
     lineage = {
@@ -268,6 +305,7 @@ def _write_version(store: Store, model: str, run_id: str, drop_ids: Sequence[str
         "run_id": run_id,
         "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))},
         "lineage": lineage,
+        "spec": spec,
         "files": {name: store.uri(prefix + name) for name in RUN_FILES if store.exists(prefix + name)},
         "history": [{"stage": "candidate", "at": _now(), "reason": "registered"}],
     }
@@ -277,7 +315,7 @@ def _write_version(store: Store, model: str, run_id: str, drop_ids: Sequence[str
     if not store.put_json_if_absent(layout.version_manifest_key(model, version), manifest):
         raise RegistryConflict(f"{model} v{version} already has a version manifest: its number was claimed twice")
     record_event(store, model, "register", version=version, run_id=run_id, drops=list(drop_ids),
-                 stage="candidate")
+                 stage="candidate", spec=spec)
     return manifest
 
 
@@ -455,7 +493,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Exit codes (``tasks.contracts.errors``): 0 ok; ``EXIT_BAD_INPUT`` an unknown run, drop or version,
-    a bad stage or option; ``EXIT_TRANSIENT`` the object store is unreachable (retried)."""
+    a missing or invalid model spec, a bad stage or option; ``EXIT_REJECTED`` a run whose ``model.onnx``
+    breaks the spec's ONNX contract, or a drop changed since its validation; ``EXIT_TRANSIENT`` the object
+    store is unreachable (retried)."""
     return run_cli(_main, argv, bad_input=(ValueError,))
 
 

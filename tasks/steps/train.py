@@ -1,11 +1,38 @@
-"""Train the digit classifier on one or more data drops; export ONNX; log to ClearML.
+"""Train a model on one or more validated data drops: the trainer contract and the built-in trainer.
 
-Outputs, under ``runs/<run_id>/`` in the object store:
+The trainer contract (also ``tasks/contracts/spec.py`` and docs/CONTRACTS.md "Model spec")
+----------------------------------------------------------------------------------------
+A model's spec names its trainer (``trainer`` in ``models/<name>/spec.yaml``). Both paths keep one
+contract:
 
-* ``model.onnx``   the classifier per docs/CONTRACTS.md (opset 17, dynamic batch),
-                   checked against PyTorch with ONNX Runtime (batches 1, 7, 32);
+* **in**: validated data drops of the model, by id (``drops/<id>/``; each drop's validation must have
+  passed for this model and still match its bytes: ``check_drops``);
+* **out**: under ``runs/<run_id>/`` in the object store, ``model.onnx`` whose input is named
+  ``spec.onnx.input`` (float32 ``[N, *spec.input_shape]``, the pixels after ``spec.preprocessing``) and
+  whose outputs are ``spec.onnx.logits`` (float32 ``[N, number of classes]``) and ``spec.onnx.embedding``
+  (float32 ``[N, spec.embedding_dim]``), batch axis dynamic; plus ``metrics.json`` (a JSON object);
+* **local path** (``mlpipe train``): ``spec.trainer.entry_point`` (``module:function``) is imported and
+  called as ``function(store, drop_ids, *, spec, run_id, seed, epochs, ...)`` (the other options of the
+  CLI, ``batch_size``, ``lr``, ``patience``, ``val_fraction``, ``device``, ``track``, only where its
+  signature takes them); it returns the result dict with at least ``run_id``, ``drop_ids``,
+  ``onnx_key`` and ``metrics``, and raises the error kinds of ``tasks.contracts.errors``;
+* **pod path** (``plugins/mlpipe_steps.py``): ``spec.trainer.image`` runs ``spec.trainer.command`` +
+  ``spec.trainer.args`` (placeholders filled in) + ``--result-json PATH`` and writes the same dict there.
+
+``run_trainer`` is the step: it resolves the drops and the run id, calls the entry point, then checks
+what the trainer left whatever it was: the result's keys, ``metrics.json`` present, and ``model.onnx``
+against the spec (``tasks.model.networks.check_onnx_contract``: an ``OnnxContractError``, rejected,
+naming the tensor and the expected shape). A run is complete once ``runs/<run_id>/result.json`` exists.
+
+The built-in trainer (``tasks.steps.train:train``)
+--------------------------------------------------
+Any spec with a fixed-size NCHW input (``tasks.model.networks.build_model(spec)``). Outputs, under
+``runs/<run_id>/``:
+
+* ``model.onnx``   the classifier (opset 17, dynamic batch), checked against the spec's ONNX contract
+                   and against PyTorch with ONNX Runtime (batches 1, 7, 32);
 * ``model.pt``     the PyTorch state_dict (``tasks.model.networks.load_torch`` reloads it);
-* ``metrics.json`` validation and golden-set accuracy, per-class recall, epochs,
+* ``metrics.json`` validation and golden-set accuracy, per-class recall by class name, epochs,
                    early stopping, timings, parameters, parity, versions;
 * ``history.json`` per-epoch loss / accuracy / seconds;
 * ``curves.png``   training curves;
@@ -20,7 +47,7 @@ that requests ``nvidia.com/gpu: 1``; the same CLI runs as a local process.
 
 CLI::
 
-    mlpipe train --drop-id d1 [--drop-id d2 ...] [--epochs 8] [--seed 0]
+    mlpipe train [--model NAME] --drop-id d1 [--drop-id d2 ...] [--epochs 8] [--seed 0]
         [--batch-size 64] [--lr 0.002] [--patience 2] [--device auto]
         [--run-id ID] [--result-json PATH]
 
@@ -44,7 +71,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from tasks.contracts import layout
-from tasks.contracts.errors import BadInput, run_cli
+from tasks.contracts.errors import BadInput, Rejected, run_cli
 from tasks.logs import setup_logging
 from tasks.contracts.results import write_result_json
 from tasks.contracts.files import sha256_bytes, sha256_file
@@ -54,6 +81,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
 
     from tasks.adapters.storage import Store
+    from tasks.contracts.spec import ModelSpec
 
 logger = logging.getLogger(__name__)
 
@@ -67,12 +95,23 @@ WEIGHT_DECAY = 1e-4
 LABEL_SMOOTHING = 0.1  # training loss only; val/golden losses are plain cross-entropy
 MIN_DELTA = 1e-4  # a val loss must improve by more than this to count as better
 RUN_FILES = ("model.onnx", "model.pt", "metrics.json", "history.json", "curves.png")
+RESULT_KEYS = ("run_id", "drop_ids", "onnx_key", "metrics")  # what every trainer's result dict has
+#: options of ``run_trainer`` passed to an entry point only where its signature takes them
+TRAINER_OPTIONS = ("batch_size", "lr", "patience", "val_fraction", "device", "track")
 
 EpochCallback = Callable[[dict[str, Any]], None]
 
 
 class TrainError(BadInput, RuntimeError):
     """Training could not produce a usable model (bad input arrays, unavailable device...): final."""
+
+
+class TrainerNotFound(BadInput, ValueError):
+    """The spec's ``trainer.entry_point`` cannot be imported or is not callable: bad input, final."""
+
+
+class TrainerContractError(Rejected, ValueError):
+    """A trainer returned without what the contract promises (result keys, ``metrics.json``): rejected, final."""
 
 
 # --------------------------------------------------------------------------- set-up
@@ -152,13 +191,15 @@ def stratified_split(y: "np.ndarray", val_fraction: float, seed: int) -> tuple["
     return np.sort(np.concatenate(train_idx)), np.sort(np.concatenate(val_idx))
 
 
-def _check_arrays(X: "np.ndarray", y: "np.ndarray") -> tuple["np.ndarray", "np.ndarray"]:
+def _check_arrays(X: "np.ndarray", y: "np.ndarray", spec: "ModelSpec") -> tuple["np.ndarray", "np.ndarray"]:
     import numpy as np
 
     X = np.asarray(X)
     y = np.asarray(y)
-    if X.ndim != 3 or X.shape[1:] != (28, 28):
-        raise TrainError(f"expected images of shape [N, 28, 28], got {list(X.shape)}")
+    shape = tuple(spec.image_shape)
+    if X.ndim != len(shape) + 1 or X.shape[1:] != shape:
+        raise TrainError(f"model {spec.name!r} takes images of shape [N, {', '.join(map(str, shape))}], "
+                         f"got {list(X.shape)}")
     if X.dtype != np.uint8:
         raise TrainError(f"expected uint8 images (0..255), got dtype {X.dtype}")
     if y.shape != (len(X),):
@@ -166,8 +207,9 @@ def _check_arrays(X: "np.ndarray", y: "np.ndarray") -> tuple["np.ndarray", "np.n
     y = y.astype(np.int64)
     if len(X) < 20:
         raise TrainError(f"need at least 20 images to train and validate, got {len(X)}")
-    if y.min() < 0 or y.max() > 9:
-        raise TrainError(f"labels must be digits 0..9, got range {int(y.min())}..{int(y.max())}")
+    if y.min() < 0 or y.max() >= spec.num_classes:
+        raise TrainError(f"labels must be the class ids 0..{spec.num_classes - 1} of model {spec.name!r}, got "
+                         f"range {int(y.min())}..{int(y.max())}")
     return X, y
 
 
@@ -194,24 +236,26 @@ def _evaluate(model: "nn.Module", x: Any, y: Any, batch_size: int = 1024) -> tup
 def _shift_batch(xb: Any, gen: Any, max_shift: int = 2) -> Any:
     """Translate each image by its own random offset of up to ``max_shift`` pixels (zero fill).
 
-    One gather per batch: pad by ``max_shift``, then read a 28x28 window at a
-    per-image offset drawn from ``gen`` (deterministic for a seeded generator).
+    One gather per batch (NCHW, every channel alike): pad by ``max_shift``, then read an HxW window at
+    a per-image offset drawn from ``gen`` (deterministic for a seeded generator).
     """
     import torch
     import torch.nn.functional as F
 
-    n, _, h, w = xb.shape
+    n, c, h, w = xb.shape
     pw = w + 2 * max_shift
     offsets = torch.randint(0, 2 * max_shift + 1, (2, n), generator=gen).to(xb.device)
-    padded = F.pad(xb, (max_shift, max_shift, max_shift, max_shift)).reshape(n, -1)
+    padded = F.pad(xb, (max_shift, max_shift, max_shift, max_shift)).reshape(n, c, -1)
     rows = offsets[0][:, None, None] + torch.arange(h, device=xb.device)[None, :, None]
     cols = offsets[1][:, None, None] + torch.arange(w, device=xb.device)[None, None, :]
-    return padded.gather(1, (rows * pw + cols).reshape(n, -1)).reshape(n, 1, h, w)
+    index = (rows * pw + cols).reshape(n, 1, -1).expand(n, c, h * w)
+    return padded.gather(2, index).reshape(n, c, h, w)
 
 
 def train_arrays(
     X: "np.ndarray",
     y: "np.ndarray",
+    spec: "ModelSpec",
     *,
     epochs: int = DEFAULT_EPOCHS,
     seed: int = DEFAULT_SEED,
@@ -223,7 +267,7 @@ def train_arrays(
     augment: bool = True,
     on_epoch: EpochCallback | None = None,
 ) -> tuple["nn.Module", list[dict[str, Any]], dict[str, Any]]:
-    """Train the CNN on uint8 images ``X`` [N,28,28] and labels ``y`` [N].
+    """Train ``spec``'s built-in CNN on uint8 images ``X`` ``[N, *spec.image_shape]`` and class ids ``y`` [N].
 
     Stratified train/val split, random +-2 px shifts of the training images
     (``augment``), Adam with a one-cycle learning-rate schedule (warm-up to
@@ -240,7 +284,7 @@ def train_arrays(
 
     from tasks.model import networks as model_lib
 
-    X, y = _check_arrays(X, y)
+    X, y = _check_arrays(X, y, spec)
     if epochs < 1:
         raise TrainError(f"epochs must be >= 1, got {epochs}")
     if batch_size < 1:
@@ -264,12 +308,12 @@ def train_arrays(
     try:
         seed_everything(seed)
         train_idx, val_idx = stratified_split(y, val_fraction, seed)
-        x_all = torch.from_numpy(model_lib.to_input(X))
+        x_all = torch.from_numpy(model_lib.to_input(X, spec))
         y_all = torch.from_numpy(y)
         x_tr, y_tr = x_all[train_idx].to(device), y_all[train_idx].to(device)
         x_va, y_va = x_all[val_idx].to(device), y_all[val_idx].to(device)
 
-        model = model_lib.build_model().to(device)
+        model = model_lib.build_model(spec).to(device)
         optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=WEIGHT_DECAY)
         steps_per_epoch = math.ceil(len(train_idx) / batch_size)
         scheduler = torch.optim.lr_scheduler.OneCycleLR(
@@ -365,21 +409,22 @@ def train_arrays(
         torch.set_num_threads(prev_threads)
 
 
-def evaluate_arrays(model: "nn.Module", X: "np.ndarray", y: "np.ndarray") -> dict[str, Any]:
-    """Accuracy, mean loss and per-class recall of ``model`` on uint8 images ``X`` and labels ``y``."""
+def evaluate_arrays(model: "nn.Module", X: "np.ndarray", y: "np.ndarray", spec: "ModelSpec") -> dict[str, Any]:
+    """Accuracy, mean loss and per-class recall (keyed by class name) of ``model`` on ``spec``'s uint8 images
+    ``X`` and class ids ``y``."""
     import numpy as np
     import torch
 
     from tasks.model import networks as model_lib
 
     X, y = np.asarray(X), np.asarray(y).astype(np.int64)
-    logits, _ = model_lib.predict_torch(model, model_lib.to_input(X))
+    logits, _ = model_lib.predict_torch(model, model_lib.to_input(X, spec))
     pred = logits.argmax(axis=1)
     loss = float(torch.nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(y)))
     recall = {}
-    for label in range(model_lib.NUM_CLASSES):
+    for label, name in enumerate(spec.class_names):
         mask = y == label
-        recall[str(label)] = float((pred[mask] == label).mean()) if mask.any() else None
+        recall[name] = float((pred[mask] == label).mean()) if mask.any() else None
     return {"accuracy": float((pred == y).mean()) if len(y) else 0.0, "loss": loss,
             "per_class_recall": recall, "n": int(len(y))}
 
@@ -443,16 +488,17 @@ class _Tracker:
             return None
 
 
-def check_drops(store: "Store", drop_ids: Sequence[str]) -> dict[str, Any]:
+def check_drops(store: "Store", drop_ids: Sequence[str], spec: "ModelSpec") -> dict[str, Any]:
     """Refuse drops whose bytes are not what their passing validation checked, each of them (the
     extra drops of ``--drop-id a,b`` too): ``DropChanged`` naming the drop and what changed,
-    ``DropNotValidated`` for a drop that failed validation. A drop never validated is trained on
-    with a warning (the registry refuses to register it). Returns drop id -> validated digests."""
+    ``DropNotValidated`` for a drop that failed validation or was validated for another model than
+    ``spec``'s. A drop never validated is trained on with a warning (the registry refuses to register
+    it). Returns drop id -> validated digests."""
     from tasks.steps import drops
 
     out: dict[str, Any] = {}
     for drop_id in drop_ids:
-        validated = drops.verify_validated(store, drop_id, require=False)
+        validated = drops.verify_validated(store, drop_id, require=False, model=spec.name)
         if validated is None:
             logger.warning("drop %s has no validation result: training on it, but a model trained on it "
                            "cannot be registered until it is validated", drop_id)
@@ -464,6 +510,7 @@ def train(
     store: "Store",
     drop_ids: Sequence[str],
     *,
+    spec: "ModelSpec | None" = None,
     run_id: str | None = None,
     epochs: int = DEFAULT_EPOCHS,
     seed: int = DEFAULT_SEED,
@@ -474,12 +521,16 @@ def train(
     device: str = "auto",
     track: bool = True,
 ) -> dict[str, Any]:
-    """Train on the drops, evaluate, export ONNX, upload to ``runs/<run_id>/``, log to ClearML.
+    """The built-in trainer (the entry point ``tasks.steps.train:train``): train ``spec``'s CNN (default the
+    configured model, ``MLPIPE_MODEL_NAME``) on the drops, evaluate on its golden set, export ONNX, upload
+    to ``runs/<run_id>/``, log to ClearML.
 
     Raises ``tasks.steps.drops.DropError`` (a ``ValueError``) for an unknown or
-    incomplete drop, ``DropChanged`` / ``DropNotValidated`` (``check_drops``) for a drop
-    that changed since its passing validation or failed it, ``TrainError`` for bad arrays or an unavailable device and
-    ``tasks.model.networks.ParityError`` if the ONNX export disagrees with PyTorch.
+    incomplete drop or one made for another model, ``DropChanged`` / ``DropNotValidated``
+    (``check_drops``) for a drop that changed since its passing validation, failed it or was validated
+    for another model, ``TrainError`` for bad arrays or an unavailable device,
+    ``tasks.model.networks.OnnxContractError`` if the export breaks the spec's ONNX contract and
+    ``tasks.model.networks.ParityError`` if it disagrees with PyTorch.
     Returns the result dict (also stored as ``runs/<run_id>/result.json``).
     """
     import torch
@@ -488,36 +539,34 @@ def train(
     from tasks.model import networks as model_lib
     from tasks.config import load_settings
 
-    if not drop_ids:
-        raise TrainError("no drop ids given: pass at least one --drop-id")
-    # "latest" becomes the drop it names now, so the run id (and a retry) always means the same data.
-    drop_ids = list(dict.fromkeys(drops.resolve_drop_id(store, str(d)) for d in drop_ids))
     cfg = load_settings()
+    spec = spec or cfg.model_spec()
+    drop_ids = resolve_drop_ids(store, drop_ids)
     device = resolve_device(device)
     run_id = run_id or default_run_id(drop_ids, seed=seed, epochs=epochs, batch_size=batch_size, lr=lr,
                                       patience=patience, val_fraction=val_fraction)
     run_prefix = layout.run_prefix(run_id)
-    drop_content = check_drops(store, drop_ids)
+    drop_content = check_drops(store, drop_ids, spec)
     params = {
         "drop_ids": drop_ids, "epochs": epochs, "seed": seed, "batch_size": batch_size, "lr": lr,
         "patience": patience, "val_fraction": val_fraction, "weight_decay": WEIGHT_DECAY,
         "label_smoothing": LABEL_SMOOTHING,
-        "device": device, "augment": True, "model": cfg.model_name,
+        "device": device, "augment": True, "model": spec.name,
     }
 
     t0 = time.perf_counter()
-    X, y = drops.load_arrays(store, drop_ids)
+    X, y = drops.load_arrays(store, drop_ids, spec)
     logger.info("loaded %d images from drops %s in %.1fs", len(X), drop_ids, time.perf_counter() - t0)
-    X_golden, y_golden = drops.golden_set()
+    X_golden, y_golden = drops.golden_set(spec)
 
     tracker = _Tracker(track)
     if track:
         from tasks.adapters import clearml as tracking
 
         tracker.run = tracker.call(
-            "start_run", tracking.start_run, cfg.clearml_project, f"train {run_id}",
+            "start_run", tracking.start_run, cfg.clearml_project, f"train {spec.name} {run_id}",
             {k: (",".join(v) if isinstance(v, list) else v) for k, v in params.items()},
-            tags=("train", *drop_ids),
+            tags=("train", spec.name, *drop_ids),
         )
     run = tracker.run
 
@@ -532,20 +581,22 @@ def train(
     work = Path(tempfile.mkdtemp(prefix=f"train-{run_id}-", dir=_work_root(cfg.home)))
     try:
         model, history, fit = train_arrays(
-            X, y, epochs=epochs, seed=seed, batch_size=batch_size, lr=lr, patience=patience,
+            X, y, spec, epochs=epochs, seed=seed, batch_size=batch_size, lr=lr, patience=patience,
             val_fraction=val_fraction, device=device, on_epoch=on_epoch,
         )
         model = model.cpu().eval()
-        golden = evaluate_arrays(model, X_golden, y_golden)
+        golden = evaluate_arrays(model, X_golden, y_golden, spec)
         logger.info("golden set: accuracy %.4f on %d images", golden["accuracy"], golden["n"])
 
-        onnx_path = model_lib.export_onnx(model, work / "model.onnx")
-        parity_x = model_lib.to_input(X_golden[:32]) if len(X_golden) >= 32 else None
-        parity = model_lib.check_onnx_parity(model, onnx_path, batch_sizes=(1, 7, 32), inputs=parity_x)
+        onnx_path = model_lib.export_onnx(model, work / "model.onnx", spec)
+        model_lib.check_onnx_contract(onnx_path, spec)
+        parity_x = model_lib.to_input(X_golden[:32], spec) if len(X_golden) >= 32 else None
+        parity = model_lib.check_onnx_parity(model, onnx_path, spec, batch_sizes=(1, 7, 32), inputs=parity_x)
         model_lib.save_torch(model, work / "model.pt")
 
         metrics: dict[str, Any] = {
             "run_id": run_id,
+            "model": spec.name,
             "drop_ids": drop_ids,
             "drop_content": drop_content,
             "val_accuracy": fit["val_accuracy"],
@@ -589,7 +640,7 @@ def train(
                 "final/golden_accuracy": golden["accuracy"], "final/onnx_parity_max_abs_diff": parity,
                 **{f"golden_recall/{k}": v for k, v in golden["per_class_recall"].items() if v is not None},
             }, fit["epochs_run"])
-            clearml_model_id = tracker.call("upload_model", run.upload_model, onnx_path, cfg.model_name,
+            clearml_model_id = tracker.call("upload_model", run.upload_model, onnx_path, spec.name,
                                             ("onnx", run_id))
             for name in ("metrics.json", "curves.png"):
                 tracker.call("log_artifact", run.log_artifact, name, work / name)
@@ -602,6 +653,7 @@ def train(
 
     result = {
         "run_id": run_id,
+        "model": spec.name,
         "run_prefix": run_prefix,
         "store_url": store.url,
         "drop_ids": drop_ids,
@@ -632,19 +684,134 @@ def _work_root(home: Path) -> Path:
     return root
 
 
+def resolve_drop_ids(store: "Store", drop_ids: Sequence[str]) -> list[str]:
+    """The drop ids, ``latest`` replaced by the drop it names now (so a run id, and a retry, always mean the
+    same data), repeats dropped; ``TrainError`` for none."""
+    from tasks.steps import drops
+
+    if not drop_ids:
+        raise TrainError("no drop ids given: pass at least one --drop-id")
+    return list(dict.fromkeys(drops.resolve_drop_id(store, str(d)) for d in drop_ids))
+
+
+def load_entry_point(spec: "ModelSpec") -> Callable[..., dict[str, Any]]:
+    """The callable named by ``spec.trainer.entry_point`` (``module:function``); ``TrainerNotFound`` naming the
+    entry point when the module cannot be imported, has no such attribute, or it is not callable."""
+    import importlib
+
+    entry = spec.trainer.entry_point
+    module_name, _, attr = entry.partition(":")
+    where = f"trainer.entry_point {entry!r} of model {spec.name!r}"
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # noqa: BLE001 - ImportError or whatever the module raises on import
+        raise TrainerNotFound(f"{where}: cannot import module {module_name!r} ({type(exc).__name__}: {exc}); "
+                              "install it or fix the spec") from None
+    fn = getattr(module, attr, None)
+    if fn is None:
+        raise TrainerNotFound(f"{where}: module {module_name!r} has no attribute {attr!r}")
+    if not callable(fn):
+        raise TrainerNotFound(f"{where}: {module_name}.{attr} is a {type(fn).__name__}, not a function")
+    return fn
+
+
+def _accepted(fn: Callable[..., Any], options: dict[str, Any]) -> dict[str, Any]:
+    """The ``options`` that ``fn``'s signature takes (all of them when it has ``**kwargs``)."""
+    import inspect
+
+    params = inspect.signature(fn).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return dict(options)
+    names = {p.name for p in params}
+    return {k: v for k, v in options.items() if k in names}
+
+
+def check_run(store: "Store", result: Any, spec: "ModelSpec", run_id: str) -> None:
+    """What any trainer must leave (the contract in this module's docstring): a result dict with
+    ``RESULT_KEYS`` for ``run_id``, ``runs/<run_id>/metrics.json``, and a ``model.onnx`` at ``onnx_key`` that
+    matches ``spec`` (``check_onnx_contract``). ``TrainerContractError`` / ``OnnxContractError`` (rejected)."""
+    from tasks.adapters.storage import ObjectNotFound
+    from tasks.model import networks as model_lib
+
+    who = f"trainer {spec.trainer.entry_point} of model {spec.name!r}"
+    if not isinstance(result, dict):
+        raise TrainerContractError(f"{who} returned a {type(result).__name__}, not the result dict "
+                                   f"(keys {', '.join(RESULT_KEYS)})")
+    missing = [k for k in RESULT_KEYS if k not in result]
+    if missing:
+        raise TrainerContractError(f"{who}: the result dict has no {', '.join(missing)} (needs {', '.join(RESULT_KEYS)})")
+    if result["run_id"] != run_id:
+        raise TrainerContractError(f"{who} reported run {result['run_id']!r}, but was asked for run {run_id!r}")
+    metrics_key = layout.run_file_key(run_id, "metrics.json")
+    if not store.exists(metrics_key):
+        raise TrainerContractError(f"{who} wrote no {store.uri(metrics_key)} (the contract: model.onnx and "
+                                   "metrics.json under runs/<run_id>/)")
+    with tempfile.TemporaryDirectory(prefix="mlpipe-trainer-check-") as tmp:
+        try:
+            onnx_path = store.get_file(str(result["onnx_key"]), Path(tmp) / "model.onnx")
+        except ObjectNotFound:
+            raise TrainerContractError(f"{who}: no model at onnx_key {store.uri(str(result['onnx_key']))}") from None
+        model_lib.check_onnx_contract(onnx_path, spec)
+
+
+def run_trainer(
+    store: "Store",
+    drop_ids: Sequence[str],
+    *,
+    spec: "ModelSpec | None" = None,
+    run_id: str | None = None,
+    epochs: int = DEFAULT_EPOCHS,
+    seed: int = DEFAULT_SEED,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    lr: float = DEFAULT_LR,
+    patience: int = DEFAULT_PATIENCE,
+    val_fraction: float = DEFAULT_VAL_FRACTION,
+    device: str = "auto",
+    track: bool = True,
+) -> dict[str, Any]:
+    """The training step: call ``spec``'s trainer (``trainer.entry_point``, default model
+    ``MLPIPE_MODEL_NAME``) per the contract, then check what it left (``check_run``); returns its result.
+
+    The run id defaults to ``default_run_id`` of the resolved drops and the parameters. ``TrainerNotFound``
+    (bad input) for an entry point that cannot be loaded; ``TrainerContractError`` / ``OnnxContractError``
+    (rejected) for a trainer that breaks the contract; the trainer's own errors pass through.
+    """
+    from tasks.config import load_settings
+
+    spec = spec or load_settings().model_spec()
+    fn = load_entry_point(spec)
+    drop_ids = resolve_drop_ids(store, drop_ids)
+    run_id = run_id or default_run_id(drop_ids, seed=seed, epochs=epochs, batch_size=batch_size, lr=lr,
+                                      patience=patience, val_fraction=val_fraction)
+    options = {"batch_size": batch_size, "lr": lr, "patience": patience, "val_fraction": val_fraction,
+               "device": device, "track": track}
+    logger.info("training model %s with %s on drops %s (run %s)", spec.name, spec.trainer.entry_point, drop_ids,
+                run_id)
+    result = fn(store, drop_ids, spec=spec, run_id=run_id, seed=seed, epochs=epochs, **_accepted(fn, options))
+    check_run(store, result, spec, run_id)
+    result_key = layout.run_file_key(run_id, "result.json")
+    if not store.exists(result_key):  # the built-in trainer writes it; another one may not: it marks the run done
+        store.put_json(result_key, result)
+    return result
+
+
 # --------------------------------------------------------------------------- CLI
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mlpipe train",
-        description="Train the digit classifier on data drops, export ONNX, upload to runs/<run_id>/ "
-                    "in the object store and log to ClearML.",
+        description="Train a model on validated data drops with the trainer of its spec (models/<NAME>/spec.yaml, "
+                    "trainer.entry_point; the built-in CNN by default): model.onnx and metrics.json go to the "
+                    "run's folder in the object store, checked against the spec's ONNX contract.",
         epilog="The store comes from MLPIPE_STORE_URL (see tasks/config.py); ClearML is offline unless "
                "CLEARML_API_HOST is set. Exit codes (tasks.contracts.errors): 0 ok, 2 bad input (a drop, an "
-               "option, a training that cannot converge), 3 rejected (ONNX export disagrees with PyTorch), "
+               "option, a spec or trainer entry point, a training that cannot converge), 3 rejected (a drop not "
+               "validated for the model, an ONNX model that breaks the spec's contract or disagrees with PyTorch), "
                "75 the object store is unreachable (retried); 1 an unexpected error (retried).",
     )
+    parser.add_argument("--model", default=None, metavar="NAME",
+                        help="the model project (models/<NAME>/spec.yaml; default $MLPIPE_MODEL_NAME or digits)")
     parser.add_argument("--drop-id", dest="drop_ids", action="append", required=True, metavar="ID",
                         help="drop to train on (drops/<ID>/ in the store; 'latest' = the newest complete drop); "
                              "repeat, or give a comma-separated list, for several drops")
@@ -682,20 +849,22 @@ def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
     from tasks.adapters.storage import open_store
+    from tasks.config import load_settings
 
     drop_ids = split_drop_ids(args.drop_ids)
+    spec = load_settings().model_spec(args.model)
     store = open_store()
-    result = train(
-        store, drop_ids, run_id=args.run_id, epochs=args.epochs, seed=args.seed,
+    result = run_trainer(
+        store, drop_ids, spec=spec, run_id=args.run_id, epochs=args.epochs, seed=args.seed,
         batch_size=args.batch_size, lr=args.lr, patience=args.patience, val_fraction=args.val_fraction,
         device=args.device, track=not args.no_tracking,
     )
     if args.result_json:
         write_result_json(args.result_json, result)
     m = result["metrics"]
-    print(json.dumps({"run_id": result["run_id"], "val_accuracy": m["val_accuracy"],
-                      "golden_accuracy": m["golden_accuracy"], "epochs_run": m["epochs_run"],
-                      "onnx_uri": result["onnx_uri"], "clearml_task_id": result["clearml_task_id"]}))
+    print(json.dumps({"run_id": result["run_id"], "model": spec.name, "onnx_key": result["onnx_key"],
+                      **{k: m[k] for k in ("val_accuracy", "golden_accuracy", "epochs_run") if k in m},
+                      **{k: result[k] for k in ("onnx_uri", "clearml_task_id") if k in result}}))
     return 0
 
 

@@ -1,20 +1,25 @@
-"""Validate a data drop with Great Expectations before anything trains on it.
+"""Validate a data drop against its model's spec with Great Expectations before anything trains on it.
 
-The suite lives in the repository (``tasks/expectations/drop_suite.json``: the
-expectation types and kwargs). Thresholds are arguments of ``validate_drop``
-(row-count and class-share bounds) and are injected into the suite at run time.
-The suite runs on the drop's manifest plus per-row columns computed from the
-image files:
+The suite lives in the repository (``tasks/steps/expectations/drop_suite.json``: the
+expectation types and kwargs). Its expectations are rendered from the model spec
+(``models/<name>/spec.yaml``: image size and channels, class ids, image encoding, model
+name) and from the thresholds, arguments of ``validate_drop`` (row-count and class-share
+bounds), at run time. The suite runs on the drop's manifest plus per-row columns computed
+from the image files (``images/<image_id>.<ext>``, the spec's image encoding):
 
-* ``decodes`` / ``decode_error``: the PNG opens and fully decodes;
-* ``decoded_shape`` / ``decoded_shape_ok``: 28x28, 8-bit grayscale;
+* ``drop_model``: the model the drop says it was made for (``drop.json``; null when it does not
+  say): it must be the model validated for;
+* ``decodes`` / ``decode_error``: the image opens and fully decodes;
+* ``decoded_shape`` / ``decoded_shape_ok``: the spec's height x width and channels (``28x28`` for
+  8-bit grayscale, ``48x48x3`` for RGB: a mismatch names the shape found);
 * ``file_sha256`` / ``sha256_matches_file``: the bytes match the manifest's hash;
 * ``seen_before`` / ``seen_in``: the image (by sha256 of its bytes) was already
   delivered in an earlier drop, i.e. another complete drop whose validation
   passed (``drops/<id>/validation/result.json`` has ``success: true``);
 * ``class_share``: the share of the row's class in the drop;
 * ``file_format`` / ``format_ok``: what the bytes are (magic number, then Pillow), not
-  what the file name or the manifest says: the contract is PNG;
+  what the file name or the manifest says: the spec's image encoding (``spec.image_encoding``,
+  one of ``frames.encodings``; the message names the format found and the one accepted);
 * ``pixel_std``: the pixels' standard deviation; a constant image (all black, std ~0)
   carries no signal (below ``MIN_PIXEL_STD``);
 * ``captured_at_future`` / ``captured_at_too_old``: a ``captured_at`` later than the
@@ -31,16 +36,18 @@ Outputs, beside the drop (re-validation overwrites them)::
     drops/<drop_id>/validation/content.json       the sha256 of every object under images/
     drops/<drop_id>/validation/data_docs/index.html   the GX Data Docs site
 
-The result is bound to the content it checked (``tasks.steps.drops.bind_validation``):
+The result records the model it was validated for (``model``): ``train`` and ``register``
+refuse a drop validated for another model. It is bound to the content it checked (``tasks.steps.drops.bind_validation``):
 ``content.manifest_sha256`` (the manifest's bytes) and ``content.images_sha256`` (one
 digest over the sorted image names and the sha256 of their bytes). ``train`` and
 ``register`` refuse a drop whose bytes no longer match (``drops.verify_validated``).
 
 Every failed expectation is logged as exactly one line, e.g.
 ``validation failed: expect_column_values_to_be_in_set(label): 12 of 500 rows unexpected (2.4%),
-sample [10, -1] -- labels must be in 0..9 (bad labels)`` (one line in the log).
+sample [10, -1] -- labels must be in 0..9, the class ids of model 'digits' (10 classes) (bad labels)``
+(one line in the log).
 
-CLI: ``mlpipe validate --drop-id ID [--result-json PATH] [--min-rows N] ...``;
+CLI: ``mlpipe validate [--model NAME] --drop-id ID [--result-json PATH] [--min-rows N] ...``;
 exit codes (``tasks.contracts.errors``): 0 pass; ``EXIT_REJECTED`` validation failed;
 ``EXIT_BAD_INPUT`` unknown / incomplete / unreadable drop or bad options; ``EXIT_TRANSIENT``
 the object store is unreachable (retried).
@@ -74,6 +81,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from tasks.adapters.storage import Store
+    from tasks.contracts.spec import ModelSpec
 
 logger = logging.getLogger(__name__)
 
@@ -82,12 +90,16 @@ SITE_NAME = "drop_validation_site"  # "local_site" is taken by GX's own default
 DEFAULT_THRESHOLDS: dict[str, Any] = {
     "min_rows": 100,
     "max_rows": 100_000,
-    "min_class_share": 0.03,
-    "max_class_share": 0.30,
+    "min_class_share": None,  # default_thresholds: MIN_SHARE_OF_UNIFORM of an equal share (0.03 for 10 classes)
+    "max_class_share": None,  # default_thresholds: MAX_SHARE_OF_UNIFORM of an equal share (0.30 for 10 classes)
 }
+MIN_SHARE_OF_UNIFORM = 0.3  # a class with less than 0.3x its equal share is missing data
+MAX_SHARE_OF_UNIFORM = 3.0  # a class with more than 3x its equal share (capped at 1) dominates the drop
 SAMPLE_SIZE = 5
 # Content checks (the bytes, not what the file name or the manifest claims):
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+#: the format name ``sniff_format`` gives each spec encoding
+FORMAT_NAMES = {"png": "PNG", "jpeg": "JPEG"}
 _MAGIC = ((PNG_MAGIC, "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"), (b"BM", "BMP"),
           (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"\x00\x00\x01\x00", "ICO"))
 MIN_PIXEL_STD = 1.0  # a 0..255 image whose pixels vary less than this carries no signal (constant image)
@@ -103,6 +115,7 @@ class ValidationFailed(Rejected):
 @dataclass
 class ValidationResult:
     drop_id: str
+    model: str  # the model (spec name) the drop was validated for
     success: bool
     failures: list[dict[str, Any]]
     statistics: dict[str, Any]
@@ -129,11 +142,18 @@ def load_suite_spec() -> dict[str, Any]:
     return json.loads(SUITE_PATH.read_text())
 
 
-def _check_thresholds(t: dict[str, Any]) -> dict[str, Any]:
+def default_thresholds(spec: "ModelSpec") -> dict[str, Any]:
+    """``DEFAULT_THRESHOLDS`` with the class-share bounds of ``spec``'s class count (an equal share is 1/n)."""
+    uniform = 1.0 / spec.num_classes
+    return {**DEFAULT_THRESHOLDS, "min_class_share": round(MIN_SHARE_OF_UNIFORM * uniform, 6),
+            "max_class_share": round(min(1.0, MAX_SHARE_OF_UNIFORM * uniform), 6)}
+
+
+def _check_thresholds(t: dict[str, Any], spec: "ModelSpec") -> dict[str, Any]:
     unknown = sorted(set(t) - set(DEFAULT_THRESHOLDS))
     if unknown:
         raise ValueError(f"unknown threshold(s) {unknown}: known are {sorted(DEFAULT_THRESHOLDS)}")
-    out = {**DEFAULT_THRESHOLDS, **{k: v for k, v in t.items() if v is not None}}
+    out = {**default_thresholds(spec), **{k: v for k, v in t.items() if v is not None}}
     out["min_rows"], out["max_rows"] = int(out["min_rows"]), int(out["max_rows"])
     out["min_class_share"], out["max_class_share"] = float(out["min_class_share"]), float(out["max_class_share"])
     if not 0 <= out["min_rows"] <= out["max_rows"]:
@@ -187,24 +207,24 @@ def sniff_format(data: bytes) -> str:
         return "unknown"
 
 
-def _inspect_image(data: bytes | None) -> dict[str, Any]:
+def _inspect_image(data: bytes | None, spec: "ModelSpec") -> dict[str, Any]:
+    """The per-image columns for one image's bytes (None: the file is missing), checked against ``spec``."""
     if data is None:
         return {"decodes": False, "decode_error": "image file missing", "decoded_shape": None,
                 "decoded_shape_ok": None, "file_sha256": None, "file_format": None, "format_ok": None,
                 "pixel_std": None}
     sha = sha256_bytes(data)
     fmt = sniff_format(data)
+    format_ok = fmt == FORMAT_NAMES[spec.image_encoding]
     try:
-        img = drops.decode_png(data)
+        img = drops.decode_image(data)
     except ValueError as exc:
         return {"decodes": False, "decode_error": str(exc)[:120], "decoded_shape": None,
-                "decoded_shape_ok": None, "file_sha256": sha, "file_format": fmt, "format_ok": fmt == "PNG",
+                "decoded_shape_ok": None, "file_sha256": sha, "file_format": fmt, "format_ok": format_ok,
                 "pixel_std": None}
-    h, w = img.shape[:2]
-    ok = img.ndim == 2 and (h, w) == (drops.IMAGE_SIZE, drops.IMAGE_SIZE)
-    return {"decodes": True, "decode_error": None, "decoded_shape": f"{h}x{w}", "decoded_shape_ok": ok,
-            "file_sha256": sha, "file_format": fmt, "format_ok": fmt == "PNG",
-            "pixel_std": round(float(img.std()), 4) if img.size else 0.0}
+    return {"decodes": True, "decode_error": None, "decoded_shape": drops.shape_text(img),
+            "decoded_shape_ok": img.shape == tuple(spec.image_shape), "file_sha256": sha, "file_format": fmt,
+            "format_ok": format_ok, "pixel_std": round(float(img.std()), 4) if img.size else 0.0}
 
 
 def _captured_at_checks(values: "pd.Series", now: dt.datetime) -> tuple[list[Any], list[Any]]:
@@ -226,8 +246,9 @@ def _captured_at_checks(values: "pd.Series", now: dt.datetime) -> tuple[list[Any
     return future, too_old
 
 
-def build_frame(store: "Store", drop_id: str, manifest: "pd.DataFrame") -> tuple["pd.DataFrame", dict[str, Any]]:
-    """The manifest plus the derived per-row columns the suite checks."""
+def build_frame(store: "Store", drop_id: str, manifest: "pd.DataFrame",
+                spec: "ModelSpec") -> tuple["pd.DataFrame", dict[str, Any]]:
+    """The manifest plus the derived per-row columns the suite checks, for ``spec``'s model."""
     import pandas as pd
 
     from tasks.adapters.storage import ObjectNotFound
@@ -240,6 +261,7 @@ def build_frame(store: "Store", drop_id: str, manifest: "pd.DataFrame") -> tuple
         dtype = df[col].dtype
         if isinstance(dtype, pd.StringDtype) or isinstance(dtype, pd.DatetimeTZDtype):
             df[col] = df[col].astype(object)
+    df["drop_model"] = pd.Series([drops.drop_model(store, drop_id)] * len(df), index=df.index, dtype=object)
     if "label" in df.columns:
         n = len(df)
         shares = df["label"].map(df["label"].value_counts(dropna=False) / n) if n else df["label"]
@@ -254,13 +276,13 @@ def build_frame(store: "Store", drop_id: str, manifest: "pd.DataFrame") -> tuple
 
         def fetch(image_id: str) -> bytes | None:
             try:
-                return store.get_bytes(drops.image_key(drop_id, image_id))
+                return store.get_bytes(drops.image_key(drop_id, image_id, spec))
             except (ObjectNotFound, ValueError):  # ValueError: an id that is not a valid key
                 return None
 
         t0 = time.monotonic()
         blobs = dict(zip(unique_ids, drops._parallel(fetch, unique_ids)))
-        per_id = {i: _inspect_image(b) for i, b in blobs.items()}
+        per_id = {i: _inspect_image(b, spec) for i, b in blobs.items()}
         info["images_read_seconds"] = round(time.monotonic() - t0, 3)
         info["images_checked"] = len(per_id)
         for col in ("decodes", "decode_error", "decoded_shape", "decoded_shape_ok", "file_sha256", "file_format",
@@ -453,46 +475,71 @@ def _run_gx(df: "pd.DataFrame", expectations: list[dict], docs_dir: Path, suite_
     return next(iter(result.run_results.values()))
 
 
-def validate_drop(store: "Store", drop_id: str, *, min_rows: int | None = None, max_rows: int | None = None,
-                  min_class_share: float | None = None, max_class_share: float | None = None) -> ValidationResult:
-    """Validate ``drops/<drop_id>/`` and store ``validation/result.json`` + Data Docs beside it.
+def suite_params(spec: "ModelSpec", thresholds: dict[str, Any], frame_columns: list[str]) -> dict[str, Any]:
+    """The values of the suite's ``$name`` placeholders: the model spec's expectations and the thresholds."""
+    accepted = FORMAT_NAMES[spec.image_encoding]
+    return {
+        **thresholds,
+        "model": spec.name,
+        "models": [spec.name],
+        "image_height": spec.input.height,
+        "image_width": spec.input.width,
+        "image_shape": "x".join(map(str, spec.image_shape)),
+        "image_mode": f"{spec.input.channels}-channel {'8-bit grayscale' if spec.input.channels == 1 else 'RGB'}",
+        "image_format": accepted,
+        "image_extension": drops.IMAGE_EXTENSIONS[spec.image_encoding],
+        "spec_encodings": ", ".join(spec.frames.encodings),
+        "class_ids": list(range(spec.num_classes)),
+        "class_range": f"0..{spec.num_classes - 1}",
+        "num_classes": spec.num_classes,
+        "required_classes": list(range(spec.num_classes)) if thresholds["min_class_share"] > 0 else [],
+        "frame_columns": frame_columns,
+        "min_pixel_std": MIN_PIXEL_STD,
+        "max_clock_skew": f"{int(MAX_CLOCK_SKEW.total_seconds() // 60)} min",
+        "earliest_capture": EARLIEST_CAPTURE.date().isoformat(),
+    }
+
+
+def validate_drop(store: "Store", drop_id: str, *, spec: "ModelSpec | None" = None, min_rows: int | None = None,
+                  max_rows: int | None = None, min_class_share: float | None = None,
+                  max_class_share: float | None = None) -> ValidationResult:
+    """Validate ``drops/<drop_id>/`` against ``spec`` (default the configured model, ``MLPIPE_MODEL_NAME``) and
+    store ``validation/result.json`` (recording the model) + Data Docs beside it.
 
     ``drop_id`` may be ``latest`` (the newest complete drop). Thresholds default to
-    ``DEFAULT_THRESHOLDS``. Raises DropNotFound / DropIncomplete / DropUnreadable
+    ``default_thresholds(spec)``. Raises DropNotFound / DropIncomplete / DropUnreadable
     (all ``DropError``, a ``ValueError``) for a drop that cannot be read, and
     ValueError for bad thresholds. A failing drop is not an exception: see
     ``ValidationResult.success`` and ``.failures``.
     """
     t0 = time.monotonic()
+    if spec is None:
+        from tasks.config import load_settings
+
+        spec = load_settings().model_spec()
     thresholds = _check_thresholds({"min_rows": min_rows, "max_rows": max_rows,
-                                    "min_class_share": min_class_share, "max_class_share": max_class_share})
+                                    "min_class_share": min_class_share, "max_class_share": max_class_share},
+                                   spec)
     drop_id = drops.resolve_drop_id(store, drop_id)
     manifest = drops.read_manifest(store, drop_id)
     manifest_bytes = store.get_bytes(drops.manifest_key(drop_id))
-    logger.info("validating drop %s: %d rows, columns %s", drop_id, len(manifest), list(manifest.columns))
-    df, frame_info = build_frame(store, drop_id, manifest)
+    logger.info("validating drop %s for model %s: %d rows, columns %s", drop_id, spec.name, len(manifest),
+                list(manifest.columns))
+    df, frame_info = build_frame(store, drop_id, manifest, spec)
     if sha256_bytes(manifest_bytes) != _manifest_sha(store, drop_id) or not manifest.equals(
             drops.read_manifest(store, drop_id)):
         raise drops.DropChanged(f"drop {drop_id!r}: its manifest was replaced while it was being validated; "
                                 "validate it again once the producer has finished writing")
 
-    spec = load_suite_spec()
-    derived_present = [c for c in spec["derived_columns"] if c in df.columns]
-    params = {
-        **thresholds,
-        "image_size": drops.IMAGE_SIZE,
-        "required_classes": list(range(drops.NUM_CLASSES)) if thresholds["min_class_share"] > 0 else [],
-        "frame_columns": list(spec["manifest_columns"]) + derived_present,
-        "min_pixel_std": MIN_PIXEL_STD,
-        "max_clock_skew": f"{int(MAX_CLOCK_SKEW.total_seconds() // 60)} min",
-        "earliest_capture": EARLIEST_CAPTURE.date().isoformat(),
-    }
-    expectations, skipped = render_suite(spec, params, set(df.columns))
+    suite = load_suite_spec()
+    derived_present = [c for c in suite["derived_columns"] if c in df.columns]
+    params = suite_params(spec, thresholds, list(suite["manifest_columns"]) + derived_present)
+    expectations, skipped = render_suite(suite, params, set(df.columns))
 
     with tempfile.TemporaryDirectory(prefix="mlpipe-validate-") as tmp:
         docs_dir = Path(tmp) / "data_docs"
         t_gx = time.monotonic()
-        vres = _run_gx(df, expectations, docs_dir, spec["name"], f"drop-{drop_id}")
+        vres = _run_gx(df, expectations, docs_dir, suite["name"], f"drop-{drop_id}")
         gx_seconds = time.monotonic() - t_gx
         failures = [_failure(r, df, thresholds) for r in vres.results if not r.success]
         # Re-validation overwrites: upload the new site, remove files of an older
@@ -522,6 +569,7 @@ def validate_drop(store: "Store", drop_id: str, *, min_rows: int | None = None, 
     }
     result = ValidationResult(
         drop_id=drop_id,
+        model=spec.name,
         success=bool(vres.success) and not failures,
         failures=failures,
         statistics=statistics,
@@ -532,16 +580,16 @@ def validate_drop(store: "Store", drop_id: str, *, min_rows: int | None = None, 
     )
     # Bind the result to the bytes it checked: the manifest read above and every object under images/
     # (the validated images' hashes from the frame; any other file there is read and hashed now).
-    known = ({f"{i}.png": h for i, h in zip(df["image_id"].astype(str), df["file_sha256"]) if h is not None}
+    known = ({drops.image_name(i, spec): h for i, h in zip(df["image_id"].astype(str), df["file_sha256"]) if h is not None}
              if "file_sha256" in df.columns else {})
     content = drops.content_digest(store, drop_id, known=known, manifest_bytes=manifest_bytes)
     result.content = drops.content_summary(content)
-    drops.bind_validation(store, drop_id, {**result.to_dict(), "suite": spec["name"],
+    drops.bind_validation(store, drop_id, {**result.to_dict(), "suite": suite["name"],
                                            "manifest_sha256": content["manifest_sha256"]}, content)
     for line in result.failure_lines():
         logger.error("%s", line)
-    logger.info("drop %s validation %s: %d/%d expectations passed, %d skipped, %.1fs; report %s",
-                drop_id, "PASSED" if result.success else "FAILED", statistics["successful_expectations"],
+    logger.info("drop %s validation for model %s %s: %d/%d expectations passed, %d skipped, %.1fs; report %s",
+                drop_id, spec.name, "PASSED" if result.success else "FAILED", statistics["successful_expectations"],
                 statistics["evaluated_expectations"], len(skipped), statistics["seconds"], result.report_uri)
     return result
 
@@ -559,30 +607,35 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None) -> int:
     p = argparse.ArgumentParser(prog="mlpipe validate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, metavar="NAME",
+                   help="the model whose spec the drop must match (models/<NAME>/spec.yaml; default "
+                        "$MLPIPE_MODEL_NAME or digits)")
     p.add_argument("--drop-id", required=True, help="drop to validate (drops/<ID>/ in the store), or 'latest'")
     p.add_argument("--result-json", default=None, help="write the result dict here (for Airflow XCom)")
     p.add_argument("--min-rows", type=int, default=None, help=f"default {DEFAULT_THRESHOLDS['min_rows']}")
     p.add_argument("--max-rows", type=int, default=None, help=f"default {DEFAULT_THRESHOLDS['max_rows']}")
     p.add_argument("--min-class-share", type=float, default=None,
-                   help=f"smallest allowed share of any class 0..9 (default {DEFAULT_THRESHOLDS['min_class_share']})")
+                   help=f"smallest allowed share of any class (default {MIN_SHARE_OF_UNIFORM:g} / number of classes)")
     p.add_argument("--max-class-share", type=float, default=None,
-                   help=f"largest allowed share of any class (default {DEFAULT_THRESHOLDS['max_class_share']})")
+                   help=f"largest allowed share of any class (default {MAX_SHARE_OF_UNIFORM:g} / number of classes, "
+                        "at most 1)")
     args = p.parse_args(argv)
     setup_logging()
     from tasks.adapters.storage import open_store
+    from tasks.config import load_settings
 
     store = open_store()
-    result = validate_drop(store, args.drop_id, min_rows=args.min_rows, max_rows=args.max_rows,
+    result = validate_drop(store, args.drop_id, spec=load_settings().model_spec(args.model), min_rows=args.min_rows, max_rows=args.max_rows,
                            min_class_share=args.min_class_share, max_class_share=args.max_class_share)
     out = result.to_dict()
     if args.result_json:
         write_result_json(args.result_json, out)
     if result.success:
-        print(json.dumps({"drop_id": result.drop_id, "success": True, "report_uri": result.report_uri,
+        print(json.dumps({"drop_id": result.drop_id, "model": result.model, "success": True, "report_uri": result.report_uri,
                           "result_uri": result.result_uri, "rows": result.statistics["rows"]}, indent=2))
         return 0
     # the failed expectations were logged by validate_drop, one line each: not repeated here
-    raise ValidationFailed(f"drop {result.drop_id} failed validation ({len(result.failures)} failed "
+    raise ValidationFailed(f"drop {result.drop_id} failed validation for model {result.model} ({len(result.failures)} failed "
                            f"expectations); report: {result.report_uri}")
 
 

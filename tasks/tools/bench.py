@@ -14,7 +14,8 @@ stops every process it started by PID:
     the same sink work.
 (c) **the consumer** (``mlpipe stream`` as deployed, a subprocess),
     frames produced straight to ``frames`` by the bench as edge devices would
-    (PNG, contract headers, ``captured_at``):
+    (encoded as the model spec says: PNG digits by default, contract headers, ``captured_at``;
+    Triton's preprocess model decodes them, the consumer only checks cheap properties):
 
     * max: ``--frames`` frames are produced first, then the consumer drains
       them; images/s = frames / the consumer's busy time (``--stats-json``);
@@ -26,10 +27,13 @@ stops every process it started by PID:
 
     For the default Qdrant policy and for ``all`` (every frame indexed).
 
+``--model`` (default ``MLPIPE_MODEL_NAME`` or digits; ``make bench MODEL=shapes``) picks the model
+project: its spec sizes the classifier, the frames and the golden set.
+
 The bench's topics have one partition (``--partitions``): one consumer reads
 them, and the local Tansu broker, which shares the cores with everything
 measured, spends about 2.5x the CPU per fetch with three. The model is trained
-like the demo's (3,000 real MNIST digits, 8 epochs; cached), or ``--onnx``.
+like the demo's (3,000 images of the model's data, 8 epochs; cached), or ``--onnx``.
 
 Also: DAG parse time of ``dags/*.py`` (Airflow's DagBag on each file in a
 subprocess, median of 5), CPU use per process during the max drain, Triton's
@@ -76,7 +80,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 logger = logging.getLogger(__name__)
 
-MODEL_NAME = "digits"
 TARGET_SPEEDUP = 20.0  # (c) / (b)
 TARGET_P95_MS = 50.0  # at half of (c)'s max
 HALF_LOAD = 0.5
@@ -118,6 +121,13 @@ class BenchConfig:
     phase_timeout_s: float = 300.0
     session_timeout_ms: int = 6000
     partitions: int = 1  # of the bench's topics: one consumer reads them (see --partitions)
+    model: str = "digits"  # the model project (models/<name>/spec.yaml)
+
+    @property
+    def spec(self) -> Any:
+        from tasks.config import load_settings
+
+        return load_settings().model_spec(self.model)
 
     def validate(self) -> None:
         for name in ("frames", "naive_frames", "profile_frames", "train_images", "train_epochs", "dag_repeats",
@@ -369,30 +379,31 @@ def triton_delta(before: dict[tuple[str, str], float], after: dict[tuple[str, st
 # --------------------------------------------------------------------------- the model
 
 
-def _train_set(n: int, seed: int) -> tuple["np.ndarray", "np.ndarray"]:
-    """``n`` real MNIST digits from the drop pool (never the golden set), balanced over classes."""
+def _train_set(spec: Any, n: int, seed: int) -> tuple["np.ndarray", "np.ndarray"]:
+    """``n`` images of ``spec``'s data source from the drop pool (never the golden set), balanced over classes."""
     import numpy as np
 
-    from tasks.steps import drops
+    from tasks.steps import sources
 
-    X, y, pool = drops._pool("mnist")  # noqa: SLF001 - the same images drops are made of
+    src = sources.load(spec)  # the same images drops are made of
     rng = np.random.default_rng(seed)
-    per_class = max(1, n // 10)
-    idx = np.concatenate([rng.permutation(pool[y[pool] == c])[:per_class] for c in range(10)])
+    per_class = max(1, n // spec.num_classes)
+    pool_labels = src.labels[src.pool]
+    idx = np.concatenate([rng.permutation(src.pool[pool_labels == c])[:per_class] for c in range(spec.num_classes)])
     idx = rng.permutation(idx)
-    return np.asarray(X[idx]), np.asarray(y[idx])
+    return np.asarray(src.images[idx]), np.asarray(src.labels[idx])
 
 
-def golden_scores(onnx_path: Path) -> dict[str, Any]:
+def golden_scores(onnx_path: Path, spec: Any) -> dict[str, Any]:
     """Accuracy and top-1 softmax scores of ``onnx_path`` on the golden set (what the frames are)."""
     import numpy as np
 
-    from tasks.steps.drops import golden_set
-    from tasks.model.networks import onnx_session, to_input
+    from tasks.model.networks import onnx_session, run_onnx, to_input
     from tasks.serving.consumer import DEFAULT_QDRANT_POLICY, QdrantPolicy
+    from tasks.steps.drops import golden_set
 
-    X, y = golden_set()
-    logits = onnx_session(onnx_path).run(["logits"], {"input": to_input(X)})[0]
+    X, y = golden_set(spec)
+    logits = run_onnx(onnx_session(onnx_path), to_input(X, spec), spec)[0]
     z = np.exp(logits - logits.max(axis=1, keepdims=True))
     p = z / z.sum(axis=1, keepdims=True)
     score = p.max(axis=1)
@@ -406,33 +417,34 @@ def prepare_model(cfg: BenchConfig) -> tuple[Path, dict[str, Any]]:
     """The classifier to benchmark: ``cfg.onnx``, or a quick model trained on real digits (cached)."""
     if cfg.onnx is not None:
         path = Path(cfg.onnx).resolve()
-        info = {"source": str(path), **golden_scores(path)}
+        info = {"source": str(path), **golden_scores(path, cfg.spec)}
         return path, info
     from tasks.model.networks import export_onnx
     from tasks.steps.train import train_arrays
 
-    mdir = cfg.out_dir / "model"
+    mdir = cfg.out_dir / "model" / cfg.model
     # the trainer's source is part of the key: a change to the model or the recipe trains a new one
     code = sha256_bytes(b"".join((Path(__file__).resolve().parent.parent / f).read_bytes()
                                  for f in ("model/networks.py", "steps/train.py")))
-    params = {"train_images": cfg.train_images, "epochs": cfg.train_epochs, "seed": cfg.seed,
-              "trainer_sha256": code[:16]}
+    spec = cfg.spec
+    params = {"model": spec.name, "train_images": cfg.train_images, "epochs": cfg.train_epochs, "seed": cfg.seed,
+              "trainer_sha256": code[:16], "spec": spec.model_dump(mode="json")}
     meta_path, onnx_path = mdir / "model.json", mdir / "model.onnx"
     try:
         meta = json.loads(meta_path.read_text())
         if meta.get("params") == params and onnx_path.is_file():
             logger.info("reusing the benchmark model %s (%s)", onnx_path, params)
-            return onnx_path, {**meta["info"], **golden_scores(onnx_path)}
+            return onnx_path, {**meta["info"], **golden_scores(onnx_path, cfg.spec)}
     except (FileNotFoundError, json.JSONDecodeError, KeyError):
         pass
-    print(f"training a benchmark classifier on {cfg.train_images} MNIST digits, {cfg.train_epochs} epochs "
-          "(cached for later runs)...", flush=True)
-    X, y = _train_set(cfg.train_images, cfg.seed)
+    print(f"training a benchmark classifier for {spec.name} on {cfg.train_images} images from "
+          f"{spec.golden_set.source}, {cfg.train_epochs} epochs (cached for later runs)...", flush=True)
+    X, y = _train_set(spec, cfg.train_images, cfg.seed)
     t0 = time.perf_counter()
-    model, _, metrics = train_arrays(X, y, epochs=cfg.train_epochs, seed=cfg.seed, patience=cfg.train_epochs)
-    export_onnx(model, onnx_path)
+    model, _, metrics = train_arrays(X, y, spec, epochs=cfg.train_epochs, seed=cfg.seed, patience=cfg.train_epochs)
+    export_onnx(model, onnx_path, spec)
     info = {"source": "trained by tasks.tools.bench", **params, "train_seconds": round(time.perf_counter() - t0, 1),
-            "val_accuracy": round(float(metrics["val_accuracy"]), 4), **golden_scores(onnx_path)}
+            "val_accuracy": round(float(metrics["val_accuracy"]), 4), **golden_scores(onnx_path, spec)}
     atomic_write(meta_path, json.dumps({"params": params, "info": info}, indent=2), mode=0o644)
     return onnx_path, info
 
@@ -440,16 +452,17 @@ def prepare_model(cfg: BenchConfig) -> tuple[Path, dict[str, Any]]:
 # --------------------------------------------------------------------------- (a) ONNX Runtime in-process
 
 
-def bench_ort(onnx_path: Path, seconds: float, batch_sizes: Sequence[int] = (32, 1),
+def bench_ort(onnx_path: Path, seconds: float, spec: Any, batch_sizes: Sequence[int] = (32, 1),
               threads: Sequence[int] | None = None) -> dict[str, Any]:
     """images/s and per-batch p50/p95 of the bare ONNX session, each (threads, batch) for ``seconds``."""
     import numpy as np
 
-    from tasks.steps.drops import golden_set
     from tasks.model.networks import onnx_session, to_input
+    from tasks.steps.drops import golden_set
 
-    X, _ = golden_set()
-    x = to_input(X)
+    X, _ = golden_set(spec)
+    x = to_input(X, spec)
+    name = spec.onnx.input
     threads = list(threads or sorted({1, os.cpu_count() or 1}))
     runs = []
     for th in threads:
@@ -457,7 +470,7 @@ def bench_ort(onnx_path: Path, seconds: float, batch_sizes: Sequence[int] = (32,
         for bs in batch_sizes:
             batches = [np.ascontiguousarray(x[i:i + bs]) for i in range(0, len(x) - bs + 1, bs)]
             for b in batches[:3]:
-                sess.run(None, {"input": b})  # warm-up
+                sess.run(None, {name: b})  # warm-up
             lat: list[float] = []
             n = 0
             c0 = time.process_time()
@@ -467,7 +480,7 @@ def bench_ort(onnx_path: Path, seconds: float, batch_sizes: Sequence[int] = (32,
             while time.perf_counter() < deadline and i < 10_000_000:
                 b = batches[i % len(batches)]
                 t = time.perf_counter()
-                sess.run(None, {"input": b})
+                sess.run(None, {name: b})
                 lat.append((time.perf_counter() - t) * 1000)
                 n += len(b)
                 i += 1
@@ -485,14 +498,15 @@ def bench_ort(onnx_path: Path, seconds: float, batch_sizes: Sequence[int] = (32,
 
 
 class FrameSource:
-    """Frames per the Frame contract from real held-out digits (the golden set, as PNG)."""
+    """Frames per the Frame contract from the model's held-out images (its golden set, encoded as the spec says)."""
 
-    def __init__(self, devices: int = 32) -> None:
+    def __init__(self, spec: Any, devices: int = 32) -> None:
+        from tasks.model.frames import content_type_of, encode_frame
         from tasks.steps.drops import golden_set
-        from tasks.model.frames import encode_png
 
-        images, self.labels = golden_set()
-        self.pngs = [encode_png(img) for img in images]
+        images, self.labels = golden_set(spec)
+        self.values = [encode_frame(img, spec) for img in images]
+        self.content_type = content_type_of(spec.image_encoding).encode()
         self.keys = [f"edge-{d:02d}".encode() for d in range(devices)]
 
     def frame(self, i: int, topic: str) -> tuple[tuple[str, bytes, bytes, list[tuple[str, bytes]]], str, float]:
@@ -501,10 +515,10 @@ class FrameSource:
 
         fid = str(uuid.uuid4())
         now = time.time()
-        headers = [(H_FRAME_ID, fid.encode()), (H_CONTENT_TYPE, b"image/png"),
+        headers = [(H_FRAME_ID, fid.encode()), (H_CONTENT_TYPE, self.content_type),
                    (H_CAPTURED_AT, _iso(now).encode()),
                    (H_TRACEPARENT, f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01".encode())]
-        return (topic, self.pngs[i % len(self.pngs)], self.keys[i % len(self.keys)], headers), fid, now
+        return (topic, self.values[i % len(self.values)], self.keys[i % len(self.keys)], headers), fid, now
 
     def prepared(self, n: int, topic: str) -> list[tuple[str, bytes, bytes, list[tuple[str, bytes]], str]]:
         """``n`` frames ready to send but for ``captured_at``: ``(topic, value, key, headers, frame_id)``.
@@ -517,9 +531,9 @@ class FrameSource:
         out = []
         for i in range(n):
             fid = str(uuid.uuid4())
-            headers = [(H_FRAME_ID, fid.encode()), (H_CONTENT_TYPE, b"image/png"),
+            headers = [(H_FRAME_ID, fid.encode()), (H_CONTENT_TYPE, self.content_type),
                        (H_TRACEPARENT, f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01".encode())]
-            out.append((topic, self.pngs[i % len(self.pngs)], self.keys[i % len(self.keys)], headers, fid))
+            out.append((topic, self.values[i % len(self.values)], self.keys[i % len(self.keys)], headers, fid))
         return out
 
 
@@ -637,10 +651,12 @@ class PredictionReader:
 
 
 class Services:
-    """A Tansu broker and a local Triton serving ``digits`` with the given classifier (version 1)."""
+    """A Tansu broker and a local Triton serving the model of ``spec`` with the given classifier (version 1)."""
 
-    def __init__(self, work: Path, onnx_path: Path, partitions: int = 1) -> None:
+    def __init__(self, work: Path, onnx_path: Path, spec: Any, partitions: int = 1) -> None:
         self.work = work
+        self.spec = spec
+        self.model = spec.name
         self.onnx_path = onnx_path
         self.partitions = partitions
         self.broker: Any = None
@@ -652,17 +668,17 @@ class Services:
         from tasks.local.triton import LocalTriton
 
         self.broker = LocalBroker(self.work / "logs").start()
-        repo = render_repo("local", self.work / "model_repository", MODEL_NAME)
-        write_classifier_version(repo, MODEL_NAME, 1, self.onnx_path)
-        set_serving_version(repo, MODEL_NAME, 1)
+        repo = render_repo("local", self.work / "model_repository", self.spec)
+        write_classifier_version(repo, self.spec, 1, self.onnx_path)
+        set_serving_version(repo, self.spec, 1)
         from tasks.config import load_settings
 
-        self.triton = LocalTriton(repo, self.work / "logs", load_models=[MODEL_NAME],
+        self.triton = LocalTriton(repo, self.work / "logs", load_models=[self.model],
                                   backend_dir=load_settings().home / "triton" / "backends")
         self.triton.start(timeout=120)
         client = self.triton.client()
         try:
-            client.wait_model_ready(MODEL_NAME, timeout=120)
+            client.wait_model_ready(self.model, timeout=120)
         finally:
             client.close()
         print(f"services: broker {self.broker.bootstrap} (pid {self.broker.pid}), triton grpc "
@@ -707,7 +723,7 @@ class Services:
 
 def bench_naive(services: Services, source: FrameSource, n: int, seconds: float, work: Path,
                 session_timeout_ms: int = 6000, policy_name: str = DEFAULT_POLICY_NAME) -> dict[str, Any]:
-    """One frame at a time: poll 1, decode, Triton at batch 1 (gRPC, synchronous), produce + flush,
+    """One frame at a time: poll 1, check the frame, Triton at batch 1 (gRPC, synchronous; it decodes), produce + flush,
     Qdrant upsert (when the policy indexes the frame; the consumer's default policy unless told), synchronous
     commit."""
     import numpy as np
@@ -716,7 +732,7 @@ def bench_naive(services: Services, source: FrameSource, n: int, seconds: float,
 
     from tasks.contracts.messages import H_CONTENT_TYPE, H_FRAME_ID
     from tasks.serving.consumer import QdrantPolicy
-    from tasks.model.frames import decode_image
+    from tasks.model.frames import check_frame
     from tasks.adapters.triton import TritonClient
     from tasks.adapters.qdrant import PredictionPoint, open_vectors
 
@@ -724,15 +740,16 @@ def bench_naive(services: Services, source: FrameSource, n: int, seconds: float,
     produced = produce_all(kafka, source, n)
     qpath = work / "qdrant-naive"
     shutil.rmtree(qpath, ignore_errors=True)
-    vectors = open_vectors(path=str(qpath))
+    vectors = open_vectors(path=str(qpath), size=services.spec.embedding_dim)
     client = TritonClient(services.triton.grpc_url, protocol="grpc", timeout=10)
     producer = BusProducer(kafka)
     consumer = BatchConsumer(kafka, f"bench-naive-{secrets.token_hex(3)}", [kafka.frames_topic],
                              stats_interval_ms=0, **{"session.timeout.ms": session_timeout_ms})
     policy = QdrantPolicy.parse(policy_text(policy_name))
+    spec, model = services.spec, services.model
     points = 0
     service_ms: list[float] = []
-    parts = {"poll": 0.0, "decode": 0.0, "triton": 0.0, "produce": 0.0, "qdrant": 0.0, "commit": 0.0}
+    parts = {"poll": 0.0, "check": 0.0, "triton": 0.0, "produce": 0.0, "qdrant": 0.0, "commit": 0.0}
     done = 0
     try:
         deadline = time.monotonic() + 60
@@ -744,7 +761,7 @@ def bench_naive(services: Services, source: FrameSource, n: int, seconds: float,
             raise BenchError("naive loop: no frame arrived within 60 s (consumer group join failed?)")
         pending = [first]
         for _ in range(3):  # open the gRPC channel before timing, as a long-running loop would have
-            client.infer_images(MODEL_NAME, np.zeros((1, 28, 28), np.uint8))
+            client.infer_frames(model, [source.values[0]])
         t_start = time.perf_counter()
         limit = t_start + seconds
         while done < n and time.perf_counter() < limit:
@@ -755,15 +772,15 @@ def bench_naive(services: Services, source: FrameSource, n: int, seconds: float,
             if not recs:
                 continue
             rec = recs[0]
-            img = decode_image(rec.value, rec.header(H_CONTENT_TYPE))
+            check_frame(rec.value, rec.header(H_CONTENT_TYPE), spec)
             t2 = time.perf_counter()
-            out = client.infer_images(MODEL_NAME, img[None])
+            out = client.infer_frames(model, [rec.value])
             t3 = time.perf_counter()
             fid = rec.header(H_FRAME_ID) or ""
             pred = {"frame_id": fid, "label": int(out["LABEL"][0, 0]), "score": float(out["SCORE"][0, 0]),
                     "topk": [{"label": int(a), "score": float(b)}
                              for a, b in zip(out["TOPK_LABELS"][0], out["TOPK_SCORES"][0])],
-                    "model_name": MODEL_NAME, "processed_at": _iso(time.time()),
+                    "model_name": model, "processed_at": _iso(time.time()),
                     "captured_at": rec.header("captured_at")}
             producer.produce(kafka.predictions_topic, json.dumps(pred).encode(), key=fid.encode(),
                              headers=[(H_FRAME_ID, fid.encode())])
@@ -779,7 +796,7 @@ def bench_naive(services: Services, source: FrameSource, n: int, seconds: float,
             if not res.ok:
                 raise BenchError(f"naive loop: commit failed: {res.error}")
             t6 = time.perf_counter()
-            for k, a, b in (("poll", t0, t1), ("decode", t1, t2), ("triton", t2, t3), ("produce", t3, t4),
+            for k, a, b in (("poll", t0, t1), ("check", t1, t2), ("triton", t2, t3), ("produce", t3, t4),
                             ("qdrant", t4, t5), ("commit", t5, t6)):
                 parts[k] += b - a
             service_ms.append((t6 - t0) * 1000)
@@ -811,7 +828,7 @@ class ConsumerRun:
 
     def __init__(self, kafka: "KafkaConfig", triton_url: str, work: Path, name: str, policy: str,
                  session_timeout_ms: int, extra: Sequence[str] = (), exit_when_idle: float | None = None,
-                 profile_path: Path | None = None) -> None:
+                 profile_path: Path | None = None, model: str = "digits") -> None:
         self.name = name
         self.http_port = free_port()
         self.stats_path = work / f"{name}-stats.json"
@@ -819,7 +836,8 @@ class ConsumerRun:
         self.qdrant_path = work / f"qdrant-{name}"
         shutil.rmtree(self.qdrant_path, ignore_errors=True)
         args = ["-m", "tasks.cli", "stream", "--bootstrap", kafka.bootstrap, "--topic-prefix", kafka.topic_prefix,
-                "--group", f"bench-{name}", "--triton-url", triton_url, "--http-port", str(self.http_port),
+                "--group", f"bench-{name}", "--model", model, "--triton-url", triton_url,
+                "--http-port", str(self.http_port),
                 "--qdrant-policy", policy, "--qdrant-path", str(self.qdrant_path),
                 "--session-timeout-ms", str(session_timeout_ms), "--stats-json", str(self.stats_path),
                 "--log-level", "INFO", *extra]
@@ -872,7 +890,7 @@ def consumer_max(services: Services, source: FrameSource, cfg: BenchConfig, poli
     kafka = services.kafka(f"max-{_slug(policy_name)}")
     produced = produce_all(kafka, source, cfg.frames)
     run = ConsumerRun(kafka, services.triton.grpc_url, work, f"max-{_slug(policy_name)}", policy_text(policy_name),
-                      cfg.session_timeout_ms, cfg.consumer_args, exit_when_idle=2.0)
+                      cfg.session_timeout_ms, cfg.consumer_args, exit_when_idle=2.0, model=services.model)
     reader = PredictionReader(kafka).start()
     metrics_before = triton_metrics(services.triton.metrics_url)
     try:
@@ -989,7 +1007,8 @@ def _latency_at_rate(services: Services, source: FrameSource, cfg: BenchConfig, 
     latency_log = work / f"{name}-latency.json"
     latency_log.unlink(missing_ok=True)
     run = ConsumerRun(kafka, services.triton.grpc_url, work, name, policy_text(policy_name),
-                      cfg.session_timeout_ms, [*cfg.consumer_args, "--latency-log", str(latency_log)])
+                      cfg.session_timeout_ms, [*cfg.consumer_args, "--latency-log", str(latency_log)],
+                      model=services.model)
     metrics_url = f"http://{LOOPBACK}:{run.http_port}/metrics"
     reader = PredictionReader(kafka).start()  # for the warm-up only
     try:
@@ -1082,7 +1101,7 @@ def _latency_result(policy_name: str, rate: float, captured: dict[str, float], r
 
 
 LATENCY_STEPS = (("kafka_to_poll", "captured -> polled by the loop (producer, broker, fetch, loop turn)"),
-                 ("triton", "polled -> Triton answered (decode, Triton's queue and the ensemble)"),
+                 ("triton", "polled -> Triton answered (frame checks, Triton's queue, decode in the ensemble)"),
                  ("answer_taken", "Triton answered -> the loop took the answer"),
                  ("sinks", "answer taken -> both sinks written (build, produce, acks, Qdrant)"))
 
@@ -1109,17 +1128,17 @@ def _slug(policy_name: str) -> str:
 
 _PROFILE_FUNCS = {
     # (file suffix, function) -> label; cumulative time of the consumer's main thread
-    ("tasks/stream.py", "_loop"): "main loop, busy time (first batch -> last commit)",
-    ("tasks/stream.py", "_prepare"): "validate + decode PNG",
-    ("tasks/stream.py", "_submit"): "submit to Triton",
-    ("tasks/stream.py", "_results"): "wait for Triton results",
-    ("tasks/stream.py", "_write"): "build predictions (JSON) + produce",
-    ("tasks/bus.py", "produce_batch"): "  of which: produce calls",
-    ("tasks/stream.py", "_confirm"): "confirm: acks + Qdrant + commit",
-    ("tasks/bus.py", "wait"): "  of which: wait for Kafka acks",
-    ("tasks/vectors.py", "upsert_predictions"): "  of which: Qdrant upsert",
-    ("tasks/bus.py", "commit"): "  of which: offset commit",
-    ("tasks/stream.py", "_update_lag"): "lag metrics",
+    ("tasks/serving/consumer/loop.py", "_loop"): "main loop, busy time (first batch -> last commit)",
+    ("tasks/serving/consumer/loop.py", "_prepare"): "cheap frame checks (Triton decodes)",
+    ("tasks/serving/consumer/loop.py", "_submit"): "submit to Triton",
+    ("tasks/serving/consumer/loop.py", "_results"): "wait for Triton results",
+    ("tasks/serving/consumer/loop.py", "_write"): "build predictions (JSON) + produce",
+    ("tasks/adapters/kafka.py", "produce_batch"): "  of which: produce calls",
+    ("tasks/serving/consumer/loop.py", "_confirm"): "confirm: acks + Qdrant + commit",
+    ("tasks/adapters/kafka.py", "wait"): "  of which: wait for Kafka acks",
+    ("tasks/adapters/qdrant.py", "upsert_predictions"): "  of which: Qdrant upsert",
+    ("tasks/adapters/kafka.py", "commit"): "  of which: offset commit",
+    ("tasks/serving/consumer/loop.py", "_update_lag"): "lag metrics",
 }
 
 
@@ -1132,7 +1151,8 @@ def profile_consumer(services: Services, source: FrameSource, cfg: BenchConfig, 
     prof = work / "consumer.prof"
     prof.unlink(missing_ok=True)
     run = ConsumerRun(kafka, services.triton.grpc_url, work, "profile", policy_text(DEFAULT_POLICY_NAME),
-                      cfg.session_timeout_ms, cfg.consumer_args, exit_when_idle=2.0, profile_path=prof)
+                      cfg.session_timeout_ms, cfg.consumer_args, exit_when_idle=2.0, profile_path=prof,
+                      model=services.model)
     try:
         run.proc.start()
         if not run.wait_exit(cfg.phase_timeout_s):
@@ -1159,7 +1179,7 @@ def profile_consumer(services: Services, source: FrameSource, cfg: BenchConfig, 
     top_level = ("_prepare", "_submit", "_results", "_write", "_confirm", "_update_lag")
     steps = sum(v for (suffix, name), label in _PROFILE_FUNCS.items() if name in top_level
                 for v in [found.get(label, 0.0)])
-    found[_PROFILE_FUNCS[("tasks/stream.py", "_loop")]] = busy
+    found[_PROFILE_FUNCS[("tasks/serving/consumer/loop.py", "_loop")]] = busy
     found["poll frames + loop overhead (the rest of the busy time)"] = max(0.0, busy - steps)
     labels = list(_PROFILE_FUNCS.values()) + ["poll frames + loop overhead (the rest of the busy time)"]
     rows = [{"step": label, "seconds": round(found.get(label, 0.0), 3),
@@ -1409,12 +1429,12 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     print(f"model: {model_info}", flush=True)
 
     print(f"(a) ONNX Runtime in-process ({cfg.ort_seconds:.1f}s per configuration)...", flush=True)
-    details["ort"] = bench_ort(onnx_path, cfg.ort_seconds)
+    details["ort"] = bench_ort(onnx_path, cfg.ort_seconds, cfg.spec)
     print(f"    {details['ort']['fps']:,.0f} images/s (batch 32, {details['ort']['best']['threads']} thread(s))",
           flush=True)
 
-    source = FrameSource()
-    services = Services(work, onnx_path, cfg.partitions)
+    source = FrameSource(cfg.spec)
+    services = Services(work, onnx_path, cfg.spec, cfg.partitions)
     try:
         services.start()
         # (b) with each Qdrant policy, so that every (c) figure is compared with the same sink work
@@ -1501,6 +1521,8 @@ def _parser() -> argparse.ArgumentParser:
                     "(c) the consumer (tasks.serving.consumer) end to end from Kafka `frames` to `predictions` + Qdrant, with "
                     "its own broker and Triton on loopback ports. Writes results.json and results.md.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=os.environ.get("MLPIPE_MODEL_NAME") or "digits",
+                   help="model project (models/<name>/spec.yaml): sizes the classifier, the frames, the golden set")
     p.add_argument("--out-dir", type=Path, default=None, help="default: $MLPIPE_HOME/bench (var/bench)")
     p.add_argument("--frames", type=int, default=20_000, help="(c) frames queued, then drained (max throughput)")
     p.add_argument("--naive-frames", type=int, default=1_000, help="(b) frames through the naive loop")
@@ -1515,7 +1537,7 @@ def _parser() -> argparse.ArgumentParser:
                         "a policy may itself hold commas, e.g. 'low_confidence:0.5,sample:0.01')")
     p.add_argument("--onnx", type=Path, default=None,
                    help="a trained classifier (model.onnx per docs/CONTRACTS.md); default: train a quick one on "
-                        "real MNIST digits and cache it under <out-dir>/model/")
+                        "the model's data and cache it under <out-dir>/model/<model>/")
     p.add_argument("--train-images", type=int, default=3_000,
                    help="images for the benchmark model (the demo trains on a 3,000-image drop)")
     p.add_argument("--train-epochs", type=int, default=8, help="epochs for the benchmark model (as the demo)")
@@ -1562,7 +1584,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             train_images=args.train_images, train_epochs=args.train_epochs,
             consumer_args=tuple(args.consumer_arg), profile=args.profile, profile_frames=args.profile_frames,
             dag_parse=not args.no_dag_parse, dag_repeats=args.dag_repeats, phase_timeout_s=args.phase_timeout,
-            session_timeout_ms=args.session_timeout_ms, partitions=args.partitions)
+            session_timeout_ms=args.session_timeout_ms, partitions=args.partitions, model=args.model)
         cfg.validate()
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -149,17 +149,24 @@ class ChaosConfig:
 # --------------------------------------------------------------------------- the model
 
 
-def prepare_model(out_dir: Path, seed: int = 0) -> Path:
-    """A contract-conforming classifier without training (seeded initial weights; cached)."""
-    path = out_dir / "model" / f"untrained-seed{seed}.onnx"
+def _spec(model: str = MODEL_NAME) -> Any:
+    from tasks.config import load_settings
+
+    return load_settings().model_spec(model)
+
+
+def prepare_model(out_dir: Path, seed: int = 0, model: str = MODEL_NAME) -> Path:
+    """A contract-conforming classifier of ``model``'s spec without training (seeded initial weights; cached)."""
+    path = out_dir / "model" / f"{model}-untrained-seed{seed}.onnx"
     if path.is_file():
         return path
     import torch
 
     from tasks.model.networks import build_model, export_onnx
 
+    spec = _spec(model)
     torch.manual_seed(seed)
-    export_onnx(build_model().eval(), path)
+    export_onnx(build_model(spec).eval(), path, spec)
     return path
 
 
@@ -167,31 +174,36 @@ def deploy_model(model_repo: Path, onnx_path: Path, model: str = MODEL_NAME) -> 
     """Classifier version 1 in the stack's model repository, pinned as the serving version."""
     from tasks.model.repo import render_repo, set_serving_version, write_classifier_version
 
-    render_repo("local", model_repo, model)
-    write_classifier_version(model_repo, model, 1, onnx_path)
-    set_serving_version(model_repo, model, 1)
+    spec = _spec(model)
+    render_repo("local", model_repo, spec)
+    write_classifier_version(model_repo, spec, 1, onnx_path)
+    set_serving_version(model_repo, spec, 1)
 
 
 # --------------------------------------------------------------------------- frames
 
 
 class Frames:
-    """Valid frames (golden-set digits as PNG, contract headers) and poison frames of every kind."""
+    """Valid frames (golden-set images encoded as the spec says, contract headers) and poison frames of every
+    kind: some fail the consumer's cheap checks, ``wrong_shape`` is found by Triton's preprocess model."""
 
-    def __init__(self, seed: int = 0, devices: int = 16) -> None:
+    def __init__(self, seed: int = 0, devices: int = 16, model: str = MODEL_NAME) -> None:
         import numpy as np
 
-        from tasks.model.frames import encode_png
+        from tasks.model.frames import content_type_of, encode_frame
         from tasks.steps.drops import golden_set
 
-        images, _ = golden_set()
-        self.pngs = [encode_png(img) for img in images[:200]]
-        self.wrong_shape_png = encode_png(np.zeros((32, 32), np.uint8))
+        spec = _spec(model)
+        images, _ = golden_set(spec)
+        self.content_type = content_type_of(spec.image_encoding)
+        self.pngs = [encode_frame(img, spec) for img in images[:200]]
+        h, w = spec.input.height or 24, spec.input.width or 24
+        self.wrong_shape_png = encode_frame(np.zeros((h + 4, w + 4, *spec.image_shape[2:]), np.uint8), spec)
         self.keys = [f"edge-{d:02d}".encode() for d in range(devices)]
         self.rng = random.Random(seed)
 
     @staticmethod
-    def headers(frame_id: str | None, content_type: str = "image/png") -> list[tuple[str, bytes]]:
+    def headers(frame_id: str | None, content_type: str) -> list[tuple[str, bytes]]:
         from tasks.adapters.kafka import new_traceparent
         from tasks.contracts.messages import H_CAPTURED_AT, H_CONTENT_TYPE, H_FRAME_ID, H_TRACEPARENT
 
@@ -202,7 +214,7 @@ class Frames:
 
     def valid(self, i: int) -> tuple[str, bytes, bytes, list[tuple[str, bytes]]]:
         fid = str(uuid.uuid4())
-        return fid, self.pngs[i % len(self.pngs)], self.keys[i % len(self.keys)], self.headers(fid)
+        return fid, self.pngs[i % len(self.pngs)], self.keys[i % len(self.keys)], self.headers(fid, self.content_type)
 
     def poison(self, kind: str) -> tuple[str, bytes, bytes, list[tuple[str, bytes]]]:
         """``(chaos_id, value, key, headers)`` of one poison frame of ``kind``."""
@@ -211,19 +223,19 @@ class Frames:
         good = self.pngs[self.rng.randrange(len(self.pngs))]
         if kind == "oversize_value":
             value, hs = b"\x89PNG\r\n\x1a\n" + bytes(self.rng.randrange(256) for _ in range(64)) * (
-                OVERSIZE_VALUE_BYTES // 64), self.headers(fid)
+                OVERSIZE_VALUE_BYTES // 64), self.headers(fid, self.content_type)
         elif kind == "oversize_header":
-            value, hs = good, self.headers(fid) + [("junk", b"h" * OVERSIZE_HEADER_BYTES)]
+            value, hs = good, self.headers(fid, self.content_type) + [("junk", b"h" * OVERSIZE_HEADER_BYTES)]
         elif kind == "undecodable":
-            value, hs = b"\x00\xffthis is not an image" + os.urandom(32), self.headers(fid)
+            value, hs = b"\x00\xffthis is not an image" + os.urandom(32), self.headers(fid, self.content_type)
         elif kind == "wrong_shape":
-            value, hs = self.wrong_shape_png, self.headers(fid)
+            value, hs = self.wrong_shape_png, self.headers(fid, self.content_type)
         elif kind == "missing_frame_id":
-            value, hs = good, self.headers(None)
+            value, hs = good, self.headers(None, self.content_type)
         elif kind == "unsupported_content_type":
             value, hs = good, self.headers(fid, "text/plain")
         elif kind == "empty":
-            value, hs = b"", self.headers(fid)
+            value, hs = b"", self.headers(fid, self.content_type)
         else:  # pragma: no cover - POISON_KINDS is the list
             raise ValueError(kind)
         return cid, value, b"cam-poison", hs + [(H_CHAOS_ID, cid.encode())]

@@ -3,15 +3,18 @@
 1. a fresh local state under ``var/demo/`` (object store, Airflow DB, ClearML offline,
    Triton model repository);
 2. a local Triton (the binary in the nvidia-pytriton wheel) on free loopback ports;
-3. a data drop of real MNIST digits written to the object store;
+3. a data drop of the model's data written to the object store (``--model``, default
+   ``MLPIPE_MODEL_NAME`` or ``digits``: real MNIST digits; ``shapes``: procedural colour shapes as JPEG;
+   any model project under ``models/`` (``MLPIPE_MODELS_DIR``) whose golden-set source can make drops);
 4. the ``retrain`` DAG run in-process with ``airflow dags test``:
    validate -> train -> register -> compile -> qc -> deploy;
-5. one live inference through Triton on a known digit;
+5. one live inference through Triton on a known image of the golden set (an encoded frame, decoded
+   by Triton's preprocess model);
 6. a few thousand frames streamed gateway -> Kafka -> consumer sidecar -> Triton -> Kafka + Qdrant
    (``tasks.tools.demo_stream``), plus a few poison frames that must land in the dead-letter topic;
 7. with ``--regression`` (``make demo-regression``): a deliberately worse model trained on a
    label-noised small drop; the QC gate must block it and the earlier version keeps serving;
-8. a summary printed and written to ``var/demo/summary.json``.
+8. a summary printed and written to ``var/demo/summary.json`` (``var/demo-<model>/`` for another model).
 """
 
 from __future__ import annotations
@@ -36,7 +39,13 @@ def _say(msg: str) -> None:
     print(f"\n==> {msg}", flush=True)
 
 
-def _prepare_env(home: Path) -> None:
+def demo_home(model: str) -> Path:
+    """``var/demo`` for digits, ``var/demo-<model>`` for another model (two demos never share state)."""
+    return DEMO_HOME if model == "digits" else DEMO_HOME.with_name(f"demo-{model}")
+
+
+def _prepare_env(home: Path, model: str) -> None:
+    os.environ["MLPIPE_MODEL_NAME"] = model
     os.environ["MLPIPE_HOME"] = str(home)
     os.environ["MLPIPE_STORE_URL"] = f"file://{home / 'store'}"
     os.environ["MLPIPE_MODEL_REPO"] = str(home / "model_repo")
@@ -91,29 +100,43 @@ def run_pipeline(store, drop_id: str, epochs: int, seed: int, home: Path, tag: s
     }
 
 
+def known_class(spec: Any) -> int:
+    """The class of the demo's live inference: ``7`` for digits (a known 7), else the last class."""
+    return 7 if spec.num_classes > 7 else spec.num_classes - 1
+
+
 def live_prediction(triton_url: str, model: str) -> dict[str, Any]:
-    """One known digit (the first golden-set 7) through the ensemble."""
+    """One known golden-set image (the first of ``known_class``), encoded as a frame, through the ensemble."""
     import numpy as np
 
-    from tasks.steps.drops import golden_set
     from tasks.adapters.triton import TritonClient
+    from tasks.model.frames import encode_frame
+    from tasks.steps.drops import golden_set
 
-    images, labels = golden_set()
-    i = int(np.flatnonzero(labels == 7)[0])
-    out = TritonClient(triton_url, protocol="http").infer_images(model, images[i:i + 1])
-    return {"true_label": 7, "label": int(np.asarray(out["LABEL"]).reshape(-1)[0]),
-            "score": round(float(np.asarray(out["SCORE"]).reshape(-1)[0]), 4),
-            "top3": [int(v) for v in np.asarray(out["TOPK_LABELS"]).reshape(-1)]}
+    spec = load_settings().model_spec(model)
+    images, labels = golden_set(spec)
+    want = known_class(spec)
+    i = int(np.flatnonzero(labels == want)[0])
+    out = TritonClient(triton_url, protocol="http").infer_frames(model, [encode_frame(images[i], spec)])
+    error = np.asarray(out["FRAME_ERROR"]).reshape(-1)[0]
+    label = int(np.asarray(out["LABEL"]).reshape(-1)[0])
+    return {"true_label": want, "true_class": spec.class_name(want), "label": label,
+            "class": spec.class_name(label), "score": round(float(np.asarray(out["SCORE"]).reshape(-1)[0]), 4),
+            "top3": [int(v) for v in np.asarray(out["TOPK_LABELS"]).reshape(-1)],
+            "frame_error": (error or b"").decode("utf-8", "replace") or None}
 
 
-def run_demo(home: Path = DEMO_HOME, size: int = 3000, seed: int = 0, epochs: int = 8,
-             regression: bool = False, stream_frames: int = 3000) -> dict[str, Any]:
+def run_demo(home: Path | None = None, size: int = 3000, seed: int = 0, epochs: int = 8,
+             regression: bool = False, stream_frames: int = 3000, model: str = "digits") -> dict[str, Any]:
     started = time.monotonic()
+    home = home or demo_home(model)
     if home.exists():
         shutil.rmtree(home)
     home.mkdir(parents=True, exist_ok=True)
-    _prepare_env(home)
+    _prepare_env(home, model)
     cfg = load_settings()
+    spec = cfg.model_spec()
+    _say(f"model project {spec.name} ({cfg.models_dir / spec.name / 'spec.yaml'}): {spec.summary()}")
 
     from tasks.steps import drops
     from tasks.model import repo as model_repo
@@ -123,20 +146,22 @@ def run_demo(home: Path = DEMO_HOME, size: int = 3000, seed: int = 0, epochs: in
     from tasks.local.triton import LocalTriton
 
     store = open_store(cfg)
-    repo = model_repo.render_repo("local", home / "model_repo", cfg.model_name)
+    repo = model_repo.render_repo("local", home / "model_repo", spec)
     _say(f"starting a local Triton on loopback (model repository {repo})")
     with LocalTriton(repo, home / "logs" / "triton") as triton:
         os.environ["MLPIPE_TRITON_URL"] = triton.http_url
         print(f"Triton: http {triton.http_url}, grpc {triton.grpc_url}, pid {triton.pid}")
 
         drop_id = f"demo-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}"
-        _say(f"generating drop {drop_id}: {size} real MNIST digits (seed {seed}) into {store.url}")
-        print(json.dumps(drops.make_drop(store, drop_id, size=size, seed=seed), indent=2, default=str))
+        _say(f"generating drop {drop_id}: {size} images of {spec.name} from {spec.golden_set.source} (seed {seed}) "
+             f"into {store.url}")
+        print(json.dumps(drops.make_drop(store, drop_id, size=size, seed=seed, spec=spec), indent=2, default=str))
         summary = run_pipeline(store, drop_id, epochs, seed, home, "main")
         champ = registry.champion(store, cfg.model_name)
         summary["deployed_version"] = champ["version"] if champ else None
         if champ:
-            _say("one live inference through Triton (a known 7 from the golden set)")
+            _say(f"one live inference through Triton (a known {spec.class_name(known_class(spec))!r} from the "
+                 "golden set, sent as an encoded frame)")
             summary["triton_prediction"] = live_prediction(triton.http_url, cfg.model_name)
             print(json.dumps(summary["triton_prediction"]))
             if stream_frames:
@@ -152,7 +177,7 @@ def run_demo(home: Path = DEMO_HOME, size: int = 3000, seed: int = 0, epochs: in
         if regression:
             bad_id = f"{drop_id}-noisy"
             _say(f"regression scenario: drop {bad_id} with 60% label noise, 400 images, 1 epoch")
-            drops.make_drop(store, bad_id, size=400, seed=seed + 101, label_noise=0.6)
+            drops.make_drop(store, bad_id, size=400, seed=seed + 101, label_noise=0.6, spec=spec)
             bad = run_pipeline(store, bad_id, 1, seed, home, "regression")
             champ_after = registry.champion(store, cfg.model_name)
             serving = status(ServingTarget.from_env(), cfg.model_name)["serving_version"]
@@ -179,14 +204,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=3000, help="images in the generated drop (default 3000)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epochs", type=int, default=8)
-    parser.add_argument("--home", type=Path, default=DEMO_HOME, help="state folder (wiped first)")
+    parser.add_argument("--model", default=os.environ.get("MLPIPE_MODEL_NAME") or "digits",
+                        help="model project to run (models/<name>/spec.yaml; default $MLPIPE_MODEL_NAME or digits; "
+                             "`make demo MODEL=shapes`)")
+    parser.add_argument("--home", type=Path, default=None,
+                        help="state folder, wiped first (default var/demo, var/demo-<model> for another model)")
     parser.add_argument("--stream-frames", type=int, default=3000,
                         help="frames to stream through gateway/Kafka/consumer after deploy (0: skip)")
     parser.add_argument("--regression", action="store_true",
                         help="also train a deliberately worse model and show the QC gate blocking it")
     args = parser.parse_args(argv)
     summary = run_demo(args.home, size=args.size, seed=args.seed, epochs=args.epochs, regression=args.regression,
-                       stream_frames=args.stream_frames)
+                       stream_frames=args.stream_frames, model=args.model)
     ok = summary["validation"] == "passed" and summary["deployed_version"] is not None
     if args.stream_frames:
         ok = ok and summary.get("stream", {}).get("lost") == 0

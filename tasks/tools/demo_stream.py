@@ -2,8 +2,10 @@
 
 Starts the broker (Tansu), the consumer (``mlpipe stream``) and the gateway
 (``mlpipe gateway``) on free loopback ports next to an already running Triton,
-sends real held-out digits through the gateway's HTTP API as devices would, drops a few
-poison frames straight onto Kafka, waits for every prediction and reports what happened.
+sends real held-out images of the model (its golden set, encoded as the model spec says: PNG digits,
+JPEG shapes) through the gateway's HTTP API as devices would, drops a few poison frames straight onto
+Kafka (some fail the consumer's cheap checks, two carry a valid signature and a broken body, so Triton's
+preprocess model rejects them), waits for every prediction and reports what happened.
 Every process it starts is stopped by PID at the end.
 """
 
@@ -14,6 +16,7 @@ import os
 import secrets
 import sys
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -29,9 +32,13 @@ def run_stream(home: Path, triton_grpc: str, frames: int = 3000, poison: int = 5
 
     from tasks.adapters.kafka import BusProducer, KafkaConfig, TailFollower, ensure_topics
 
+    from tasks.config import load_settings
     from tasks.local.broker import LocalBroker
+    from tasks.model.frame_codec import JPEG_MAGIC, PNG_MAGIC
+    from tasks.model.frames import content_type_of, encode_frame
     from tasks.steps.drops import golden_set
-    from tasks.model.frames import encode_png
+
+    spec = load_settings().model_spec()
 
     logs = home / "logs"
     token = secrets.token_urlsafe(24)  # never printed
@@ -56,13 +63,14 @@ def run_stream(home: Path, triton_grpc: str, frames: int = 3000, poison: int = 5
             print(f"broker {broker.bootstrap}, consumer pid {consumer.pid} (metrics "
                   f"http://127.0.0.1:{c_port}/metrics), gateway pid {gateway.pid} (http://127.0.0.1:{g_port}/docs)",
                   flush=True)
-            images, labels = golden_set()
+            images, labels = golden_set(spec)
             idx = np.arange(frames) % len(labels)
-            bodies = [encode_png(images[i]) for i in range(len(labels))]
+            bodies = [encode_frame(images[i], spec) for i in range(len(labels))]
+            ctype = content_type_of(spec.image_encoding)
             truth: dict[str, int] = {}
             rejected = 0
             url = f"http://127.0.0.1:{g_port}/v1/frames"
-            headers = {"Authorization": f"Bearer {token}", "Content-Type": "image/png"}
+            headers = {"Authorization": f"Bearer {token}", "Content-Type": ctype}
 
             def send(chunk: np.ndarray) -> tuple[dict[str, int], int]:
                 got, bad = {}, 0
@@ -86,12 +94,15 @@ def run_stream(home: Path, triton_grpc: str, frames: int = 3000, poison: int = 5
                   f"({len(truth) / send_s:.0f}/s); {rejected} rejected", flush=True)
             producer = BusProducer(cfg)  # poison, straight onto Kafka as a broken device would
             try:
+                magic = PNG_MAGIC if spec.image_encoding == "png" else JPEG_MAGIC
                 for k in range(poison):
-                    hdrs = [("frame_id", f"poison-{k}".encode()), ("content-type", b"image/png")]
+                    hdrs = [("frame_id", str(uuid.uuid4()).encode()), ("content-type", ctype.encode())]
+                    value = b"\x00not-an-image" * (k + 1)  # no signature: the consumer's cheap check
                     if k == 0:
-                        hdrs = [("content-type", b"image/png")]  # missing frame_id
-                    producer.produce(cfg.frames_topic, b"\x00not-an-image" * (k + 1), key=b"broken-device",
-                                     headers=hdrs)
+                        hdrs = [("content-type", ctype.encode())]  # missing frame_id
+                    elif k in (1, 2):
+                        value = magic + b"\x00broken body" * k  # decodes only in Triton: its FRAME_ERROR
+                    producer.produce(cfg.frames_topic, value, key=b"broken-device", headers=hdrs)
                 producer.flush_confirmed()
             finally:
                 producer.close()

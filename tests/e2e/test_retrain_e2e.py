@@ -9,6 +9,8 @@ import os
 import numpy as np
 import pytest
 
+from tasks.config import load_settings
+from tasks.model.frames import encode_frame
 from tasks.steps import drops
 from tasks.model import repo as model_repo
 from tasks.steps import registry
@@ -25,7 +27,7 @@ ALL_TASKS = ["validate", "train", "register", "compile", "qc", "qc_gate", "deplo
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     home = tmp_path_factory.mktemp("e2e")
-    repo = model_repo.render_repo("local", home / "model_repo", "digits")
+    repo = model_repo.render_repo("local", home / "model_repo", load_settings().model_spec("digits"))
     with LocalTriton(repo, home / "logs" / "triton") as triton:
         env = {**os.environ, "MLPIPE_HOME": str(home), "MLPIPE_STORE_URL": f"file://{home / 'store'}",
                "MLPIPE_MODEL_REPO": str(repo), "MLPIPE_TRITON_URL": triton.http_url,
@@ -50,8 +52,10 @@ def test_retrain_deploys_then_gate_blocks_a_worse_model(stack):
     for name in ("model.onnx", "model.pt", "metrics.json", "lineage.json", "qc_report.json", "qc_report.html"):
         assert store.exists(f"models/digits/1/{name}"), name
     assert model_repo.serving_version(home / "model_repo", "digits") == 1
-    images, labels = drops.golden_set()
-    out = TritonClient(triton.grpc_url).infer_images("digits", images[:100])
+    spec = load_settings().model_spec("digits")
+    images, labels = drops.golden_set(spec)
+    out = TritonClient(triton.grpc_url).infer_frames("digits", [encode_frame(img, spec) for img in images[:100]])
+    assert not any(np.asarray(out["FRAME_ERROR"]).reshape(-1))
     assert np.mean(np.asarray(out["LABEL"]).reshape(-1) == labels[:100]) > 0.5
 
     # Run 2: the gate demands the impossible: the new version is rejected and deploy is skipped.

@@ -23,6 +23,7 @@ REFUSED = [
     ("retrain", {"seed": -1}, "seed", "less than the minimum of 0"),
     ("retrain", {"extra_drop_ids": "a,b"}, "extra_drop_ids", "is not of type 'array', 'null'"),
     ("retrain", {"extra_drop_ids": ["ok", "no/slash"]}, "extra_drop_ids", "does not match"),
+    ("retrain", {"model": "../Digits"}, "model", "does not match"),
     ("rollback", {"version": 0}, "version", "0 is less than the minimum of 1"),
     ("rollback", {"version": "latest"}, "version", "is not of type 'integer'"),
     ("rollback", {"reason": "x" * 201}, "reason", "is too long"),
@@ -36,8 +37,9 @@ def _run_ids(client, dag_id: str) -> set[str]:
 
 
 @pytest.mark.parametrize("dag_id,expected", [
-    ("retrain", {"drop_id": "string", "epochs": "integer", "seed": "integer", "extra_drop_ids": ["array", "null"]}),
-    ("rollback", {"version": "integer", "reason": "string"}),
+    ("retrain", {"model": "string", "drop_id": "string", "epochs": "integer", "seed": "integer",
+                 "extra_drop_ids": ["array", "null"]}),
+    ("rollback", {"model": "string", "version": "integer", "reason": "string"}),
 ])
 def test_trigger_forms_have_typed_params_with_descriptions(airflow_stack, dag_id, expected):
     params = airflow_stack.client.get(f"/api/v2/dags/{dag_id}/details")["params"]

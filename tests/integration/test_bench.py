@@ -52,7 +52,7 @@ def test_bench_writes_results_with_every_key(tmp_path, mlpipe_env, _tiny_onnx_ca
     assert "| scenario | images/s | p50 ms | p95 ms | notes |" in table
     assert "(c) consumer" in table and table in printed.out  # the table is printed too
     assert "Consumer main thread, `low_confidence:0.7,sample:0.05` drain, seconds per step" in table
-    assert set(drain["consumer_loop_s"]) >= {"decode", "wait_triton", "qdrant", "commit"}
+    assert set(drain["consumer_loop_s"]) >= {"check", "wait_triton", "qdrant", "commit"}
     # CPU per process group (psutil) and Triton's / the consumer's Prometheus metrics (prometheus_client)
     assert drain["cpu_cores"]["consumer"] > 0 and drain["cpu_cores"]["triton"] > 0, drain["cpu_cores"]
     assert drain["cpu_cores"]["machine"] >= drain["cpu_cores"]["consumer"]

@@ -19,7 +19,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tasks.config import load_settings
 from tasks.contracts.errors import EXIT_BAD_INPUT, EXIT_REJECTED, EXIT_TRANSIENT
+from tasks.contracts.serving import FRAME_ERROR
 from tasks.model import repo as model_repo
 from tasks.steps import registry
 from tasks.steps.deploy import (
@@ -29,9 +31,11 @@ from tasks.adapters.triton import TritonClient
 from tasks.local.triton import LocalTriton
 from tests.support.models import export_wrong_shape_onnx, mark_qc_passed, register_files, register_model
 from tests.support.triton import build_tiny_onnx
+from tests.support.spec_models import use_specs, write_spec
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
+SPEC = load_settings().model_spec("digits")  # every dep_<n> model is a copy of it under its own name
 _names = itertools.count(1)
 
 
@@ -50,15 +54,18 @@ def deploy_triton(tmp_path_factory):
 
 
 @pytest.fixture
-def serving(deploy_triton, mlpipe_env):
-    """(ServingTarget over HTTP, a fresh ensemble name, a gRPC client); unloads the test's models after."""
+def serving(deploy_triton, mlpipe_env, monkeypatch, tmp_path):
+    """(ServingTarget over HTTP, a fresh ensemble name, a gRPC client); unloads the test's models after.
+
+    The model's spec is the digits spec under the test's name (``MLPIPE_MODELS_DIR`` points at it)."""
     model = f"dep_{next(_names)}"
+    write_spec(use_specs(monkeypatch, tmp_path / "models", "digits"), model, base="digits")
     target = ServingTarget(deploy_triton.model_repository, deploy_triton.http_url, "http", keep_versions=3)
     client = TritonClient(deploy_triton.grpc_url, protocol="grpc")
     try:
         yield target, model, client
     finally:
-        for name in (model, model_repo.classifier_name(model)):
+        for name in model_repo.model_names(model):
             try:
                 client.unload_model(name)
             except Exception:  # noqa: BLE001 - best effort
@@ -73,25 +80,28 @@ def _register(store, trained, model: str) -> int:
 
 
 def _expected_scores(onnx: Path, images: np.ndarray) -> np.ndarray:
-    """The SCORE (top softmax probability) ONNX Runtime gives for ``images``."""
-    from tasks.model.networks import onnx_session, to_input
+    """The SCORE (top softmax probability) ONNX Runtime gives for decoded ``images``."""
+    from tasks.model.networks import onnx_session, run_onnx, to_input
 
-    logits = onnx_session(onnx).run(["logits"], {"input": to_input(images)})[0]
+    logits, _ = run_onnx(onnx_session(onnx), to_input(images, SPEC), SPEC)
     z = np.exp(logits - logits.max(axis=1, keepdims=True))
     return (z / z.sum(axis=1, keepdims=True)).max(axis=1)
 
 
-def _served_scores(client: TritonClient, model: str, images: np.ndarray) -> np.ndarray:
-    return np.asarray(client.infer_images(model, images)["SCORE"]).reshape(-1)
+def _served_scores(client: TritonClient, model: str, frames: list[bytes]) -> np.ndarray:
+    out = client.infer_frames(model, frames)
+    assert not any(out[FRAME_ERROR].reshape(-1)), out[FRAME_ERROR]
+    return np.asarray(out["SCORE"]).reshape(-1)
 
 
-def _answers_like(client, model, onnx: Path, images) -> bool:
-    return bool(np.max(np.abs(_served_scores(client, model, images) - _expected_scores(onnx, images))) < 1e-4)
+def _answers_like(client, model, onnx: Path, frames: list[bytes], images: np.ndarray) -> bool:
+    """Whether ``model`` answers ``frames`` with the scores ``onnx`` gives for their decoded ``images``."""
+    return bool(np.max(np.abs(_served_scores(client, model, frames) - _expected_scores(onnx, images))) < 1e-4)
 
 
 def test_deploy_v1_then_v2_then_rollback(serving, store, good_model, good_model_t, capsys):
     target, model, client = serving
-    images, labels = smoke_samples(32)
+    frames, images, labels = smoke_samples(SPEC, 32)
     v1 = _register(store, good_model, model)
     v2 = _register(store, good_model_t, model)
     assert not np.allclose(_expected_scores(good_model.onnx, images), _expected_scores(good_model_t.onnx, images),
@@ -106,7 +116,7 @@ def test_deploy_v1_then_v2_then_rollback(serving, store, good_model, good_model_
     assert first["smoke"]["full_batch"] == MAX_BATCH
     assert (target.repo_dir / LOCK_NAME).is_file()
     assert not any(m["name"].startswith(".") for m in client.repository_index())  # Triton ignores the lock file
-    assert _answers_like(client, model, good_model.onnx, images)
+    assert _answers_like(client, model, good_model.onnx, frames, images)
 
     second = deploy(store, model, v2, target)
     assert set(second) == {"model", "deployed_version", "previous_version", "archived_version", "smoke", "pruned"}
@@ -115,10 +125,10 @@ def test_deploy_v1_then_v2_then_rollback(serving, store, good_model, good_model_
     assert registry.get_version(store, model, v1)["stage"] == "archived"
     assert model_repo.serving_version(target.repo_dir, model) == v2
     assert client.ready_versions(model_repo.classifier_name(model)) == [v2]
-    assert _answers_like(client, model, good_model_t.onnx, images)
-    out = client.infer_images(model, images)
+    assert _answers_like(client, model, good_model_t.onnx, frames, images)
+    out = client.infer_frames(model, frames)
     assert np.mean(np.asarray(out["LABEL"]).reshape(-1) == labels) >= 0.9
-    assert np.asarray(out["EMBEDDING"]).shape == (32, 64)
+    assert np.asarray(out["EMBEDDING"]).shape == (32, SPEC.embedding_dim)
 
     # re-running the same deploy (an Airflow retry) is a no-op apart from the smoke test
     again = deploy(store, model, v2, target)
@@ -130,7 +140,7 @@ def test_deploy_v1_then_v2_then_rollback(serving, store, good_model, good_model_
                         "rollback", "--version", str(v1), "--reason", "test: v2 misbehaves"])
     assert code == 0, capsys.readouterr().err
     assert model_repo.serving_version(target.repo_dir, model) == v1
-    assert _answers_like(client, model, good_model.onnx, images)
+    assert _answers_like(client, model, good_model.onnx, frames, images)
     assert registry.get_version(store, model, v1)["stage"] == "production"
     assert registry.get_version(store, model, v2)["stage"] == "archived"
     rb = [e for e in registry.events(store, model) if e["event"] == "rollback"]
@@ -146,7 +156,7 @@ def test_deploy_v1_then_v2_then_rollback(serving, store, good_model, good_model_
     assert code == EXIT_BAD_INPUT and "Traceback" not in err
     assert err.strip().splitlines()[-1].startswith(f"error: model '{model}' has no version 99 (known versions: ")
     assert model_repo.serving_version(target.repo_dir, model) == v1
-    assert _answers_like(client, model, good_model.onnx, images)
+    assert _answers_like(client, model, good_model.onnx, frames, images)
 
 
 def test_module_entry_point_errors_are_one_line(mlpipe_env, store, tmp_path):
@@ -215,7 +225,7 @@ def test_failed_first_deploy_leaves_nothing_served(serving, store, tmp_path):
 
 def test_broken_models_fail_deploy_and_previous_version_keeps_answering(serving, store, good_model, tmp_path):
     target, model, client = serving
-    images, _ = smoke_samples(16)
+    frames, images, _ = smoke_samples(SPEC, 16)
     v1 = _register(store, good_model, model)
     deploy(store, model, v1, target)
     clf = model_repo.classifier_name(model)
@@ -223,7 +233,7 @@ def test_broken_models_fail_deploy_and_previous_version_keeps_answering(serving,
     def still_v1() -> None:
         assert model_repo.serving_version(target.repo_dir, model) == v1
         assert client.ready_versions(clf) == [v1]
-        assert _answers_like(client, model, good_model.onnx, images)
+        assert _answers_like(client, model, good_model.onnx, frames, images)
         assert registry.champion(store, model)["version"] == v1
         assert model_repo.list_versions(target.repo_dir, model) == [v1]
 
@@ -238,10 +248,11 @@ def test_broken_models_fail_deploy_and_previous_version_keeps_answering(serving,
     assert len(failed) == 1 and failed[0]["version"] == v2 and "not a usable ONNX" in failed[0]["reason"]
     assert registry.get_version(store, model, v2)["stage"] == "candidate"
 
-    # 2. outputs of the wrong shape (forced past QC)
-    v3 = register_files(store, model, {"model.onnx": export_wrong_shape_onnx(tmp_path / "wrong.onnx")})
-    with pytest.raises(DeployError, match=r"wrong shape: logits \[64, 7\]"):
-        deploy(store, model, v3, target, force=True)
+    # 2. outputs of the wrong shape (the registry refuses such a run: replaced in the store after registering)
+    v3 = _register(store, good_model, model)
+    store.put_bytes(f"models/{model}/{v3}/model.onnx", export_wrong_shape_onnx(tmp_path / "wrong.onnx").read_bytes())
+    with pytest.raises(DeployError, match=r"output 'logits' has shape \['N', 7\], expected \['N', 10\]"):
+        deploy(store, model, v3, target)
     still_v1()
 
     # 3. a valid file that Triton loads but that answers wrongly (random weights): the smoke test
@@ -262,7 +273,7 @@ def test_broken_models_fail_deploy_and_previous_version_keeps_answering(serving,
 
 def test_zero_failed_requests_while_deploy_switches_versions(serving, store, good_model, good_model_t):
     target, model, client = serving
-    images, _ = smoke_samples(8)
+    frames, images, _ = smoke_samples(SPEC, 8)
     v1 = _register(store, good_model, model)
     v2 = _register(store, good_model_t, model)
     deploy(store, model, v1, target)
@@ -279,7 +290,7 @@ def test_zero_failed_requests_while_deploy_switches_versions(serving, store, goo
                     return
                 j = i % len(images)
                 try:
-                    score = float(np.asarray(c.infer_images(model, images[j:j + 1])["SCORE"]).reshape(-1)[0])
+                    score = float(np.asarray(c.infer_frames(model, frames[j:j + 1])["SCORE"]).reshape(-1)[0])
                 except Exception as exc:  # noqa: BLE001 - every failure is what this test counts
                     failures.append(f"request {i}: {exc}")
                     continue
@@ -306,7 +317,7 @@ def test_zero_failed_requests_while_deploy_switches_versions(serving, store, goo
 def test_keep_last_n_versions_and_rollback_to_a_pruned_version(serving, store, good_model, good_model_t):
     target, model, client = serving
     target = ServingTarget(target.repo_dir, target.triton_url, "http", keep_versions=2)
-    images, _ = smoke_samples(16)
+    frames, images, _ = smoke_samples(SPEC, 16)
     versions = [_register(store, m, model) for m in (good_model, good_model_t, good_model)]
 
     pruned = [deploy(store, model, v, target)["pruned"] for v in versions]
@@ -318,5 +329,5 @@ def test_keep_last_n_versions_and_rollback_to_a_pruned_version(serving, store, g
     rollback(store, model, versions[0], target, reason="test: back to the first")
     assert model_repo.serving_version(target.repo_dir, model) == versions[0]
     assert versions[0] in model_repo.list_versions(target.repo_dir, model)
-    assert _answers_like(client, model, good_model.onnx, images)
+    assert _answers_like(client, model, good_model.onnx, frames, images)
     assert status(target, model)["versions_in_repo"] == sorted(model_repo.list_versions(target.repo_dir, model))

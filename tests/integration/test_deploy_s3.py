@@ -33,14 +33,18 @@ import pytest
 
 from tasks.adapters.storage import S3Store
 from tasks.adapters.triton import TritonClient
+from tasks.config import load_settings
+from tasks.contracts.serving import FRAME_ERROR
 from tasks.local.triton import LocalTriton
 from tasks.model import repo as model_repo
 from tasks.steps import registry
 from tasks.steps.deploy import (
     KEEP_NAME, LOCK_NAME, RepoBusy, RepoLease, ServingTarget, deploy, rollback, smoke_samples, status)
 from tests.support.models import mark_qc_passed, register_model
+from tests.support.spec_models import use_specs, write_spec
 
 pytestmark = pytest.mark.integration
+SPEC = load_settings().model_spec("digits")  # every s3dep_<n> model is a copy of it under its own name
 REPO_BUCKET = "mlpipe-models"
 REPO_PREFIX = "repo"
 _names = itertools.count(1)
@@ -105,9 +109,11 @@ def s3_env(mlpipe_env, s3_endpoint, monkeypatch):
 
 
 @pytest.fixture
-def served(s3_triton, s3_env):
-    """(registry store, ServingTarget on s3://, a fresh ensemble name, a gRPC client)."""
+def served(s3_triton, s3_env, monkeypatch, tmp_path):
+    """(registry store, ServingTarget on s3://, a fresh ensemble name, a gRPC client); the model's spec is the
+    digits spec under that name (``MLPIPE_MODELS_DIR`` points at it)."""
     model = f"s3dep_{next(_names)}"
+    write_spec(use_specs(monkeypatch, tmp_path / "models", "digits"), model, base="digits")
     store = S3Store("mlpipe-registry", s3_env)
     # flavour "local": the bundled Triton has only the Python backend (production renders onnxruntime)
     target = ServingTarget(f"s3://{REPO_BUCKET}/{REPO_PREFIX}", s3_triton.http_url, "http", keep_versions=3,
@@ -116,7 +122,7 @@ def served(s3_triton, s3_env):
     try:
         yield store, target, model, client
     finally:
-        for name in (model, model_repo.classifier_name(model)):
+        for name in model_repo.model_names(model):
             try:
                 client.unload_model(name)
             except Exception:  # noqa: BLE001 - best effort
@@ -130,14 +136,17 @@ def _register(store, trained, model: str) -> int:
     return v
 
 
-def _scores(client, model, images) -> np.ndarray:
-    return np.asarray(client.infer_images(model, images)["SCORE"]).reshape(-1)
+def _scores(client, model, frames: list[bytes]) -> np.ndarray:
+    out = client.infer_frames(model, frames)
+    assert not any(out[FRAME_ERROR].reshape(-1)), out[FRAME_ERROR]
+    return np.asarray(out["SCORE"]).reshape(-1)
 
 
 def _expected(onnx: Path, images) -> np.ndarray:
-    from tasks.model.networks import onnx_session, to_input
+    """The SCORE ONNX Runtime gives for decoded ``images``."""
+    from tasks.model.networks import onnx_session, run_onnx, to_input
 
-    logits = onnx_session(onnx).run(["logits"], {"input": to_input(images)})[0]
+    logits, _ = run_onnx(onnx_session(onnx), to_input(images, SPEC), SPEC)
     z = np.exp(logits - logits.max(axis=1, keepdims=True))
     return (z / z.sum(axis=1, keepdims=True)).max(axis=1)
 
@@ -153,7 +162,7 @@ def test_deploy_writes_the_repository_to_s3_and_triton_serves_it_from_there(
         served, repo_store, s3_triton, good_model, good_model_t):
     store, target, model, client = served
     clf = model_repo.classifier_name(model)
-    images, _ = smoke_samples(32)
+    frames, images, _ = smoke_samples(SPEC, 32)
     v1 = _register(store, good_model, model)
     v2 = _register(store, good_model_t, model)
 
@@ -161,8 +170,9 @@ def test_deploy_writes_the_repository_to_s3_and_triton_serves_it_from_there(
     assert first["deployed_version"] == v1 and first["previous_version"] is None
     keys = set(repo_store.list(""))
     # the rendered parts, the pinned version's files, the ensemble's (otherwise empty) version folder
-    for key in (model_repo.MARKER, f"{model}/config.pbtxt", f"{model}/1/{KEEP_NAME}", "preprocess/config.pbtxt",
-                "preprocess/1/model.py", "postprocess/config.pbtxt", "postprocess/1/model.py",
+    pre, post = model_repo.preprocess_name(model), model_repo.postprocess_name(model)
+    for key in (model_repo.MARKER, f"{model}/config.pbtxt", f"{model}/1/{KEEP_NAME}", f"{pre}/config.pbtxt",
+                f"{pre}/1/model.py", f"{pre}/1/frame_codec.py", f"{post}/config.pbtxt", f"{post}/1/model.py",
                 f"{clf}/config.pbtxt", f"{clf}/{v1}/model.onnx", f"{clf}/{v1}/model.py",
                 f"{clf}/{v1}/{model_repo.VERSION_META}"):
         assert key in keys, f"{key} missing from {repo_store.url}: {sorted(keys)}"
@@ -177,21 +187,21 @@ def test_deploy_writes_the_repository_to_s3_and_triton_serves_it_from_there(
     model_repo.validate_config_text(repo_store.get_bytes(f"{clf}/config.pbtxt").decode())
     # Triton (reading only s3://) serves exactly v1
     assert client.ready_versions(clf) == [v1]
-    assert np.max(np.abs(_scores(client, model, images) - _expected(good_model.onnx, images))) < 1e-4
-    assert {m["name"] for m in client.repository_index()} >= {model, clf, "preprocess", "postprocess"}
+    assert np.max(np.abs(_scores(client, model, frames) - _expected(good_model.onnx, images))) < 1e-4
+    assert {m["name"] for m in client.repository_index()} >= set(model_repo.model_names(model))
 
     second = deploy(store, model, v2, target)
     assert (second["deployed_version"], second["previous_version"]) == (v2, v1)
     assert _pin(repo_store, model) == v2
     assert f"{clf}/{v2}/model.onnx" in repo_store.list(f"{clf}/")
     assert client.ready_versions(clf) == [v2]
-    assert np.max(np.abs(_scores(client, model, images) - _expected(good_model_t.onnx, images))) < 1e-4
+    assert np.max(np.abs(_scores(client, model, frames) - _expected(good_model_t.onnx, images))) < 1e-4
 
     back = rollback(store, model, v1, target, reason="s3 test")  # at once: same-second config rewrites
     assert (back["serving_version"], back["previous_version"]) == (v1, v2)
     assert _pin(repo_store, model) == v1
     assert client.ready_versions(clf) == [v1]
-    assert np.max(np.abs(_scores(client, model, images) - _expected(good_model.onnx, images))) < 1e-4
+    assert np.max(np.abs(_scores(client, model, frames) - _expected(good_model.onnx, images))) < 1e-4
     assert registry.get_version(store, model, v1)["stage"] == "production"
 
     st = status(target, model, store)
@@ -340,9 +350,10 @@ def test_mirror_uploads_the_pin_after_the_files_it_names(tmp_path, tiny_onnx):
     remote = Recording(tmp_path / "bucket")
     mirror = RepoMirror(remote, tmp_path / "work")
     mirror.pull()
-    model_repo.render_repo("local", mirror.root, "m")
-    model_repo.write_classifier_version(mirror.root, "m", 1, tiny_onnx)
-    model_repo.set_serving_version(mirror.root, "m", 1)
+    spec = SPEC.model_copy(update={"name": "m"})
+    model_repo.render_repo("local", mirror.root, spec)
+    model_repo.write_classifier_version(mirror.root, spec, 1, tiny_onnx)
+    model_repo.set_serving_version(mirror.root, spec, 1)
     mirror.push()
     puts = [k for op, k in remote.log if op == "put"]
     assert puts[-1] == model_repo.MARKER
@@ -351,8 +362,8 @@ def test_mirror_uploads_the_pin_after_the_files_it_names(tmp_path, tiny_onnx):
     # nothing changed: nothing is uploaded; a second version and a re-pin upload only those
     remote.log.clear()
     assert mirror.push() == {"uploaded": [], "deleted": []}
-    model_repo.write_classifier_version(mirror.root, "m", 2, tiny_onnx)
-    model_repo.set_serving_version(mirror.root, "m", 2)
+    model_repo.write_classifier_version(mirror.root, spec, 2, tiny_onnx)
+    model_repo.set_serving_version(mirror.root, spec, 2)
     model_repo.remove_version(mirror.root, "m", 1)
     result = mirror.push()
     assert result["uploaded"][-1] == "m_classifier/config.pbtxt"

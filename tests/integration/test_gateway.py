@@ -82,8 +82,9 @@ def test_bad_requests_get_clear_4xx_and_are_not_queued(client, kafka_cfg):  # no
     cases = [
         (b"this is not an image", h, 422, "undecodable"),
         (b"\x89PNG\r\n\x1a\n" + b"\x00" * 5000, h, 413, "oversize"),
-        (png(np.zeros((32, 32), np.uint8)), h, 422, "wrong_shape"),
         (png(img), {**AUTH, "Content-Type": "text/plain"}, 415, "unsupported_content_type"),
+        (b"\xff\xd8\xff\xe0" + b"\x00" * 100, {**AUTH, "Content-Type": "image/jpeg"}, 415,
+         "unsupported_content_type"),  # digits takes PNG and raw frames only
         (b"\x00" * 700, {**AUTH, "Content-Type": "application/x-raw-uint8"}, 422, "wrong_shape"),
         (b"", h, 422, "empty"),
         (png(img), {**h, "X-Device-Id": "bad device id!"}, 422, "invalid_device_id"),
@@ -132,6 +133,10 @@ def test_get_is_pending_then_returns_the_prediction(kafka_cfg, triton_server, tm
                         headers={**AUTH, "Content-Type": "image/png", "X-Device-Id": "cam-9"})
         assert r.status_code == 202
         fid = r.json()["frame_id"]
+        # the gateway makes only the cheap checks: a PNG of another size is queued, Triton finds it
+        wrong = client.post("/v1/frames", content=png(np.zeros((32, 32), np.uint8)),
+                            headers={**AUTH, "Content-Type": "image/png"})
+        assert wrong.status_code == 202, wrong.text
         pending = client.get(f"/v1/frames/{fid}", headers=AUTH)
         assert pending.status_code == 202 and pending.json() == {"frame_id": fid, "status": "pending"}
         consumer = ConsumerProcess(kafka_cfg, triton_server.grpc_url, tmp_path, policy="none").start()
@@ -140,11 +145,17 @@ def test_get_is_pending_then_returns_the_prediction(kafka_cfg, triton_server, tm
                 return client.get(f"/v1/frames/{fid}", headers=AUTH).status_code == 200
             wait_until(answered, 40, "prediction via the gateway", interval=0.2, alive=consumer.proc.alive)
             pred = client.get(f"/v1/frames/{fid}", headers=AUTH).json()
+            wrong_id = wrong.json()["frame_id"]
+            wait_until(lambda: client.get(f"/v1/frames/{wrong_id}", headers=AUTH).json().get("status") == "failed",
+                       20, "the dead letter via the gateway", interval=0.2, alive=consumer.proc.alive)
+            failed = client.get(f"/v1/frames/{wrong_id}", headers=AUTH).json()
         finally:
             code, _ = consumer.terminate()
         assert code == 0, consumer.log()
     assert pred["status"] == "done" and pred["frame_id"] == fid
     assert 0 <= pred["label"] <= 9 and len(pred["topk"]) == 3 and pred["device_id"] == "cam-9"
+    assert pred["class"] == str(pred["label"])
+    assert failed["reason"] == "wrong_shape" and failed["detail"] == "image is 32x32, expected 28x28"
     assert pred["model_name"] == "digits" and pred["model_version"] == "1"
 
 
@@ -194,6 +205,11 @@ def test_cli_runs_uvicorn_and_never_logs_the_token(broker, tmp_path):  # noqa: F
     out = subprocess.run([sys.executable, "-m", "tasks.cli", "gateway", "--port", str(port)], env=env,
                          capture_output=True, text=True, timeout=30)
     assert out.returncode == 2 and out.stderr.startswith("error: MLPIPE_GATEWAY_TOKEN") and "Traceback" not in out.stderr
+    # a model without a spec: the same one-line error, naming the models there are
+    out = subprocess.run([sys.executable, "-m", "tasks.cli", "gateway", "--port", str(port), "--model", "nope"],
+                         env={**env, "MLPIPE_GATEWAY_TOKEN": TOKEN}, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2 and out.stderr.startswith("error: ") and "no model spec for 'nope'" in out.stderr
+    assert "digits" in out.stderr and "Traceback" not in out.stderr
 
 
 # --------------------------------------------------------------------------- limits, against the real server

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from tasks.config import load_settings
 from tasks.contracts.errors import EXIT_BAD_INPUT, EXIT_REJECTED, EXIT_TRANSIENT
 from tasks.steps import drops
 from tasks.steps import monitor
@@ -33,8 +34,9 @@ from tests.support.stream import ConsumerProcess, predicted_ids, send_frames
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.integration]
 MODEL = "digits"
+SPEC = load_settings().model_spec(MODEL)
 FRAMES = 500
-TH = monitor.Thresholds(min_samples=200)
+TH = monitor.Thresholds.for_spec(SPEC, min_samples=200)
 
 
 @dataclass
@@ -52,11 +54,11 @@ def stream_images(kind: str, n: int = FRAMES, seed: int = 0):
     and a fifth of all digits inverted (black on white)."""
     import numpy as np
 
-    images, labels = drops.golden_set()
+    images, labels = drops.golden_set(SPEC)
     rng = np.random.default_rng(seed)
     if kind == "plain":
         return images[rng.choice(len(labels), n, replace=False)]
-    counts = {c: int(round(n * w)) for c, w in drops.SKEWED_MIX.items()}
+    counts = {c: int(round(n * w)) for c, w in drops._skewed_mix(SPEC.num_classes).items()}
     counts[0] += n - sum(counts.values())
     idx = np.concatenate([rng.choice(np.flatnonzero(labels == c), k, replace=True) for c, k in counts.items()])
     out = images[rng.permutation(idx)].copy()
@@ -89,10 +91,10 @@ def served(tmp_path_factory):
         version = registry.register(store, MODEL, result["run_id"], ["base"], mirror=False)["version"]
         registry.set_stage(store, MODEL, version, "production", "test champion")
 
-        repo = model_repo.render_repo("local", root / "repo", MODEL)
+        repo = model_repo.render_repo("local", root / "repo", SPEC)
         onnx = store.get_file(f"models/{MODEL}/{version}/model.onnx", root / "model.onnx")
-        model_repo.write_classifier_version(repo, MODEL, version, onnx)
-        model_repo.set_serving_version(repo, MODEL, version)
+        model_repo.write_classifier_version(repo, SPEC, version, onnx)
+        model_repo.set_serving_version(repo, SPEC, version)
         with LocalBroker(root / "tansu") as broker, \
                 LocalTriton(repo, root / "triton", backend_dir=root / "backends", load_models=[MODEL]) as triton:
             streams, qdrant, consumers = {}, {}, {}
@@ -129,6 +131,8 @@ def test_unskewed_stream_no_drift_and_a_full_report(served):
     assert report["status"] == "ok" and report["drift"] is False, report["checks"]
     assert report["samples"] == FRAMES and report["live"]["versions"] == {"1": FRAMES}
     assert report["reference"]["source"] == "training drops base"
+    assert report["thresholds"] == {**SPEC.drift.model_dump(), "min_samples": 200}
+    assert list(report["class_distribution"]["live"]) == report["classes"] == SPEC.class_names
     assert {c["status"] for c in report["checks"]} == {"ok"}
     assert set(checks(report)) == {"class_psi", "class_js", "confidence_drop", "confidence_ks",
                                    "embedding_cosine", "embedding_mmd"}
@@ -163,7 +167,7 @@ def test_qdrant_source_gives_the_same_verdicts(served):
 
 def test_too_few_predictions_give_no_verdict(served):
     report = monitor.run_monitor(served.store, MODEL, source="kafka", kafka=served.streams["skewed"], window=5000,
-                                 thresholds=monitor.Thresholds(min_samples=5000))
+                                 thresholds=monitor.Thresholds.for_spec(SPEC, min_samples=5000))
     assert report["status"] == "insufficient_data" and report["drift"] is False and report["checks"] == []
 
 

@@ -23,8 +23,6 @@ from tasks.adapters.kafka import BusProducer, KafkaConfig, committed_offsets, en
 from tasks.local.broker import LocalBroker
 from tasks.local.procs import free_port, wait_until
 from tasks.serving.consumer import DEFAULT_QDRANT_POLICY, QdrantPolicy
-from tasks.contracts.messages import FrameRejected
-from tasks.model.frames import decode_image, decode_pixels
 from tests.support.stream import ConsumerProcess, digit_images, frame_headers, png, predicted_ids, predictions, qdrant_ids, read_topic, send_frames, send_raw
 
 
@@ -32,42 +30,6 @@ pytestmark = pytest.mark.integration
 
 
 # ----------------------------------------------------------------------------- pure helpers
-
-
-def test_decode_png_raw_and_rejections():
-    img = digit_images(1)[0]
-    assert np.array_equal(decode_image(png(img), "image/png"), img)
-    assert np.array_equal(decode_image(img.tobytes(), "application/x-raw-uint8"), img)
-    assert np.array_equal(decode_image(img.tobytes(), "application/octet-stream"), img)
-    assert np.array_equal(decode_image(png(img), None), img)  # no content type: sniffed as an image file
-    from PIL import Image
-    import io
-
-    buf = io.BytesIO()
-    Image.fromarray(img, "L").save(buf, "PNG", optimize=True)  # other encoder settings take the generic path
-    assert np.array_equal(decode_image(buf.getvalue(), "image/png"), img)
-
-    cases = {
-        "empty": (b"", "image/png"),
-        "oversize": (b"x" * 70_000, "image/png"),
-        "undecodable": (b"definitely not a picture", "image/png"),
-        "wrong_shape": (png(np.zeros((32, 28), np.uint8)), "image/png"),
-        "unsupported_content_type": (png(img), "text/plain"),
-    }
-    for reason, (payload, ctype) in cases.items():
-        with pytest.raises(FrameRejected) as exc:
-            decode_pixels(payload, ctype, max_bytes=65536)
-        assert exc.value.reason == reason, (reason, exc.value)
-    rgb = io.BytesIO()
-    Image.fromarray(np.zeros((28, 28, 3), np.uint8), "RGB").save(rgb, "PNG")
-    with pytest.raises(FrameRejected, match="grayscale"):
-        decode_pixels(rgb.getvalue(), "image/png")
-    with pytest.raises(FrameRejected, match="784"):
-        decode_pixels(b"\x00" * 700, "application/x-raw-uint8")
-    truncated = png(img)
-    with pytest.raises(FrameRejected) as exc:
-        decode_pixels(truncated[:60] + truncated[-12:], "image/png")
-    assert exc.value.reason == "undecodable"
 
 
 def test_qdrant_policy_parsing_and_choice():
@@ -124,8 +86,9 @@ def test_predictions_and_qdrant_points_for_every_frame(kafka_cfg, triton_server,
     assert {p["frame_id"] for p in preds} == set(ids)
     for rec, p in zip(recs, preds):
         assert rec.key == p["frame_id"].encode() and rec.header("frame_id") == p["frame_id"]
-        assert 0 <= p["label"] <= 9 and 0 < p["score"] <= 1
+        assert 0 <= p["label"] <= 9 and p["class"] == str(p["label"]) and 0 < p["score"] <= 1
         assert len(p["topk"]) == 3 and p["topk"][0]["label"] == p["label"]
+        assert [t["class"] for t in p["topk"]] == [str(t["label"]) for t in p["topk"]]
         assert p["model_name"] == "digits" and p["model_version"] == "1"
         assert p["device_id"] == "cam-test" and p["latency_ms"] >= 0
         assert p["processed_at"].endswith("Z") and p["captured_at"]
@@ -144,7 +107,8 @@ def test_predictions_and_qdrant_points_for_every_frame(kafka_cfg, triton_server,
     with open_vectors(path=str(tmp_path / "qdrant"), create=False) as vs:
         points = {pt["id"]: pt for pt in vs.get([ids[i] for i in sample], with_vectors=True)}
     with triton_server.client() as client:
-        emb = client.infer_images("digits", digit_images(200)[sample])["EMBEDDING"].reshape(len(sample), -1)
+        frames = [png(img) for img in digit_images(200)[sample]]
+        emb = client.infer_frames("digits", frames)["EMBEDDING"].reshape(len(sample), -1)
     for row, i in enumerate(sample):
         point = points[ids[i]]
         pred = by_id[ids[i]]
@@ -163,6 +127,12 @@ def test_poison_frames_land_in_the_dlq_with_their_reason(kafka_cfg, triton_serve
     img = digit_images(1)[0]
     rgb = io.BytesIO()
     Image.fromarray(np.stack([img] * 3, axis=-1), "RGB").save(rgb, "PNG")
+    jpeg = io.BytesIO()
+    Image.fromarray(img, "L").save(jpeg, "JPEG")
+    good_png = png(img)
+    broken = good_png[:40] + bytes(len(good_png) - 52) + good_png[-12:]  # PNG signature, body broken
+    # found by the consumer's cheap checks (headers, size, content type, magic bytes) or by Triton's preprocess
+    # model (a broken body, another size, not grayscale): the same dead letters either way
     poison = [
         ("missing_frame_id", png(img), frame_headers(None)),
         ("invalid_frame_id", png(img), frame_headers("not-a-uuid")),
@@ -173,6 +143,8 @@ def test_poison_frames_land_in_the_dlq_with_their_reason(kafka_cfg, triton_serve
         ("oversize", b"\x89PNG\r\n\x1a\n" + b"\x00" * 5000, frame_headers(str(uuid.uuid4()))),
         ("empty", b"", frame_headers(str(uuid.uuid4()))),
         ("unsupported_content_type", png(img), frame_headers(str(uuid.uuid4()), "text/plain")),
+        ("unsupported_content_type", jpeg.getvalue(), frame_headers(str(uuid.uuid4()), "image/jpeg")),
+        ("undecodable", broken, frame_headers(str(uuid.uuid4()))),
     ]
     producer = BusProducer(kafka_cfg)
     good = send_frames(kafka_cfg, digit_images(5), producer=producer)
@@ -189,6 +161,7 @@ def test_poison_frames_land_in_the_dlq_with_their_reason(kafka_cfg, triton_serve
         wait_until(lambda: consumer.metric("mlpipe_consumer_frames_total", 'outcome="dead_letter"') == len(poison),
                    10, "dead-letter metric")
         assert consumer.metric("mlpipe_consumer_dead_letters_total", 'reason="wrong_shape"') == 3
+        assert consumer.metric("mlpipe_consumer_dead_letters_total", 'reason="undecodable"') == 2
     finally:
         code, _ = consumer.terminate()
     assert code == 0, consumer.log()
@@ -437,8 +410,8 @@ def test_sigterm_drains_commits_and_exits_within_10s(kafka_cfg, triton_server, t
     assert stats["predicted"] >= 100 and stats["commits"] >= 1
     # the main thread's time per step is accounted for, and adds up to no more than the run
     steps = stats["stage_s"]
-    assert set(steps) == {"poll", "decode", "wait_triton", "build_produce", "wait_kafka_acks", "qdrant", "commit"}
-    assert all(v >= 0 for v in steps.values()) and steps["decode"] > 0 and steps["qdrant"] > 0
+    assert set(steps) == {"poll", "check", "wait_triton", "build_produce", "wait_kafka_acks", "qdrant", "commit"}
+    assert all(v >= 0 for v in steps.values()) and steps["check"] > 0 and steps["qdrant"] > 0
     # --latency-log: per predicted frame, written on exit: captured_at, then the seconds until both sinks
     # were written, the frame was polled, Triton answered, the loop took the answer (in that order in time)
     lat = json.loads(latency_log.read_text())
@@ -682,12 +655,14 @@ def test_broker_restart_with_an_empty_log_loses_no_frame(triton_server, tmp_path
 def test_model_with_a_smaller_max_batch_still_gets_every_frame(triton_server, kafka_cfg, tmp_path):  # noqa: F811
     """A repository rendered with max_batch_size 8 while the consumer batches 64 (and its --model-max-batch is the
     default 256): the consumer reads 8 from Triton's model configuration and splits its micro-batches."""
+    from tasks.config import load_settings
     from tasks.local.triton import LocalTriton
     from tasks.model.repo import render_repo, set_serving_version, write_classifier_version
 
-    repo = render_repo("local", tmp_path / "repo8", "digits", max_batch_size=8)
-    write_classifier_version(repo, "digits", 1, triton_server.onnx_v1)
-    set_serving_version(repo, "digits", 1)
+    spec = load_settings().model_spec("digits")
+    repo = render_repo("local", tmp_path / "repo8", spec, max_batch_size=8)
+    write_classifier_version(repo, spec, 1, triton_server.onnx_v1)
+    set_serving_version(repo, spec, 1)
     triton = LocalTriton(repo, tmp_path / "triton8-logs", backend_dir=triton_server.work / "backends",
                          load_models=["digits"], http_port=free_port(), grpc_port=free_port(),
                          metrics_port=free_port())

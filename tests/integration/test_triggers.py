@@ -395,7 +395,7 @@ def test_drop_arriving_while_a_retrain_runs_gets_its_own_run(airflow_stack):
         run_a = retrain_run(client, "busy-a")
         assert run_a["state"] == "running", "busy-a finished before busy-b arrived: make its run longer"
         assert run_b["state"] == "queued"  # max_active_runs=1: it waits for busy-a, it is not lost
-        assert run_b["conf"] == {"drop_id": "busy-b"}
+        assert run_b["conf"] == {"drop_id": "busy-b", "model": "digits"}  # the model its drop.json names
     finally:
         client.set_paused("retrain", True)
         for d in ("busy-a", "busy-b"):
@@ -436,7 +436,8 @@ def test_scheduled_retrain_ends_early_without_new_data_then_trains_on_all_new(ai
         assert states["trigger_retrain"] == ("success" if attempt == 0 else "skipped"), states
     runs = [r for r in client.dag_runs("retrain") if r["dag_run_id"].startswith("scheduled__")]
     assert len(runs) == 1
-    assert runs[0]["conf"] == {"drop_id": "sched-2", "extra_drop_ids": ["sched-1"], "epochs": 1, "seed": 5}
+    assert runs[0]["conf"] == {"drop_id": "sched-2", "extra_drop_ids": ["sched-1"], "epochs": 1, "seed": 5,
+                               "model": "digits"}
     assert not retrain_run(client, "sched-1") and not retrain_run(client, "sched-2")  # not drop-triggered
 
 

@@ -73,7 +73,11 @@ def test_train_pod_renders_with_gpu(retrain_k8s):
     base = next(c for c in spec["containers"] if c["name"] == "base")
     assert base["image"] == "registry.example/mlpipe/trainer:1.2.3"
     assert base["command"] == ["python", "-m", "tasks.cli", "train"]
-    assert base["args"][:2] == ["--drop-id", "{{ ti.xcom_pull(task_ids='validate')['drop_id'] }}"]
+    # the rendered DAG shows the default; at run time the pod's image, command and args come from the model
+    # spec's trainer section (tests/unit/steps/test_trainer_pod.py)
+    assert base["args"][:4] == ["--model", "{{ params.model }}", "--drop-id",
+                                "{{ ([ti.xcom_pull(task_ids='validate')['drop_id']] + (params.extra_drop_ids or []))"
+                                " | join(',') }}"]
     assert base["args"][-2:] == ["--result-json", "/airflow/xcom/return.json"]
     assert base["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert spec["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
@@ -124,7 +128,7 @@ def test_compile_is_a_gpu_pod_and_rollback_dag_renders(retrain_k8s, monkeypatch)
     rollback = DagBag(str(ROOT / "dags")).dags["rollback"]
     task = rollback.get_task("rollback")
     assert task.command == "deploy"
-    assert task.arguments[:3] == ["rollback", "--version", "{{ params.version }}"]
+    assert task.arguments[:5] == ["--model", "{{ params.model }}", "rollback", "--version", "{{ params.version }}"]
     assert rollback.params["version"] == 1
 
 

@@ -58,3 +58,25 @@ def test_step_images_run_the_step_clis():
     assert _entrypoint(ROOT / "docker/trainer.Dockerfile")[-3:] == ["-m", "tasks.cli", "train"]
     assert _entrypoint(ROOT / "docker/trt-compiler.Dockerfile")[-3:] == ["-m", "tasks.cli", "compile"]
     assert _entrypoint(ROOT / "docker/triton.Dockerfile")[0] == "tritonserver"
+
+
+def _copied(path: Path) -> dict[str, str]:
+    """``COPY`` sources -> destination of one Dockerfile."""
+    copies = [args.split() for op, args in parse(path) if op == "COPY"]
+    return {src: dst for *srcs, dst in copies for src in srcs}
+
+
+CODE_IMAGES = [p for p in DOCKERFILES if "tasks" in _copied(p)]
+
+
+def test_the_code_images_are_found():
+    assert len(CODE_IMAGES) >= 6, [p.name for p in CODE_IMAGES]
+
+
+@pytest.mark.parametrize("path", CODE_IMAGES, ids=lambda p: p.name)
+def test_an_image_with_the_code_carries_the_model_specs_next_to_it(path):
+    """Every layer finds its model's spec at ``<code root>/models/<name>/spec.yaml`` (MLPIPE_MODELS_DIR's
+    default): an image that copies ``tasks`` must copy ``models`` into the same folder."""
+    dest = _copied(path)
+    assert "models" in dest, f"{path.name} copies tasks but not models (the model specs)"
+    assert Path(dest["models"]).parent == Path(dest["tasks"]).parent, (dest["tasks"], dest["models"])

@@ -30,6 +30,9 @@ def test_layout_keys():
     assert layout.image_key("d1", "d1-000001") == "drops/d1/images/d1-000001.png"
     assert layout.image_id_from_key("d1", "drops/d1/images/d1-000001.png") == "d1-000001"
     assert layout.image_id_from_key("d1", "drops/d1/manifest.parquet") is None
+    assert layout.image_key("d1", "d1-000001", "jpg") == "drops/d1/images/d1-000001.jpg"
+    assert layout.image_id_from_key("d1", "drops/d1/images/d1-000001.jpg") == "d1-000001"
+    assert layout.image_id_from_key("d1", "drops/d1/images/sub/x.png") is None
     assert layout.success_key("d1") == "drops/d1/_SUCCESS"
     assert layout.validation_result_key("d1") == "drops/d1/validation/result.json"
     assert layout.validation_content_key("d1") == "drops/d1/validation/content.json"

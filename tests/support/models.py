@@ -13,7 +13,8 @@ Its fixtures are registered for every test by ``pytest_plugins`` in ``tests/conf
 Each is a folder with ``model.onnx`` (exported and parity-checked by ``tasks.model.networks``),
 ``model.pt`` and ``metrics.json``, i.e. what the trainer writes under ``runs/<run_id>/``.
 Models are cached across sessions in pytest's cache folder (``.pytest_cache``), keyed by the
-training recipe and the source of ``tasks/model/networks.py``, ``tasks/steps/train.py`` and ``tasks/steps/drops.py``;
+training recipe, the source of ``tasks/model/networks.py``, ``tasks/steps/train.py``, ``tasks/steps/drops.py``,
+``tasks/steps/sources.py`` and ``models/digits/spec.yaml``;
 set ``MLPIPE_TEST_RETRAIN=1`` to ignore the cache. ``register_model`` puts one into a store as a
 new registry version (``tasks.steps.registry.register``), with a validated drop as its lineage.
 """
@@ -35,6 +36,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 logger = logging.getLogger(__name__)
+MODEL = "digits"  # the fixtures are models of the shipped digits spec (models/digits/spec.yaml)
+
+
+def digits_spec():
+    from tasks.contracts.spec import find_spec
+
+    return find_spec(MODEL, ROOT / "models")
 
 # threads=1: on 2 busy cores one torch thread trains ~2x faster than two (measured: 9 s vs 21-25 s of CPU
 # per epoch of 2,700 images), and a fixed thread count keeps the result reproducible.
@@ -71,7 +79,8 @@ def _source_key(recipe: dict[str, Any]) -> str:
 
     h = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode())
     h.update(torch.__version__.encode())
-    for rel in ("tasks/model/networks.py", "tasks/steps/train.py", "tasks/steps/drops.py"):
+    for rel in ("tasks/model/networks.py", "tasks/steps/train.py", "tasks/steps/drops.py", "tasks/steps/sources.py",
+                f"models/{MODEL}/spec.yaml"):
         h.update((ROOT / rel).read_bytes())
     return h.hexdigest()[:16]
 
@@ -82,11 +91,12 @@ def _finish(model, out: Path, extra: dict[str, Any]) -> None:
     from tasks.steps.drops import golden_set
     from tasks.steps.train import evaluate_arrays
 
+    spec = digits_spec()
     model = model.cpu().eval()
-    X_golden, y_golden = golden_set()
-    golden = evaluate_arrays(model, X_golden, y_golden)
-    onnx_path = model_lib.export_onnx(model, out / "model.onnx")
-    parity = model_lib.check_onnx_parity(model, onnx_path, inputs=model_lib.to_input(X_golden[:32]))
+    X_golden, y_golden = golden_set(spec)
+    golden = evaluate_arrays(model, X_golden, y_golden, spec)
+    onnx_path = model_lib.export_onnx(model, out / "model.onnx", spec)
+    parity = model_lib.check_onnx_parity(model, onnx_path, spec, inputs=model_lib.to_input(X_golden[:32], spec))
     model_lib.save_torch(model, out / "model.pt")
     metrics = {**extra, "golden_accuracy": golden["accuracy"], "golden_loss": golden["loss"],
                "per_class_recall": golden["per_class_recall"], "golden_n": golden["n"],
@@ -100,17 +110,19 @@ def _train(recipe: dict[str, Any], out: Path, name: str) -> None:
     from tasks.steps.train import train_arrays
 
     t0 = time.monotonic()
+    spec = digits_spec()
     store = LocalStore(out / "_drop_store")
     drop_id = f"{name}-drop"
-    make_drop(store, drop_id, size=recipe["drop_size"], seed=recipe["drop_seed"], label_noise=recipe["label_noise"])
-    X, y = load_arrays(store, [drop_id])
+    make_drop(store, drop_id, size=recipe["drop_size"], seed=recipe["drop_seed"], label_noise=recipe["label_noise"],
+              spec=spec)
+    X, y = load_arrays(store, [drop_id], spec)
     shutil.copyfile(store.root / "drops" / drop_id / "manifest.parquet", out / "manifest.parquet")
     shutil.rmtree(out / "_drop_store")
     saved = os.environ.get("MLPIPE_TORCH_THREADS")
     os.environ["MLPIPE_TORCH_THREADS"] = str(recipe["threads"])  # read by tasks.steps.train.default_threads()
     try:
         model, _history, fit = train_arrays(
-            X, y, epochs=recipe["epochs"], seed=recipe["seed"], batch_size=recipe["batch_size"], lr=recipe["lr"],
+            X, y, spec, epochs=recipe["epochs"], seed=recipe["seed"], batch_size=recipe["batch_size"], lr=recipe["lr"],
             val_fraction=recipe["val_fraction"], device="cpu", augment=False)
     finally:
         if saved is None:
@@ -127,7 +139,7 @@ def _variant(source: "TrainedModel", out: Path) -> None:
 
     from tasks.model.networks import load_torch
 
-    model = load_torch(source.pt)
+    model = load_torch(source.pt, digits_spec())
     with torch.no_grad():
         model.head.weight.mul_(HEAD_SCALE)
         model.head.bias.mul_(HEAD_SCALE)

@@ -70,9 +70,10 @@ def digit_images(n: int, start: int = 0) -> Any:
 
 
 def png(image: Any) -> bytes:
-    from tasks.model.frames import encode_png
+    """A grayscale image as a PNG frame (what a digits camera sends)."""
+    from tasks.model.frame_codec import encode
 
-    return encode_png(image)
+    return encode(image, "png")
 
 
 def frame_headers(frame_id: str | None, content_type: str = "image/png",

@@ -107,13 +107,15 @@ class TritonServerHandle:
 @pytest.fixture(scope="session")
 def triton_server(tmp_path_factory, _tiny_onnx_cache):
     """A started LocalTriton serving ensemble ``digits`` with classifier version 1 (seed-0 tiny ONNX)."""
-    from tasks.model.repo import render_repo, set_serving_version, write_classifier_version
+    from tasks.config import load_settings
     from tasks.local.triton import LocalTriton
+    from tasks.model.repo import render_repo, set_serving_version, write_classifier_version
 
+    spec = load_settings().model_spec(MODEL_NAME)
     work = tmp_path_factory.mktemp("triton")
-    repo = render_repo("local", work / "repo", MODEL_NAME)
-    write_classifier_version(repo, MODEL_NAME, 1, _tiny_onnx_cache)
-    set_serving_version(repo, MODEL_NAME, 1)
+    repo = render_repo("local", work / "repo", spec)
+    write_classifier_version(repo, spec, 1, _tiny_onnx_cache)
+    set_serving_version(repo, spec, 1)
     triton = LocalTriton(repo, work / "logs", backend_dir=work / "backends", load_models=[MODEL_NAME])
     triton.start(timeout=90)
     try:

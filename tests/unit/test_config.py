@@ -38,7 +38,8 @@ def test_defaults(clean_env):
     assert s.k8s.image("MLPIPE_COMPILER_IMAGE") == "ghcr.io/mlpipe/trt-compiler:0.1.0"
     assert (s.k8s.namespace, s.k8s.gpu_node_selector, s.k8s.gpu_toleration) == (
         "mlpipe", "nvidia.com/gpu.present=true", "nvidia.com/gpu:NoSchedule")
-    assert s.qc.min_accuracy == 0.95 and s.qc.triton_check is True
+    assert s.qc.min_accuracy is None and s.qc.triton_check is True  # None: the model spec's
+    assert s.consumer.max_frame_bytes is None and s.models_dir == PROJECT_ROOT / "models"
     assert s.gateway.token is None and s.gateway.port == 8080 and s.local.gateway_port == 8090
     assert s.local.port("kafka") == 9092 and s.airflow.retrain_cron == "0 3 * * *"
     assert s.monitor.source == "kafka" and s.train.torch_threads is None
@@ -170,12 +171,12 @@ def test_cli_flag_overrides_the_setting_in_one_command(clean_env, tmp_path, caps
     from tasks.model import repo
 
     clean_env.setenv("MLPIPE_HOME", str(tmp_path / "var"))
-    clean_env.setenv("MLPIPE_MODEL_NAME", "from-env")
+    clean_env.setenv("MLPIPE_MODEL_NAME", "digits")
     assert repo.main(["render", "--out", str(tmp_path / "a")]) == 0
-    assert json.loads(capsys.readouterr().out)["model_name"] == "from-env"
-    assert repo.main(["render", "--out", str(tmp_path / "b"), "--model-name", "from-flag"]) == 0
-    assert json.loads(capsys.readouterr().out)["model_name"] == "from-flag"
-    assert (tmp_path / "b" / "from-flag").is_dir() and not (tmp_path / "b" / "from-env").exists()
+    assert json.loads(capsys.readouterr().out)["model_name"] == "digits"
+    assert repo.main(["render", "--out", str(tmp_path / "b"), "--model", "shapes"]) == 0
+    assert json.loads(capsys.readouterr().out)["model_name"] == "shapes"
+    assert (tmp_path / "b" / "shapes").is_dir() and not (tmp_path / "b" / "digits").exists()
 
 
 def test_cli_default_comes_from_the_setting(clean_env):

@@ -2,7 +2,7 @@
 
 The Triton binary bundled in the nvidia-pytriton wheel has only the Python
 backend, so locally the classifier is this file, copied next to ``model.onnx``
-in every numbered version folder by ``tasks/model_repo.py``. Production uses
+in every numbered version folder by ``tasks/model/repo.py``. Production uses
 Triton's ``onnxruntime_onnx`` / ``tensorrt_plan`` platforms instead, with the
 same tensor names and dims.
 

@@ -21,8 +21,14 @@ the topics, re-positions on the group's offsets of the new log (or its start) an
 change, nothing is dropped, the member re-joins and resumes from its committed offsets (at most the
 uncommitted tail is redelivered, which the idempotent sinks absorb).
 
-Modules: ``policy`` (which predictions Qdrant indexes), ``records`` (pure: frames -> decoded
-images, results -> prediction / dead-letter messages and Qdrant points), ``offsets`` (what may be
+The model spec (``--model``, default ``MLPIPE_MODEL_NAME``) is resolved at start (a missing or invalid one
+stops the consumer, exit 2): the host makes only the cheap checks of each frame (size, content type,
+magic bytes); the encoded frames go to Triton, whose preprocess model decodes them and reports the ones
+it cannot use (``FRAME_ERROR``), which become dead letters with that reason. Predictions carry the class id
+and its name.
+
+Modules: ``policy`` (which predictions Qdrant indexes), ``records`` (pure: frames -> the cheap checks,
+results -> prediction / dead-letter messages and Qdrant points), ``offsets`` (what may be
 committed), ``backoff``, ``telemetry`` (metrics, /healthz /readyz /metrics), ``backend`` (the
 inference interface and Triton), ``bisect`` (finding the frames Triton rejects), ``loop``
 (``StreamConsumer``), ``config`` (``StreamConfig``), ``cli`` (``main``).

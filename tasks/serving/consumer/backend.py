@@ -1,7 +1,9 @@
 """The inference backend the loop calls: its interface (``InferenceBackend``) and the Triton implementation.
 
-``infer(images)`` returns the ensemble's outputs for uint8 ``[N, 28, 28]`` (``LABEL``, ``SCORE``,
-``TOPK_LABELS``, ``TOPK_SCORES``, optionally ``EMBEDDING``; first axis N) or raises
+``infer(frames)`` returns the ensemble's outputs for N encoded frames (the values as they came from Kafka,
+sent as the BYTES input ``FRAME``; Triton's preprocess model decodes them as the model spec says):
+``LABEL``, ``SCORE``, ``TOPK_LABELS``, ``TOPK_SCORES``, ``EMBEDDING`` and ``FRAME_ERROR`` (``b""``, or
+``b"<reason>: <detail>"`` for a frame the server could not use; first axis N), or raises
 ``InferenceUnavailable`` (Triton down, slow, model not loaded: the batch is held and retried, never
 dropped) or ``InferenceRejected`` (a permanent error for this request, e.g. INVALID_ARGUMENT: the loop
 bisects the batch to find the frames at fault). ``ready()`` may call the server; ``version`` never
@@ -16,7 +18,7 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, Sequence, runtime_checkable
 
 from tasks.contracts.serving import MAX_BATCH
 
@@ -59,8 +61,9 @@ def is_permanent(exc: BaseException) -> bool:
 class InferenceBackend(Protocol):
     """What the consumer loop needs from an inference server."""
 
-    def infer(self, images: "np.ndarray") -> "dict[str, np.ndarray]":
-        """Outputs for uint8 ``[N, 28, 28]``; ``InferenceUnavailable`` or ``InferenceRejected`` on failure."""
+    def infer(self, frames: Sequence[bytes]) -> "dict[str, np.ndarray]":
+        """The ensemble's outputs for N encoded frames (row i for ``frames[i]``, ``FRAME_ERROR`` included);
+        ``InferenceUnavailable`` or ``InferenceRejected`` on failure."""
         ...
 
     def ready(self) -> bool:
@@ -105,13 +108,13 @@ class TritonBackend:
 
     @property
     def max_batch_size(self) -> int:
-        """Most images per Triton request: the served model's ``max_batch_size`` (capped), else the cap."""
+        """Most frames per Triton request: the served model's ``max_batch_size`` (capped), else the cap."""
         return self.chunk
 
     def refresh_config(self) -> int:
         """Read the served model's ``max_batch_size`` from Triton (``get_model_config``); returns the chunk size.
 
-        A model without batching (``max_batch_size`` 0) takes one image per request. Unknown (Triton down):
+        A model without batching (``max_batch_size`` 0) takes one frame per request. Unknown (Triton down):
         the chunk size stays as it was."""
         try:
             cfg = self._health_client.model_config(self.model)
@@ -129,21 +132,21 @@ class TritonBackend:
             self._client.max_batch_size = chunk
         return chunk
 
-    def _infer_one(self, images: "np.ndarray") -> dict[str, "np.ndarray"]:
-        return self._client.infer_images(self.model, images)
+    def _infer_one(self, frames: Sequence[bytes]) -> dict[str, "np.ndarray"]:
+        return self._client.infer_frames(self.model, frames)
 
-    def infer(self, images: "np.ndarray") -> dict[str, "np.ndarray"]:
-        """Outputs for uint8 ``[N, 28, 28]``; ``InferenceUnavailable`` / ``InferenceRejected`` on failure."""
+    def infer(self, frames: Sequence[bytes]) -> dict[str, "np.ndarray"]:
+        """The ensemble's outputs for N encoded frames; ``InferenceUnavailable`` / ``InferenceRejected`` on failure."""
         import numpy as np
 
         if self.served_max_batch is None:
             self.refresh_config()
-        n = len(images)
+        n = len(frames)
         chunk = self.chunk
         try:
             if n <= chunk:
-                return self._infer_one(images)
-            futures = [self._pool.submit(self._infer_one, images[i:i + chunk]) for i in range(0, n, chunk)]
+                return self._infer_one(frames)
+            futures = [self._pool.submit(self._infer_one, frames[i:i + chunk]) for i in range(0, n, chunk)]
             parts, errors = [], []
             for f in futures:
                 try:

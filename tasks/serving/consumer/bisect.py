@@ -1,25 +1,22 @@
 """Finding the frames Triton rejects: split a batch that failed permanently until the culprits are alone.
 
-``bisect_infer(infer, images, error)``: ``images`` failed as one request with a permanent error
+``bisect_infer(infer, frames, error)``: ``frames`` failed as one request with a permanent error
 (``InferenceRejected``, e.g. INVALID_ARGUMENT). Halves are sent again, a failing half is split
-further; a single image that still fails is at fault. At most ``2 n - 2`` calls for ``n`` images.
+further; a single frame that still fails is at fault. At most ``2 n - 2`` calls for ``n`` frames.
 ``InferenceUnavailable`` (Triton went away meanwhile) propagates: the caller retries the whole batch.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import Callable, Sequence
 
 from tasks.serving.consumer.backend import InferenceRejected
-
-if TYPE_CHECKING:  # pragma: no cover
-    import numpy as np
 
 
 @dataclass
 class Bisected:
-    """``outputs`` (rows in order) for the images at ``ok`` (positions in the batch); ``failed``: (position, error)."""
+    """``outputs`` (rows in order) for the frames at ``ok`` (positions in the batch); ``failed``: (position, error)."""
 
     ok: list[int] = field(default_factory=list)
     outputs: dict = field(default_factory=dict)
@@ -27,10 +24,10 @@ class Bisected:
     calls: int = 0
 
 
-def bisect_infer(infer: Callable[["np.ndarray"], dict], images: "np.ndarray", error: str) -> Bisected:
+def bisect_infer(infer: Callable[[Sequence[bytes]], dict], frames: Sequence[bytes], error: str) -> Bisected:
     import numpy as np
 
-    n = len(images)
+    n = len(frames)
     parts: list[tuple[int, int, dict]] = []
     result = Bisected()
 
@@ -42,7 +39,7 @@ def bisect_infer(infer: Callable[["np.ndarray"], dict], images: "np.ndarray", er
         for a, b in ((lo, mid), (mid, hi)):
             result.calls += 1
             try:
-                parts.append((a, b, infer(images[a:b])))
+                parts.append((a, b, infer(frames[a:b])))
             except InferenceRejected as exc:
                 split(a, b, str(exc))
 

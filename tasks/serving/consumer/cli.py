@@ -1,7 +1,8 @@
 """``mlpipe stream`` / ``python -m tasks.serving.consumer``: flags and MLPIPE_* variables -> a running consumer.
 
 Exit codes: 0 stopped (SIGTERM/SIGINT, or ``--exit-when-idle``), 1 the vector store cannot be
-opened, 2 a usage error (bad flag value, ``--kafka-config`` librdkafka rejects, bad Triton URL).
+opened, 2 a usage error (bad flag value, ``--kafka-config`` librdkafka rejects, bad Triton URL, a model
+spec that is missing or invalid: its ``SpecError`` message).
 """
 
 from __future__ import annotations
@@ -40,7 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--group", default=s.group, help="consumer group id")
     p.add_argument("--triton-url", default=s.triton_url,
                    help="Triton gRPC host:port (the sidecar uses localhost:8001)")
-    p.add_argument("--model", default=None, help="Triton ensemble name (default MLPIPE_MODEL_NAME or digits)")
+    p.add_argument("--model", default=None, help="the model project: its spec (models/<name>/spec.yaml under "
+                   "MLPIPE_MODELS_DIR) gives the frames accepted and the class names, and the Triton ensemble of "
+                   "that name serves it (default MLPIPE_MODEL_NAME or digits)")
     p.add_argument("--max-batch", type=int, default=s.max_batch,
                    help="most frames per micro-batch")
     p.add_argument("--max-wait-ms", type=int, default=s.max_wait_ms,
@@ -56,7 +59,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="commit the offsets of finished batches at most this often (and whenever idle); a crash "
                         "redelivers at most this much, which the idempotent sinks absorb")
     p.add_argument("--max-frame-bytes", type=int, default=s.max_frame_bytes,
-                   help="larger frames are dead-lettered as oversize")
+                   help="larger frames are dead-lettered as oversize (default MLPIPE_MAX_FRAME_BYTES when set, else "
+                        "the model spec's frames.max_frame_bytes)")
     p.add_argument("--max-message-bytes", type=int, default=None,
                    help="largest Kafka message produced (producer message.max.bytes; topics created with it as "
                         "max.message.bytes); dead letters and predictions are kept below it "
@@ -130,9 +134,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      max_message_bytes=args.max_message_bytes)
         policy = QdrantPolicy.parse(args.qdrant_policy)
         for name in ("max_batch", "max_wait_ms", "model_max_batch", "inflight", "max_frame_bytes", "reject_hold_s"):
-            if getattr(args, name) <= 0:
+            value = getattr(args, name)
+            if value is not None and value <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive")
-        model = args.model or load_settings().model_name
+        settings = load_settings()
+        model = args.model or settings.model_name
+        spec = settings.model_spec(model)  # SpecError (a ValueError) names the missing file or each problem
         kafka_overrides: dict[str, Any] = {}
         for item in args.kafka_config:
             key, sep, value = item.partition("=")
@@ -156,15 +163,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         record_latency=bool(args.latency_log), max_message_bytes=kafka.max_message_bytes,
         broker_check_s=max(0.0, args.broker_check_s), reject_hold_s=args.reject_hold_s,
         max_hold_s=max(0.0, args.max_hold_s))
-    if cfg.max_frame_bytes > kafka.max_message_bytes:
-        logger.warning("--max-frame-bytes %d is above the message limit %d: such frames cannot even be produced",
-                       cfg.max_frame_bytes, kafka.max_message_bytes)
+    max_frame_bytes = cfg.max_frame_bytes or spec.frames.max_frame_bytes
+    if max_frame_bytes > kafka.max_message_bytes:
+        logger.warning("the frame limit %d (--max-frame-bytes, or the spec's frames.max_frame_bytes) is above the "
+                       "message limit %d: such frames cannot even be produced", max_frame_bytes,
+                       kafka.max_message_bytes)
     vectors = None
     if policy.enabled:
         from tasks.adapters.qdrant import VectorStoreError, open_vectors
 
         try:
-            vectors = open_vectors(url=args.qdrant_url, path=args.qdrant_path)
+            vectors = open_vectors(url=args.qdrant_url, path=args.qdrant_path, size=spec.embedding_dim)
         except VectorStoreError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
@@ -176,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - a bad URL is a usage error
         print(f"error: cannot create a Triton client for {cfg.triton_url}: {exc}", file=sys.stderr)
         return 2
-    consumer = StreamConsumer(kafka, cfg, backend=backend, vectors=vectors)
+    consumer = StreamConsumer(kafka, cfg, backend=backend, vectors=vectors, spec=spec)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: consumer.stop())
     try:

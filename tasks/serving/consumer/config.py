@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from tasks.contracts.messages import DEFAULT_MAX_FRAME_BYTES
 from tasks.contracts.serving import MAX_BATCH
 from tasks.serving.consumer.policy import DEFAULT_QDRANT_POLICY, QdrantPolicy
 
@@ -15,13 +14,13 @@ DEFAULT_GROUP = "mlpipe-consumer"
 @dataclass
 class StreamConfig:
     group_id: str = DEFAULT_GROUP
-    model: str = "digits"
+    model: str = "digits"  # the model project (its spec: frames, classes) and the Triton ensemble of that name
     triton_url: str = "127.0.0.1:8001"
     max_batch: int = MAX_BATCH  # one default with the model repository (tasks.contracts.serving)
     max_wait_ms: int = 5
     max_model_batch: int = MAX_BATCH
     inflight: int = 2  # micro-batches at Triton at once: the next one is queued there while one is answered
-    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
+    max_frame_bytes: int | None = None  # larger frames are dead letters (oversize); None: the spec's limit
     qdrant_policy: QdrantPolicy = field(default_factory=lambda: QdrantPolicy.parse(DEFAULT_QDRANT_POLICY))
     http_host: str = "127.0.0.1"
     http_port: int | None = 9108  # None: no HTTP server

@@ -1,7 +1,12 @@
 """The consumer loop (``StreamConsumer``): one member of the consumer group on ``frames``.
 
-1. poll a micro-batch (``--max-batch`` messages or ``--max-wait-ms``) and decode it (``records``);
-2. one Triton call per micro-batch (``backend``), ``--inflight`` micro-batches at Triton at once;
+1. poll a micro-batch (``--max-batch`` messages or ``--max-wait-ms``) and make the cheap checks of each
+   frame (``records.check_frames``: headers, key, frame id, then size, content type and magic bytes
+   against the model spec; no decoding);
+2. one Triton call per micro-batch (``backend``) with the encoded frames, ``--inflight`` micro-batches at
+   Triton at once; Triton's preprocess model decodes them, and a frame it cannot use comes back with a
+   non-empty ``FRAME_ERROR`` (``<reason>: <detail>``): that frame becomes a dead letter with that reason,
+   the others of the batch predictions;
 3. produce the predictions to ``predictions`` and the poison frames to ``frames.dlq``, and wait for
    the broker's acknowledgement of every message of the batch (failed ones are produced again);
 4. upsert the selected predictions into Qdrant (point id = frame id);
@@ -13,7 +18,7 @@
 At-least-once with idempotent sinks: a crash between 3 and 5 redelivers the batch; Qdrant keeps one
 point per frame id, ``predictions`` may carry a duplicate (consumers of it key by frame id).
 
-Pipelined: while batch k+1 is decoded and sent to Triton, batch k's predictions are produced and
+Pipelined: while batch k+1 is checked and sent to Triton, batch k's predictions are produced and
 batch k-1's acknowledgements are awaited and its offsets committed. With batches in hand the loop
 takes only the frames already fetched (no wait). Nothing after a batch that could not be finished is
 committed.
@@ -58,6 +63,10 @@ resumes from its committed offsets (at most the uncommitted tail is redelivered)
 the member holds no partitions, is paused, gets no acknowledgements, or the broker is unreachable or
 being re-joined.
 
+The model spec (``spec``, default ``load_settings().model_spec(cfg.model)``, resolved when the consumer is made:
+a missing or invalid spec raises ``SpecError`` there) gives the frame checks and the class names of the
+predictions.
+
 Seams (tests): ``backend`` is any ``InferenceBackend``; ``consumer_factory`` / ``producer_factory``
 build the Kafka ends (``FrameSource`` / ``ResultSink``, by default ``BatchConsumer`` / ``BusProducer``);
 ``vectors`` is any ``VectorSink``; ``rng`` draws the backoff jitter.
@@ -84,9 +93,10 @@ from tasks.serving.consumer.config import StreamConfig
 from tasks.serving.consumer.offsets import OffsetTracker
 from tasks.serving.consumer.records import (
     Message,
+    check_frames,
     dead_letter_plan,
     dead_letter_records,
-    decode_frames,
+    frame_errors,
     iso,
     message_size,
     original_record_json,
@@ -96,10 +106,9 @@ from tasks.serving.consumer.records import now as utc_now
 from tasks.serving.consumer.telemetry import HealthServer, Metrics
 
 if TYPE_CHECKING:  # pragma: no cover
-    import numpy as np
-
     from tasks.adapters.kafka import CommitResult, KafkaConfig, Record
     from tasks.adapters.qdrant import PredictionPoint
+    from tasks.contracts.spec import ModelSpec
 
 logger = logging.getLogger(__name__)
 
@@ -177,11 +186,18 @@ def tune_gc() -> None:
 # --------------------------------------------------------------------------- the consumer
 
 
+def _failed(failed: Sequence[tuple[int, str]], reason: str) -> list[tuple[int, FrameRejected]]:
+    """Triton's errors for batch positions -> dead letters of ``reason`` (``inference_failed`` or
+    ``inference_unavailable``)."""
+    what = "Triton rejected the frame" if reason == R_INFERENCE_FAILED else "Triton was unavailable too long"
+    return [(j, FrameRejected(reason, f"{what}: {err}")) for j, err in failed]
+
+
 @dataclass
 class _Batch:
     records: list["Record"]
     good: list[int]  # indexes into records
-    images: "np.ndarray | None"
+    frames: list[bytes]  # the encoded frames of records[good[j]], sent to Triton
     rejected: list[tuple[int, FrameRejected]]
     frame_ids: list[str]
     polled_at: float
@@ -208,9 +224,14 @@ class StreamConsumer:
                  consumer_factory: Callable[..., FrameSource] | None = None,
                  producer_factory: Callable[["KafkaConfig"], ResultSink] | None = None,
                  rng: random.Random | None = None, store: OriginalStore | None = None,
-                 watch_factory: Callable[..., Any] | None = None) -> None:
+                 watch_factory: Callable[..., Any] | None = None, spec: "ModelSpec | None" = None) -> None:
+        if spec is None:
+            from tasks.config import load_settings
+
+            spec = load_settings().model_spec(cfg.model)  # SpecError (bad input) names the problem
         self.kafka = kafka
         self.cfg = cfg
+        self.spec = spec
         self.metrics = Metrics()
         self.backend = backend
         self.vectors = vectors
@@ -253,7 +274,7 @@ class StreamConsumer:
         # loop polled the frame, Triton answered, the loop took the answer
         self.latencies: list[tuple[float, float, float, float, float]] = []
         # main-thread seconds per step of the loop (in --stats-json: where the time goes)
-        self.stage_s = dict.fromkeys(("poll", "decode", "wait_triton", "build_produce", "wait_kafka_acks",
+        self.stage_s = dict.fromkeys(("poll", "check", "wait_triton", "build_produce", "wait_kafka_acks",
                                       "qdrant", "commit"), 0.0)
 
     def _backoff(self) -> Backoff:
@@ -459,21 +480,21 @@ class StreamConsumer:
 
     # ----------------------------------------------------------------- batch preparation
     def _prepare(self, records: list["Record"]) -> _Batch:
-        polled_wall = time.time()  # before decoding: the latency log's "polled" step ends here
-        d = decode_frames(records, self.cfg.max_frame_bytes)
-        return _Batch(records=records, good=d.good, images=d.images, rejected=d.rejected, frame_ids=d.frame_ids,
+        polled_wall = time.time()  # before the checks: the latency log's "polled" step ends here
+        d = check_frames(records, self.spec, self.cfg.max_frame_bytes)
+        return _Batch(records=records, good=d.good, frames=d.frames, rejected=d.rejected, frame_ids=d.frame_ids,
                       polled_at=time.monotonic(), polled_wall=polled_wall, seq=self.offsets.take(records))
 
     def _submit(self, batch: _Batch) -> None:
-        if batch.images is not None and self.backend is not None:
+        if batch.frames and self.backend is not None:
             assert self._infer_pool is not None
             batch.submitted_at = time.monotonic()
-            batch.future = self._infer_pool.submit(self._timed_infer, batch.images)
+            batch.future = self._infer_pool.submit(self._timed_infer, batch.frames)
 
     def _await(self, future: Future | None) -> Any:
         """``future.result()``; raises ``FuturesTimeout`` once a stop request's drain budget is spent (a hung
         Triton holds a call for up to ``--triton-timeout``: SIGTERM must not wait for it)."""
-        assert future is not None, "a batch with images needs a Triton backend"
+        assert future is not None, "a batch with frames needs a Triton backend"
         while True:
             try:
                 return future.result(timeout=0.25)
@@ -481,14 +502,14 @@ class StreamConsumer:
                 if self._stop.is_set() and self._draining_too_long():
                     raise
 
-    def _timed_infer(self, images: "np.ndarray") -> tuple[dict, float, float, str]:
+    def _timed_infer(self, frames: Sequence[bytes]) -> tuple[dict, float, float, str]:
         """Triton's outputs, the seconds the call took, when it returned (epoch) and the served version then.
 
         The version is read right after the answer, cached at most ``version_max_age_s`` (default 0.25 s), so
         a prediction's label follows a deploy within that instead of the health thread's 2 s."""
         assert self.backend is not None
         t0 = time.perf_counter()
-        out = self.backend.infer(images)
+        out = self.backend.infer(frames)
         secs, answered = time.perf_counter() - t0, time.time()
         try:
             version = self.backend.model_version(max_age_s=self.cfg.version_max_age_s)
@@ -533,7 +554,7 @@ class StreamConsumer:
         (``inference_failed``) and the outputs cover the others. When every frame fails alone, the batch is
         held like an outage for at most ``reject_hold_s``, then its frames are dead letters."""
         assert self._consumer is not None
-        if batch.images is None:
+        if not batch.frames:
             return {}
         backoff = self._backoff()
         attempt = 0
@@ -564,7 +585,7 @@ class StreamConsumer:
                         logger.warning("Triton rejected a batch of %d frame(s) (%s); bisected in %d call(s): %d "
                                        "frame(s) at fault go to the dead-letter topic", len(batch.good), exc,
                                        found.calls, len(found.failed))
-                        self._reject_frames(batch, found.failed)
+                        self._reject_frames(batch, _failed(found.failed, R_INFERENCE_FAILED))
                         self._answered(attempt)
                         return found.outputs
                     now = time.monotonic()
@@ -573,7 +594,8 @@ class StreamConsumer:
                         self._bound("inference_rejected", "Triton rejected every frame of a batch of %d alone for "
                                     "%.0fs (%s): dead-lettering them as %s", len(batch.good),
                                     now - rejected_since, exc, R_INFERENCE_FAILED)
-                        self._reject_frames(batch, [(j, str(exc)) for j in range(len(batch.good))])
+                        self._reject_frames(batch, _failed([(j, str(exc)) for j in range(len(batch.good))],
+                                                           R_INFERENCE_FAILED))
                         self._resume()
                         return {}
                     unavailable = InferenceUnavailable(f"Triton rejects every frame alone: {exc}")
@@ -590,8 +612,8 @@ class StreamConsumer:
                     self._bound("triton_hold", "Triton unavailable for %.0fs (%s): the %d frame(s) held are "
                                 "dead-lettered as %s", now - held_since, exc, len(batch.good),
                                 R_INFERENCE_UNAVAILABLE)
-                    self._reject_frames(batch, [(j, str(exc)) for j in range(len(batch.good))],
-                                        reason=R_INFERENCE_UNAVAILABLE)
+                    self._reject_frames(batch, _failed([(j, str(exc)) for j in range(len(batch.good))],
+                                                       R_INFERENCE_UNAVAILABLE))
                     return {}
                 if not self._hold(batch, exc, backoff, attempt := attempt + 1):
                     return None
@@ -625,35 +647,35 @@ class StreamConsumer:
         return not (self._stop.is_set() and self._draining_too_long())
 
     def _bisect(self, batch: _Batch, error: str) -> Any:
-        """``bisect_infer`` over the batch's images, each call through the pool (a stop request is honoured)."""
-        assert self._infer_pool is not None and batch.images is not None
+        """``bisect_infer`` over the batch's frames, each call through the pool (a stop request is honoured)."""
+        assert self._infer_pool is not None and batch.frames
         answered: list[tuple[float, float, str]] = []
 
-        def infer(images: "np.ndarray") -> dict:
+        def infer(frames: Sequence[bytes]) -> dict:
             assert self._infer_pool is not None
-            out, secs, wall, version = self._await(self._infer_pool.submit(self._timed_infer, images))
+            out, secs, wall, version = self._await(self._infer_pool.submit(self._timed_infer, frames))
             answered.append((secs, wall, version))
             return out
 
-        found = bisect_infer(infer, batch.images, error)
+        found = bisect_infer(infer, batch.frames, error)
         if answered:
             batch.infer_s = sum(a[0] for a in answered)
             batch.answered_wall = max(a[1] for a in answered)
             batch.version = answered[-1][2]
         return found
 
-    def _reject_frames(self, batch: _Batch, failed: Sequence[tuple[int, str]], reason: str = R_INFERENCE_FAILED
-                       ) -> None:
-        """Move the frames at positions ``failed`` (into ``batch.good``) to the batch's dead letters."""
+    def _reject_frames(self, batch: _Batch, failed: Sequence[tuple[int, FrameRejected]]) -> list[int]:
+        """Move the frames at positions ``failed`` (into ``batch.good``) to the batch's dead letters; returns the
+        positions kept (into the old ``batch.good``)."""
         gone = {j for j, _ in failed}
-        what = "Triton rejected the frame" if reason == R_INFERENCE_FAILED else "Triton was unavailable too long"
-        for j, err in failed:
-            batch.rejected.append((batch.good[j], FrameRejected(reason, f"{what}: {err}")))
+        for j, rej in failed:
+            batch.rejected.append((batch.good[j], rej))
         batch.rejected.sort(key=lambda r: r[0])
         keep = [j for j in range(len(batch.good)) if j not in gone]
         batch.good = [batch.good[j] for j in keep]
         batch.frame_ids = [batch.frame_ids[j] for j in keep]
-        batch.images = batch.images[keep] if keep and batch.images is not None else None
+        batch.frames = [batch.frames[j] for j in keep]
+        return keep
 
     def _retry(self, what: str, sink: str, fn: Callable[[], Any], bounded: bool = False) -> bool:
         """Call ``fn`` until it succeeds (fetching paused meanwhile); False only when draining too long.
@@ -702,6 +724,10 @@ class StreamConsumer:
             self._bound("drain_timeout", "giving up on a batch of %d frame(s) at shutdown; it is not committed and "
                         "will be redelivered", len(batch.records))
             return False
+        unusable = frame_errors(outputs)  # frames Triton's preprocess model could not use: dead letters
+        if unusable:
+            keep = self._reject_frames(batch, unusable)
+            outputs = {name: value[keep] for name, value in outputs.items()}
         self.metrics.batch_size.observe(len(batch.records))
         processed = utc_now()
         batch.processed_wall = processed.timestamp()
@@ -710,7 +736,8 @@ class StreamConsumer:
         built = prediction_records(batch.records, batch.good, batch.frame_ids, outputs,
                                    topic=self.kafka.predictions_topic, model=self.cfg.model, version=version,
                                    infer_s=batch.infer_s, processed=processed,
-                                   policy=self.cfg.qdrant_policy if self.vectors is not None else None)
+                                   policy=self.cfg.qdrant_policy if self.vectors is not None else None,
+                                   spec=self.spec)
         limit = self.max_message_bytes
         too_big = [j for j, m in enumerate(built.messages) if message_size(m) > limit]
         if too_big:  # headers are validated before, so only with a very low limit: never produce them
@@ -1064,7 +1091,7 @@ class StreamConsumer:
                 self._last_message = time.monotonic()
                 batch = self._prepare(records)
                 self._submit(batch)
-                self.stage_s["decode"] += time.perf_counter() - t1
+                self.stage_s["check"] += time.perf_counter() - t1  # cheap frame checks + submit
             if to_confirm is not None:
                 if not self._confirm(to_confirm):
                     return  # only when stopping: nothing after an unfinished batch may be committed

@@ -2,13 +2,17 @@
 
 No I/O and no clock (the caller passes ``processed``): the same inputs give the same records.
 
-* ``decode_frames``: a polled micro-batch -> uint8 ``[N, 28, 28]`` plus the rejected frames (no or
-  invalid ``frame_id`` header, headers or key above their limits, oversize, undecodable, wrong shape:
-  ``FrameRejected``).
+* ``check_frames``: a polled micro-batch -> the encoded frames to send to Triton plus the rejected
+  ones (no or invalid ``frame_id`` header, headers or key above their limits, and the cheap checks of
+  ``tasks.model.frames.check_frame``: empty, oversize, a content type or magic bytes the model spec
+  does not accept, a raw frame of another size: ``FrameRejected``). Decoding is Triton's.
+* ``frame_errors``: the rows of Triton's ``FRAME_ERROR`` output that are not empty (frames its
+  preprocess model could not use: undecodable, wrong shape) -> ``FrameRejected`` with that reason.
 * ``prediction_records``: one JSON prediction per frame to ``predictions`` (key = frame id; headers
   ``frame_id``, ``content-type``, ``traceparent`` if the frame had one) and the Qdrant points the
-  policy selects. Prediction value: ``frame_id``, ``device_id`` (the frame's key), ``label``,
-  ``score``, ``topk`` (``[{"label", "score"}]`` x3), ``model_name`` (the ensemble),
+  policy selects. Prediction value: ``frame_id``, ``device_id`` (the frame's key), ``label`` (the
+  class id), ``class`` (its name in the model spec), ``score``, ``topk`` (``[{"label", "class",
+  "score"}]``, up to 3), ``model_name`` (the ensemble),
   ``model_version`` (the served classifier version), ``latency_ms`` (captured_at -> processed_at),
   ``inference_ms`` (the Triton call of the micro-batch), ``processed_at``, ``captured_at``,
   ``traceparent``. The Qdrant payload is the same without ``traceparent``, plus ``indexed_because``.
@@ -34,6 +38,7 @@ from tasks.adapters.qdrant import PredictionPoint
 from tasks.contracts.messages import (
     DEFAULT_MAX_HEADERS_BYTES,
     DEFAULT_MAX_MESSAGE_BYTES,
+    DLQ_REASONS,
     H_CONTENT_TYPE,
     H_FRAME_ID,
     H_HEADERS_DROPPED,
@@ -42,22 +47,23 @@ from tasks.contracts.messages import (
     H_REASON,
     H_REASON_DETAIL,
     H_TRACEPARENT,
-    IMAGE_SIZE,
     MAX_HEADER_VALUE_BYTES,
     MAX_KEY_BYTES,
     R_INVALID_ID,
     R_MISSING_ID,
     R_OVERSIZE_HEADERS,
-    RAW_BYTES,
+    R_UNDECODABLE,
     FrameRejected,
 )
-from tasks.model.frames import decode_pixels
+from tasks.contracts.serving import FRAME_ERROR
+from tasks.model.frames import check_frame
 from tasks.serving.consumer.policy import QdrantPolicy
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
 
     from tasks.adapters.kafka import Record
+    from tasks.contracts.spec import ModelSpec
 
 #: ``(topic, value, key, headers)``, as ``BusProducer.produce_batch`` takes it.
 Message = tuple[str, bytes | None, bytes | None, list[tuple[str, bytes]]]
@@ -102,24 +108,22 @@ def iso(t: dt.datetime) -> str:
 
 
 @dataclass
-class Decoded:
-    """A micro-batch after validation: ``images[j]`` is ``records[good[j]]`` with id ``frame_ids[j]``."""
+class Checked:
+    """A micro-batch after the cheap checks: ``frames[j]`` (the encoded value) is ``records[good[j]]`` with id
+    ``frame_ids[j]``."""
 
     good: list[int]  # indexes into records
-    images: "np.ndarray | None"  # None when no frame was usable
+    frames: list[bytes]
     rejected: list[tuple[int, FrameRejected]]
     frame_ids: list[str]
 
 
-def decode_frames(records: Sequence["Record"], max_frame_bytes: int,
-                  max_headers_bytes: int = DEFAULT_MAX_HEADERS_BYTES) -> Decoded:
-    import numpy as np
+def check_frames(records: Sequence["Record"], spec: "ModelSpec", max_frame_bytes: int | None = None,
+                 max_headers_bytes: int = DEFAULT_MAX_HEADERS_BYTES) -> Checked:
+    """The frames of ``records`` that may go to Triton, in order, and the rejected ones (see the module doc).
 
-    good: list[int] = []
-    rejected: list[tuple[int, FrameRejected]] = []
-    frame_ids: list[str] = []
-    buf = bytearray(len(records) * RAW_BYTES)
-    n = 0
+    ``max_frame_bytes``: the size limit (None: the spec's ``frames.max_frame_bytes``)."""
+    out = Checked(good=[], frames=[], rejected=[], frame_ids=[])
     for i, rec in enumerate(records):
         try:
             hsize = headers_size(rec)
@@ -136,18 +140,33 @@ def decode_frames(records: Sequence["Record"], max_frame_bytes: int,
                 fid = str(uuid.UUID(raw_id.decode("ascii").strip()))
             except (ValueError, UnicodeDecodeError):
                 raise FrameRejected(R_INVALID_ID, f"frame_id header {raw_id[:64]!r} is not a UUID") from None
-            ctype = rec.header(H_CONTENT_TYPE)
-            pixels = decode_pixels(rec.value, ctype, max_frame_bytes)
+            check_frame(rec.value, rec.header(H_CONTENT_TYPE), spec, max_frame_bytes)
         except FrameRejected as exc:
-            rejected.append((i, exc))
+            out.rejected.append((i, exc))
             continue
-        buf[n * RAW_BYTES:(n + 1) * RAW_BYTES] = pixels
-        n += 1
-        good.append(i)
-        frame_ids.append(fid)
-    images = np.frombuffer(bytes(buf[:n * RAW_BYTES]), dtype=np.uint8).reshape(n, IMAGE_SIZE, IMAGE_SIZE) \
-        if n else None
-    return Decoded(good=good, images=images, rejected=rejected, frame_ids=frame_ids)
+        out.good.append(i)
+        out.frames.append(rec.value)  # type: ignore[arg-type]  # check_frame: not empty
+        out.frame_ids.append(fid)
+    return out
+
+
+def parse_frame_error(text: bytes | str) -> FrameRejected:
+    """One ``FRAME_ERROR`` value (``b"<reason>: <detail>"``) -> ``FrameRejected``; a reason that is not one of
+    ``DLQ_REASONS`` becomes ``undecodable`` with the whole text as the detail."""
+    value = text.decode("utf-8", "replace") if isinstance(text, (bytes, bytearray)) else str(text)
+    reason, sep, detail = value.partition(": ")
+    if sep and reason in DLQ_REASONS:
+        return FrameRejected(reason, detail)
+    return FrameRejected(R_UNDECODABLE, f"Triton could not use the frame: {value}")
+
+
+def frame_errors(outputs: Mapping[str, "np.ndarray"]) -> list[tuple[int, FrameRejected]]:
+    """(row, rejection) for every row whose ``FRAME_ERROR`` output is not empty, in row order (none without
+    that output)."""
+    errors = outputs.get(FRAME_ERROR)
+    if errors is None:
+        return []
+    return [(j, parse_frame_error(v)) for j, v in enumerate(errors.reshape(-1).tolist()) if v]
 
 
 # --------------------------------------------------------------------------- records out
@@ -171,10 +190,11 @@ def prediction_point(pred: Mapping[str, Any], embedding: Sequence[float], why: s
 
 def prediction_records(records: Sequence["Record"], good: Sequence[int], frame_ids: Sequence[str],
                        outputs: Mapping[str, "np.ndarray"], *, topic: str, model: str, version: str, infer_s: float,
-                       processed: dt.datetime, policy: QdrantPolicy | None) -> Built:
+                       processed: dt.datetime, policy: QdrantPolicy | None, spec: "ModelSpec") -> Built:
     """Predictions (and, with a ``policy``, the points it selects) for ``records[good[j]]`` = output row j.
 
-    ``policy`` None: nothing is indexed (no vector store); no points either without an ``EMBEDDING`` output.
+    Class names come from ``spec`` (an id out of its range is named by the id as text). ``policy`` None: nothing
+    is indexed (no vector store); no points either without an ``EMBEDDING`` output.
     """
     import numpy as np
 
@@ -192,6 +212,7 @@ def prediction_records(records: Sequence["Record"], good: Sequence[int], frame_i
     tops = np.round(outputs["TOPK_SCORES"].reshape(n, -1).astype(np.float64), 6).tolist()
     emb = outputs.get("EMBEDDING")
     emb_rows = emb.reshape(n, -1) if emb is not None else None
+    name = spec.class_name
     infer_ms = round(infer_s * 1000, 3)
     index = policy is not None and emb_rows is not None
     encode = _JSON.encode
@@ -209,8 +230,9 @@ def prediction_records(records: Sequence["Record"], good: Sequence[int], frame_i
             "frame_id": fid,
             "device_id": device,
             "label": labels[j],
+            "class": name(labels[j]),
             "score": scores[j],
-            "topk": [{"label": lab, "score": sc} for lab, sc in zip(topl[j], tops[j])],
+            "topk": [{"label": lab, "class": name(lab), "score": sc} for lab, sc in zip(topl[j], tops[j])],
             "model_name": model,
             "model_version": version,
             "latency_ms": round((processed - ts).total_seconds() * 1000, 3) if ts else None,

@@ -1,5 +1,5 @@
 """tasks/contracts/spec.py and ``mlpipe spec``: the model spec, its rules and their messages, the shipped
-digits spec (and that it agrees with the constants the layers still hard-code), the CLI's exit codes."""
+digits and shapes specs, finding a spec by model name, the CLI's exit codes."""
 
 from __future__ import annotations
 
@@ -57,26 +57,57 @@ def test_the_digits_spec_is_valid(digits):
     assert "\n" not in summary and summary.startswith("digits: classification of 10 classes")
 
 
-def test_the_digits_spec_agrees_with_the_constants_of_the_code(digits):
-    """The safety net for switching each layer over to the spec: until then, the two must not differ."""
-    from tasks.contracts import messages
-    from tasks.model import networks
-    from tasks.steps import drops, monitor, qc
+def test_the_digits_spec_keeps_the_numbers_of_the_original_model(digits):
+    """The digits results must not change: the spec holds what the code used to hard-code."""
+    assert (digits.num_classes, digits.embedding_dim) == (10, 64)
+    assert digits.frames.raw_bytes == 784 == digits.input.pixels and digits.frames.max_frame_bytes == 65536
+    assert (digits.onnx.input, digits.onnx.logits, digits.onnx.embedding) == ("input", "logits", "embedding")
+    assert (digits.qc.min_accuracy, digits.qc.min_class_recall, digits.qc.max_parity_diff) == (0.95, 0.90, 1e-4)
+    assert (digits.golden_set.source, digits.golden_set.per_class, digits.golden_set.seed) == ("mnist", 100, 20240917)
+    assert (digits.image_shape, digits.input_shape, digits.pil_mode, digits.image_encoding) == (
+        (28, 28), (1, 28, 28), "L", "png")
 
-    assert digits.input.height == digits.input.width == messages.IMAGE_SIZE == networks.IMAGE_SIZE
-    assert digits.num_classes == networks.NUM_CLASSES == drops.NUM_CLASSES
-    assert digits.embedding_dim == networks.EMBEDDING_DIM
-    assert digits.frames.raw_bytes == messages.RAW_BYTES == digits.input.pixels
-    assert digits.frames.max_frame_bytes == messages.DEFAULT_MAX_FRAME_BYTES
-    assert (digits.onnx.input, (digits.onnx.logits, digits.onnx.embedding)) == (networks.INPUT_NAME,
-                                                                                networks.OUTPUT_NAMES)
-    defaults = qc.QCThresholds()
-    for name in ("min_accuracy", "min_class_recall", "max_regression", "max_parity_diff", "max_trt_parity_diff"):
-        assert getattr(digits.qc, name) == getattr(defaults, name), name
-    assert digits.qc.max_parity_diff == networks.PARITY_TOLERANCE
-    assert digits.drift.model_dump() == dataclasses.asdict(monitor.Thresholds())
-    assert (digits.golden_set.per_class, digits.golden_set.seed) == (drops.GOLDEN_PER_CLASS, drops.GOLDEN_SEED)
-    assert digits.golden_set.source in drops.SOURCES
+
+def test_the_shapes_spec_is_another_shape():
+    shapes = load_spec(spec_path("shapes", ROOT))
+    assert shapes.class_names == ["circle", "square", "triangle", "cross", "diamond"]
+    assert (shapes.image_shape, shapes.input_shape, shapes.pil_mode) == ((48, 48, 3), (3, 48, 48), "RGB")
+    assert shapes.image_encoding == "jpeg" and shapes.preprocessing.resize == "stretch"
+    assert shapes.class_name(2) == "triangle" and shapes.class_name(99) == "99"
+
+
+def test_find_spec_by_name_reloads_a_changed_file_and_names_what_is_wrong(tmp_path):
+    from tasks.contracts.spec import find_spec, known_models
+
+    assert {"digits", "shapes"} <= set(known_models(ROOT / "models"))
+    with pytest.raises(SpecError) as info:
+        find_spec("nope", ROOT / "models")
+    assert "no model spec for 'nope'" in str(info.value) and "digits" in str(info.value)
+    assert isinstance(info.value, BadInput)
+    (tmp_path / "tiny").mkdir()
+    data = digits_data()
+    data["name"] = "tiny"
+    target = tmp_path / "tiny" / "spec.yaml"
+    target.write_text(yaml.safe_dump(data, sort_keys=False))
+    assert find_spec("tiny", tmp_path).embedding_dim == 64
+    data["embedding_dim"] = 16
+    target.write_text(yaml.safe_dump(data, sort_keys=False) + "\n# changed\n")
+    assert find_spec("tiny", tmp_path).embedding_dim == 16
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "spec.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    with pytest.raises(SpecError, match=r"name: must be the model project's folder name 'other' \(got 'tiny'\)"):
+        find_spec("other", tmp_path)
+
+
+def test_settings_pick_the_spec_by_model_name(tmp_path, monkeypatch):
+    from tasks.config import load_settings
+
+    monkeypatch.setenv("MLPIPE_MODEL_NAME", "shapes")
+    assert load_settings().model_spec().name == "shapes"
+    assert load_settings().model_spec("digits").name == "digits"
+    monkeypatch.setenv("MLPIPE_MODELS_DIR", str(tmp_path))
+    with pytest.raises(SpecError, match="MLPIPE_MODELS_DIR"):
+        load_settings().model_spec()
 
 
 def test_the_digits_normalisation_is_what_to_input_does(digits):
@@ -87,7 +118,22 @@ def test_the_digits_normalisation_is_what_to_input_does(digits):
     pixels = (np.arange(28 * 28) % 256).astype(np.uint8).reshape(1, 28, 28)
     norm = digits.preprocessing.normalisation
     expected = (pixels.astype(np.float64) * norm.scale - norm.mean[0]) / norm.std[0]
-    np.testing.assert_allclose(to_input(pixels)[:, 0], expected, rtol=0, atol=1e-7)
+    np.testing.assert_allclose(to_input(pixels, digits)[:, 0], expected, rtol=0, atol=1e-7)
+
+
+def test_a_colour_normalisation_with_mean_and_std_is_applied_per_channel(digits):
+    import numpy as np
+
+    from tasks.model.networks import to_input
+
+    data = yaml.safe_load(spec_path("shapes", ROOT).read_text())
+    data["preprocessing"]["normalisation"].update(mean=[0.5, 0.25, 0.0], std=[0.5, 0.25, 2.0])
+    spec = parse_spec(yaml.safe_dump(data))
+    img = np.zeros((1, 48, 48, 3), np.uint8)
+    img[..., 0], img[..., 1], img[..., 2] = 255, 0, 102
+    x = to_input(img, spec)
+    assert x.shape == (1, 3, 48, 48)
+    np.testing.assert_allclose(x[0, :, 0, 0], [1.0, -1.0, 0.2], atol=1e-6)
 
 
 def test_the_digits_trainer_is_the_real_one(digits):

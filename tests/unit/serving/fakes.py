@@ -2,8 +2,10 @@
 
 ``World`` is one fake deployment: a ``frames`` log per partition (``FakeFrames`` is the group
 member reading it), a ``FakeProducer`` for ``predictions`` / ``frames.dlq``, a ``FakeVectors`` and a
-``FakeBackend``. Every fake appends to ``World.events`` in call order, and ``World.done`` tells which
-frames both sinks hold, so a test can check each commit against what was confirmed at that moment.
+``FakeBackend`` (which decodes the frames with ``tasks.model.frame_codec``, like Triton's preprocess model,
+and answers ``FRAME_ERROR`` for those it cannot use). Every fake appends to ``World.events`` in call
+order, and ``World.done`` tells which frames both sinks hold, so a test can check each commit against what
+was confirmed at that moment.
 """
 
 from __future__ import annotations
@@ -18,41 +20,73 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from tasks.adapters.kafka import CommitResult, DeliveryError, Incarnation, KafkaConfig, Record
+from tasks.config import load_settings
+from tasks.contracts.serving import FRAME_ERROR
+from tasks.contracts.spec import ModelSpec
+from tasks.model import frame_codec
+from tasks.model.frames import codec_params, content_type_of, encode_frame
 from tasks.serving.consumer import InferenceBackend, InferenceUnavailable, QdrantPolicy, StreamConfig, StreamConsumer
 from tasks.serving.consumer.backend import InferenceRejected
 from tasks.serving.consumer.records import message_size
 
 RAW = "application/x-raw-uint8"
 CAPTURED = dt.datetime(2026, 1, 2, 3, 4, 5, 678000, tzinfo=dt.timezone.utc)
+#: 8x8 blocks (aligned with JPEG's) whose grey level 16 * nibble + 8 carries a frame's partition and offset
+_BLOCKS = ((0, 0), (0, 8), (0, 16), (8, 0))
 
 
-def pixels(partition: int, offset: int) -> np.ndarray:
-    """A 28x28 frame whose first pixels say where it came from (the fake backend reads them back)."""
-    img = np.full((28, 28), 7, np.uint8)
-    img[0, 0], img[0, 1], img[0, 2] = partition, offset % 256, offset // 256
+def spec_of(name: str = "digits") -> ModelSpec:
+    return load_settings().model_spec(name)
+
+
+def pixels(partition: int, offset: int, spec: ModelSpec | None = None) -> np.ndarray:
+    """An image of ``spec`` (default digits) whose blocks say where it came from (``source_of`` reads them back,
+    also after JPEG)."""
+    spec = spec or spec_of()
+    img = np.full(spec.image_shape, 7, np.uint8)
+    for (r, c), nibble in zip(_BLOCKS, (partition, offset & 15, (offset >> 4) & 15, (offset >> 8) & 15)):
+        img[r:r + 8, c:c + 8] = 16 * nibble + 8
     return img
 
 
 def source_of(image: np.ndarray) -> tuple[int, int]:
-    return int(image[0, 0]), int(image[0, 1]) + 256 * int(image[0, 2])
+    n = [int(image[r:r + 8, c:c + 8].mean()) // 16 for r, c in _BLOCKS]
+    return n[0], n[1] + 16 * n[2] + 256 * n[3]
+
+
+#: frames the cheap checks pass but Triton's preprocess model rejects (``frame`` kinds)
+SERVER_SIDE = ("corrupt_png", "wrong_shape_png")
 
 
 def frame(topic: str, partition: int, offset: int, *, kind: str = "good", frame_id: str | None = None,
           key: bytes | None = b"device-1", traceparent: bytes | None = None,
-          captured_at: str | None = "2026-01-02T03:04:05.678Z", timestamp_ms: int | None = None) -> Record:
-    """A ``frames`` record: ``kind`` good | missing_id | invalid_id | undecodable | oversize."""
+          captured_at: str | None = "2026-01-02T03:04:05.678Z", timestamp_ms: int | None = None,
+          encoding: str = "raw", spec: ModelSpec | None = None) -> Record:
+    """A ``frames`` record of ``spec`` (default digits), ``kind``: good (``encoding`` raw | png | jpeg) |
+    missing_id | invalid_id | undecodable (no image signature) | oversize | jpeg (a JPEG with its content type) |
+    raw_wrong_size | corrupt_png (PNG signature, broken body) | wrong_shape_png (a PNG 4 pixels too wide)."""
+    spec = spec or spec_of()
     raw: list[tuple[str, bytes]] = []
     if kind != "missing_id":
         raw.append(("frame_id", b"not-a-uuid" if kind == "invalid_id" else (frame_id or str(uuid.uuid4())).encode()))
+    image = pixels(partition, offset, spec)
     if kind == "undecodable":
-        raw.append(("content-type", b"image/png"))
-        value = b"definitely not a picture"
+        ctype, value = "image/png", b"definitely not a picture"
     elif kind == "oversize":
-        raw.append(("content-type", b"image/png"))
-        value = b"x" * 70_000
+        ctype, value = "image/png", b"\x89PNG\r\n\x1a\n" + b"x" * spec.frames.max_frame_bytes
+    elif kind == "jpeg":
+        ctype, value = "image/jpeg", frame_codec.encode(image, "jpeg")
+    elif kind == "raw_wrong_size":
+        ctype, value = RAW, image.tobytes()[:-16]
+    elif kind == "corrupt_png":
+        good = frame_codec.encode(image, "png")
+        ctype, value = "image/png", good[:40] + bytes(len(good) - 52) + good[-12:]
+    elif kind == "wrong_shape_png":
+        ctype, value = "image/png", frame_codec.encode(np.pad(image, [(0, 0), (0, 4)] + [(0, 0)] * (image.ndim - 2)),
+                                                       "png")
     else:
-        raw.append(("content-type", RAW.encode()))
-        value = pixels(partition, offset).tobytes()
+        ctype, value = content_type_of(encoding), encode_frame(image, spec, encoding)
+    raw.append(("content-type", ctype.encode()))
     if captured_at is not None:
         raw.append(("captured_at", captured_at.encode()))
     if traceparent is not None:
@@ -64,15 +98,18 @@ def frame(topic: str, partition: int, offset: int, *, kind: str = "good", frame_
                   raw_headers=raw, timestamp_ms=timestamp_ms)
 
 
-def outputs(n: int, *, scores: Sequence[float] | None = None, embedding: bool = True) -> dict[str, np.ndarray]:
-    """Ensemble outputs for ``n`` frames, shaped as Triton returns them."""
+def outputs(n: int, *, scores: Sequence[float] | None = None, embedding: bool = True, classes: int = 10,
+            errors: Mapping[int, bytes] | None = None) -> dict[str, np.ndarray]:
+    """Ensemble outputs for ``n`` frames of a model of ``classes`` classes, shaped as Triton returns them;
+    ``errors``: row -> its ``FRAME_ERROR`` text (the other rows: ``b""``)."""
     score = np.asarray(scores if scores is not None else [0.95] * n, np.float32).reshape(n, 1)
+    ids = np.arange(n, dtype=np.int64)
     out = {
-        "LABEL": (np.arange(n, dtype=np.int64) % 10).reshape(n, 1),
+        "LABEL": (ids % classes).reshape(n, 1),
         "SCORE": score,
-        "TOPK_LABELS": np.stack([np.arange(n) % 10, (np.arange(n) + 1) % 10, (np.arange(n) + 2) % 10],
-                                axis=1).astype(np.int64),
+        "TOPK_LABELS": np.stack([ids % classes, (ids + 1) % classes, (ids + 2) % classes], axis=1),
         "TOPK_SCORES": np.concatenate([score, np.full((n, 2), 0.0123456789, np.float32)], axis=1),
+        FRAME_ERROR: np.array([[(errors or {}).get(j, b"")] for j in range(n)], dtype=object).reshape(n, 1),
     }
     if embedding:
         out["EMBEDDING"] = np.arange(n * 4, dtype=np.float32).reshape(n, 4)
@@ -83,26 +120,38 @@ def outputs(n: int, *, scores: Sequence[float] | None = None, embedding: bool = 
 
 
 class FakeBackend:
-    """An ``InferenceBackend``: ``fail(sources)`` -> True makes that call raise ``InferenceUnavailable``;
+    """An ``InferenceBackend`` over encoded frames of ``spec`` (default digits), decoded with ``frame_codec`` like
+    Triton's preprocess model: a frame it cannot use gets ``FRAME_ERROR`` ``b"<reason>: <detail>"`` (its source
+    is None in ``calls``). ``fail(sources)`` -> True makes that call raise ``InferenceUnavailable``;
     ``reject(sources)`` -> True makes it raise ``InferenceRejected`` (a permanent error), and so does a call
-    of more than ``max_batch`` images (like Triton's "batch-size must be <= N")."""
+    of more than ``max_batch`` frames (like Triton's "batch-size must be <= N")."""
 
     def __init__(self, fail: Callable[[list[tuple[int, int]]], bool] | None = None, delay_s: float = 0.0, *,
-                 reject: Callable[[list[tuple[int, int]]], bool] | None = None, max_batch: int | None = None) -> None:
+                 reject: Callable[[list[tuple[int, int]]], bool] | None = None, max_batch: int | None = None,
+                 spec: ModelSpec | None = None) -> None:
         self.fail = fail
         self.reject = reject
         self.max_batch = max_batch
         self.delay_s = delay_s
-        self.calls: list[tuple[list[tuple[int, int]], bool]] = []  # (frames of the call, succeeded)
+        self.spec = spec or spec_of()
+        self.params = codec_params(self.spec)
+        self.calls: list[tuple[list[tuple[int, int] | None], bool]] = []  # (frames of the call, succeeded)
         self._lock = threading.Lock()
         self._version = ""
 
-    def infer(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        sources = [source_of(img) for img in images]
+    def infer(self, frames: Sequence[bytes]) -> dict[str, np.ndarray]:
+        sources: list[tuple[int, int] | None] = []
+        errors: dict[int, bytes] = {}
+        for j, value in enumerate(frames):
+            try:
+                sources.append(source_of(frame_codec.decode(value, self.params)))
+            except frame_codec.FrameError as exc:
+                sources.append(None)
+                errors[j] = str(exc).encode()
         if self.delay_s:
             time.sleep(self.delay_s)
         failed = self.fail is not None and self.fail(sources)
-        too_big = self.max_batch is not None and len(images) > self.max_batch
+        too_big = self.max_batch is not None and len(frames) > self.max_batch
         rejected = not failed and (too_big or (self.reject is not None and self.reject(sources)))
         with self._lock:
             self.calls.append((sources, not failed and not rejected))
@@ -111,7 +160,7 @@ class FakeBackend:
         if rejected:
             raise InferenceRejected(f"[StatusCode.INVALID_ARGUMENT] batch-size must be <= {self.max_batch}"
                                     if too_big else "[StatusCode.INVALID_ARGUMENT] fake Triton rejects this input")
-        return outputs(len(images))
+        return outputs(len(frames), classes=self.spec.num_classes, errors=errors)
 
     def ready(self) -> bool:
         return True
@@ -364,11 +413,13 @@ class World:
         return FakeWatch(self)
 
     @classmethod
-    def with_frames(cls, partitions: int, per_partition: int, poison: Mapping[tuple[int, int], str] | None = None
-                    ) -> "World":
+    def with_frames(cls, partitions: int, per_partition: int, poison: Mapping[tuple[int, int], str] | None = None,
+                    *, encoding: str = "raw", spec: ModelSpec | None = None) -> "World":
+        """``partitions`` logs of good frames (``encoding``) of ``spec``, but ``poison``: (partition, offset) ->
+        a ``frame`` kind."""
         kafka = KafkaConfig(topic_prefix="unit-")
         poison = dict(poison or {})
-        return cls({p: [frame(kafka.frames_topic, p, o, kind=poison.get((p, o), "good"))
+        return cls({p: [frame(kafka.frames_topic, p, o, kind=poison.get((p, o), "good"), encoding=encoding, spec=spec)
                         for o in range(per_partition)] for p in range(partitions)}, kafka)
 
     def event(self, kind: str, data: Any) -> None:

@@ -145,8 +145,8 @@ def _app(**kw):
     from tasks.adapters.kafka import KafkaConfig
     from tasks.serving.gateway import GatewaySettings, create_app
 
-    settings = GatewaySettings(token=TOKEN, create_topics=False, follow_predictions=False, max_frame_bytes=1024,
-                               **kw)
+    settings = GatewaySettings(**{"token": TOKEN, "create_topics": False, "follow_predictions": False,
+                                  "max_frame_bytes": 1024, **kw})
     return create_app(KafkaConfig(bootstrap="127.0.0.1:1"), settings)
 
 
@@ -212,6 +212,57 @@ def test_frame_limit_must_fit_a_kafka_message():
     from tasks.adapters.kafka import KafkaConfig
     from tasks.serving.gateway import GatewaySettings, create_app
 
-    with pytest.raises(ValueError, match="MLPIPE_MAX_FRAME_BYTES .* MLPIPE_MAX_MESSAGE_BYTES"):
-        create_app(KafkaConfig(bootstrap="127.0.0.1:1", max_message_bytes=65536),
-                   GatewaySettings(token=TOKEN, max_frame_bytes=65536))
+    small_bus = KafkaConfig(bootstrap="127.0.0.1:1", max_message_bytes=65536)
+    with pytest.raises(ValueError, match="frame limit 65536 .*MLPIPE_MAX_FRAME_BYTES.* MLPIPE_MAX_MESSAGE_BYTES"):
+        create_app(small_bus, GatewaySettings(token=TOKEN, max_frame_bytes=65536))
+    # without an override the limit is the spec's (digits: 65536 bytes)
+    with pytest.raises(ValueError, match="model 'digits'.s frames.max_frame_bytes"):
+        create_app(small_bus, GatewaySettings(token=TOKEN))
+    create_app(small_bus, GatewaySettings(token=TOKEN, max_frame_bytes=1024))  # an override that fits
+
+
+def test_a_missing_model_spec_is_a_bad_input_naming_the_known_models():
+    from tasks.adapters.kafka import KafkaConfig
+    from tasks.contracts.spec import SpecError
+    from tasks.serving.gateway import GatewaySettings, create_app
+
+    with pytest.raises(SpecError, match="no model spec for 'nope'.*digits"):
+        create_app(KafkaConfig(bootstrap="127.0.0.1:1"), GatewaySettings(token=TOKEN, model="nope"))
+
+
+@pytest.mark.parametrize("model", ["digits", "shapes"])
+def test_app_makes_the_consumer_s_cheap_checks_of_the_model_s_spec(model):
+    """Bad frames are refused before anything reaches Kafka, with the reason the consumer would dead-letter them
+    under and a message naming what the model accepts (no lifespan: a frame that passes would need the broker)."""
+    import numpy as np
+    from fastapi.testclient import TestClient
+
+    from tasks.config import load_settings
+    from tasks.model.frame_codec import encode
+
+    spec = load_settings().model_spec(model)
+    c = TestClient(_app(model=model, max_frame_bytes=None))
+    h = {**AUTH, "Content-Type": "image/png"}
+    other = {"digits": ("image/jpeg", encode(np.zeros((28, 28, 3), np.uint8), "jpeg")),
+             "shapes": ("application/x-raw-uint8", bytes(48 * 48 * 3))}[model]
+    limit = spec.frames.max_frame_bytes
+    cases = [
+        (b"this is not an image", h, 422, "undecodable", "no PNG/JPEG signature"),
+        (b"\x89PNG\r\n\x1a\n" + b"\x00" * limit, h, 413, "oversize", f"{limit}"),
+        (b"", h, 422, "empty", "empty"),
+        (other[1], {**AUTH, "Content-Type": other[0]}, 415, "unsupported_content_type",
+         ", ".join(["image/png", "application/x-raw-uint8"] if model == "digits" else ["image/jpeg", "image/png"])),
+        (b"\x89PNG\r\n\x1a\n", {**AUTH, "Content-Type": "text/plain"}, 415, "unsupported_content_type",
+         f"model {model!r}"),
+    ]
+    if model == "digits":
+        cases.append((b"\x00" * 700, {**AUTH, "Content-Type": "application/x-raw-uint8"}, 422, "wrong_shape",
+                      "expected 784"))
+    for body, headers, status, reason, words in cases:
+        r = c.post("/v1/frames", content=body, headers=headers)
+        assert r.status_code == status, (reason, r.status_code, r.text)
+        assert r.json()["detail"]["reason"] == reason and words in r.json()["detail"]["message"], r.text
+    doc = c.get("/openapi.json").json()
+    accepted = set(doc["paths"]["/v1/frames"]["post"]["requestBody"]["content"]) - {"multipart/form-data"}
+    assert accepted == ({"image/png", "application/x-raw-uint8"} if model == "digits" else {"image/jpeg", "image/png"})
+    assert f"model '{model}'" in doc["info"]["description"]

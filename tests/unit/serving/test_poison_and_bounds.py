@@ -22,9 +22,9 @@ from tasks.contracts.messages import DEFAULT_MAX_MESSAGE_BYTES, R_INFERENCE_FAIL
 from tasks.serving.consumer import StreamConfig
 from tasks.serving.consumer.backend import InferenceRejected, is_permanent
 from tasks.serving.consumer.bisect import bisect_infer
-from tasks.serving.consumer.records import dead_letter_records, decode_frames, message_size
+from tasks.serving.consumer.records import check_frames, dead_letter_records, message_size
 from tests.unit.serving.fakes import (FakeBackend, FakeStore, World, consumer, everything, frame, loop_config, outputs,
-                                      pixels, run, source_of)
+                                      run, spec_of)
 
 MB2 = 2_000_000
 
@@ -87,7 +87,7 @@ def test_frames_with_oversize_headers_or_key_are_rejected_before_decoding():
     topic = "unit-frames"
     recs = [frame(topic, 0, 0), big(frame(topic, 0, 1), header=("junk", b"j" * 20_000)),
             big(frame(topic, 0, 2), key=b"d" * 2000), frame(topic, 0, 3)]
-    d = decode_frames(recs, max_frame_bytes=65536)
+    d = check_frames(recs, spec_of())
     assert d.good == [0, 3]
     assert [(i, r.reason) for i, r in d.rejected] == [(1, R_OVERSIZE_HEADERS), (2, R_OVERSIZE_HEADERS)]
 
@@ -96,19 +96,17 @@ def test_frames_with_oversize_headers_or_key_are_rejected_before_decoding():
 
 
 def test_bisect_finds_the_frames_at_fault_in_few_calls():
-    import numpy as np
-
-    images = np.stack([pixels(0, o) for o in range(16)])
+    frames = [frame("t", 0, o).value for o in range(16)]
     bad = {3, 12}
     calls = []
 
     def infer(batch):
         calls.append(len(batch))
-        if any(source_of(img)[1] in bad for img in batch):
+        if any(frames[j] in batch for j in bad):
             raise InferenceRejected("INVALID_ARGUMENT")
         return outputs(len(batch))
 
-    found = bisect_infer(infer, images, "first")
+    found = bisect_infer(infer, frames, "first")
     assert [j for j, _ in found.failed] == [3, 12]
     assert found.ok == [j for j in range(16) if j not in bad]
     assert len(found.outputs["LABEL"]) == 14 and found.calls == len(calls) <= 2 * 16 - 2
@@ -324,8 +322,8 @@ def test_the_version_label_follows_a_deploy_at_the_next_answer():
     world = World.with_frames(partitions=1, per_partition=24)
 
     class Deploying(FakeBackend):
-        def infer(self, images):
-            out = super().infer(images)
+        def infer(self, frames):
+            out = super().infer(frames)
             if len(self.calls) == 2:
                 self.served = "8"  # deployed while the second batch was answered
             return out

@@ -1,4 +1,5 @@
-"""The pure record builders of the consumer: frames -> images, results -> predictions, points, dead letters."""
+"""The pure record builders of the consumer: frames -> the cheap checks, Triton's results -> predictions, points,
+dead letters (FRAME_ERROR rows included)."""
 
 from __future__ import annotations
 
@@ -9,42 +10,88 @@ import uuid
 import numpy as np
 import pytest
 
+from tasks.contracts.messages import DLQ_REASONS, FrameRejected
 from tasks.serving.consumer import QdrantPolicy
 from tasks.serving.consumer.records import (
+    check_frames,
     dead_letter_records,
-    decode_frames,
+    frame_errors,
     iso,
+    parse_frame_error,
     parse_time,
     prediction_point,
     prediction_records,
 )
-from tests.unit.serving.fakes import CAPTURED, frame, outputs, pixels
+from tests.unit.serving.fakes import CAPTURED, frame, outputs, spec_of
 
 TOPIC = "frames"
 PROCESSED = CAPTURED + dt.timedelta(milliseconds=42.5)
 
 
-def _predict(records, *, policy=None, out=None, version="3", **kw):
-    d = decode_frames(records, 65536)
-    out = out if out is not None else outputs(len(d.good))
-    return d, prediction_records(records, d.good, d.frame_ids, out, topic="predictions", model="digits",
-                                 version=version, infer_s=0.0123456, processed=PROCESSED, policy=policy, **kw)
+def _predict(records, *, policy=None, out=None, version="3", spec=None, **kw):
+    spec = spec or spec_of()
+    d = check_frames(records, spec)
+    out = out if out is not None else outputs(len(d.good), classes=spec.num_classes)
+    return d, prediction_records(records, d.good, d.frame_ids, out, topic="predictions", model=spec.name,
+                                 version=version, infer_s=0.0123456, processed=PROCESSED, policy=policy, spec=spec,
+                                 **kw)
 
 
-def test_decode_frames_keeps_good_frames_in_order_and_rejects_poison():
+def test_check_frames_keeps_good_frames_in_order_and_rejects_poison_without_decoding():
     fid = uuid.uuid4()
     records = [frame(TOPIC, 0, 0, frame_id=str(fid).upper()), frame(TOPIC, 0, 1, kind="missing_id"),
-               frame(TOPIC, 0, 2), frame(TOPIC, 0, 3, kind="invalid_id"), frame(TOPIC, 0, 4, kind="undecodable"),
-               frame(TOPIC, 0, 5, kind="oversize")]
-    d = decode_frames(records, max_frame_bytes=65536)
-    assert d.good == [0, 2]
+               frame(TOPIC, 0, 2, encoding="png"), frame(TOPIC, 0, 3, kind="invalid_id"),
+               frame(TOPIC, 0, 4, kind="undecodable"), frame(TOPIC, 0, 5, kind="oversize"),
+               frame(TOPIC, 0, 6, kind="jpeg"), frame(TOPIC, 0, 7, kind="raw_wrong_size"),
+               frame(TOPIC, 0, 8, kind="corrupt_png"), frame(TOPIC, 0, 9, kind="wrong_shape_png")]
+    d = check_frames(records, spec_of("digits"))
+    assert d.good == [0, 2, 8, 9]  # a broken PNG body and a PNG of another size are found by Triton
     assert d.frame_ids[0] == str(fid)  # canonical form
-    assert d.images.shape == (2, 28, 28) and d.images.dtype == np.uint8
-    assert np.array_equal(d.images[1], pixels(0, 2))
-    assert [(i, r.reason) for i, r in d.rejected] == [(1, "missing_frame_id"), (3, "invalid_frame_id"),
-                                                      (4, "undecodable"), (5, "oversize")]
-    nothing = decode_frames([frame(TOPIC, 0, 0, kind="missing_id")], 65536)
-    assert nothing.images is None and nothing.good == [] and len(nothing.rejected) == 1
+    assert d.frames == [records[i].value for i in d.good]  # the encoded values, as they came
+    assert [(i, r.reason) for i, r in d.rejected] == [
+        (1, "missing_frame_id"), (3, "invalid_frame_id"), (4, "undecodable"), (5, "oversize"),
+        (6, "unsupported_content_type"), (7, "wrong_shape")]
+    assert "image/png, application/x-raw-uint8" in d.rejected[4][1].detail  # names what to send
+    assert "expected 784 (28x28x1" in d.rejected[5][1].detail
+    nothing = check_frames([frame(TOPIC, 0, 0, kind="missing_id")], spec_of("digits"))
+    assert nothing.frames == [] and nothing.good == [] and len(nothing.rejected) == 1
+
+
+def test_the_frame_limit_is_the_spec_s_unless_overridden():
+    spec = spec_of("digits")
+    limit = spec.frames.max_frame_bytes
+    png = frame(TOPIC, 0, 0, encoding="png")
+    assert check_frames([png], spec).good == [0]
+    small = check_frames([png], spec, max_frame_bytes=len(png.value) - 1)
+    assert [(i, r.reason) for i, r in small.rejected] == [(0, "oversize")]
+    assert f"the limit is {len(png.value) - 1}" in small.rejected[0][1].detail
+    big = frame(TOPIC, 0, 1, kind="oversize")
+    assert f"the limit is {limit}" in check_frames([big], spec).rejected[0][1].detail
+    assert check_frames([big], spec, max_frame_bytes=2 * limit).good == [0]  # the override wins
+
+
+def test_a_shapes_consumer_takes_jpeg_and_png_frames_and_refuses_raw():
+    shapes = spec_of("shapes")
+    records = [frame(TOPIC, 0, 0, encoding="jpeg", spec=shapes), frame(TOPIC, 0, 1, encoding="png", spec=shapes),
+               frame(TOPIC, 0, 2, encoding="raw", spec=shapes)]
+    d = check_frames(records, shapes)
+    assert d.good == [0, 1]
+    assert [(i, r.reason) for i, r in d.rejected] == [(2, "unsupported_content_type")]
+    assert "image/jpeg, image/png" in d.rejected[0][1].detail
+
+
+def test_frame_error_rows_become_rejections_with_their_reason():
+    out = outputs(4, errors={1: b"wrong_shape: image is 32x28, expected 28x28", 3: b"something odd happened"})
+    got = frame_errors(out)
+    assert [(j, r.reason, r.detail) for j, r in got] == [
+        (1, "wrong_shape", "image is 32x28, expected 28x28"),
+        (3, "undecodable", "Triton could not use the frame: something odd happened")]
+    assert frame_errors(outputs(3)) == []
+    assert frame_errors({k: v for k, v in outputs(2).items() if k != "FRAME_ERROR"}) == []
+    for reason in DLQ_REASONS:
+        parsed = parse_frame_error(f"{reason}: why".encode())
+        assert isinstance(parsed, FrameRejected) and (parsed.reason, parsed.detail) == (reason, "why")
+    assert parse_frame_error("no_such_reason: x").reason == "undecodable"
 
 
 def test_prediction_json_fields_headers_and_key():
@@ -59,8 +106,9 @@ def test_prediction_json_fields_headers_and_key():
     assert key == d.frame_ids[0].encode()
     assert headers == [("frame_id", key), ("content-type", b"application/json"), ("traceparent", trace)]
     assert pred == {
-        "frame_id": d.frame_ids[0], "device_id": "cam-7", "label": 0, "score": 0.912346,
-        "topk": [{"label": 0, "score": 0.912346}, {"label": 1, "score": 0.012346}, {"label": 2, "score": 0.012346}],
+        "frame_id": d.frame_ids[0], "device_id": "cam-7", "label": 0, "class": "0", "score": 0.912346,
+        "topk": [{"label": 0, "class": "0", "score": 0.912346}, {"label": 1, "class": "1", "score": 0.012346},
+                 {"label": 2, "class": "2", "score": 0.012346}],
         "model_name": "digits", "model_version": "3", "latency_ms": 42.5, "inference_ms": 12.346,
         "processed_at": "2026-01-02T03:04:05.720Z", "captured_at": "2026-01-02T03:04:05.678Z",
         "traceparent": trace.decode(),
@@ -74,6 +122,20 @@ def test_prediction_json_fields_headers_and_key():
     assert third["captured_at"] == "not a time" and third["latency_ms"] is None
     assert built.captured == [CAPTURED, None, None]
     assert built.points == []  # no policy: nothing indexed
+
+
+def test_predictions_name_the_classes_of_the_spec():
+    shapes = spec_of("shapes")
+    records = [frame(TOPIC, 0, o, encoding="jpeg", spec=shapes) for o in range(3)]
+    out = outputs(3, classes=shapes.num_classes)
+    out["LABEL"][2, 0] = 9  # out of the spec's range: named by its id
+    _, built = _predict(records, spec=shapes, out=out)
+    preds = [json.loads(m[1]) for m in built.messages]
+    assert [(p["label"], p["class"]) for p in preds] == [(0, "circle"), (1, "square"), (9, "9")]
+    assert preds[1]["topk"] == [{"label": 1, "class": "square", "score": 0.95},
+                                {"label": 2, "class": "triangle", "score": 0.012346},
+                                {"label": 3, "class": "cross", "score": 0.012346}]
+    assert preds[0]["model_name"] == "shapes"
 
 
 def test_points_follow_the_policy_and_drop_the_traceparent():
@@ -108,7 +170,7 @@ def test_dead_letters_keep_the_original_and_say_why():
     records = [frame(TOPIC, 2, 5), frame(TOPIC, 2, 6, kind="undecodable", key=b"cam-1"),
                frame(TOPIC, 2, 7, kind="missing_id", key=None)]
     records[2].value = None
-    d = decode_frames(records, 65536)
+    d = check_frames(records, spec_of())
     dl = dead_letter_records(records, d.rejected, dlq_topic="frames.dlq", processed_iso=iso(PROCESSED))
     assert len(dl) == 2
     topic, value, key, headers = dl[0]

@@ -9,12 +9,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from tasks.config import load_settings
 from tasks.contracts import layout
 from tasks.steps import compile as cmp
 from tasks.steps import deploy as dep
 from tasks.steps import drops, registry
 from tasks.steps.qc import run_qc
 from tests.support.models import MODEL_FILES, register_files
+from tests.support import spec_models as sm
 
 MODEL = "digits"
 CALIB_DROP = "calib-drop"
@@ -32,26 +34,42 @@ def cpu_env(mlpipe_env, monkeypatch):
     return mlpipe_env
 
 
+def _calib_drop(model: str) -> str:
+    """The calibration drop of ``model`` (a drop is made for one model)."""
+    return CALIB_DROP if model == MODEL else f"{model}-{CALIB_DROP}"
+
+
 def _register_with_drop(store, trained, model: str = MODEL) -> int:
-    """``trained`` registered with a real, validated 400-image drop as its lineage (the calibration source)."""
-    if not store.exists(layout.success_key(CALIB_DROP)):
-        drops.make_drop(store, CALIB_DROP, size=400, seed=21)
-        drops.bind_validation(store, CALIB_DROP, {"success": True, "failures": [], "report_uri": None,
-                                                  "note": "test fixture"}, drops.content_digest(store, CALIB_DROP))
-    return register_files(store, model, {f: trained.dir / f for f in MODEL_FILES}, drop_id=CALIB_DROP)
+    """``trained`` registered with a real, validated 400-image drop of ``model`` as its lineage (the
+    calibration source)."""
+    drop_id = _calib_drop(model)
+    if not store.exists(layout.success_key(drop_id)):
+        drops.make_drop(store, drop_id, size=400, seed=21, spec=load_settings().model_spec(model))
+        drops.bind_validation(store, drop_id, {"success": True, "failures": [], "report_uri": None,
+                                               "note": "test fixture"}, drops.content_digest(store, drop_id))
+    return register_files(store, model, {f: trained.dir / f for f in MODEL_FILES}, drop_id=drop_id)
+
+
+def _spec():
+    return load_settings().model_spec(MODEL)
 
 
 def _golden():
     from tasks.model.networks import to_input
 
-    images, labels = drops.golden_set()
-    return images, labels, to_input(images)
+    images, labels = drops.golden_set(_spec())
+    return images, labels, to_input(images, _spec())
 
 
 def _labels(path, x) -> np.ndarray:
-    from tasks.model.networks import onnx_session
+    from tasks.model.networks import onnx_session, run_onnx
 
-    return onnx_session(path).run(["logits"], {"input": x})[0].argmax(1)
+    return run_onnx(onnx_session(path), x, _spec())[0].argmax(1)
+
+
+def _zero_calibration(store, manifest, spec, *, samples, seed):
+    """Garbage INT8 calibration: 64 all-zero inputs of the spec."""
+    return np.zeros((64, *spec.input_shape), np.float32), {"drops": [], "count": 64, "seed": seed, "garbage": True}
 
 
 def _perturbed(src, dst, scale: float = 3.0, seed: int = 0) -> None:
@@ -71,14 +89,11 @@ def _perturbed(src, dst, scale: float = 3.0, seed: int = 0) -> None:
 
 def _broken_compile(store, version, monkeypatch, model: str = MODEL):
     """compile with garbage INT8 calibration (all-zero images) and a perturbed 'optimised' model."""
-    def zero_calibration(store, manifest, *, samples, seed):
-        return np.zeros((64, 1, 28, 28), np.float32), {"drops": [], "count": 64, "seed": seed, "garbage": True}
-
     def perturbed_opt(onnx_path, out_path, *, level="extended"):
         _perturbed(onnx_path, out_path)
         return {"opt_level": level, "perturbed": True}
 
-    monkeypatch.setattr(cmp, "calibration_inputs", zero_calibration)
+    monkeypatch.setattr(cmp, "calibration_inputs", _zero_calibration)
     monkeypatch.setattr(cmp, "optimize_onnx", perturbed_opt)
     result = cmp.compile_version(store, model, version)
     assert result["cpu"]["status"] == "compiled"  # they build and load: only QC can tell they are wrong
@@ -112,8 +127,8 @@ def test_compile_builds_both_artefacts_and_records_them(cpu_env, store, good_mod
     for name in ARTEFACTS:
         path = store.get_file(layout.compiled_model_key(MODEL, v, name), tmp_path / name)
         sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])  # plain onnxruntime loads it
-        assert [i.name for i in sess.get_inputs()] == ["input"]
-        assert [o.name for o in sess.get_outputs()] == ["logits", "embedding"]
+        assert [i.name for i in sess.get_inputs()] == [_spec().onnx.input]
+        assert [o.name for o in sess.get_outputs()] == [_spec().onnx.logits, _spec().onnx.embedding]
         agreement = float(np.mean(_labels(path, x) == ref))
         assert agreement >= (1.0 if name == layout.MODEL_OPT_ONNX else 0.99), (name, agreement)
 
@@ -199,8 +214,7 @@ def test_broken_artefacts_fail_their_checks_and_deploy_serves_onnx(cpu_env, stor
 
 def test_only_the_int8_is_broken_then_the_optimised_model_is_served(cpu_env, store, good_model, monkeypatch):
     v = _register_with_drop(store, good_model)
-    monkeypatch.setattr(cmp, "calibration_inputs", lambda store, manifest, *, samples, seed: (
-        np.zeros((64, 1, 28, 28), np.float32), {"drops": [], "count": 64, "seed": seed}))
+    monkeypatch.setattr(cmp, "calibration_inputs", _zero_calibration)
     cmp.compile_version(store, MODEL, v)
     report = run_qc(store, MODEL, v)
     assert report["verdict"] == "passed"
@@ -242,9 +256,12 @@ def test_deploy_serves_the_int8_artefact_and_falls_back_to_onnx(cpu_env, store, 
     from tasks.adapters.triton import TritonClient
     from tasks.contracts.files import sha256_file
     from tasks.model import repo as model_repo
+    from tasks.model.frames import encode_frame
 
     target = dep.ServingTarget(cpu_triton.model_repository, cpu_triton.http_url, "http", keep_versions=3)
-    model = "cpu_int8"
+    model = "cpu_int8"  # a model of its own (the digits spec under another name) in the shared Triton
+    sm.write_spec(tmp_path / "models", model, base="digits")
+    sm.use_specs(monkeypatch, tmp_path / "models", "digits")
     v = _register_with_drop(store, good_model, model)
     cmp.compile_version(store, model, v)
     assert run_qc(store, model, v)["serving"]["artifact"] == layout.MODEL_INT8_ONNX
@@ -261,16 +278,17 @@ def test_deploy_serves_the_int8_artefact_and_falls_back_to_onnx(cpu_env, store, 
     assert [e["artifact"] for e in registry.events(store, model) if e["event"] == "serving"] == ["model.int8.onnx"]
 
     images, labels, x = _golden()
+    frames = [encode_frame(img, _spec()) for img in images[:256]]
     client = TritonClient(cpu_triton.grpc_url, protocol="grpc")
     try:
-        out = client.infer_images(model, images[:256])
+        out = client.infer_frames(model, frames)
         got = np.asarray(out["LABEL"]).reshape(-1)
         assert np.mean(got == _labels(int8, x[:256])) >= 0.99  # the ensemble answers as the INT8 model does
         assert np.mean(got == labels[:256]) >= 0.95
-        assert np.asarray(out["EMBEDDING"]).shape == (256, 64)
+        assert np.asarray(out["EMBEDDING"]).shape == (256, _spec().embedding_dim)
 
         # a second version whose compiled files are broken: QC keeps them out, deploy serves model.onnx
-        v2 = register_files(store, model, {f: good_model.dir / f for f in MODEL_FILES}, drop_id=CALIB_DROP)
+        v2 = _register_with_drop(store, good_model, model)
         _broken_compile(store, v2, monkeypatch, model)
         assert run_qc(store, model, v2)["serving"]["artifact"] == layout.MODEL_ONNX
         dep.deploy(store, model, v2, target)
@@ -279,7 +297,7 @@ def test_deploy_serves_the_int8_artefact_and_falls_back_to_onnx(cpu_env, store, 
         serving = registry.get_version(store, model, v2)["serving"]
         assert serving["artifact"] == layout.MODEL_ONNX
         assert serving["reason"].startswith("no compiled artefact passed QC")
-        got = np.asarray(client.infer_images(model, images[:256])["LABEL"]).reshape(-1)
+        got = np.asarray(client.infer_frames(model, frames)["LABEL"]).reshape(-1)
         assert np.mean(got == _labels(good_model.onnx, x[:256])) == 1.0
     finally:
         for name in (model, model_repo.classifier_name(model)):

@@ -1,4 +1,6 @@
-"""The drop generator and reader (tasks/drops.py): contract, determinism, faults, golden set, CLI."""
+"""The drop generator and reader (tasks/steps/drops.py): contract, determinism, faults, golden set, CLI, for the
+digits model (byte-identical to the drops made before the model spec) and a colour JPEG model (shapes), plus
+``mlpipe drops import`` of your own images."""
 
 from __future__ import annotations
 
@@ -16,11 +18,29 @@ import pytest
 from PIL import Image
 
 from tasks.contracts.errors import EXIT_BAD_INPUT
-from tasks.steps import drops
+from tasks.contracts.spec import find_spec
+from tasks.model.frames import encode_frame
+from tasks.steps import drops, sources
 from tasks.adapters.storage import LocalStore
 
 ROOT = Path(__file__).resolve().parents[3]
+DIGITS = find_spec("digits", ROOT / "models")
+SHAPES = find_spec("shapes", ROOT / "models")
 GOLDEN_DIGEST = "48269d798d163c40280e5410b78bb40f9f8d963a8fd8600d56789eba1d0967a9"
+# Recorded with the code before the model spec existed (the same calls, digits' defaults): the images digest
+# (drops.images_digest of the files under images/), then sha256 of the JSON label list and of the joined
+# manifest sha256 column, 16 hex digits each. The digits drops must stay byte-identical.
+BEFORE_SPEC = {
+    "mnist": ({"size": 40, "seed": 7},
+              "e1e9b4273d12d52e172e316ed771144f154ae027b57980fc6aaada1a0a0e640a", "092a5f7ddcec6c06", "3fbf196c0e8337f2"),
+    "digits": ({"size": 30, "seed": 3, "source": "digits"},
+               "64eacd31908d444fb0512daf1d75ff9ca5703c2296486ebe217991a2039f823e", "eb6ff69b96c87c8f", "de7ebb9273d459f8"),
+    "faults": ({"size": 40, "seed": 11,
+                "faults": ["bad_label", "wrong_shape", "corrupt_image", "blank_images", "wrong_format", "duplicate_ids"]},
+               "d60268cca422e828b60a10e2c56110fb22980a7108c9e864cc6b9864179206e4", "b37906ab40360487", "ef570c6848f54aa4"),
+    "noise": ({"size": 40, "seed": 5, "label_noise": 0.2, "class_mix": {0: 0.5, 3: 0.5}},
+              "38936cda41b0b14de1712366f8b3b4320d070cabc1fd1b5028d48642b2dc1038", "294b9705d967d5e7", "81286ae7878ecf3c"),
+}
 EXPECTED_DTYPES = {"image_id": "str", "label": "int64", "sha256": "str", "height": "int64", "width": "int64",
                    "source": "str", "captured_at": "datetime64[us, UTC]"}
 
@@ -114,8 +134,8 @@ def test_class_mix_is_honoured(store):
     drops.make_drop(store, "mix", size=200, seed=1, class_mix=mix)
     counts = _manifest(store, "mix")["label"].value_counts().to_dict()
     assert counts == {0: 100, 1: 50, 2: 50}
-    with pytest.raises(drops.DropError, match="outside 0..9"):
-        drops.parse_class_mix("11:1")
+    with pytest.raises(drops.DropError, match="classes \\[11\\] outside the class ids 0..9 of model 'digits'"):
+        drops.make_drop(store, "x", size=10, class_mix=drops.parse_class_mix("11:1"))
     with pytest.raises(drops.DropError, match="CLASS:WEIGHT"):
         drops.parse_class_mix("zero")
 
@@ -164,7 +184,7 @@ def test_fault_bad_label(store, base_drop):
     labels = _manifest(store, "f")["label"]
     bad = labels[~labels.between(0, 9)]
     assert len(bad) == s["fault_rows"]["bad_label"] == 10 and set(bad) == {10, -1}
-    with pytest.raises(drops.DropError, match=r"label .* outside 0..9"):
+    with pytest.raises(drops.DropError, match=r"label .* outside the class ids 0..9 of model 'digits'"):
         drops.load_arrays(store, ["f"])
 
 
@@ -173,9 +193,9 @@ def test_fault_wrong_shape(store, base_drop):
     df = _manifest(store, "f")
     wrong = df[df["height"] != 28]
     assert len(wrong) == 10 and (wrong["width"] == 32).all()
-    img = drops.decode_png(store.get_bytes(f"drops/f/images/{wrong.iloc[0]['image_id']}.png"))
+    img = drops.decode_image(store.get_bytes(f"drops/f/images/{wrong.iloc[0]['image_id']}.png"))
     assert img.shape == (32, 32)
-    with pytest.raises(drops.DropUnreadable, match=r"image f-\d+ has shape 32x32"):
+    with pytest.raises(drops.DropUnreadable, match=r"image f-\d+ has shape 32x32, model 'digits' expects 28x28"):
         drops.load_arrays(store, ["f"])
 
 
@@ -193,11 +213,11 @@ def test_fault_corrupt_image(store, base_drop):
         data = store.get_bytes(f"drops/f/images/{row.image_id}.png")
         assert hashlib.sha256(data).hexdigest() == row.sha256  # hashes describe the bytes as delivered
         try:
-            drops.decode_png(data)
+            drops.decode_image(data)
         except ValueError:
             broken.append(row.image_id)
     assert len(broken) == 10
-    with pytest.raises(drops.DropUnreadable, match=f"image {broken[0]}|not a decodable PNG"):
+    with pytest.raises(drops.DropUnreadable, match=f"image {broken[0]}|not a decodable image"):
         drops.load_arrays(store, ["f"])
 
 
@@ -246,7 +266,7 @@ def test_fault_future_and_ancient_timestamps(store):
 def test_fault_blank_images(store):
     s = drops.make_drop(store, "f", size=200, seed=2, faults=["blank_images"])
     df = _manifest(store, "f")
-    stds = [drops.decode_png(store.get_bytes(drops.image_key("f", i))).std() for i in df["image_id"]]
+    stds = [drops.decode_image(store.get_bytes(drops.image_key("f", i, DIGITS))).std() for i in df["image_id"]]
     assert sum(v == 0 for v in stds) == s["fault_rows"]["blank_images"] == 10
     assert df["sha256"].is_unique  # each blank image is its own grey: no duplicate bytes
 
@@ -255,7 +275,7 @@ def test_fault_wrong_format(store):
     s = drops.make_drop(store, "f", size=200, seed=2, faults=["wrong_format"])
     formats = []
     for row in _manifest(store, "f").itertuples():
-        data = store.get_bytes(drops.image_key("f", row.image_id))
+        data = store.get_bytes(drops.image_key("f", row.image_id, DIGITS))
         assert hashlib.sha256(data).hexdigest() == row.sha256  # the manifest hash describes the bytes
         with Image.open(io.BytesIO(data)) as im:
             formats.append(im.format)
@@ -307,14 +327,15 @@ def test_golden_set_is_fixed_and_disjoint_from_drops(store):
     X2[0, 0, 0] = 255  # callers get copies
     assert drops.golden_set()[0][0, 0, 0] == X[0, 0, 0]
 
-    golden_idx, pool_idx = drops._golden_and_pool_indices()
+    src = sources.load(DIGITS)
+    golden_idx, pool_idx = src.golden, src.pool
     assert len(pool_idx) == 4000 and not set(golden_idx) & set(pool_idx)
     for seed, size in [(0, 2000), (1, 4000), (2, 9000)]:  # 9000 > pool: sampled with replacement
-        plan = drops._sample_plan(size, seed, "mnist", None)
+        plan = drops._sample_plan(size, seed, src, None, DIGITS)
         assert len(plan) == size and not set(plan.tolist()) & set(golden_idx.tolist())
     # no golden image (as a PNG) appears in a drop
     drops.make_drop(store, "g", size=200, seed=0)
-    golden_hashes = {hashlib.sha256(drops.encode_png(img)).hexdigest() for img in X}
+    golden_hashes = {hashlib.sha256(encode_frame(img, DIGITS)).hexdigest() for img in X}
     assert not golden_hashes & set(drops.read_manifest(store, "g")["sha256"])
 
 
@@ -367,3 +388,112 @@ def test_cli_default_seed_differs_per_drop_id_so_a_second_drop_is_not_seen_befor
         result = validate.validate_drop(store, drop_id)
         assert result.success, [f["expectation"] for f in result.failures]
     assert result.statistics.get("seen_before", 0) == 0
+
+
+# ---------------------------------------------------------------- per model spec
+
+@pytest.mark.parametrize("case", sorted(BEFORE_SPEC))
+def test_digits_drops_are_byte_identical_to_before_the_model_spec(store, case):
+    kwargs, images_digest, labels_digest, hashes_digest = BEFORE_SPEC[case]
+    drop_id = f"d-{case}"  # the image ids (and names) start with the drop id
+    drops.make_drop(store, drop_id, spec=DIGITS, **kwargs)
+    names = {k.rsplit("/", 1)[1]: hashlib.sha256(store.get_bytes(k)).hexdigest()
+             for k in store.list(f"drops/{drop_id}/images/")}
+    df = _manifest(store, drop_id)
+    assert drops.images_digest(names) == images_digest
+    assert hashlib.sha256(json.dumps([int(v) for v in df["label"]]).encode()).hexdigest()[:16] == labels_digest
+    assert hashlib.sha256("".join(df["sha256"]).encode()).hexdigest()[:16] == hashes_digest
+
+
+def test_shapes_drop_is_colour_jpeg_of_the_spec(store):
+    s = drops.make_drop(store, "sh", size=100, seed=4, spec=SHAPES)
+    assert s["model"] == "shapes" and s["image_encoding"] == "jpeg" and s["params"]["model"] == "shapes"
+    assert store.get_json("drops/sh/drop.json")["model"] == "shapes"
+    df = _manifest(store, "sh")
+    assert list(df.columns) == list(drops.MANIFEST_COLUMNS)
+    assert (df["height"] == 48).all() and (df["width"] == 48).all() and (df["source"] == "shapes").all()
+    assert set(df["label"]) == set(range(5))
+    keys = store.list("drops/sh/images/")
+    assert len(keys) == 100 and all(k.endswith(".jpg") for k in keys)
+    for row in df.head(10).itertuples():
+        data = store.get_bytes(drops.image_key("sh", row.image_id, SHAPES))
+        assert hashlib.sha256(data).hexdigest() == row.sha256
+        with Image.open(io.BytesIO(data)) as im:
+            assert im.format == "JPEG" and im.mode == "RGB" and im.size == (48, 48)
+    X, y = drops.load_arrays(store, ["sh"], SHAPES)
+    assert X.shape == (100, 48, 48, 3) and X.dtype == np.uint8 and list(y) == list(df["label"])
+    again = drops.make_drop(store, "sh-again", size=100, seed=4, spec=SHAPES)
+    assert list(_manifest(store, "sh-again")["sha256"]) == list(df["sha256"]) and again["rows"] == 100
+    with pytest.raises(drops.DropError, match="drop 'sh' was made for model 'shapes', not 'digits'"):
+        drops.load_arrays(store, ["sh"], DIGITS)
+
+
+def test_shapes_faults_follow_the_spec(store):
+    s = drops.make_drop(store, "f", size=200, seed=2, spec=SHAPES,
+                        faults=["bad_label", "wrong_shape", "wrong_format", "blank_images"])
+    df = _manifest(store, "f")
+    assert set(df["label"][~df["label"].between(0, 4)]) == {5, -1}  # the class count, and -1
+    wrong = df[df["height"] != 48]
+    assert len(wrong) == s["fault_rows"]["wrong_shape"] == 10 and (wrong["width"] == 52).all()
+    formats, shapes_seen, stds = [], set(), []
+    for row in df.itertuples():
+        data = store.get_bytes(drops.image_key("f", row.image_id, SHAPES))
+        with Image.open(io.BytesIO(data)) as im:
+            formats.append(im.format)
+        img = drops.decode_image(data)
+        shapes_seen.add(img.shape)
+        stds.append(img.std())
+    assert formats.count("PNG") == s["fault_rows"]["wrong_format"] == 10  # PNG bytes under a .jpg name
+    assert shapes_seen == {(48, 48, 3), (52, 52, 3)}
+    assert sum(v == 0 for v in stds) == s["fault_rows"]["blank_images"] == 10
+
+
+def _image_folder(root: Path, spec, per_class: int = 4) -> Path:
+    """``root/<class name>/`` with ``per_class`` drawn images each, alternately JPEG and PNG files."""
+    rng = np.random.default_rng(0)
+    for name in spec.class_names:
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            img = sources.draw_shape(name, rng, spec.input.height, spec.input.width, spec.input.channels)
+            Image.fromarray(img).save(root / name / f"{i:03d}.{'jpg' if i % 2 == 0 else 'png'}")
+    return root
+
+
+def test_import_drop_from_class_folders(store, tmp_path):
+    folder = _image_folder(tmp_path / "mine", SHAPES)
+    s = drops.import_drop(store, "mine", folder, spec=SHAPES)
+    assert s["model"] == "shapes" and s["rows"] == 20 and s["class_counts"] == {str(c): 4 for c in range(5)}
+    df = _manifest(store, "mine")
+    assert list(df.columns) == list(drops.MANIFEST_COLUMNS) and (df["source"] == "import:mine").all()
+    assert list(df["label"]) == [c for c in range(5) for _ in range(4)]  # by class, then file name
+    first = store.get_bytes(drops.image_key("mine", df["image_id"][0], SHAPES))
+    assert first == (folder / "circle" / "000.jpg").read_bytes()  # a JPEG keeps its bytes
+    with Image.open(io.BytesIO(store.get_bytes(drops.image_key("mine", df["image_id"][1], SHAPES)))) as im:
+        assert im.format == "JPEG"  # a PNG is re-encoded in the spec's encoding
+    X, _ = drops.load_arrays(store, ["mine"], SHAPES)
+    assert X.shape == (20, 48, 48, 3)
+    assert drops.import_drop(store, "mine", folder, spec=SHAPES) == s  # same content: nothing to do
+
+    Image.new("RGB", (32, 48)).save(folder / "square" / "small.png")
+    with pytest.raises(sources.SourceError, match=r"small\.png: image is 32x48 RGB, model 'shapes' takes 48x48 RGB"):
+        drops.import_drop(store, "mine2", folder, spec=SHAPES)
+    (folder / "square" / "small.png").unlink()
+    (folder / "hexagon").mkdir()
+    with pytest.raises(sources.SourceError, match=r"subfolders \['hexagon'\] are not classes of model 'shapes'"):
+        drops.import_drop(store, "mine2", folder, spec=SHAPES)
+
+
+def test_cli_make_and_import_for_a_model(mlpipe_env, tmp_path):
+    p = _cli("make", "--model", "shapes", "--drop-id", "cs", "--size", "50", "--seed", "1")
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["model"] == "shapes"
+    p = _cli("import", "--help")
+    assert p.returncode == 0 and "one subfolder per class NAME" in p.stdout and "DIR/circle/0001.jpg" in p.stdout
+    folder = _image_folder(tmp_path / "byo", SHAPES, per_class=2)
+    p = _cli("import", "--model", "shapes", "--from", str(folder), "--drop-id", "byo")
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["rows"] == 10
+    p = _cli("import", "--model", "digits", "--from", str(folder), "--drop-id", "byo2")
+    assert p.returncode == EXIT_BAD_INPUT and "are not classes of model 'digits'" in p.stderr
+    p = _cli("make", "--model", "nosuch", "--drop-id", "x")
+    assert p.returncode == EXIT_BAD_INPUT and "no model spec for 'nosuch'" in p.stderr

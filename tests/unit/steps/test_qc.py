@@ -15,8 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tasks.config import load_settings
 from tasks.contracts.errors import EXIT_BAD_INPUT, EXIT_REJECTED
 from tasks.steps import registry
+from tasks.model.networks import OnnxContractError
 from tasks.steps.qc import QCThresholds, main as qc_main, run_qc
 from tests.support.models import export_wrong_shape_onnx, register_files, register_model
 
@@ -72,8 +74,11 @@ def test_good_model_passes_with_triton_check_and_stores_reports(qc_env, store, g
     assert "30 requests at batch 1" in checks["latency_p95"]["detail"]
     assert report["champion"]["version"] == v1
     assert checks["no_regression"]["value"] == pytest.approx(0.0, abs=1e-9)  # same labels as the champion
+    spec = load_settings().model_spec(MODEL)
     cm = np.array(report["confusion_matrix"])
-    assert cm.shape == (10, 10) and cm.sum() == 1000 and len(report["per_class_recall"]) == 10
+    assert cm.shape == (spec.num_classes, spec.num_classes) and cm.sum() == report["golden_set_size"] == 1000
+    assert list(report["per_class_recall"]) == report["classes"] == spec.class_names  # by class name
+    assert report["spec"]["name"] == MODEL and report["spec"]["registered_with"]["sha256"] == report["spec"]["sha256"]
 
     # stored on the version: JSON + a self-contained HTML page with both figures
     stored = store.get_json(f"models/{MODEL}/{v2}/qc_report.json")
@@ -192,27 +197,32 @@ def test_failed_recheck_of_the_champion_keeps_its_stage(no_triton, store, good_m
 
 
 def test_corrupt_onnx_fails_loads_without_crash(no_triton, store, good_model):
+    """Register refuses such a file; one that gets onto a version anyway fails QC's loads check."""
     rng = np.random.default_rng(0)
-    v = register_files(store, MODEL, {"model.onnx": rng.bytes(4096), "model.pt": good_model.pt})
+    v = register_model(store, good_model, MODEL)
+    store.put_bytes(f"models/{MODEL}/{v}/model.onnx", rng.bytes(4096))
 
     report = run_qc(store, MODEL, v)
 
     assert report["verdict"] == "failed"
     assert [c["name"] for c in report["checks"]] == ["loads"]
-    assert report["reasons"][0].startswith("loads: model.onnx does not load or run in ONNX Runtime")
+    assert report["reasons"][0].startswith("loads: ") and "not a loadable ONNX model" in report["reasons"][0]
     assert registry.get_version(store, MODEL, v)["stage"] == "rejected"
     html = store.get_bytes(f"models/{MODEL}/{v}/qc_report.html").decode()
     assert "FAILED" in html and "loads" in html
 
 
-def test_wrong_output_shape_fails_naming_the_shape(no_triton, store, tmp_path):
+def test_wrong_output_shape_fails_naming_the_shape(no_triton, store, good_model, tmp_path):
     onnx = export_wrong_shape_onnx(tmp_path / "wrong.onnx", num_logits=7)
-    v = register_files(store, MODEL, {"model.onnx": onnx})
+    with pytest.raises(OnnxContractError, match=r"output 'logits' has shape \['N', 7\], expected \['N', 10\]"):
+        register_files(store, MODEL, {"model.onnx": onnx})  # refused at register
+    v = register_model(store, good_model, MODEL)
+    store.put_bytes(f"models/{MODEL}/{v}/model.onnx", onnx.read_bytes())  # changed behind the registry's back
 
     report = run_qc(store, MODEL, v)
 
     assert report["verdict"] == "failed" and _failed(report) == {"loads"}
-    assert "logits [1000, 7]" in report["reasons"][0] and "[N, 10]" in report["reasons"][0]
+    assert "output 'logits' has shape ['N', 7], expected ['N', 10]" in report["reasons"][0]
     assert registry.get_version(store, MODEL, v)["stage"] == "rejected"
 
 
@@ -234,17 +244,22 @@ def test_thresholds_from_env_are_honoured_with_triton_latency(qc_env, store, goo
 
 
 def test_thresholds_parse_and_validate(monkeypatch):
+    spec = load_settings().model_spec(MODEL)
+    for key in list(os.environ):
+        if key.startswith("MLPIPE_QC_"):
+            monkeypatch.delenv(key)
+    assert QCThresholds.for_spec(spec).max_regression == spec.qc.max_regression
     monkeypatch.setenv("MLPIPE_QC_MIN_CLASS_RECALL", "0.8")
     monkeypatch.setenv("MLPIPE_QC_TRITON_CHECK", "no")
     monkeypatch.setenv("MLPIPE_QC_LATENCY_REQUESTS", "7")
-    th = QCThresholds.from_env(min_accuracy=0.5)
+    th = QCThresholds.for_spec(spec, min_accuracy=0.5)
     assert (th.min_class_recall, th.triton_check, th.latency_requests, th.min_accuracy) == (0.8, False, 7, 0.5)
     monkeypatch.setenv("MLPIPE_QC_MIN_ACCURACY", "high")
     with pytest.raises(ValueError, match="MLPIPE_QC_MIN_ACCURACY='high' is not a number"):
-        QCThresholds.from_env()
+        QCThresholds.for_spec(spec)
     monkeypatch.setenv("MLPIPE_QC_MIN_ACCURACY", "1.5")
     with pytest.raises(ValueError, match="min_accuracy"):
-        QCThresholds.from_env()
+        QCThresholds.for_spec(spec)
 
 
 def test_cli_unknown_version_and_bad_threshold_exit_2(no_triton, store, capsys, monkeypatch):

@@ -1,18 +1,45 @@
-"""The registry of record: versions, stages, lineage, idempotency, events, CLI errors."""
+"""The registry of record: versions, stages, lineage, idempotency, events, CLI errors, the ONNX contract
+of the model spec at register."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+import zlib
+from functools import lru_cache
 
 import pytest
 
 from tasks.contracts.errors import EXIT_BAD_INPUT, EXIT_REJECTED, exit_code_for
+from tasks.contracts.files import sha256_file
+from tasks.contracts.spec import SpecError
+from tasks.model.networks import OnnxContractError
 from tasks.steps import drops
 from tasks.steps import registry
 from tasks.steps.registry import RegistryError
-from tests.support.factories import fake_run as _fake_run
+from tests.support.factories import fake_run
+from tests.support import spec_models as sm
+
+
+@lru_cache(maxsize=None)
+def _onnx_bytes(run_id: str, model: str = "digits") -> bytes:
+    """A valid ONNX classifier of the shipped spec ``model``, different for each run id."""
+    import tempfile
+    from pathlib import Path
+
+    from tasks.config import load_settings
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = sm.contract_onnx(Path(tmp) / "model.onnx", load_settings().model_spec(model),
+                                seed=zlib.crc32(run_id.encode()))
+        return path.read_bytes()
+
+
+def _fake_run(store, run_id="r1", drop_id="d1", **kw):
+    """``fake_run`` whose model.onnx is a real digits classifier (register checks the spec's ONNX contract)."""
+    kw.setdefault("onnx", _onnx_bytes(run_id))
+    fake_run(store, run_id, drop_id, **kw)
 
 
 def test_register_creates_candidate_with_lineage(store):
@@ -27,7 +54,7 @@ def test_register_creates_candidate_with_lineage(store):
     assert lineage["clearml_task_id"] == "offline-123"
     assert lineage["code_version"]
     assert lineage["parent_champion"] is None
-    assert store.get_bytes("models/digits/1/model.onnx") == b"onnx-bytes-r1"
+    assert store.get_bytes("models/digits/1/model.onnx") == _onnx_bytes("r1")
     assert not store.exists("models/digits/1/_claim.json")
     assert [e["event"] for e in registry.events(store, "digits")] == ["register"]
 
@@ -65,6 +92,55 @@ def test_unknown_version_and_run_are_clear_errors(store):
         registry.register(store, "digits", "nope", ["d1"], mirror=False)
 
 
+def test_the_version_records_its_model_spec(store, mlpipe_env):
+    _fake_run(store)
+    v = registry.register(store, "digits", "r1", ["d1"], mirror=False)
+    record = {"name": "digits", "sha256": sha256_file(mlpipe_env.models_dir / "digits" / "spec.yaml")}
+    assert v["spec"] == record and registry.get_version(store, "digits", 1)["spec"] == record
+    assert registry.events(store, "digits")[0]["spec"] == record
+
+
+def test_an_onnx_that_breaks_the_spec_is_rejected_naming_tensor_and_shape(store):
+    """A classifier of the shapes spec (48x48 RGB in, 5 logits, 32-d embedding) registered as digits."""
+    _fake_run(store, "r1", onnx=_onnx_bytes("r1", "shapes"))
+    with pytest.raises(OnnxContractError) as err:
+        registry.register(store, "digits", "r1", ["d1"], mirror=False)
+    msg = str(err.value)
+    assert exit_code_for(err.value) == EXIT_REJECTED
+    assert "refusing to register run 'r1'" in msg and "as 'digits'" in msg
+    assert "input 'input' has shape ['N', 3, 48, 48], expected ['N', 1, 28, 28]" in msg
+    assert "output 'logits' has shape ['N', 5], expected ['N', 10]" in msg
+    assert "output 'embedding' has shape ['N', 32], expected ['N', 64]" in msg
+    assert registry.list_versions(store, "digits") == [] and store.list("models/") == []  # nothing claimed
+
+
+def test_a_file_that_is_no_onnx_model_is_rejected(store):
+    _fake_run(store, "r1", onnx=b"onnx-bytes-r1")
+    with pytest.raises(OnnxContractError, match="not a loadable ONNX model"):
+        registry.register(store, "digits", "r1", ["d1"], mirror=False)
+
+
+def test_a_model_without_a_spec_is_bad_input(store, tmp_path, monkeypatch):
+    _fake_run(store, "r1")
+    with pytest.raises(SpecError, match="no model spec for 'nospec'") as err:
+        registry.register(store, "nospec", "r1", ["d1"], mirror=False)
+    assert exit_code_for(err.value) == EXIT_BAD_INPUT
+    # the spec named by MLPIPE_MODELS_DIR is the one checked: a 3-class spec refuses the digits model
+    sm.write_spec(tmp_path / "models", "digits", base="digits", classes=sm.TRICOLOUR["classes"])
+    sm.use_specs(monkeypatch, tmp_path / "models")
+    with pytest.raises(OnnxContractError, match=r"output 'logits' has shape \['N', 10\], expected \['N', 3\]"):
+        registry.register(store, "digits", "r1", ["d1"], mirror=False)
+
+
+def test_refuses_a_drop_validated_for_another_model(store):
+    _fake_run(store, "r1")
+    drops.bind_validation(store, "d1", {"success": True, "model": "shapes", "validated_at": "2026-01-01T00:00:00"},
+                          drops.content_digest(store, "d1"))
+    with pytest.raises(RegistryError, match="for model 'digits'.*validated for model 'shapes', not 'digits'"):
+        registry.register(store, "digits", "r1", ["d1"], mirror=False)
+    assert registry.list_versions(store, "digits") == []
+
+
 def test_refuses_unvalidated_drop(store):
     _fake_run(store, "r1", passed=False)
     with pytest.raises(RegistryError, match="no passing validation"):
@@ -83,6 +159,12 @@ def test_cli_register_and_errors(store, tmp_path):
     assert bad.returncode == EXIT_BAD_INPUT  # an unknown version: final
     assert "error: model 'digits' has no version 42" in bad.stderr
     assert "Traceback" not in bad.stderr
+    _fake_run(store, "r2", onnx=_onnx_bytes("r2", "shapes"))
+    wrong = subprocess.run([sys.executable, "-m", "tasks.cli", "registry", "register", "--run-id", "r2", "--drop-id",
+                            "d1", "--no-mirror"], capture_output=True, text=True)
+    assert wrong.returncode == EXIT_REJECTED, wrong.stderr  # the model breaks the spec: final, no retry
+    assert "output 'logits' has shape ['N', 5], expected ['N', 10]" in wrong.stderr
+    assert "Traceback" not in wrong.stderr
 
 
 # --------------------------------------------------------------------------- concurrency (both stores)
@@ -145,7 +227,7 @@ def test_concurrent_registrations_of_different_runs_get_distinct_versions_withou
     assert registry.list_versions(any_store, "digits") == list(range(1, N + 1))
     for v in out:  # each version holds its own run's model
         assert any_store.get_bytes(layout.version_file_key("digits", v["version"], "model.onnx")) == \
-            b"onnx-bytes-" + v["run_id"].encode()
+            _onnx_bytes(v["run_id"])
         assert registry.get_version(any_store, "digits", v["version"])["run_id"] == v["run_id"]
     # and registering them all again changes nothing
     again = _at_once(lambda run_id: registry.register(any_store, "digits", run_id, ["d1"], mirror=False),

@@ -1,4 +1,6 @@
-"""Great Expectations validation of drops (tasks/validate.py): pass, every fault, outputs, CLI, S3."""
+"""Great Expectations validation of drops (tasks/steps/validate.py): pass, every fault, outputs, CLI, S3, and the
+expectations rendered from the model spec (a drop of another model, shape, channels, class or encoding is
+rejected naming it)."""
 
 from __future__ import annotations
 
@@ -12,11 +14,15 @@ from pathlib import Path
 import pytest
 
 from tasks.contracts.errors import EXIT_BAD_INPUT, EXIT_REJECTED
+from tasks.contracts.spec import find_spec
+from tasks.model.frames import encode_frame
 from tasks.steps import drops
 from tasks.steps import validate
 from tasks.adapters.storage import LocalStore
 
 ROOT = Path(__file__).resolve().parents[3]
+DIGITS = find_spec("digits", ROOT / "models")
+SHAPES = find_spec("shapes", ROOT / "models")
 ROWS = 200
 
 # fault -> (expectation, column) that must name it, and the expected unexpected-row count
@@ -80,7 +86,9 @@ def test_clean_drop_passes_and_stores_outputs(store):
     assert res.result_uri == store.uri("drops/clean/validation/result.json")
     stored = store.get_json("drops/clean/validation/result.json")
     assert stored["success"] is True and stored["drop_id"] == "clean" and stored["report_uri"] == res.report_uri
-    assert stored["thresholds"] == validate.DEFAULT_THRESHOLDS
+    assert stored["thresholds"] == validate.default_thresholds(DIGITS) == {
+        "min_rows": 100, "max_rows": 100_000, "min_class_share": 0.03, "max_class_share": 0.3}
+    assert stored["model"] == res.model == "digits"
     index = store.get_bytes("drops/clean/validation/data_docs/index.html").decode()
     assert "<html" in index.lower() and "drop_suite" in index
     site = store.list("drops/clean/validation/data_docs/")
@@ -232,7 +240,7 @@ def test_result_is_bound_to_the_validated_content(store):
     assert drops.verify_validated(store, "bound")["images_sha256"] == drops.images_digest(files)
 
     # one image replaced by other bytes (a valid PNG): the digest moves and verification names the image
-    other = drops.encode_png(drops.golden_set()[0][0])
+    other = encode_frame(drops.golden_set(DIGITS)[0][0], DIGITS)
     name = sorted(files)[3]
     store.put_bytes(layout.images_prefix("bound") + name, other)
     with pytest.raises(drops.DropChanged, match=rf"drop 'bound' changed .*1 image changed \({name}\)"):
@@ -247,31 +255,35 @@ def test_the_format_is_read_from_the_bytes():
 
     from PIL import Image
 
-    img = drops.golden_set()[0][0]
-    png = drops.encode_png(img)
+    img = drops.golden_set(DIGITS)[0][0]
+    png = encode_frame(img, DIGITS)
     jpeg, gif = io.BytesIO(), io.BytesIO()
     Image.fromarray(img, mode="L").save(jpeg, format="JPEG")
     Image.fromarray(img, mode="L").save(gif, format="GIF")
     assert validate.sniff_format(png) == "PNG"
     assert validate.sniff_format(jpeg.getvalue()) == "JPEG" and validate.sniff_format(gif.getvalue()) == "GIF"
     assert validate.sniff_format(b"not an image at all") == "unknown"
-    info = validate._inspect_image(jpeg.getvalue())
+    info = validate._inspect_image(jpeg.getvalue(), DIGITS)
     assert info["decodes"] is True and info["format_ok"] is False and info["file_format"] == "JPEG"
-    assert validate._inspect_image(png)["format_ok"] is True
+    assert validate._inspect_image(png, DIGITS)["format_ok"] is True
     # a truncated PNG is still PNG by its magic: the decode check (not the format check) names it
-    assert validate._inspect_image(png[: len(png) // 2])["format_ok"] is True
+    assert validate._inspect_image(png[: len(png) // 2], DIGITS)["format_ok"] is True
+    # the accepted format is the spec's image encoding: JPEG for shapes
+    colour = drops.golden_set(SHAPES)[0][0]
+    assert validate._inspect_image(encode_frame(colour, SHAPES, "jpeg"), SHAPES)["format_ok"] is True
+    assert validate._inspect_image(encode_frame(colour, SHAPES, "png"), SHAPES)["format_ok"] is False
 
 
 def test_blank_means_no_signal():
     import numpy as np
 
     for value in (0, 255, 17):
-        info = validate._inspect_image(drops.encode_png(np.full((28, 28), value, dtype=np.uint8)))
+        info = validate._inspect_image(encode_frame(np.full((28, 28), value, dtype=np.uint8), DIGITS), DIGITS)
         assert info["pixel_std"] == 0.0 < validate.MIN_PIXEL_STD
     one_dot = np.zeros((28, 28), dtype=np.uint8)
     one_dot[14, 14] = 255  # a single bright pixel still varies (std ~9)
-    assert validate._inspect_image(drops.encode_png(one_dot))["pixel_std"] > validate.MIN_PIXEL_STD
-    assert validate._inspect_image(drops.encode_png(drops.golden_set()[0][0]))["pixel_std"] > 30
+    assert validate._inspect_image(encode_frame(one_dot, DIGITS), DIGITS)["pixel_std"] > validate.MIN_PIXEL_STD
+    assert validate._inspect_image(encode_frame(drops.golden_set(DIGITS)[0][0], DIGITS), DIGITS)["pixel_std"] > 30
 
 
 def test_timestamps_that_cannot_be_true():
@@ -293,3 +305,80 @@ def test_timestamps_that_cannot_be_true():
     future, too_old = validate._captured_at_checks(values, now)
     assert future == [False, False, True, False, False, False, False, None]
     assert too_old == [False, False, False, False, True, True, False, None]
+
+
+# --------------------------------------------------------------------------- rendered from the model spec
+
+
+@pytest.fixture(scope="module")
+def spec_store(tmp_path_factory):
+    """A clean shapes drop and shapes drops with one spec mismatch each."""
+    store = LocalStore(tmp_path_factory.mktemp("validate-spec") / "store")
+    drops.make_drop(store, "shapes-ok", size=ROWS, seed=1, spec=SHAPES)
+    for i, fault in enumerate(("wrong_shape", "wrong_format", "bad_label")):
+        drops.make_drop(store, f"shapes-{fault}", size=ROWS, seed=10 + i, spec=SHAPES, faults=[fault])
+    return store
+
+
+def _summaries(res) -> dict[tuple[str, str | None], str]:
+    return {(f["expectation"], f["column"]): f["summary"] for f in res.failures}
+
+
+def test_a_drop_of_the_spec_passes_and_records_its_model(spec_store):
+    res = validate.validate_drop(spec_store, "shapes-ok", spec=SHAPES)
+    assert res.success, [f["summary"] for f in res.failures]
+    assert res.model == "shapes" and res.thresholds["max_class_share"] == 0.6  # 3x an equal share of 5 classes
+    assert spec_store.get_json("drops/shapes-ok/validation/result.json")["model"] == "shapes"
+    assert drops.verify_validated(spec_store, "shapes-ok", model="shapes")["model"] == "shapes"
+    with pytest.raises(drops.DropNotValidated, match="validated for model 'shapes', not 'digits'"):
+        drops.verify_validated(spec_store, "shapes-ok", model="digits")
+
+
+def test_a_drop_of_another_model_is_rejected_naming_the_mismatch(spec_store):
+    res = validate.validate_drop(spec_store, "shapes-ok", spec=DIGITS)
+    assert not res.success and res.model == "digits"
+    found = _summaries(res)
+    model = found[("expect_column_values_to_be_in_set", "drop_model")]
+    assert "sample ['shapes']" in model and "drop made for another model" in model and "'digits'" in model
+    height = found[("expect_column_values_to_be_between", "height")]
+    assert "sample [48]" in height and "manifest height must be 28" in height
+    # the digits model reads images/<id>.png: the shapes drop's .jpg files are not its images
+    assert "image file missing" in found[("expect_column_values_to_be_in_set", "decodes")]
+    validate.validate_drop(spec_store, "shapes-ok", spec=SHAPES)  # leave it validated for its own model
+
+
+@pytest.mark.parametrize("fault, expectation, column, words", [
+    ("wrong_shape", "expect_column_values_to_be_in_set", "decoded_shape_ok",
+     ["10 of 200 rows", "['52x52x3']", "must be 48x48x3 (3-channel RGB)", "model 'shapes'"]),
+    ("wrong_format", "expect_column_values_to_be_in_set", "format_ok",
+     ["10 of 200 rows", "['PNG']", "the bytes must be JPEG", "frames.encodings: jpeg, png"]),
+    ("bad_label", "expect_column_values_to_be_in_set", "label",
+     ["10 of 200 rows", "labels must be in 0..4", "model 'shapes' (5 classes)"]),
+])
+def test_spec_mismatches_are_named(spec_store, fault, expectation, column, words):
+    res = validate.validate_drop(spec_store, f"shapes-{fault}", spec=SHAPES)
+    assert not res.success
+    summary = _summaries(res)[(expectation, column)]
+    for word in words:
+        assert word in summary, summary
+
+
+def test_channels_are_part_of_the_shape(store):
+    """RGB images of the right size in a grayscale model's drop: the shape check names the channels."""
+    import numpy as np
+
+    drops.make_drop(store, "rgb", size=ROWS, seed=3, spec=DIGITS)
+    df = drops.read_manifest(store, "rgb")
+    for image_id in df["image_id"][:5]:
+        key = drops.image_key("rgb", image_id, DIGITS)
+        grey = drops.decode_image(store.get_bytes(key))
+        store.put_bytes(key, encode_frame(np.repeat(grey[..., None], 3, axis=-1), SHAPES, "png"))
+    res = validate.validate_drop(store, "rgb", spec=DIGITS)
+    summary = _summaries(res)[("expect_column_values_to_be_in_set", "decoded_shape_ok")]
+    assert "5 of 200 rows" in summary and "['28x28x3']" in summary and "must be 28x28 (1-channel 8-bit grayscale)" in summary
+
+
+def test_cli_validates_for_the_named_model(mlpipe_env, store):
+    drops.make_drop(store, "cli-shapes", size=ROWS, seed=5, spec=SHAPES)
+    assert validate.main(["--model", "shapes", "--drop-id", "cli-shapes"]) == 0
+    assert validate.main(["--model", "digits", "--drop-id", "cli-shapes"]) == EXIT_REJECTED
