@@ -137,8 +137,8 @@ def decode_frame(payload: bytes | None, spec: "ModelSpec", content_type: str | N
 
 
 def encode_frame(image: "np.ndarray", spec: "ModelSpec", encoding: str | None = None) -> bytes:
-    """A uint8 image as a frame of ``spec``: ``encoding`` or the spec's preferred one (PNG if accepted, else
-    JPEG); deterministic. ``content_type_of(encoding)`` is the header to send with it."""
+    """A uint8 image as a frame of ``spec``: ``encoding`` or the spec's ``image_encoding`` (the first encoded
+    format of ``frames.encodings``); deterministic. ``content_type_of(encoding)`` is the header to send with it."""
     from tasks.model import frame_codec
 
     return frame_codec.encode(image, encoding or spec.image_encoding)

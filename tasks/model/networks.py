@@ -149,17 +149,17 @@ def to_input(images: "np.ndarray", spec: "ModelSpec") -> "np.ndarray":
         raise ValueError(f"{spec.name}: float input must have shape [N, {', '.join(map(str, want))}], "
                          f"got {list(arr.shape)}")
     img = tuple(spec.image_shape)
-    if arr.ndim == len(img) + 1 and tuple(arr.shape[1:]) == img:
-        pass
-    elif not (arr.ndim == 4 and tuple(arr.shape[1:]) == want):
+    if tuple(arr.shape[1:]) == img and arr.ndim == len(img) + 1:
+        hwc = arr  # decoded images: [N, H, W] or [N, H, W, C], what normalise takes
+    elif arr.ndim == 4 and tuple(arr.shape[1:]) == want:
+        hwc = arr.transpose(0, 2, 3, 1) if spec.input.layout == "NCHW" else arr  # already in the input layout
+    else:
         raise ValueError(f"{spec.name}: expected uint8 images of shape [N, {', '.join(map(str, img))}] or "
                          f"[N, {', '.join(map(str, want))}], got {list(arr.shape)}")
     from tasks.model.frame_codec import normalise
     from tasks.model.frames import codec_params
 
-    if spec.input.layout == "NCHW" and arr.ndim == 4 and tuple(arr.shape[1:]) == want and want != img:
-        arr = arr.transpose(0, 2, 3, 1)  # already NCHW: back to NHWC, which normalise takes
-    return normalise(arr, codec_params(spec))
+    return normalise(hwc, codec_params(spec))
 
 
 def export_onnx(model: "nn.Module", path: str | Path, spec: "ModelSpec") -> Path:

@@ -70,7 +70,7 @@ from tasks.contracts.errors import Rejected, Transient, run_cli
 from tasks.logs import setup_logging
 from tasks.adapters.storage import ObjectNotFound, Store, StoreError, open_store
 from tasks.contracts.results import write_result_json
-from tasks.contracts.serving import MAX_BATCH
+from tasks.contracts.serving import MAX_BATCH, frame_error_rows
 from tasks.contracts.files import sha256_file
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -239,15 +239,6 @@ def preflight(onnx_path: Path, spec: "ModelSpec", what: str, n: int = SMOKE_SAMP
     return {"labels": logits.argmax(axis=1), "topk_scores": -np.sort(-probs, axis=1)[:, :_top_k(spec)]}
 
 
-def _frame_errors(out: dict[str, Any]) -> list[str]:
-    """The non-empty ``FRAME_ERROR`` rows of an ensemble answer, as text."""
-    import numpy as np
-
-    from tasks.contracts.serving import FRAME_ERROR
-
-    return [bytes(e).decode(errors="replace") for e in np.asarray(out[FRAME_ERROR]).reshape(-1) if e]
-
-
 def smoke_floor(spec: "ModelSpec", min_accuracy: float | None = None) -> float:
     """The smoke test's accuracy floor: ``min_accuracy``, else the spec's QC ``min_accuracy - SMOKE_MARGIN``."""
     return min_accuracy if min_accuracy is not None else max(0.0, spec.qc.min_accuracy - SMOKE_MARGIN)
@@ -275,7 +266,7 @@ def smoke_test(client, spec: "ModelSpec", n: int = SMOKE_SAMPLES, min_accuracy: 
     if wrong:
         raise DeployError(f"smoke test: ensemble {model!r} answered with wrong output shapes {wrong}; expected "
                           f"{ {key: want[key] for key in wrong} } (model spec {spec.name!r})")
-    failed = _frame_errors(out)
+    failed = [text for _, text in frame_error_rows(out)]
     if failed:
         raise DeployError(f"smoke test: ensemble {model!r} could not use {len(failed)} of {n} golden frames "
                           f"({spec.image_encoding}); first FRAME_ERROR: {failed[0]!r}")
@@ -321,7 +312,7 @@ def _full_batch_check(client, model: str, frames: Sequence[bytes], labels) -> in
                           f"failed ({exc})") from None
     got = np.asarray(out["LABEL"]).reshape(-1)
     want = np.tile(np.asarray(labels), reps)[:full]
-    failed = _frame_errors(out)
+    failed = [text for _, text in frame_error_rows(out)]
     if got.shape != (full,) or failed or not np.array_equal(got, want):
         raise DeployError(f"smoke test: a full batch of {full} through {model!r} gave {got.shape[0]} labels, "
                           f"{int(np.sum(got[:len(want)] != want[:len(got)]))} differing from the same frames "

@@ -60,7 +60,7 @@ from tasks.steps import registry
 from tasks.config import QCSection, load_settings, parse_bool
 from tasks.contracts import layout
 from tasks.contracts.errors import Rejected, is_transient, run_cli
-from tasks.contracts.serving import FRAME_ERROR
+from tasks.contracts.serving import frame_error_rows
 from tasks.contracts.spec import ModelSpec, QCSpec
 from tasks.logs import setup_logging
 from tasks.adapters.storage import Store, open_store
@@ -178,14 +178,6 @@ def triton_runner():
         raise ValueError(f"MLPIPE_QC_TRITON_RUNNER={spec!r} does not name a class as 'module:Class' ({exc})") from exc
 
 
-def _frame_errors(out: dict[str, Any]) -> list[str]:
-    """The non-empty ``FRAME_ERROR`` rows of an ensemble answer (``"<reason>: <detail>"`` each)."""
-    import numpy as np
-
-    rows = np.asarray(out[FRAME_ERROR], dtype=object).reshape(-1)
-    return [(r.decode("utf-8", "replace") if isinstance(r, bytes) else str(r)) for r in rows if r]
-
-
 def _triton_checks(spec: ModelSpec, version: int, onnx_path: Path, images, th: QCThresholds,
                    work: Path, artifact: str = layout.MODEL_ONNX) -> list[dict[str, Any]]:
     """Load the candidate in a throw-away local Triton (InfraValidator); check its answers and batch-1 latency.
@@ -225,7 +217,7 @@ def _triton_checks(spec: ModelSpec, version: int, onnx_path: Path, images, th: Q
                     return [_check("triton_serves", False, f"Triton did not load or answer: {exc}"
                                    + (f" (server log: {tail})" if tail else "")),
                             _check("latency_p95", None, not_measured.format("answer"))]
-                errors = _frame_errors(out)
+                errors = [text for _, text in frame_error_rows(out)]
                 labels = np.asarray(out["LABEL"]).reshape(-1)
                 emb_shape = list(np.asarray(out["EMBEDDING"]).shape)
                 agree = float(np.mean(labels == ref_labels)) if len(labels) == n else 0.0

@@ -742,7 +742,7 @@ def check_run(store: "Store", result: Any, spec: "ModelSpec", run_id: str) -> No
         raise TrainerContractError(f"{who}: the result dict has no {', '.join(missing)} (needs {', '.join(RESULT_KEYS)})")
     if result["run_id"] != run_id:
         raise TrainerContractError(f"{who} reported run {result['run_id']!r}, but was asked for run {run_id!r}")
-    metrics_key = layout.run_file_key(run_id, "metrics.json")
+    metrics_key = layout.run_file_key(run_id, layout.METRICS)
     if not store.exists(metrics_key):
         raise TrainerContractError(f"{who} wrote no {store.uri(metrics_key)} (the contract: model.onnx and "
                                    "metrics.json under runs/<run_id>/)")
@@ -789,7 +789,7 @@ def run_trainer(
                 run_id)
     result = fn(store, drop_ids, spec=spec, run_id=run_id, seed=seed, epochs=epochs, **_accepted(fn, options))
     check_run(store, result, spec, run_id)
-    result_key = layout.run_file_key(run_id, "result.json")
+    result_key = layout.run_file_key(run_id, layout.RUN_RESULT)
     if not store.exists(result_key):  # the built-in trainer writes it; another one may not: it marks the run done
         store.put_json(result_key, result)
     return result

@@ -55,7 +55,7 @@ from tasks.contracts.messages import (
     R_UNDECODABLE,
     FrameRejected,
 )
-from tasks.contracts.serving import FRAME_ERROR
+from tasks.contracts.serving import frame_error_rows
 from tasks.model.frames import check_frame
 from tasks.serving.consumer.policy import QdrantPolicy
 
@@ -163,10 +163,7 @@ def parse_frame_error(text: bytes | str) -> FrameRejected:
 def frame_errors(outputs: Mapping[str, "np.ndarray"]) -> list[tuple[int, FrameRejected]]:
     """(row, rejection) for every row whose ``FRAME_ERROR`` output is not empty, in row order (none without
     that output)."""
-    errors = outputs.get(FRAME_ERROR)
-    if errors is None:
-        return []
-    return [(j, parse_frame_error(v)) for j, v in enumerate(errors.reshape(-1).tolist()) if v]
+    return [(j, parse_frame_error(text)) for j, text in frame_error_rows(outputs)]
 
 
 # --------------------------------------------------------------------------- records out

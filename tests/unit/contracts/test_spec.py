@@ -4,7 +4,6 @@ digits and shapes specs, finding a spec by model name, the CLI's exit codes."""
 from __future__ import annotations
 
 import copy
-import dataclasses
 import importlib
 import json
 import re
