@@ -5,6 +5,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+# the suite on 2 pytest-xdist workers (tests/support/parallel.py says how it is split); PYTEST_XDIST= runs it serially
+PYTEST_XDIST ?= -n 2 --dist loadgroup
 CHAOS_ARGS ?=
 # the model project of demo / bench (models/<name>/spec.yaml): digits, shapes or your own
 MODEL ?= digits
@@ -33,7 +35,8 @@ demo-regression: $(STAMP) ## the demo, then a deliberately worse model that the 
 
 test: $(STAMP) ## run the test suite (starts its own local services)
 	@bash .ci/ensure-chromium
-	$(PY) -m pytest $(PYTEST_ARGS)
+	@bash .ci/ensure-prometheus
+	$(PY) -m pytest $(PYTEST_XDIST) $(PYTEST_ARGS)
 
 bench: $(STAMP) ## streaming benchmark (MODEL=digits): ORT in-process vs naive vs the consumer; writes var/bench/results.{json,md}
 	$(VENV)/bin/mlpipe bench --model $(MODEL)
@@ -41,13 +44,14 @@ bench: $(STAMP) ## streaming benchmark (MODEL=digits): ORT in-process vs naive v
 chaos: $(STAMP) ## fault injection (kill -9, stalls, broker restarts, poison) on the local stack under a steady stream; writes var/chaos/results.{json,md}
 	$(VENV)/bin/mlpipe chaos $(CHAOS_ARGS)
 
-up: $(STAMP) ## start the local stack (Airflow UI on 127.0.0.1:8080, Triton, broker, consumer, gateway) and its supervisor; after a crash, clean up and restart
+up: $(STAMP) ## start the local stack (Airflow UI on 127.0.0.1:8080, Triton, broker, consumer, gateway, metrics exporter, Prometheus on :9090) and its supervisor; after a crash, clean up and restart
+	@bash .ci/ensure-prometheus
 	$(VENV)/bin/mlpipe stack up
 
 down: ## stop the local stack started by `make up` (its supervisor, then each service's process group; within 10 s)
 	@if [ -x $(PY) ]; then $(VENV)/bin/mlpipe stack down; else echo "no venv: nothing was started"; fi
 
-status: $(STAMP) ## health of the local stack's services, URLs and the UI login
+status: $(STAMP) ## health of the local stack's services, URLs, the UI login and the CPU cost per 1,000 frames
 	@$(VENV)/bin/mlpipe stack status || true
 
 clean: ## remove generated state (var/)

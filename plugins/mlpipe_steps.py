@@ -63,6 +63,7 @@ POD_ENV_PASSTHROUGH = (
     "MLPIPE_STORE_URL", "MLPIPE_S3_ENDPOINT", "MLPIPE_S3_SECURE", "MLPIPE_S3_REGION", "MLPIPE_MODEL_NAME",
     "MLPIPE_CLEARML_PROJECT", "CLEARML_API_HOST", "CLEARML_WEB_HOST", "CLEARML_FILES_HOST",
     "MLPIPE_TRITON_URL", "MLPIPE_MODEL_REPO", "MLPIPE_KEEP_VERSIONS",
+    "OTEL_EXPORTER_OTLP_ENDPOINT",  # the step pods' spans go to the collector the Airflow side exports to
 ) + tuple(f"MLPIPE_QC_{n}" for n in ("MIN_ACCURACY", "MIN_CLASS_RECALL", "MAX_REGRESSION", "MAX_PARITY_DIFF",
                                     "MAX_TRT_PARITY_DIFF", "P95_LATENCY_MS", "LATENCY_REQUESTS", "TRITON_CHECK"))
 
@@ -71,6 +72,17 @@ def execution_mode() -> str:
     from tasks.config import load_settings
 
     return load_settings().execution  # MLPIPE_EXECUTION; a bad value raises naming it
+
+
+def _airflow_attributes(context: Any) -> dict[str, Any]:
+    """The Airflow ids of a task run, as span attributes (missing ones left out)."""
+    ti = context.get("ti") if hasattr(context, "get") else None
+    run = context.get("dag_run") if hasattr(context, "get") else None
+    return {k: v for k, v in {
+        "airflow.dag_id": getattr(ti, "dag_id", None) or getattr(run, "dag_id", None),
+        "airflow.run_id": getattr(run, "run_id", None) or getattr(ti, "run_id", None),
+        "airflow.task_id": getattr(ti, "task_id", None),
+        "airflow.try_number": getattr(ti, "try_number", None)}.items() if v is not None}
 
 
 class LocalStepOperator(BaseOperator):
@@ -86,6 +98,18 @@ class LocalStepOperator(BaseOperator):
         self._proc: subprocess.Popen[str] | None = None
 
     def execute(self, context: Any) -> Any:
+        """The step run inside a ``step <command>`` span (``tasks.tracing``); the subprocess gets its
+        ``TRACEPARENT``, so the step's log lines carry the span's trace id."""
+        from tasks import tracing
+
+        tracing.setup_tracing("airflow")
+        try:
+            with tracing.step_span(self.command, _airflow_attributes(context)) as trace_env:
+                return self._execute(context, trace_env)
+        finally:
+            tracing.flush(2.0)  # the task process may end before the batch exporter's next round
+
+    def _execute(self, context: Any, trace_env: dict[str, str]) -> Any:
         with tempfile.TemporaryDirectory(prefix=f"mlpipe-{self.command}-") as tmp:
             result_path = Path(tmp) / "result.json"
             cmd = [sys.executable, "-m", "tasks.cli", self.command, *map(str, self.arguments),
@@ -94,6 +118,7 @@ class LocalStepOperator(BaseOperator):
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
             env.setdefault("PYTHONUNBUFFERED", "1")
             env["MLPIPE_LOG_FORMAT"] = "json"  # parsed below: each record at its level, Airflow's time only
+            env.update(trace_env)
             self.log.info("step %s: %s", self.command, shlex.join(cmd))
             tail: deque[str] = deque(maxlen=20)
             error: str | None = None
@@ -192,7 +217,19 @@ def pod_operator_class() -> type:
                 self.image, self.cmds, self.arguments = trainer_pod(self.trainer_model, self.trainer_values)
                 self.log.info("model %s: trainer image %s, command %s", self.trainer_model, self.image,
                               shlex.join([*self.cmds, *self.arguments]))
-            return super().execute(context)
+            from tasks import tracing
+
+            tracing.setup_tracing("airflow")
+            try:  # a step span; the pod gets its TRACEPARENT (its log lines carry the span's trace id)
+                with tracing.step_span(self.step_command or self.task_id, _airflow_attributes(context)) as trace_env:
+                    if trace_env:
+                        from kubernetes.client import models as k8s
+
+                        self.env_vars = [*(self.env_vars or []), *(k8s.V1EnvVar(name=k, value=v)
+                                                                   for k, v in trace_env.items())]
+                    return super().execute(context)
+            finally:
+                tracing.flush(2.0)
 
         def cleanup(self, pod: Any, remote_pod: Any, *args: Any, **kwargs: Any) -> None:
             try:

@@ -20,9 +20,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compile": ("tasks.steps.compile", "compile a version to TensorRT (skipped with the reason without a GPU)"),
     "qc": ("tasks.steps.qc", "the QC gate: golden-set accuracy, recalls, parity, Triton infra check"),
     "deploy": ("tasks.steps.deploy", "deploy a QC-passed version to Triton, roll back, show status"),
+    "rollout": ("tasks.steps.rollout", "safe rollout of a QC-passed version: shadow, canary steps, promote or "
+                "roll back on live evidence; the kill switch"),
     "monitor": ("tasks.steps.monitor", "drift of live frames against the training drops"),
     "stream": ("tasks.serving.consumer", "the streaming consumer (Triton sidecar): frames -> predictions + Qdrant"),
     "gateway": ("tasks.serving.gateway", "the HTTP ingest gateway: frames in, predictions out"),
+    "metrics-exporter": ("tasks.serving.exporter", "Prometheus metrics of drift, QC, consumer lag seen from outside "
+                         "and cost per frame"),
     "model-repo": ("tasks.model.repo", "render and validate the Triton model repository"),
     "kafka": ("tasks.adapters.kafka", "create or delete the pipeline topics on a Kafka cluster"),
     "vectors": ("tasks.adapters.qdrant", "inspect the Qdrant predictions collection"),
@@ -30,10 +34,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "airflow": ("tasks.local.airflow", "the local Airflow home: db, dags test"),
     "broker": ("tasks.local.broker", "run the local Kafka-compatible broker (Tansu)"),
     "triton": ("tasks.local.triton", "run the local tritonserver; status, load, unload"),
+    "prometheus": ("tasks.local.prometheus", "the local Prometheus: serve (rendered config), check (promtool)"),
     "bench": ("tasks.tools.bench", "streaming benchmark (make bench)"),
     "chaos": ("tasks.tools.chaos", "fault-injection trials on the local stack under a steady stream (make chaos)"),
     "demo": ("tasks.tools.demo", "the retrain pipeline end to end on embedded defaults (make demo)"),
     "spec": ("tasks.tools.spec", "check a model spec (models/<name>/spec.yaml); print its JSON Schema"),
+    "audit": ("tasks.tools.audit", "what happened at a given minute: serving version, DAG runs, drift, DLQ, errors"),
+    "trace": ("tasks.tools.trace", "one frame's path with timings (gateway -> Kafka -> consumer -> Triton -> sinks)"),
+    "lineage": ("tasks.tools.lineage", "what a prediction's lineage id resolves to: drops, validation, run, QC"),
 }
 ALIASES = {"consumer": "stream"}
 
@@ -48,6 +56,9 @@ def usage() -> str:
 
 def run(command: str, argv: Sequence[str]) -> int:
     """Run ``command``'s ``main(argv)`` and return its exit code."""
+    from tasks.logs import set_service
+
+    set_service(ALIASES.get(command, command))  # the log file and the spans' service name
     module = importlib.import_module(COMMANDS[ALIASES.get(command, command)][0])
     code = module.main(list(argv))
     return int(code or 0)

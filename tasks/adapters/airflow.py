@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import time
 from typing import Any, Iterable, Mapping, Sequence
@@ -16,13 +17,16 @@ class AirflowError(RuntimeError):
 class AirflowClient:
     """A small client of Airflow's REST API v2 (JWT from ``POST /auth/token``)."""
 
-    def __init__(self, base_url: str, username: str, password: str, timeout: float = 60.0) -> None:
+    def __init__(self, base_url: str, username: str = "", password: str = "", timeout: float = 60.0, *,
+                 token: str | None = None) -> None:
+        """Log in with ``username``/``password``, or use a JWT the caller already holds (``token``: the
+        operator's view inside the api-server forwards the signed-in user's own token)."""
         import httpx
 
         self.base_url = base_url.rstrip("/")
         self._http = httpx.Client(base_url=self.base_url, timeout=timeout)
         self._creds = {"username": username, "password": password}
-        self._token: str | None = None
+        self._token: str | None = token
 
     def token(self) -> str:
         if self._token is None:
@@ -102,5 +106,36 @@ class AirflowClient:
         raise TimeoutError(f"DAGs {sorted(want - set(found))} not parsed after {timeout:.0f}s; "
                            f"import errors: {[e.get('stack_trace', '')[-300:] for e in errors]}")
 
+    def dag_runs_between(self, start: dt.datetime, end: dt.datetime, limit: int = 200) -> list[dict[str, Any]]:
+        """The DAG runs of every DAG that were queued, running or ended within ``[start, end]`` (UTC): the
+        newest ``limit`` runs due by ``end`` (``run_after_lte``), kept where they overlap the window."""
+        runs = self.get("/api/v2/dags/~/dagRuns", run_after_lte=_iso(end), order_by="-run_after",
+                        limit=limit)["dag_runs"]
+        return [r for r in runs if _overlaps(r.get("start_date") or r.get("queued_at") or r.get("run_after"),
+                                             r.get("end_date"), start, end)]
+
+    def task_instances_between(self, start: dt.datetime, end: dt.datetime, limit: int = 500) -> list[dict[str, Any]]:
+        """Task instances of every DAG run that ran within ``[start, end]`` (their ``try_number`` tells a retry)."""
+        tis = self.get("/api/v2/dags/~/dagRuns/~/taskInstances", start_date_lte=_iso(end), limit=limit,
+                       order_by="-start_date")["task_instances"]
+        return [t for t in tis if _overlaps(t.get("start_date"), t.get("end_date"), start, end)]
+
     def close(self) -> None:
         self._http.close()
+
+
+def _iso(at: dt.datetime) -> str:
+    return (at if at.tzinfo else at.replace(tzinfo=dt.timezone.utc)).isoformat()
+
+
+def _parse(text: str | None) -> dt.datetime | None:
+    if not text:
+        return None
+    at = dt.datetime.fromisoformat(str(text).replace("Z", "+00:00"))
+    return at if at.tzinfo else at.replace(tzinfo=dt.timezone.utc)
+
+
+def _overlaps(began: str | None, ended: str | None, start: dt.datetime, end: dt.datetime) -> bool:
+    """``[began, ended]`` (ended None: still going) meets ``[start, end]``."""
+    b, e = _parse(began), _parse(ended)
+    return (b is None or b <= end) and (e is None or e >= start) and (b is not None or e is not None)

@@ -213,6 +213,10 @@ class KafkaConfig:
             "auto.offset.reset": "earliest",
             "session.timeout.ms": 10000,
             "max.poll.interval.ms": 300000,
+            # incremental rebalances: a member joining or leaving moves only the partitions that change owner,
+            # the others keep being consumed (eager: every member stops and gives up everything). Every member of
+            # a group must use the same strategy (verified on Tansu 0.6: joins, incremental revoke/assign)
+            "partition.assignment.strategy": "cooperative-sticky",
         })
         conf.update(overrides)
         if "heartbeat.interval.ms" not in overrides:
@@ -315,6 +319,74 @@ def committed_offsets(cfg: KafkaConfig, group_id: str, topic: str, timeout: floa
         return {tp.partition: (tp.offset if tp.offset >= 0 else -1) for tp in parts}
     except KafkaException as exc:
         raise BusError(f"cannot read committed offsets of group {group_id!r}: {exc}") from exc
+    finally:
+        consumer.close()
+
+
+def _end_offsets(consumer: Any, topic: str, partitions: Sequence[int], timeout: float) -> dict[int, int]:
+    """The end offset (high watermark) of each partition, as a fetch reports it.
+
+    ListOffsets alone is not enough: Tansu 0.6 answers it with the base offset of the last record batch
+    + 1 (a batch of 10 frames counts as one), while a fetch response carries the true high watermark.
+    So the listed end is read first and, where the partition is not empty, one fetch from just before
+    it (assign-only: no group is joined, nothing is committed) gives the real one. With Kafka both agree."""
+    from confluent_kafka import TopicPartition
+
+    ends = {p: int(consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)[1]) for p in partitions}
+    pending = {p for p, end in ends.items() if end > 0}
+    if not pending:
+        return ends
+    consumer.assign([TopicPartition(topic, p, ends[p] - 1) for p in sorted(pending)])
+    deadline = time.monotonic() + timeout
+    try:
+        while pending and time.monotonic() < deadline:
+            msg = consumer.poll(min(0.2, max(0.01, deadline - time.monotonic())))
+            if msg is None or msg.error() is not None or msg.partition() not in pending:
+                continue
+            high = consumer.get_watermark_offsets(TopicPartition(topic, msg.partition()), cached=True)[1]
+            ends[msg.partition()] = max(ends[msg.partition()], int(high), msg.offset() + 1)
+            pending.discard(msg.partition())
+    finally:
+        consumer.unassign()
+    if pending:
+        raise BusError(f"no fetch answer for {topic} partitions {sorted(pending)} within {timeout:.0f}s")
+    return ends
+
+
+def group_offsets(cfg: KafkaConfig, group_id: str, topic: str, timeout: float = 10.0) -> dict[int, tuple[int, int]]:
+    """Partition -> (the group's committed offset, -1 when none; the end offset) of ``topic``, read from
+    outside the group (an OffsetFetch and the end offsets, ``_end_offsets``; joins nothing): the lag an
+    observer measures even while the consumer itself is stuck or gone."""
+    from confluent_kafka import Consumer, KafkaException, TopicPartition
+
+    # a reader of its own: the OffsetFetch names the group, the fetch for the end offsets joins nothing
+    consumer = Consumer(_client_logging(cfg.consumer_config(group_id)))
+    try:
+        md = consumer.list_topics(topic, timeout=timeout).topics.get(topic)
+        if md is None or md.error is not None:
+            raise BusError(f"topic {topic!r} not found on {cfg.bootstrap}")
+        partitions = sorted(md.partitions)
+        parts = consumer.committed([TopicPartition(topic, p) for p in partitions], timeout=timeout)
+        ends = _end_offsets(consumer, topic, partitions, timeout)
+        return {tp.partition: (tp.offset if tp.offset >= 0 else -1, ends[tp.partition]) for tp in parts}
+    except KafkaException as exc:
+        raise BusError(f"cannot read the offsets of group {group_id!r} on {topic!r}: {exc}") from exc
+    finally:
+        consumer.close()
+
+
+def topic_end_offsets(cfg: KafkaConfig, topic: str, timeout: float = 10.0) -> dict[int, int]:
+    """Partition -> end offset (high watermark) of ``topic``: how many messages were ever written to it."""
+    from confluent_kafka import Consumer, KafkaException
+
+    consumer = Consumer(_client_logging(cfg.consumer_config("mlpipe-offsets-reader")))  # joins no group
+    try:
+        md = consumer.list_topics(topic, timeout=timeout).topics.get(topic)
+        if md is None or md.error is not None:
+            raise BusError(f"topic {topic!r} not found on {cfg.bootstrap}")
+        return _end_offsets(consumer, topic, sorted(md.partitions), timeout)
+    except KafkaException as exc:
+        raise BusError(f"cannot read the end offsets of {topic!r}: {exc}") from exc
     finally:
         consumer.close()
 
@@ -562,7 +634,12 @@ class BatchConsumer:
     * ``commit(offsets)`` commits ``{(topic, partition): next_offset}``
       synchronously. Offsets of partitions no longer assigned are skipped.
     * ``lag()`` is the consumer lag per partition, from the statistics callback.
-    * ``on_revoke`` / ``on_assign`` user callbacks receive ``[(topic, partition)]``.
+    * ``on_revoke`` / ``on_assign`` user callbacks receive ``[(topic, partition)]``; ``on_assign`` the
+      whole assignment after the change, ``on_revoke`` only what is revoked.
+    * The group protocol is ``cooperative-sticky`` (``KafkaConfig.consumer_config``; ``cooperative``): a
+      rebalance revokes and assigns incrementally, so a member keeps consuming the partitions that do not
+      move. Eager strategies (``partition.assignment.strategy`` overridden) still work: everything is
+      revoked, then the whole new assignment comes.
     """
 
     def __init__(self, cfg: KafkaConfig, group_id: str, topics: Sequence[str], *,
@@ -591,16 +668,25 @@ class BatchConsumer:
         conf["error_cb"] = self._on_error
         conf["on_commit"] = self._on_commit
         self.commit_errors = 0
+        self.cooperative = "cooperative" in str(conf.get("partition.assignment.strategy", ""))
         self._consumer = Consumer(_client_logging(conf))
         self._consumer.subscribe(self.topics, on_assign=self._on_assign, on_revoke=self._on_revoke,
                                  on_lost=self._on_revoke)
 
     # callbacks (run inside poll) ---------------------------------------
     def _on_assign(self, consumer: Any, partitions: list[Any]) -> None:
-        self._assignment = {(p.topic, p.partition) for p in partitions}
+        """Eager: ``partitions`` is the whole new assignment (after a revoke of everything); cooperative: only
+        the partitions added (often none). Assigned here, before pausing them: a pause before the assignment
+        takes effect would not hold."""
+        if self.cooperative:
+            consumer.incremental_assign(partitions)
+        else:
+            consumer.assign(partitions)
+        self._assignment |= {(p.topic, p.partition) for p in partitions}
         self.assigned_once = True
         self.in_group = True
-        logger.info("assigned %s", sorted(self._assignment))
+        logger.info("assigned %s (now %s)", sorted((p.topic, p.partition) for p in partitions),
+                    sorted(self._assignment))
         if self._paused and partitions:
             consumer.pause(partitions)
         if self._user_assign:
@@ -612,7 +698,9 @@ class BatchConsumer:
         if self._user_revoke:
             self._user_revoke(revoked)
         self._assignment -= set(revoked)
-        self.in_group = False  # until the next assignment (a rebalance, or the session was lost)
+        # eager (or a lost session): everything went, out of the group until the next assignment; cooperative:
+        # the partitions kept are still consumed
+        self.in_group = bool(self._assignment)
         for tp in revoked:
             self._lag.pop(tp, None)
 

@@ -2,7 +2,9 @@
 
 ``TritonClient``: health, repository control (load / unload / index) and
 ``infer_frames`` (encoded frames) for the ensemble, over gRPC (default) or HTTP. Every failure
-is a ``TritonError`` naming the server URL, the model and what failed.
+is a ``TritonError`` naming the server URL, the model and what failed. An inference request carries
+the current span's W3C ``traceparent`` (``tasks.tracing.trace_headers``) as gRPC metadata / an HTTP
+header, so a Triton started with ``--trace-config mode=opentelemetry`` continues the frame's trace.
 The local server (the ``tritonserver`` binary of the nvidia-pytriton wheel) is
 ``tasks.local.triton``; ``tasks.model.serve.serve_classifier_version`` pins and
 loads one classifier version.
@@ -17,6 +19,7 @@ from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 from tasks.contracts.errors import Transient
 from tasks.contracts.serving import ENSEMBLE_OUTPUTS, FRAME_INPUT, MAX_BATCH
+from tasks.tracing import trace_headers
 
 logger = logging.getLogger(__name__)
 
@@ -232,7 +235,10 @@ class TritonClient:
                 inp.set_data_from_numpy(arr)
                 req_inputs.append(inp)
             req_outputs = [mod.InferRequestedOutput(o) for o in outputs]
-            kw = {"client_timeout": self.timeout} if self.protocol == "grpc" else {}
+            kw: dict[str, Any] = {"client_timeout": self.timeout} if self.protocol == "grpc" else {}
+            trace = trace_headers()  # W3C context of the current span: gRPC metadata / HTTP headers for Triton
+            if trace:
+                kw["headers"] = trace
             result = self.raw.infer(model_name, req_inputs, model_version=str(version), outputs=req_outputs, **kw)
             return {o: result.as_numpy(o) for o in outputs}
         return self._call("inference", model_name, run)

@@ -31,6 +31,11 @@ Keys are ``/``-separated and relative to the store's root (docs/CONTRACTS.md)::
 
     dlq/<topic>/<partition>/<offset>/value|record.json   an oversize dead-lettered frame (consumer)
 
+    rollouts/<model>/state.json               the rollout state every consumer follows (contracts.rollout)
+    rollouts/<model>/lock.json                the running rollout's lease (one rollout per model)
+    rollouts/<model>/<rollout_id>/evidence/<consumer>.json   one consumer's live evidence per version
+    rollouts/<model>/<rollout_id>/rollout.json | report.html  the controller's record and report
+
 Standard library only: every layer (and the Airflow plugins) may import it.
 """
 
@@ -216,6 +221,41 @@ def dlq_original_prefix(topic: str, partition: int, offset: int) -> str:
     """Where the consumer stores a dead-lettered frame too large for ``frames.dlq``: ``value`` (the original
     bytes) and ``record.json`` (topic, partition, offset, key and headers, base64) under this prefix."""
     return f"{DLQ}/{topic}/{int(partition)}/{int(offset)}/"
+
+
+# ---------------------------------------------------------------- safe rollout
+
+ROLLOUTS = "rollouts"
+
+
+def rollout_prefix(model: str) -> str:
+    return f"{ROLLOUTS}/{model}/"
+
+
+def rollout_state_key(model: str) -> str:
+    """The state every consumer follows (mode, champion, candidate, share); written by the rollout controller
+    and the kill switch only."""
+    return f"{ROLLOUTS}/{model}/state.json"
+
+
+def rollout_lock_key(model: str) -> str:
+    return f"{ROLLOUTS}/{model}/lock.json"
+
+
+def rollout_run_prefix(model: str, rollout_id: str) -> str:
+    return f"{ROLLOUTS}/{model}/{rollout_id}/"
+
+
+def rollout_evidence_prefix(model: str, rollout_id: str) -> str:
+    return f"{ROLLOUTS}/{model}/{rollout_id}/evidence/"
+
+
+def rollout_evidence_key(model: str, rollout_id: str, consumer: str) -> str:
+    return f"{ROLLOUTS}/{model}/{rollout_id}/evidence/{consumer}.json"
+
+
+ROLLOUT_RECORD = "rollout.json"
+ROLLOUT_REPORT = "report.html"
 
 
 # ---------------------------------------------------------------- triggers

@@ -4,7 +4,7 @@
   ``frames.encodings`` lists: PNG, JPEG, or raw pixels of ``frames.raw_bytes``); headers ``frame_id``,
   ``content-type``, ``captured_at`` (ISO 8601), ``traceparent`` (W3C).
 * ``predictions``: one JSON object per frame (frame id, class id and name, outputs, model
-  version, latency, processed-at), keyed like the frame.
+  version, its ``lineage`` id (``lineage_id``), latency, processed-at), keyed like the frame.
 * ``frames.dlq``: the original value and headers plus ``reason`` (one of
   ``DLQ_REASONS``) and a human-readable detail.
 
@@ -18,6 +18,10 @@ from __future__ import annotations
 FRAMES = "frames"
 PREDICTIONS = "predictions"
 FRAMES_DLQ = "frames.dlq"
+#: a shadow candidate's answers (the same JSON as ``predictions``): never read by users
+PREDICTIONS_SHADOW = "predictions.shadow"
+#: late-arriving ground truth: JSON ``{"frame_id", "label"}`` per frame (optional; the rollout's accuracy evidence)
+LABELS = "labels"
 
 # Frame headers (ARCHITECTURE.md "Frame"); ``reason`` is added on dead letters.
 H_FRAME_ID = "frame_id"
@@ -73,6 +77,22 @@ class FrameRejected(ValueError):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+
+
+def lineage_id(model: str, version: str | int | None) -> str | None:
+    """A prediction's ``lineage`` id: ``<model>/<version>``, the registry version whose ``version.json`` and
+    ``lineage.json`` (``models/<model>/<version>/``) name the drops, their validation digests, the training run
+    and the QC report (``mlpipe lineage ID``); None while the served version is unknown."""
+    return f"{model}/{version}" if model and version not in (None, "") else None
+
+
+def parse_lineage_id(text: str) -> tuple[str, int]:
+    """``"digits/3"`` -> ``("digits", 3)``; ``ValueError`` saying what a lineage id looks like otherwise."""
+    model, sep, version = (text or "").strip().rpartition("/")
+    if not sep or not model or not version.isdigit() or int(version) < 1:
+        raise ValueError(f"{text!r} is not a lineage id: it is <model>/<version> (e.g. digits/3), the "
+                         "'lineage' field of a prediction")
+    return model, int(version)
 
 
 def media_type(content_type: str | None) -> str:

@@ -9,7 +9,12 @@
   :8080), ``scheduler``, ``dag-processor`` (new DAG files noticed within seconds) and
   ``triggerer`` (runs the drop-arrival watcher);
 * ``consumer``: the streaming consumer (``mlpipe stream``), Triton's sidecar;
-* ``gateway``: the ingest gateway (``mlpipe gateway``), bearer token generated once.
+* ``gateway``: the ingest gateway (``mlpipe gateway``), bearer token generated once;
+* ``exporter``: ``mlpipe metrics-exporter`` (drift and QC results from the store, the consumer group's
+  lag measured from outside, CPU seconds per 1,000 frames by service from the PID files);
+* ``prometheus``: Debian's ``prometheus`` (``tasks.local.prometheus``) scraping the consumer, the gateway,
+  Triton's metrics port and the exporter, with the rules of ``ops/prometheus/rules``; left out, with
+  the reason, when the binary is missing (``.ci/ensure-prometheus`` installs it).
 
 Every service is health-checked before ``up`` returns; its log is
 ``$MLPIPE_HOME/stack/logs/<service>.log``, its PID ``$MLPIPE_HOME/stack/pids/<service>.pid``
@@ -33,7 +38,8 @@ same state (metadata DB, store, model repository, secrets). The scheduler's orph
 Ports (environment variables): ``MLPIPE_AIRFLOW_PORT`` (8080), ``MLPIPE_TRITON_HTTP_PORT``
 (8000), ``MLPIPE_TRITON_GRPC_PORT`` (8001), ``MLPIPE_TRITON_METRICS_PORT`` (8002),
 ``MLPIPE_KAFKA_PORT`` (9092), ``MLPIPE_CONSUMER_PORT`` (9108), ``MLPIPE_GATEWAY_PORT`` (8090),
-``MLPIPE_SCHEDULER_HEALTH_PORT`` (8974); ``--free-ports`` picks free ones (tests).
+``MLPIPE_SCHEDULER_HEALTH_PORT`` (8974), ``MLPIPE_EXPORTER_PORT`` (9109), ``MLPIPE_PROMETHEUS_PORT`` (9090);
+``--free-ports`` picks free ones (tests).
 The UI login is ``admin`` with the password Airflow's SimpleAuthManager generated
 (``$MLPIPE_HOME/airflow/passwords.json``); ``up`` and ``status`` print it.
 
@@ -74,20 +80,22 @@ from tasks.contracts.files import atomic_write
 logger = logging.getLogger(__name__)
 
 AIRFLOW_SERVICES = ("api-server", "scheduler", "dag-processor", "triggerer")
-SERVICES = ("broker", "triton", *AIRFLOW_SERVICES, "consumer", "gateway")
-GROUPS = {"airflow": AIRFLOW_SERVICES, "serving": ("broker", "triton", "consumer", "gateway"), "all": SERVICES}
+OBSERVABILITY = ("exporter", "prometheus")
+SERVICES = ("broker", "triton", *AIRFLOW_SERVICES, "consumer", "gateway", *OBSERVABILITY)
+GROUPS = {"airflow": AIRFLOW_SERVICES, "serving": ("broker", "triton", "consumer", "gateway"),
+          "observability": OBSERVABILITY, "all": SERVICES}
 #: port name -> (environment variable, default), from the settings tree (``load_settings().local``)
 PORTS: dict[str, tuple[str, int]] = {
     name: (str(LocalSection.model_fields[f"{name}_port"].validation_alias),
            int(LocalSection.model_fields[f"{name}_port"].default))
     for name in ("airflow", "triton_http", "triton_grpc", "triton_metrics", "kafka", "consumer", "gateway",
-                 "scheduler_health")
+                 "scheduler_health", "exporter", "prometheus")
 }
 #: which ports a service listens on (checked before start)
 SERVICE_PORTS = {
     "broker": ("kafka",), "triton": ("triton_http", "triton_grpc", "triton_metrics"),
     "api-server": ("airflow",), "scheduler": ("scheduler_health",), "consumer": ("consumer",),
-    "gateway": ("gateway",),
+    "gateway": ("gateway",), "exporter": ("exporter",), "prometheus": ("prometheus",),
 }
 ADMIN_USER = "admin"
 STOP_GRACE_S = 4.0
@@ -478,6 +486,8 @@ class StackSpec:
             "triton_metrics": f"http://{LOOPBACK}:{p['triton_metrics']}/metrics",
             "consumer_metrics": f"http://{LOOPBACK}:{p['consumer']}/metrics",
             "gateway": f"http://{LOOPBACK}:{p['gateway']}",
+            "exporter_metrics": f"http://{LOOPBACK}:{p['exporter']}/metrics",
+            "prometheus": f"http://{LOOPBACK}:{p['prometheus']}",
         }
 
 
@@ -606,6 +616,14 @@ def _component_healthy(spec: StackSpec, component: str) -> bool:
     return _airflow_health(spec).get(component) == "healthy"
 
 
+def _scrape_targets(spec: StackSpec) -> list[str]:
+    """``--target JOB=HOST:PORT`` of every service of ``spec`` that Prometheus scrapes."""
+    p = spec.ports
+    jobs = {"consumer": p["consumer"], "gateway": p["gateway"], "triton": p["triton_metrics"],
+            "exporter": p["exporter"]}
+    return [f"--target={job}={LOOPBACK}:{port}" for job, port in jobs.items() if job in spec.services]
+
+
 def build_services(spec: StackSpec) -> dict[str, Service]:
     from tasks.adapters.kafka import broker_ready
 
@@ -644,6 +662,16 @@ def build_services(spec: StackSpec) -> dict[str, Service]:
                                        "--bootstrap", spec.kafka_bootstrap],
                            lambda: http_ok(f"http://{LOOPBACK}:{p['gateway']}/healthz"),
                            f"gateway on :{p['gateway']}"),
+        "exporter": Service("exporter", [_py(), "-m", "tasks.cli", "metrics-exporter", "--host", LOOPBACK,
+                                         "--port", str(p["exporter"]), "--bootstrap", spec.kafka_bootstrap,
+                                         "--model", spec.model, "--pid-dir", str(spec.pid_dir)],
+                            lambda: http_ok(f"http://{LOOPBACK}:{p['exporter']}/healthz"),
+                            f"metrics exporter on :{p['exporter']}"),
+        "prometheus": Service("prometheus", [_py(), "-m", "tasks.cli", "prometheus", "serve",
+                                             "--dir", str(spec.home / "prometheus"), "--port", str(p["prometheus"]),
+                                             *_scrape_targets(spec)],
+                              lambda: http_ok(f"http://{LOOPBACK}:{p['prometheus']}/-/ready"),
+                              f"Prometheus on :{p['prometheus']}"),
     }
     return {name: services[name] for name in spec.services}
 
@@ -680,13 +708,35 @@ def status(home: Path | None = None, check_health: bool = True) -> dict[str, Any
                           "restarts": int(info.get("restarts", 0)), "last_exit": info.get("last_exit"),
                           "failed": info.get("failed")}
     sup = state.get(SUPERVISOR) or {}
+    cost = None
+    if check_health and health.get("exporter"):
+        from tasks.serving.exporter import read_cost
+
+        cost = read_cost(spec.urls()["exporter_metrics"])
+    rollout = _rollout_state(spec.model) if check_health else None
     return {
         "home": str(home), "running": any(alive.values()), "all_alive": bool(alive) and all(alive.values()),
         "started_at": state.get("started_at"), "urls": state.get("urls", {}), "ports": state.get("ports", {}),
         "login": {"user": state.get("admin_user", ADMIN_USER), "password": admin_password(home)},
         "services": services, "logs": str(stack_dir(home) / "logs"),
         "supervisor": {"pid": sup.get("pid"), "alive": supervisor_alive(state), "log": sup.get("log")},
+        "cost": cost,  # CPU seconds per 1,000 frames by service, from the exporter (None when it is not up)
+        "rollout": rollout,  # the safe-rollout state of the stack's model (tasks/steps/rollout.py)
     }
+
+
+def _rollout_state(model: str) -> dict[str, Any] | None:
+    """The model's rollout state and running rollout, or None when the store cannot be read."""
+    try:
+        from tasks.adapters.storage import open_store
+        from tasks.steps.rollout import read_state, running
+
+        store = open_store()
+        holder = running(store, model)
+        return {**read_state(store, model).model_dump(), "running": (holder or {}).get("what")}
+    except Exception as exc:  # noqa: BLE001 - status is informative
+        logger.debug("rollout state of %s: %s", model, exc)
+        return None
 
 
 def _safe(check: Callable[[], bool]) -> bool:
@@ -715,6 +765,13 @@ def up(spec: StackSpec, *, env: Mapping[str, str] | None = None, out: Callable[[
     from tasks.local.airflow import ensure_db
 
     home = spec.home
+    if "prometheus" in spec.services:
+        from tasks.local.prometheus import available
+
+        why = available()
+        if why is not None:  # the rest of the stack still runs; the summary says what is missing
+            out(f"  prometheus: left out ({why})")
+            spec.services = tuple(s for s in spec.services if s != "prometheus")
     state = read_state(home)
     supervisor: SupervisorHandle | None = None
     if state and supervisor_alive(state):
@@ -794,7 +851,7 @@ def up(spec: StackSpec, *, env: Mapping[str, str] | None = None, out: Callable[[
         write_state(home, state)
         # Dependencies first: the broker and Triton, then Airflow, the consumer and the gateway together.
         waves = [[s for s in ("broker", "triton") if s in missing],
-                 [s for s in (*AIRFLOW_SERVICES, "consumer", "gateway") if s in missing]]
+                 [s for s in (*AIRFLOW_SERVICES, "consumer", "gateway", *OBSERVABILITY) if s in missing]]
         for wave in waves:
             for name in wave:
                 svc = services[name]
@@ -952,8 +1009,8 @@ def down(home: Path | None = None, *, grace: float = STOP_GRACE_S, services: Ite
     """Stop the recorded services (all, or ``services``) as process groups; returns name -> outcome.
 
     The supervisor goes first (nothing is restarted meanwhile; with ``services`` it stays and those are no
-    longer supervised), then the gateway and the consumer, then Airflow, Triton and the broker: within
-    ``DOWN_BUDGET_S`` with the default grace, also during a running task."""
+    longer supervised), then the gateway and the consumer, then the exporter, Prometheus, Airflow, Triton
+    and the broker: within ``DOWN_BUDGET_S`` with the default grace, also during a running task."""
     home = Path(home or load_settings().home).resolve()
     t0 = time.monotonic()
     state = read_state(home)
@@ -979,9 +1036,9 @@ def down(home: Path | None = None, *, grace: float = STOP_GRACE_S, services: Ite
         if paused is not None:
             paused.close()
     # Front to back: the gateway and the consumer first (the consumer drains and commits while the broker and
-    # Triton still run), then Airflow, Triton and the broker together.
+    # Triton still run), then the exporter, Prometheus, Airflow, Triton and the broker together.
     order = [s for s in ("gateway", "consumer") if s in names], \
-        [s for s in (*AIRFLOW_SERVICES, "triton", "broker") if s in names]
+        [s for s in (*OBSERVABILITY, *AIRFLOW_SERVICES, "triton", "broker") if s in names]
     for i, wave in enumerate(order):
         procs = [(n, state["services"][n]["pid"], state["services"][n].get("create_time"))
                  for n in wave if n in state["services"]]
@@ -1423,6 +1480,32 @@ def _print_summary(st: Mapping[str, Any], out: Callable[[str], None] = print) ->
     if "gateway" in svc:
         out(f"  gateway        {urls.get('gateway')}  (Authorization: Bearer <gateway_token in "
             f"{stack_dir(Path(st['home'])) / 'secrets.json'}>)")
+    if "prometheus" in svc:
+        out(f"  Prometheus     {urls.get('prometheus')}  (alerts: {urls.get('prometheus')}/alerts)")
+    elif "exporter" in svc:
+        out("  Prometheus     not running (not installed: `bash .ci/ensure-prometheus`, then `make up`)")
+    if "exporter" in svc:
+        out(f"  exporter       {urls.get('exporter_metrics')}")
+    cost = st.get("cost")
+    if cost is not None:
+        per = cost.get("per_1k_frames") or {}
+        if per:
+            parts = ", ".join(f"{name} {value:.2f}" for name, value in sorted(per.items()) if name != "all")
+            out(f"  cost           {per.get('all', 0.0):.2f} CPU s per 1,000 frames over the last "
+                f"{cost.get('window_s', 0):.0f}s ({cost.get('window_frames', 0)} frames): {parts}")
+        else:
+            out(f"  cost           no frames processed in the last {cost.get('window_s', 0):.0f}s: no CPU s per "
+                "1,000 frames yet")
+    ro = st.get("rollout")
+    if ro:
+        if ro.get("mode") not in (None, "off"):
+            share = f" {ro.get('share'):g}%" if ro.get("mode") == "canary" else ""
+            out(f"  rollout        {ro['mode']}{share}: candidate v{ro.get('candidate')} vs champion "
+                f"v{ro.get('champion')} (step {ro.get('step')}; {ro.get('running') or 'no controller running'}); "
+                "stop: `mlpipe rollout kill`")
+        else:
+            out(f"  rollout        none (champion v{ro.get('champion') or '?'} answers every frame"
+                + (f"; last kill: {ro['killed'].get('reason')}" if ro.get("killed") else "") + ")")
     out(f"  logs           {st.get('logs')}")
 
 

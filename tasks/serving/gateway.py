@@ -18,6 +18,10 @@
   ``{"status": "pending"}`` while a frame accepted here is not processed yet,
   200 ``{"status": "failed", "reason"}`` if the consumer dead-lettered it,
   404 for unknown ids.
+* ``POST /v1/rollout/{model}/kill``: the safe-rollout kill switch, for an alert webhook (any JSON body, e.g.
+  Alertmanager's; ``?reason=``): runs ``mlpipe rollout kill`` (the one implementation), so every consumer
+  sends all frames to the champion within its poll interval (about 1 s); 200 with what was stopped, 503
+  when the kill switch could not run (retry).
 
 Where predictions come from: every gateway process follows ``predictions``
 and ``frames.dlq`` with its own assign-only reader (no consumer group, so each
@@ -54,6 +58,8 @@ Limits (``MLPIPE_GATEWAY_*``, see the README's table; the code is ``tasks.servin
 
 Every refusal is counted in ``mlpipe_gateway_rejected_total{reason}`` (``/metrics``, also in ``/readyz``)
 and logged as a warning (the first, then at most one line per reason every 10 s with the count).
+``/metrics`` also has every answer by route template and status class, latency, body bytes and auth
+failures (``tasks.serving.gateway_metrics``).
 """
 
 
@@ -62,6 +68,7 @@ import argparse
 import asyncio
 import datetime as dt
 import hmac
+import json
 import logging
 import re
 import sys
@@ -263,6 +270,7 @@ def create_app(kafka: "KafkaConfig", settings: GatewaySettings, spec: "ModelSpec
         media_type,
     )
     from tasks.model.frames import accepted_content_types, check_frame, content_type_of
+    from tasks import tracing
     from tasks.serving.gateway_limits import RateLimiter, Refusal, Rejections, RequestGuard, token_id
 
     if spec is None:
@@ -311,6 +319,7 @@ def create_app(kafka: "KafkaConfig", settings: GatewaySettings, spec: "ModelSpec
             producer.close(timeout=5)
             if settings.follow_predictions:
                 results.stop()
+            tracing.flush(2.0)  # uvicorn ends a SIGTERM-ed process by re-raising the signal: no atexit after this
 
     app = FastAPI(
         title="mlpipe ingest gateway",
@@ -321,9 +330,14 @@ def create_app(kafka: "KafkaConfig", settings: GatewaySettings, spec: "ModelSpec
         lifespan=lifespan,
     )
     app.state.rejections = rejections
+    tracing.instrument_fastapi(app)  # request spans, when this process set tracing up (main)
     app.state.limiter = limiter
     app.add_middleware(RequestGuard, max_headers=settings.max_headers, max_header_bytes=settings.max_header_bytes,
                        rejections=rejections)
+    # outermost: every answer is counted, RequestGuard's refusals included (tasks.serving.gateway_metrics)
+    from tasks.serving.gateway_metrics import GatewayMetrics, RequestMetrics
+
+    app.add_middleware(RequestMetrics, metrics=GatewayMetrics(registry))
     bearer = HTTPBearer(auto_error=False, description="MLPIPE_GATEWAY_TOKEN")
 
     class AuthError(Exception):
@@ -478,12 +492,13 @@ def create_app(kafka: "KafkaConfig", settings: GatewaySettings, spec: "ModelSpec
             return _error(status, exc.reason, exc.detail)
         frame_ctype = content_type_of(encoding)
         frame_id = str(uuid.uuid4())
+        publish = tracing.start_publish(kafka.frames_topic, frame_id, x_device_id)  # the frame's traceparent
         headers = [
             (H_FRAME_ID, frame_id.encode()),
             (H_CONTENT_TYPE, frame_ctype.encode()),
             (H_CAPTURED_AT, captured.astimezone(dt.timezone.utc).isoformat(timespec="microseconds")
              .replace("+00:00", "Z").encode()),
-            (H_TRACEPARENT, new_traceparent(traceparent).encode()),
+            (H_TRACEPARENT, (publish.traceparent or new_traceparent(traceparent)).encode()),
         ]
         loop = asyncio.get_running_loop()
         done: asyncio.Future[str | None] = loop.create_future()
@@ -498,6 +513,7 @@ def create_app(kafka: "KafkaConfig", settings: GatewaySettings, spec: "ModelSpec
             err = await asyncio.wait_for(done, timeout=settings.produce_timeout_s + 1)
         except (asyncio.TimeoutError, Exception) as exc:  # noqa: BLE001
             err = f"{type(exc).__name__}: {exc}" if not isinstance(exc, asyncio.TimeoutError) else "timed out"
+        publish.end(err)
         if err is not None:
             state["failed"] += 1
             rejections("bus_unavailable", err)
@@ -531,6 +547,41 @@ def create_app(kafka: "KafkaConfig", settings: GatewaySettings, spec: "ModelSpec
         return _error(404, "unknown_frame", f"no frame {fid} is known here (never accepted, or older than the "
                                             f"prediction cache of {settings.cache_size})")
 
+    @app.post("/v1/rollout/{model}/kill", dependencies=[Depends(require_token)],
+              responses={401: errors[401], 503: {"model": ErrorBody, "description": "the kill switch failed"}},
+              summary="The rollout kill switch (for an alert webhook): every frame back on the champion now")
+    async def rollout_kill(request: Request, model: str = Path(description="the model project"),
+                           reason: str = "") -> Any:
+        """Runs ``mlpipe rollout kill`` (the one implementation: it writes the ``off`` rollout state and records a
+        registry event; every consumer follows within its poll interval, about 1 s). Any JSON body is accepted
+        (e.g. Alertmanager's): its ``reason``, else its first alert's name, is recorded when ``?reason=`` is
+        not given."""
+        if not reason:
+            try:
+                body = await request.json()
+            except Exception:  # noqa: BLE001 - no body, or not JSON: no reason from it
+                body = None
+            if isinstance(body, dict):
+                alerts = body.get("alerts") or []
+                first = alerts[0].get("labels", {}).get("alertname") if alerts and isinstance(alerts[0], dict) \
+                    else None
+                reason = str(body.get("reason") or first or "")
+        argv = [sys.executable, "-m", "tasks.cli", "rollout", "kill", "--model", model, "--by", "gateway",
+                "--reason", (reason or "alert webhook")[:500], "--log-level", "WARNING"]
+        try:
+            proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE,
+                                                        stderr=asyncio.subprocess.PIPE)
+            out, err = await asyncio.wait_for(proc.communicate(), timeout=15.0)
+        except Exception as exc:  # noqa: BLE001 - say what failed; the caller (an alert) retries
+            return _error(503, "kill_failed", f"the kill switch of {model!r} could not run: {exc}",
+                          {"Retry-After": "1"})
+        if proc.returncode != 0:
+            last = (err.decode(errors="replace").strip().splitlines() or ["no output"])[-1]
+            return _error(503, "kill_failed", f"the kill switch of {model!r} failed ({last})", {"Retry-After": "1"})
+        result = json.loads(out)
+        return {"model": model, "was": result["was"], "state": result["state"]["mode"],
+                "champion": result["state"]["champion"]}
+
     @app.get("/healthz", summary="Liveness")
     async def healthz() -> dict[str, Any]:
         return {"status": "ok"}
@@ -544,7 +595,8 @@ def create_app(kafka: "KafkaConfig", settings: GatewaySettings, spec: "ModelSpec
                 "rejected": rejections.snapshot()}
         return JSONResponse(status_code=200 if ok else 503, content=body)
 
-    @app.get("/metrics", summary="Prometheus metrics (refused requests by reason)", include_in_schema=True)
+    @app.get("/metrics", summary="Prometheus metrics (requests by route and status class, latency, bytes, auth "
+             "failures, refused requests by reason)", include_in_schema=True)
     async def metrics() -> Any:
         from fastapi.responses import Response
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -582,6 +634,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from tasks.logs import setup_logging
 
     setup_logging(args.log_level)
+    from tasks.tracing import setup_process
+
+    setup_process("gateway", cfg)  # spans (tasks.tracing); the settings' secrets never in a log line
     logging.getLogger("tasks.adapters.kafka.librdkafka").setLevel(logging.WARNING)
     from tasks.adapters.kafka import KafkaConfig
 

@@ -21,7 +21,9 @@ ONNX Runtime (the CPU path, every machine; ``MLPIPE_COMPILE_CPU``), under ``cpu`
   ``MLPIPE_COMPILE_CALIBRATION_SAMPLES`` images of the version's training drops (``lineage.drops``,
   read with ``tasks.steps.drops.load_arrays``, preprocessed for the spec by ``tasks.model.networks.to_input``).
   The golden set is never used to calibrate (QC measures on it). Drops that cannot be read: no
-  INT8 model, with the reason.
+  INT8 model, with the reason (``skipped``); a calibration set of fewer than
+  ``MLPIPE_COMPILE_MIN_CALIBRATION_SAMPLES`` images or not of the spec's input shape is refused
+  (``refused``, with the reason: ``check_calibration``).
 
 A model ONNX Runtime cannot optimise or quantise is recorded (``cpu.artifacts.<name>.status``
 ``failed`` with why), never a failed step: QC's ``loads`` check decides about ``model.onnx``, and
@@ -71,6 +73,36 @@ class CompileError(Rejected, RuntimeError):
 
 class CalibrationUnavailable(RuntimeError):
     """The version's training drops cannot give calibration images (no INT8 model; the reason is recorded)."""
+
+
+class CalibrationRefused(CalibrationUnavailable):
+    """The calibration set is not fit to calibrate with: too few images, or not the model's input (no INT8 model;
+    recorded as ``refused`` with the reason)."""
+
+
+def check_calibration(x: Any, spec: ModelSpec, minimum: int) -> None:
+    """Refuse (``CalibrationRefused``, naming the problem and what to do) a calibration set that is not ``spec``'s
+    contract input (float ``[n, *spec.input_shape]``, finite) or has fewer than ``minimum`` images: MinMax ranges
+    from a handful of images do not cover what the model will see, and a wrong shape would calibrate nothing."""
+    import numpy as np
+
+    shape = tuple(int(d) for d in spec.input_shape)
+    got = tuple(int(d) for d in getattr(x, "shape", ()))
+    if len(got) != len(shape) + 1 or any(want >= 1 and have != want for have, want in zip(got[1:], shape)):
+        raise CalibrationRefused(
+            f"the calibration images have shape {list(got)}, model {spec.name!r} takes {spec.onnx.input} "
+            f"[N, {', '.join(map(str, shape))}]: the training drops do not match the model spec (validate the drops "
+            "against this spec, or register the version with drops of this model)")
+    if not np.issubdtype(x.dtype, np.floating):
+        raise CalibrationRefused(f"the calibration images are {x.dtype}, the contract input is float32 "
+                                 "(tasks.model.networks.to_input)")
+    if got[0] < minimum:
+        raise CalibrationRefused(
+            f"the calibration set has {got[0]} image(s), at least {minimum} are needed "
+            "(MLPIPE_COMPILE_MIN_CALIBRATION_SAMPLES) for activation ranges that represent the data: train on larger "
+            "drops or raise MLPIPE_COMPILE_CALIBRATION_SAMPLES")
+    if not np.isfinite(x).all():
+        raise CalibrationRefused("the calibration images hold NaN or infinite values")
 
 
 def calibration_inputs(store: Store, manifest: dict[str, Any], spec: ModelSpec, *, samples: int,
@@ -156,7 +188,8 @@ def quantize_int8(onnx_path: Path, out_path: Path, calibration, input_name: str,
 
 
 def compile_cpu(store: Store, spec: ModelSpec, version: int, onnx_path: Path, work: Path, *, opt_level: str,
-                calibration_samples: int, calibration_seed: int, per_channel: bool) -> dict[str, Any]:
+                calibration_samples: int, calibration_seed: int, per_channel: bool,
+                min_calibration_samples: int = 32) -> dict[str, Any]:
     """Build ``model.opt.onnx`` and ``model.int8.onnx`` from ``onnx_path``; record each through the registry.
 
     The source and each built file must be ``spec``'s ONNX contract (``check_onnx_contract``); a file that
@@ -193,8 +226,9 @@ def compile_cpu(store: Store, spec: ModelSpec, version: int, onnx_path: Path, wo
             info = fn(path)
             check_onnx_contract(path, spec)
         except CalibrationUnavailable as exc:
-            out["artifacts"][name] = {"status": "skipped", "reason": str(exc)}
-            logger.warning("%s not built: %s", name, exc)
+            status = "refused" if isinstance(exc, CalibrationRefused) else "skipped"
+            out["artifacts"][name] = {"status": status, "reason": str(exc)}
+            logger.warning("%s not built (%s): %s", name, status, exc)
             return
         except Exception as exc:  # noqa: BLE001 - recorded; QC and deploy go on with model.onnx
             if is_transient(exc):
@@ -216,6 +250,7 @@ def compile_cpu(store: Store, spec: ModelSpec, version: int, onnx_path: Path, wo
     def int8(path: Path) -> dict[str, Any]:
         x, calib = calibration_inputs(store, registry.get_version(store, model, version), spec,
                                       samples=calibration_samples, seed=calibration_seed)
+        check_calibration(x, spec, min_calibration_samples)  # too few or the wrong shape: refused, with why
         return {**quantize_int8(onnx_path, path, x, spec.onnx.input, per_channel=per_channel), "calibration": calib}
 
     build(layout.MODEL_INT8_ONNX, int8)
@@ -357,7 +392,8 @@ def compile_version(store: Store, model: str, version: int, *, max_batch: int = 
                                        Path(tmp) / "model.onnx")
             result["cpu"] = compile_cpu(store, spec, version, onnx_path, Path(tmp), opt_level=settings.opt_level,
                                         calibration_samples=settings.calibration_samples,
-                                        calibration_seed=settings.calibration_seed, per_channel=settings.per_channel)
+                                        calibration_seed=settings.calibration_seed, per_channel=settings.per_channel,
+                                        min_calibration_samples=settings.min_calibration_samples)
     else:
         result["cpu"] = {"status": "skipped", "reason": "MLPIPE_COMPILE_CPU=0", "artifacts": {}}
     # compile.json, and its summary on the version manifest, through the registry (its only writer)

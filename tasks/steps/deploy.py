@@ -872,13 +872,33 @@ def _check_version(model: str, version: int) -> None:
         raise registry.RegistryError(f"version must be an integer >= 1, got {version!r}")
 
 
+def _no_rollout_running(store: Store, model: str, action: str, rollout_id: str | None = None) -> None:
+    """Refuse ``action`` while a safe rollout of ``model`` runs (its lease, ``rollouts/<model>/lock.json``), unless
+    it is that rollout's own promotion (``rollout_id``): a rollout and a rollback never run at once."""
+    try:
+        holder = store.get_json(layout.rollout_lock_key(model))
+    except ObjectNotFound:
+        return
+    try:
+        fresh = time.time() - float(holder.get("renewed_at", 0)) <= 2 * float(holder.get("ttl_s", 60) or 60)
+    except (TypeError, ValueError):
+        fresh = True
+    what = str(holder.get("what", ""))
+    if fresh and not (rollout_id and rollout_id in what):
+        raise registry.RegistryError(f"a safe rollout of {model} is running ({what}, {holder.get('owner', '?')}): "
+                                     f"no {action} until it ends; stop it first with `mlpipe rollout kill "
+                                     f"--model {model}` (the champion then answers every frame)")
+
+
 def deploy(store: Store, model: str, version: int, target: ServingTarget | None = None, *,
-           force: bool = False) -> dict[str, Any]:
+           force: bool = False, rollout_id: str | None = None) -> dict[str, Any]:
     """Serve ``version`` of ``model`` (it must have passed QC unless ``force``); see the module doc for the steps.
 
     The model spec is ``models/<model>/spec.yaml`` (``Settings.model_spec``: a missing or invalid spec is
-    bad input, raised before anything is touched)."""
+    bad input, raised before anything is touched). Refused while a safe rollout of the model runs, except
+    for that rollout's own promotion (``rollout_id``)."""
     _check_version(model, version)
+    _no_rollout_running(store, model, "deploy", rollout_id)
     spec = load_settings().model_spec(model)
     target = target or ServingTarget.from_env()
     manifest = registry.get_version(store, model, version)
@@ -909,6 +929,7 @@ def rollback(store: Store, model: str, version: int, target: ServingTarget | Non
              reason: str = "manual rollback") -> dict[str, Any]:
     """Serve an earlier registered ``version`` (re-written from the store if it was pruned); the spec as ``deploy``."""
     _check_version(model, version)
+    _no_rollout_running(store, model, "rollback")
     spec = load_settings().model_spec(model)
     target = target or ServingTarget.from_env()
     manifest = registry.get_version(store, model, version)  # unknown version: RegistryError, nothing touched

@@ -18,6 +18,10 @@ In the spirit of TFX's Evaluator (blessing) and InfraValidator, for the model sp
   These gate the *artefact*, not the version: a failing one is not served (the report's
   ``serving`` says which file deploy will serve and why: INT8 if it passed, else the optimised
   model, else ``model.onnx``), and the version's verdict does not depend on them;
+* ``loads_int8`` / ``loads_opt``: the compiled artefact chosen to be served loads and answers in the
+  throw-away Triton (``triton_serves`` on it); when it does not (a quantised model Triton cannot load),
+  this check fails, it gates the artefact only, and the next file is tried (the other compiled
+  artefact that passed, then ``model.onnx``): the version passes on ``model.onnx`` when that serves;
 * ``triton_serves``: the candidate (the artefact it will be served as) loads in a real Triton (a
   throw-away server on loopback); golden images sent as encoded frames of the spec
   (``tasks.model.frames.encode_frame``) through the ensemble are all decoded (no ``FRAME_ERROR``) and
@@ -405,6 +409,53 @@ def _compiled_checks(store: Store, spec: ModelSpec, version: int, x, y, onnx_pat
     return checks, serving, onnx_path
 
 
+LOADS_CHECKS = {layout.MODEL_INT8_ONNX: "loads_int8", layout.MODEL_OPT_ONNX: "loads_opt"}
+
+
+def _serve_in_triton(spec: ModelSpec, version: int, images, th: QCThresholds, work: Path,
+                     checks: list[dict[str, Any]], serving: dict[str, Any], served_path: Path, onnx_path: Path
+                     ) -> tuple[list[dict[str, Any]], dict[str, Any], Path]:
+    """The Triton checks of the file QC chose to serve; a compiled artefact that Triton cannot load or that
+    answers wrongly there fails its own loads check (``loads_int8`` / ``loads_opt``, gating the artefact only)
+    and the next one is tried: another compiled artefact that passed its check, then ``model.onnx``.
+
+    So a quantised model Triton cannot load keeps the version out of production only when ``model.onnx``
+    cannot be served either; the serving reason says what was passed over and why. Returns (the Triton checks
+    of the file finally chosen, its serving record, its path)."""
+    from tasks.contracts.files import sha256_file
+
+    passed_compiled = [c["artifact"] for c in checks if c.get("gates") == "artifact" and c.get("passed") is True
+                       and c.get("artifact") in LOADS_CHECKS]
+    passed_over: list[str] = []
+    while True:
+        artifact = serving["artifact"]
+        here = work if not passed_over else work / f"triton-{len(passed_over)}"  # a repository of its own per try
+        here.mkdir(parents=True, exist_ok=True)
+        triton = _triton_checks(spec, version, served_path, images, th, here, artifact=artifact)
+        serves = triton[0]
+        if artifact == layout.MODEL_ONNX or serves["passed"] is not False:
+            if artifact != layout.MODEL_ONNX:
+                checks.append({**_check(LOADS_CHECKS[artifact], True, f"{artifact} loads and answers in Triton "
+                                        "(see triton_serves)"), "gates": "artifact", "artifact": artifact})
+            if passed_over:
+                serving = {**serving, "reason": "; ".join(passed_over) + f"; {serving['reason']}"}
+            return triton, serving, served_path
+        why = f"{artifact} passed its check against model.onnx but Triton cannot serve it: {serves['detail']}"
+        logger.warning("%s; trying the next file", why)
+        checks.append({**_check(LOADS_CHECKS[artifact], False, why), "gates": "artifact", "artifact": artifact})
+        passed_over.append(why)
+        passed_compiled = [n for n in passed_compiled if n != artifact]
+        nxt = next((n for n in layout.CPU_COMPILED if n in passed_compiled), None)
+        if nxt is not None:
+            served_path = work / nxt
+            serving = {"artifact": nxt, "sha256": sha256_file(served_path), "flavour": "local",
+                       "reason": f"{nxt} passed its check against model.onnx"}
+        else:
+            served_path = onnx_path
+            serving = {"artifact": layout.MODEL_ONNX, "sha256": sha256_file(onnx_path), "flavour": "local",
+                       "reason": "no compiled artefact Triton can serve passed QC: model.onnx is served"}
+
+
 def _raise_if_outage(exc: BaseException) -> None:
     """Re-raise an outage (the object store down): it is retried, never a failed check."""
     if is_transient(exc):
@@ -548,7 +599,10 @@ def evaluate(store: Store, spec: ModelSpec, version: int, th: QCThresholds, work
     report["serving"] = {**serving, "note": "the local flavour serves this file as the classifier's model.onnx; "
                          "the production flavour serves model.plan when one was compiled, else model.onnx"}
     if th.triton_check:
-        checks.extend(_triton_checks(spec, version, served_path, images, th, work, artifact=serving["artifact"]))
+        triton, serving, served_path = _serve_in_triton(spec, version, images, th, work, checks, serving,
+                                                        served_path, onnx_path)
+        report["serving"] = {**report["serving"], **serving}
+        checks.extend(triton)
     else:
         checks.append(_check("triton_serves", None, "skipped: MLPIPE_QC_TRITON_CHECK=0"))
         checks.append(_check("latency_p95", None, "skipped: MLPIPE_QC_TRITON_CHECK=0"))

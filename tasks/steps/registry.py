@@ -119,17 +119,62 @@ def champion(store: Store, model: str) -> dict[str, Any] | None:
     return max(prod, key=lambda v: v["version"]) if prod else None
 
 
-def record_event(store: Store, model: str, event: str, **fields: Any) -> dict[str, Any]:
-    body = {"event": event, "model": model, "at": _now(), **fields}
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+#: Airflow's task runner exports these (``AIRFLOW_CTX_*``) to every task process; a step run by the local
+#: operator inherits them. Recorded on each registry event as ``airflow``.
+AIRFLOW_CONTEXT_VARS = {"dag_id": "AIRFLOW_CTX_DAG_ID", "run_id": "AIRFLOW_CTX_DAG_RUN_ID",
+                        "task_id": "AIRFLOW_CTX_TASK_ID", "try_number": "AIRFLOW_CTX_TRY_NUMBER"}
+
+
+def airflow_context() -> dict[str, str] | None:
+    """The Airflow DAG run, task and try this process runs for (None outside Airflow)."""
+    ctx = {k: os.environ[v] for k, v in AIRFLOW_CONTEXT_VARS.items() if os.environ.get(v)}
+    return ctx if ctx.get("run_id") else None
+
+
+def record_event(store: Store, model: str, event: str, *, at: dt.datetime | None = None,
+                 **fields: Any) -> dict[str, Any]:
+    """Record one registry event. ``at`` (default now, UTC) is for a history recorded elsewhere and
+    imported (and for tests that build one): it sets both the body's ``at`` and the key's time stamp."""
+    when = dt.datetime.now(dt.timezone.utc) if at is None else _utc(at)
+    body = {"event": event, "model": model, "at": when.isoformat(timespec="seconds"), **fields}
+    if "airflow" not in body and airflow_context():
+        body["airflow"] = airflow_context()  # which DAG run did this: the lineage and `mlpipe audit` show it
+    stamp = when.strftime("%Y%m%dT%H%M%S%fZ")
     store.put_json(layout.event_key(model, stamp, uuid.uuid4().hex[:8]), body)
     logger.info("registry event %s: %s", event, json.dumps(fields, default=str, sort_keys=True))
     return body
 
 
-def events(store: Store, model: str) -> list[dict[str, Any]]:
-    """The registry events of ``model``, oldest first (keys sort by their UTC time stamp)."""
-    return [store.get_json(k) for k in store.list(layout.events_prefix(model)) if k.endswith(".json")]
+def events(store: Store, model: str, *, since: dt.datetime | None = None,
+           until: dt.datetime | None = None) -> list[dict[str, Any]]:
+    """The registry events of ``model``, oldest first (keys sort by their UTC time stamp).
+
+    ``since`` / ``until`` (aware datetimes; naive ones are taken as UTC) keep the events recorded in
+    ``[since, until]``: the filter reads the time stamp in each key, so events outside the window are
+    never fetched (``mlpipe audit`` asks for one window of a long history)."""
+    keys = [k for k in store.list(layout.events_prefix(model)) if k.endswith(".json")]
+    if since is not None or until is not None:
+        lo, hi = (None if t is None else _utc(t) for t in (since, until))
+        keys = [k for k in keys if _in_window(_event_time(k), lo, hi)]
+    return [store.get_json(k) for k in keys]
+
+
+def _utc(at: dt.datetime) -> dt.datetime:
+    """``at`` in UTC (a naive time is taken as UTC)."""
+    return (at if at.tzinfo else at.replace(tzinfo=dt.timezone.utc)).astimezone(dt.timezone.utc)
+
+
+def _event_time(key: str) -> dt.datetime | None:
+    """The UTC time in an event key (``_events/<%Y%m%dT%H%M%S%fZ>-<id>.json``; None if it has none)."""
+    stamp = key.rsplit("/", 1)[-1].split("-", 1)[0]
+    try:
+        return dt.datetime.strptime(stamp, "%Y%m%dT%H%M%S%fZ").replace(tzinfo=dt.timezone.utc)
+    except ValueError:
+        return None
+
+
+def _in_window(at: dt.datetime | None, lo: dt.datetime | None, hi: dt.datetime | None) -> bool:
+    return at is not None and (lo is None or at >= lo) and (hi is None or at <= hi)
 
 
 def _drop_lineage(store: Store, drop_id: str, model: str) -> dict[str, Any]:
@@ -467,6 +512,16 @@ def split_drop_ids(values: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(part.strip() for value in values for part in str(value).split(",") if part.strip()))
 
 
+def _parse_time(text: str | None, flag: str) -> dt.datetime | None:
+    if text is None:
+        return None
+    try:
+        at = dt.datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise RegistryError(f"{flag} {text!r} is not a time: give ISO 8601, e.g. 2026-11-24T03:47 (UTC)") from None
+    return _utc(at)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mlpipe registry", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -487,7 +542,9 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("stage", choices=STAGES)
     st.add_argument("--reason", default="manual")
     sub.add_parser("champion", help="print the production version")
-    sub.add_parser("events", help="print the registry event log")
+    ev = sub.add_parser("events", help="print the registry event log")
+    ev.add_argument("--since", default=None, help="only events at or after this UTC time (ISO 8601)")
+    ev.add_argument("--until", default=None, help="only events at or before this UTC time (ISO 8601)")
     return parser
 
 
@@ -522,7 +579,7 @@ def _main(argv: Sequence[str] | None) -> int:
     elif args.cmd == "champion":
         _print(champion(store, model))
     elif args.cmd == "events":
-        _print(events(store, model))
+        _print(events(store, model, since=_parse_time(args.since, "--since"), until=_parse_time(args.until, "--until")))
     return 0
 
 

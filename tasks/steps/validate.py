@@ -34,7 +34,8 @@ Outputs, beside the drop (re-validation overwrites them)::
     drops/<drop_id>/validation/result.json        success, failures, statistics, report_uri,
                                                   content (digests of the validated bytes)
     drops/<drop_id>/validation/content.json       the sha256 of every object under images/
-    drops/<drop_id>/validation/data_docs/index.html   the GX Data Docs site
+    drops/<drop_id>/validation/data_docs/index.html   the GX Data Docs site, rewritten to render
+                                                  offline (no CDN asset: ``tasks.steps.data_docs``)
 
 The result records the model it was validated for (``model``): ``train`` and ``register``
 refuse a drop validated for another model. It is bound to the content it checked (``tasks.steps.drops.bind_validation``):
@@ -541,6 +542,9 @@ def validate_drop(store: "Store", drop_id: str, *, spec: "ModelSpec | None" = No
         t_gx = time.monotonic()
         vres = _run_gx(df, expectations, docs_dir, suite["name"], f"drop-{drop_id}")
         gx_seconds = time.monotonic() - t_gx
+        from tasks.steps.data_docs import make_offline
+
+        make_offline(docs_dir)  # no CDN asset: the site renders where nothing outside can be reached
         failures = [_failure(r, df, thresholds) for r in vres.results if not r.success]
         # Re-validation overwrites: upload the new site, remove files of an older
         # site that the new one does not have, write result.json last.

@@ -26,7 +26,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from tasks.config import PROJECT_ROOT, load_settings
 from tasks.contracts import layout
@@ -100,6 +100,66 @@ def run_pipeline(store, drop_id: str, epochs: int, seed: int, home: Path, tag: s
     }
 
 
+def _step(command: str, *args: str, home: Path, tag: str) -> dict[str, Any]:
+    """One pipeline step as the DAG runs it (``mlpipe <command> ...``); its ``--result-json``."""
+    import subprocess
+
+    out = home / f"{tag}-{command}.json"
+    proc = subprocess.run([sys.executable, "-m", "tasks.cli", command, *args, "--result-json", str(out)],
+                          capture_output=True, text=True)
+    (home / f"{tag}-{command}.log").write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        raise RuntimeError(f"mlpipe {command} {' '.join(args)} failed (exit {proc.returncode}): "
+                           f"{(proc.stderr.strip().splitlines() or ['no output'])[-1]}")
+    return json.loads(out.read_text())
+
+
+def prepare_candidate(store, drop_id: str, epochs: int, seed: int, home: Path,
+                      also: Sequence[str] = ()) -> int:
+    """A second version, validated, trained (on ``drop_id`` and the drops ``also``), registered, compiled and
+    QC-gated like the DAG does, but not deployed: the rollout serves it. Returns its version."""
+    model = load_settings().model_name
+    _step("validate", "--model", model, "--drop-id", drop_id, home=home, tag="candidate")
+    drop_args = [a for d in (drop_id, *also) for a in ("--drop-id", d)]
+    run = _step("train", "--model", model, *drop_args, "--epochs", str(epochs), "--seed", str(seed),
+                home=home, tag="candidate")
+    reg = _step("registry", "--model", model, "register", "--run-id", run["run_id"], *drop_args,
+                home=home, tag="candidate")
+    version = int(reg["version"])
+    _step("compile", "--model", model, "--version", str(version), home=home, tag="candidate")
+    qc = _step("qc", "--model", model, "--version", str(version), "--no-fail", home=home, tag="candidate")
+    if qc.get("verdict") != "passed":
+        raise RuntimeError(f"the rollout candidate v{version} did not pass QC: {qc.get('reasons')}")
+    return version
+
+
+def run_rollout(store, version: int, *, window_s: float = 8.0, min_frames: int = 150,
+                kafka: Any = None) -> dict[str, Any]:
+    """``mlpipe rollout run``'s function on ``version``: shadow -> 10 % -> 50 % -> 100 % -> promote."""
+    from tasks.steps import rollout
+
+    model = load_settings().model_name
+    steps: list[dict[str, Any]] = []
+
+    def said(entry: dict[str, Any]) -> None:
+        steps.append(entry)
+        verdict = "holds" if entry.get("ok") else "FAILS"
+        cand = entry.get("evidence", {}).get("candidate", {})
+        print(f"   rollout {entry['step']}: {verdict} (candidate frames {cand.get('frames')}, agreement "
+              f"{cand.get('agreement')}, p95 {cand.get('p95_ms')} ms)", flush=True)
+
+    th = rollout.Thresholds.from_settings(window_s=window_s, min_frames=min_frames, max_wait_s=120.0)
+    try:
+        ro = rollout.run(store, model, version, steps="shadow,10,50,100", thresholds=th, poll_s=0.5,
+                         on_step=said, kafka=kafka)
+        out = ro.to_dict()
+    except rollout.RolledBack as exc:
+        out = {"outcome": "rolled_back", "reason": str(exc), "steps": steps}
+    out["evidence"] = [{"step": s["step"], "ok": s.get("ok"), "checks": s.get("checks"),
+                        "evidence": s.get("evidence")} for s in steps]
+    return out
+
+
 def known_class(spec: Any) -> int:
     """The class of the demo's live inference: ``7`` for digits (a known 7), else the last class."""
     return 7 if spec.num_classes > 7 else spec.num_classes - 1
@@ -127,7 +187,8 @@ def live_prediction(triton_url: str, model: str) -> dict[str, Any]:
 
 
 def run_demo(home: Path | None = None, size: int = 3000, seed: int = 0, epochs: int = 8,
-             regression: bool = False, stream_frames: int = 3000, model: str = "digits") -> dict[str, Any]:
+             regression: bool = False, stream_frames: int = 3000, model: str = "digits",
+             with_rollout: bool = True) -> dict[str, Any]:
     started = time.monotonic()
     home = home or demo_home(model)
     if home.exists():
@@ -164,13 +225,35 @@ def run_demo(home: Path | None = None, size: int = 3000, seed: int = 0, epochs: 
                  "golden set, sent as an encoded frame)")
             summary["triton_prediction"] = live_prediction(triton.http_url, cfg.model_name)
             print(json.dumps(summary["triton_prediction"]))
+            during = None
+            if stream_frames and with_rollout:
+                cand_drop = f"{drop_id}-b"
+                _say(f"safe rollout: a second version from drop {cand_drop} (validate -> train -> register -> "
+                     "compile -> qc, not deployed), to be rolled out on live traffic")
+                drops.make_drop(store, cand_drop, size=size, seed=seed + 1, spec=spec)
+                try:  # trained on both drops: twice the data, so it does not regress against the champion
+                    candidate = prepare_candidate(store, cand_drop, epochs, seed + 1, home, also=[drop_id])
+                except RuntimeError as exc:
+                    print(f"no rollout: {exc}")
+                    summary["rollout"] = {"outcome": "no candidate", "reason": str(exc)}
+                else:
+                    print(f"candidate v{candidate} passed QC")
+
+                    def during(kafka: Any) -> dict[str, Any]:
+                        _say(f"rolling v{candidate} out while the stream runs: shadow -> 10% -> 50% -> 100% -> "
+                             "promote")
+                        return run_rollout(store, candidate, kafka=kafka)
             if stream_frames:
                 from tasks.tools.demo_stream import run_stream
 
                 _say(f"streaming {stream_frames} frames: gateway -> Kafka -> consumer sidecar -> Triton -> "
                      "predictions (Kafka) + Qdrant, and 5 poison frames for the dead-letter topic")
-                summary["stream"] = run_stream(home, triton.grpc_url, frames=stream_frames)
+                summary["stream"] = run_stream(home, triton.grpc_url, frames=stream_frames, during=during)
+                if during is not None:
+                    summary["rollout"] = summary["stream"].pop("during", None)
                 print(json.dumps(summary["stream"]))
+                champ = registry.champion(store, cfg.model_name)
+                summary["deployed_version"] = champ["version"] if champ else None
         else:
             summary["triton_prediction"] = None
 
@@ -211,14 +294,19 @@ def main(argv: list[str] | None = None) -> int:
                         help="state folder, wiped first (default var/demo, var/demo-<model> for another model)")
     parser.add_argument("--stream-frames", type=int, default=3000,
                         help="frames to stream through gateway/Kafka/consumer after deploy (0: skip)")
+    parser.add_argument("--no-rollout", action="store_true",
+                        help="skip the safe-rollout stage (a second version rolled out on the live stream: shadow, "
+                             "canary steps, promotion by its evidence)")
     parser.add_argument("--regression", action="store_true",
                         help="also train a deliberately worse model and show the QC gate blocking it")
     args = parser.parse_args(argv)
     summary = run_demo(args.home, size=args.size, seed=args.seed, epochs=args.epochs, regression=args.regression,
-                       stream_frames=args.stream_frames, model=args.model)
+                       stream_frames=args.stream_frames, model=args.model, with_rollout=not args.no_rollout)
     ok = summary["validation"] == "passed" and summary["deployed_version"] is not None
     if args.stream_frames:
         ok = ok and summary.get("stream", {}).get("lost") == 0
+    if args.stream_frames and not args.no_rollout:
+        ok = ok and (summary.get("rollout") or {}).get("outcome") == "promoted"
     if args.regression:
         ok = ok and summary["regression"]["blocked"]
     return 0 if ok else 1

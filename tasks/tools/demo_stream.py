@@ -19,14 +19,18 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from tasks.local.procs import ManagedProcess, free_port, http_ok, wait_until
 from tasks.tools.bench import percentile
 
 
 def run_stream(home: Path, triton_grpc: str, frames: int = 3000, poison: int = 5,
-               timeout: float = 180.0) -> dict[str, Any]:
+               timeout: float = 180.0, during: Callable[[Any], Any] | None = None,
+               during_max_s: float = 400.0) -> dict[str, Any]:
+    """Stream ``frames`` frames (and the poison). With ``during(kafka_config)`` (e.g. a rollout), it runs in a
+    thread once the consumer is ready while frames keep flowing, for at most ``during_max_s``; its result is
+    ``during`` in the returned summary (an exception: ``{"error": ...}``); every frame sent meanwhile counts."""
     import httpx
     import numpy as np
 
@@ -89,6 +93,25 @@ def run_stream(home: Path, triton_grpc: str, frames: int = 3000, poison: int = 5
                 for got, bad in pool.map(send, np.array_split(idx, 4)):
                     truth.update(got)
                     rejected += bad
+                if during is not None:
+                    import threading
+
+                    outcome: dict[str, Any] = {}
+
+                    def run_during() -> None:
+                        try:
+                            outcome["during"] = during(cfg)
+                        except Exception as exc:  # noqa: BLE001 - reported in the summary
+                            outcome["during"] = {"error": f"{type(exc).__name__}: {exc}"}
+
+                    worker = threading.Thread(target=run_during, name="during-stream", daemon=True)
+                    worker.start()
+                    spin = np.arange(240) % len(labels)
+                    while worker.is_alive() and time.monotonic() - t0 < during_max_s:
+                        for got, bad in pool.map(send, np.array_split(spin, 4)):
+                            truth.update(got)
+                            rejected += bad
+                    worker.join(timeout=max(1.0, during_max_s - (time.monotonic() - t0)))
             send_s = time.monotonic() - t0
             print(f"sent {len(truth)} frames through the gateway in {send_s:.1f}s "
                   f"({len(truth) / send_s:.0f}/s); {rejected} rejected", flush=True)
@@ -149,4 +172,5 @@ def run_stream(home: Path, triton_grpc: str, frames: int = 3000, poison: int = 5
         "qdrant_points": qdrant_points,
         "model_versions": versions,
         "seconds": round(total_s, 1),
+        **({"during": outcome.get("during")} if during is not None else {}),
     }

@@ -24,6 +24,7 @@ from tasks.model import repo as model_repo
 from tasks.model.frames import content_type_of, encode_frame
 from tasks.steps import drops, registry
 from tests.e2e.test_retrain_dag import task_states
+from tests.support.airflow import airflow_home_from
 from tests.support.stream import ConsumerProcess, frame_headers, read_topic, send_raw
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
@@ -129,14 +130,15 @@ def project(tmp_path_factory):
     return root
 
 
-def test_bring_your_own_model_through_the_retrain_dag_to_live_predictions(project, monkeypatch, tmp_path):
+def test_bring_your_own_model_through_the_retrain_dag_to_live_predictions(project, monkeypatch, tmp_path,
+                                                                         airflow_template):
     # 1. check the spec
     check = subprocess.run([sys.executable, "-m", "tasks.cli", "spec", "check",
                             str(project / "models" / "tiny" / "spec.yaml")], capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
     assert "tiny: classification of 3 classes (circle, square, triangle); input 16x16x3" in check.stdout
 
-    home = tmp_path / "home"
+    home = airflow_home_from(airflow_template, tmp_path / "home")  # a migrated Airflow DB of its own
     env = {"MLPIPE_HOME": str(home), "MLPIPE_STORE_URL": f"file://{home / 'store'}",
            "MLPIPE_MODEL_REPO": str(home / "model_repo"), "MLPIPE_MODEL_NAME": "tiny",
            "MLPIPE_MODELS_DIR": str(project / "models"), "MLPIPE_EXECUTION": "local",

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import sqlite3
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -15,8 +14,9 @@ import pytest
 from tasks.contracts.errors import EXIT_BAD_INPUT, EXIT_REJECTED
 from tasks.steps import drops
 from tasks.steps import validate
-from tasks.local.airflow import airflow_env, dags_test, ensure_db
+from tasks.local.airflow import dags_test
 from tasks.adapters.storage import LocalStore
+from tests.support.airflow import airflow_home_from
 from tests.unit.steps.test_validate import LOG_WORDS
 
 pytestmark = [pytest.mark.e2e]
@@ -36,9 +36,9 @@ def task_states(home: Path, output: str, dag_id: str = "retrain") -> dict[str, s
 
 
 @pytest.fixture(scope="module")
-def fault_runs(tmp_path_factory):
+def fault_runs(tmp_path_factory, airflow_template):
     """One store with a validated clean drop and one drop per fault; the DAG run for each fault,
-    two at a time, each with its own Airflow DB copied from one migrated template."""
+    two at a time, each with its own Airflow DB copied from the session's migrated template."""
     root = tmp_path_factory.mktemp("dagfaults")
     store_dir = root / "store"
     store = LocalStore(store_dir)
@@ -52,13 +52,9 @@ def fault_runs(tmp_path_factory):
     cases["unknown_drop"] = "no-such-drop"
     cases["incomplete_drop"] = "half-written"
 
-    template = root / "template"
-    ensure_db(airflow_env({**os.environ, "MLPIPE_HOME": str(template)}))
-
     def run(item):
         name, drop_id = item
-        home = root / name
-        shutil.copytree(template / "airflow", home / "airflow")
+        home = airflow_home_from(airflow_template, root / name)
         env = {**os.environ, "MLPIPE_HOME": str(home), "MLPIPE_STORE_URL": f"file://{store_dir}"}
         proc = dags_test("retrain", {"drop_id": drop_id, "epochs": 1}, env=env, timeout=300)
         return name, (proc, task_states(home, proc.stdout + proc.stderr), home)

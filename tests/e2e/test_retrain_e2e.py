@@ -19,14 +19,15 @@ from tasks.adapters.storage import LocalStore
 from tasks.adapters.triton import TritonClient
 from tasks.local.triton import LocalTriton
 from tests.e2e.test_retrain_dag import task_states
+from tests.support.airflow import airflow_home_from
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 ALL_TASKS = ["validate", "train", "register", "compile", "qc", "qc_gate", "deploy", "outcome"]
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    home = tmp_path_factory.mktemp("e2e")
+def stack(tmp_path_factory, airflow_template):
+    home = airflow_home_from(airflow_template, tmp_path_factory.mktemp("e2e"))
     repo = model_repo.render_repo("local", home / "model_repo", load_settings().model_spec("digits"))
     with LocalTriton(repo, home / "logs" / "triton") as triton:
         env = {**os.environ, "MLPIPE_HOME": str(home), "MLPIPE_STORE_URL": f"file://{home / 'store'}",

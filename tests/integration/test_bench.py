@@ -47,7 +47,16 @@ def test_bench_writes_results_with_every_key(tmp_path, mlpipe_env, _tiny_onnx_ca
     assert d["profile"]["main_thread"], d["profile"]
     # DAG import errors are tests/test_dag_structure.py's business; here: every DAG file was timed
     assert d["dag_parse"]["files"] and all(f["median_s"] > 0 for f in d["dag_parse"]["files"].values())
-    assert 0 < results["targets"]["fraction_of_ort"]
+    assert 0 < results["targets"]["fraction_of_ort"] == results["consumer_fraction_of_ort"]
+    # issue 14: the compiled models measured like (a), and two consumers of one group over two partitions
+    assert set(d["compiled"]) == {"model.opt.onnx", "model.int8.onnx"}
+    assert results["compiled_speedup"] == max(results["compiled_speedup_by_artifact"].values())
+    assert all(c["agreement_with_fp32"] >= 0.9 for c in d["compiled"].values()), d["compiled"]
+    pair = d["consumers_2"]
+    assert pair["complete"] and pair["predictions_read"] >= 300 and pair["partitions"] == 2, pair
+    assert results["consumers_2_fps"] == pair["fps"]
+    assert sum(c["predicted"] for c in pair["per_consumer"]) >= 300
+    assert all(c["predicted"] > 0 for c in pair["per_consumer"]), pair  # both members had a partition
     table = (out / "results.md").read_text()
     assert "| scenario | images/s | p50 ms | p95 ms | notes |" in table
     assert "(c) consumer" in table and table in printed.out  # the table is printed too

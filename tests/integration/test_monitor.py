@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sqlite3
 import subprocess
 import sys
@@ -199,17 +198,14 @@ def test_cli(served, tmp_path):
     assert down.returncode == EXIT_TRANSIENT and "error: topic" in down.stderr  # retried by Airflow
 
 
-def test_monitor_dag_requests_a_retrain_only_for_the_skewed_stream(served, tmp_path):
+def test_monitor_dag_requests_a_retrain_only_for_the_skewed_stream(served, tmp_path, airflow_template):
     """``airflow dags test monitor`` once per stream: the skewed one emits an ``mlpipe_drift`` asset event
     (the retrain request ``scheduled_retrain`` is scheduled on), the plain one skips ``request_retrain``."""
-    from tasks.local.airflow import airflow_env, dags_test, ensure_db
-
-    template = tmp_path / "template"
-    ensure_db(airflow_env({**os.environ, **served.env, "MLPIPE_HOME": str(template)}))
+    from tasks.local.airflow import dags_test
+    from tests.support.airflow import airflow_home_from
 
     def run(kind: str):
-        home = tmp_path / kind
-        shutil.copytree(template / "airflow", home / "airflow")
+        home = airflow_home_from(airflow_template, tmp_path / kind)
         env = {**os.environ, **served.env, "MLPIPE_HOME": str(home),
                "MLPIPE_KAFKA_TOPIC_PREFIX": served.streams[kind].topic_prefix}
         proc = dags_test("monitor", {"source": "kafka", "window": 2000, "min_samples": 200}, env=env, timeout=300)

@@ -170,7 +170,7 @@ def test_assets_show_how_the_dags_feed_each_other(airflow_stack):
     assert scheduled("mlpipe_drops") == {"drop_arrival"}
     assert "retrain.validate" in tasks("mlpipe_drops", "consuming_tasks")
     assert tasks("mlpipe_model_versions", "producing_tasks") == {"retrain.register"}
-    assert tasks("mlpipe_deployments", "producing_tasks") == {"retrain.deploy", "rollback.rollback"}
+    assert tasks("mlpipe_deployments", "producing_tasks") == {"retrain.deploy", "rollback.rollback", "rollout.rollout"}
     assert tasks("mlpipe_deployments", "consuming_tasks") == {"monitor.analyze"}
     assert tasks("mlpipe_drift", "producing_tasks") == {"monitor.request_retrain"}
     assert scheduled("mlpipe_drift") == {"scheduled_retrain"}

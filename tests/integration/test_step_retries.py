@@ -14,7 +14,6 @@ input: ``drops make``, which starts again from nothing after the restart.
 from __future__ import annotations
 
 import os
-import shutil
 import sqlite3
 import subprocess
 import sys
@@ -27,9 +26,10 @@ import pytest
 from tasks.config import S3Settings
 from tasks.contracts.errors import EXIT_REJECTED, EXIT_TRANSIENT
 from tasks.adapters.storage import S3Store, StoreError
-from tasks.local.airflow import airflow_bin, airflow_env, ensure_db
+from tasks.local.airflow import airflow_bin, airflow_env
 from tasks.local.procs import ManagedProcess, free_port, port_open, wait_until
 from tasks.steps import drops
+from tests.support.airflow import airflow_home_from
 
 BUCKET = "retry-probe"
 DAG_ID = "mlpipe_retry_probe"
@@ -88,21 +88,13 @@ def s3_server(tmp_path):
         server.stop()
 
 
-@pytest.fixture(scope="module")
-def airflow_template(tmp_path_factory):
-    """One migrated Airflow home (with its pools), copied for each test."""
-    template = tmp_path_factory.mktemp("af-template")
-    ensure_db(airflow_env({**os.environ, "MLPIPE_HOME": str(template)}))
-    return template
-
-
 class ProbeRun:
     """A one-task DAG in its own dags folder and Airflow home, run with ``airflow dags test``."""
 
     def __init__(self, tmp_path: Path, template: Path, s3: S3Server, task_id: str, command: str,
                  arguments: list[str], *, retries: int, delay: float) -> None:
         self.home = tmp_path / "home"
-        shutil.copytree(template / "airflow", self.home / "airflow")
+        airflow_home_from(template, self.home)  # the session's migrated DB (tests/support/airflow.py)
         dags = tmp_path / "dags"
         dags.mkdir()
         (dags / "probe.py").write_text(DAG.format(dag_id=DAG_ID, retries=retries, delay=delay, task_id=task_id,

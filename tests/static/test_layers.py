@@ -27,8 +27,14 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+#: top-level modules that belong to a layer of a package's name (``tasks/tracing.py`` sits beside ``tasks/logs.py``)
+MODULE_LAYER = {"tracing": "logs"}
+
+
 def layer(module: str) -> str | None:
     parts = module.split(".")
+    if len(parts) > 1 and parts[1] in MODULE_LAYER:
+        return MODULE_LAYER[parts[1]]
     return parts[1] if len(parts) > 1 and parts[1] in ALLOWED else None
 
 

@@ -21,6 +21,8 @@ new registry version (``tasks.steps.registry.register``), with a validated drop 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -159,10 +161,41 @@ def _cached(request, tmp_path_factory, name: str, key: str, build: Callable[[Pat
     if name in _SESSION_MODELS and _SESSION_MODELS[name].onnx.is_file():
         return _SESSION_MODELS[name]
     cache = getattr(request.config, "cache", None)
-    root = Path(cache.mkdir("mlpipe-trained-models")) if cache is not None else tmp_path_factory.getbasetemp()
+    # pytest-xdist: the workers of one run share the run's base folder (each has its own sub-folder), so
+    # without pytest's cache the first worker that needs a model trains it there and the others copy it.
+    run_uid = os.environ.get("PYTEST_XDIST_TESTRUNUID", "")
+    base = tmp_path_factory.getbasetemp()
+    root = Path(cache.mkdir("mlpipe-trained-models")) if cache is not None else (base.parent if run_uid else base)
+    with _lock(root / f".{name}.lock"):  # one trainer per model at a time across the workers of a run
+        final = _build_once(root, name, key, run_uid, build)
+    # a private copy: another session may replace the cache entry while this one runs
+    copy = tmp_path_factory.mktemp(f"model-{name}")
+    for f in (*MODEL_FILES, "manifest.parquet"):
+        if (final / f).is_file():
+            shutil.copyfile(final / f, copy / f)
+    metrics = json.loads((copy / "metrics.json").read_text())
+    _SESSION_MODELS[name] = TrainedModel(name, copy, metrics)
+    return _SESSION_MODELS[name]
+
+
+@contextlib.contextmanager
+def _lock(path: Path):
+    """An exclusive ``flock`` on ``path`` for the block (released when the process dies, too)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _build_once(root: Path, name: str, key: str, run_uid: str, build: Callable[[Path], None]) -> Path:
+    """``root/<name>-<key>``, trained unless it is complete (``MLPIPE_TEST_RETRAIN=1``: trained once per run)."""
     final = root / f"{name}-{key}"
     fresh = os.environ.get("MLPIPE_TEST_RETRAIN", "") not in ("", "0")
-    if fresh or not all((final / f).is_file() for f in MODEL_FILES):
+    done_by_this_run = bool(run_uid) and (final / f".trained-by-{run_uid}").is_file()
+    if (fresh and not done_by_this_run) or not all((final / f).is_file() for f in MODEL_FILES):
         staging = root / f".{name}-{key}-{uuid.uuid4().hex[:8]}"
         staging.mkdir(parents=True)
         t0 = time.monotonic()
@@ -172,18 +205,13 @@ def _cached(request, tmp_path_factory, name: str, key: str, build: Callable[[Pat
             os.rename(staging, final)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+        if run_uid:
+            (final / f".trained-by-{run_uid}").write_text("")
         print(f"\n[model_fixtures] trained {name!r} in {time.monotonic() - t0:.1f}s -> {final}")
         for stale in root.glob(f"{name}-*"):  # models of older code: sessions use copies, so this is safe
             if stale != final and stale.is_dir():
                 shutil.rmtree(stale, ignore_errors=True)
-    # a private copy: another session may replace the cache entry while this one runs
-    copy = tmp_path_factory.mktemp(f"model-{name}")
-    for f in (*MODEL_FILES, "manifest.parquet"):
-        if (final / f).is_file():
-            shutil.copyfile(final / f, copy / f)
-    metrics = json.loads((copy / "metrics.json").read_text())
-    _SESSION_MODELS[name] = TrainedModel(name, copy, metrics)
-    return _SESSION_MODELS[name]
+    return final
 
 
 @pytest.fixture(scope="session")

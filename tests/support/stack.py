@@ -2,8 +2,10 @@
 
 ``mlpipe_stack`` / ``airflow_stack`` are session fixtures, made visible to every test module by
 tests/conftest.py, which also moves the tests that use them to the end of the run: the stack is started
-once, when the first of them runs, and stopped by PID when the session ends, so its processes (Airflow's
-four, Triton, the broker, the consumer, the gateway) never run beside the other tests.
+once, when the first of them runs, and stopped by PID when the session ends, so in a serial run its
+processes (Airflow's four, Triton, the broker, the consumer, the gateway) never run beside the other tests.
+Under pytest-xdist (``make test``) these tests form one ``xdist_group`` (tests/support/parallel.py): one
+worker starts the stack once and runs them in this order while the other worker runs the rest.
 """
 
 from __future__ import annotations

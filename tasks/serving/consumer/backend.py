@@ -14,6 +14,7 @@ batches are split into requests of at most that size.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
 import time
@@ -146,7 +147,9 @@ class TritonBackend:
         try:
             if n <= chunk:
                 return self._infer_one(frames)
-            futures = [self._pool.submit(self._infer_one, frames[i:i + chunk]) for i in range(0, n, chunk)]
+            # each chunk in the caller's context: its Triton request carries the batch's traceparent (tasks.tracing)
+            futures = [self._pool.submit(contextvars.copy_context().run, self._infer_one, frames[i:i + chunk])
+                       for i in range(0, n, chunk)]
             parts, errors = [], []
             for f in futures:
                 try:

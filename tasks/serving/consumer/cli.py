@@ -101,6 +101,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="on exit, write one entry per predicted frame to this JSON file (benchmarks): "
                         "[captured_at epoch, then seconds from it until both sinks were written, the loop "
                         "polled the frame, Triton answered, the loop took the answer]")
+    p.add_argument("--rollout-poll", type=float, default=1.0, metavar="SECONDS",
+                   help="how often the rollout state (rollouts/<model>/state.json in the object store) is read: "
+                        "shadow, canary share and the kill switch take effect within this (default 1; 0: do not "
+                        "follow rollouts, the champion answers everything)")
     p.add_argument("--log-level", default=None, help="log level (default MLPIPE_LOG_LEVEL or INFO)")
     return p
 
@@ -128,6 +132,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("tasks.adapters.kafka.librdkafka").setLevel(logging.WARNING)
     from tasks.adapters.kafka import KafkaConfig
     from tasks.config import load_settings
+    from tasks.tracing import setup_process
+
+    try:  # a span per micro-batch (tasks.tracing); the settings' secrets never in a log line
+        setup_process("stream", load_settings())
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
     try:
         kafka = KafkaConfig.from_env(bootstrap=args.bootstrap, topic_prefix=args.topic_prefix,
@@ -185,11 +196,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - a bad URL is a usage error
         print(f"error: cannot create a Triton client for {cfg.triton_url}: {exc}", file=sys.stderr)
         return 2
-    consumer = StreamConsumer(kafka, cfg, backend=backend, vectors=vectors, spec=spec)
+    router = None
+    if args.rollout_poll > 0:
+        from tasks.adapters.storage import open_store
+        from tasks.serving.consumer.rollout import RolloutRouter
+
+        def lane_backend(lane: str) -> TritonBackend:
+            return TritonBackend(cfg.triton_url, lane, timeout_s=cfg.triton_timeout_s,
+                                 max_model_batch=cfg.max_model_batch, concurrency=4)
+
+        router = RolloutRouter(model, store_factory=lambda: open_store(settings), backend_factory=lane_backend,
+                               poll_s=args.rollout_poll, version_max_age_s=cfg.version_max_age_s)
+    consumer = StreamConsumer(kafka, cfg, backend=backend, vectors=vectors, spec=spec, rollout=router)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: consumer.stop())
     try:
+        if router is not None:
+            router.start()
         stats = consumer.run()
+        if router is not None:
+            stats = {**stats, "rollout": dict(router.stats)}
     finally:
         backend.close()
         if vectors is not None:

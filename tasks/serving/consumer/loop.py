@@ -104,11 +104,13 @@ from tasks.serving.consumer.records import (
 )
 from tasks.serving.consumer.records import now as utc_now
 from tasks.serving.consumer.telemetry import HealthServer, Metrics
+from tasks.tracing import NO_BATCH, start_batch
 
 if TYPE_CHECKING:  # pragma: no cover
     from tasks.adapters.kafka import CommitResult, KafkaConfig, Record
     from tasks.adapters.qdrant import PredictionPoint
     from tasks.contracts.spec import ModelSpec
+    from tasks.serving.consumer.rollout import RolloutRouter
 
 logger = logging.getLogger(__name__)
 
@@ -212,8 +214,11 @@ class _Batch:
     points: list = field(default_factory=list)
     captured: list = field(default_factory=list)
     ticket: Any = None
-    version: str = ""  # the served classifier version, read when Triton answered
+    version: Any = ""  # the served classifier version, read when Triton answered; a list (per frame) when split
+    route: list | None = None  # safe rollout: per frame, True when the candidate answers it (None: the champion)
+    routed: bool = False  # the rollout router answered (and counted) this batch
     fallback: int = 0  # rounds of replacing messages the broker refused for good
+    trace: Any = NO_BATCH  # its spans (tasks.tracing.BatchTrace; a no-op while tracing is off)
 
 
 class StreamConsumer:
@@ -224,7 +229,8 @@ class StreamConsumer:
                  consumer_factory: Callable[..., FrameSource] | None = None,
                  producer_factory: Callable[["KafkaConfig"], ResultSink] | None = None,
                  rng: random.Random | None = None, store: OriginalStore | None = None,
-                 watch_factory: Callable[..., Any] | None = None, spec: "ModelSpec | None" = None) -> None:
+                 watch_factory: Callable[..., Any] | None = None, spec: "ModelSpec | None" = None,
+                 rollout: "RolloutRouter | None" = None) -> None:
         if spec is None:
             from tasks.config import load_settings
 
@@ -234,6 +240,10 @@ class StreamConsumer:
         self.spec = spec
         self.metrics = Metrics()
         self.backend = backend
+        self.rollout = rollout  # safe rollout: routes frames to a candidate lane (tasks/serving/consumer/rollout.py)
+        if rollout is not None:
+            rollout.metrics = self.metrics
+            rollout.build_shadow = self._shadow_messages
         self.vectors = vectors
         self._consumer_factory = consumer_factory
         self._producer_factory = producer_factory
@@ -434,6 +444,10 @@ class StreamConsumer:
             self._heartbeat = time.monotonic()
             try:
                 ensure_topics(self.kafka, timeout=3.0)
+                if self.rollout is not None:
+                    from tasks.contracts.messages import PREDICTIONS_SHADOW
+
+                    ensure_topics(self.kafka, [self.kafka.topic(PREDICTIONS_SHADOW)], timeout=3.0)
                 return True
             except BusError as exc:
                 msg = str(exc)
@@ -477,19 +491,25 @@ class StreamConsumer:
                                           **overrides)
         self._make_producer = producer_factory
         self._producer = producer_factory(self.kafka)
+        if self.rollout is not None:
+            self.rollout.produce = self._producer.produce_batch  # shadow answers: queued, never awaited
 
     # ----------------------------------------------------------------- batch preparation
     def _prepare(self, records: list["Record"]) -> _Batch:
         polled_wall = time.time()  # before the checks: the latency log's "polled" step ends here
         d = check_frames(records, self.spec, self.cfg.max_frame_bytes)
-        return _Batch(records=records, good=d.good, frames=d.frames, rejected=d.rejected, frame_ids=d.frame_ids,
-                      polled_at=time.monotonic(), polled_wall=polled_wall, seq=self.offsets.take(records))
+        batch = _Batch(records=records, good=d.good, frames=d.frames, rejected=d.rejected, frame_ids=d.frame_ids,
+                       polled_at=time.monotonic(), polled_wall=polled_wall, seq=self.offsets.take(records),
+                       trace=start_batch(records, d.frame_ids, model=self.cfg.model, started_at=polled_wall))
+        if self.rollout is not None and self.rollout.active:
+            batch.route = self.rollout.route(records, d.good, d.frame_ids)
+        return batch
 
     def _submit(self, batch: _Batch) -> None:
         if batch.frames and self.backend is not None:
             assert self._infer_pool is not None
             batch.submitted_at = time.monotonic()
-            batch.future = self._infer_pool.submit(self._timed_infer, batch.frames)
+            batch.future = self._infer_pool.submit(batch.trace.run(self._timed_infer), batch.frames, batch)
 
     def _await(self, future: Future | None) -> Any:
         """``future.result()``; raises ``FuturesTimeout`` once a stop request's drain budget is spent (a hung
@@ -502,12 +522,19 @@ class StreamConsumer:
                 if self._stop.is_set() and self._draining_too_long():
                     raise
 
-    def _timed_infer(self, frames: Sequence[bytes]) -> tuple[dict, float, float, str]:
+    def _timed_infer(self, frames: Sequence[bytes], batch: _Batch | None = None) -> tuple[dict, float, float, Any]:
         """Triton's outputs, the seconds the call took, when it returned (epoch) and the served version then.
 
         The version is read right after the answer, cached at most ``version_max_age_s`` (default 0.25 s), so
-        a prediction's label follows a deploy within that instead of the health thread's 2 s."""
+        a prediction's label follows a deploy within that instead of the health thread's 2 s. During a
+        rollout the router answers (``batch.route``: the candidate's frames; the version is then one per
+        frame); a bisection's sub-batches (``batch`` None) go to the champion."""
         assert self.backend is not None
+        if batch is not None and self.rollout is not None and self.rollout.active:
+            ctx = {"records": batch.records, "good": batch.good, "frame_ids": batch.frame_ids}
+            out, secs, version = self.rollout.infer(self.backend, frames, batch.route, ctx)
+            batch.routed = True
+            return out, secs, time.time(), version
         t0 = time.perf_counter()
         out = self.backend.infer(frames)
         secs, answered = time.perf_counter() - t0, time.time()
@@ -675,6 +702,10 @@ class StreamConsumer:
         batch.good = [batch.good[j] for j in keep]
         batch.frame_ids = [batch.frame_ids[j] for j in keep]
         batch.frames = [batch.frames[j] for j in keep]
+        if isinstance(batch.version, list):
+            batch.version = [batch.version[j] for j in keep]
+        if batch.route is not None:
+            batch.route = [batch.route[j] for j in keep]
         return keep
 
     def _retry(self, what: str, sink: str, fn: Callable[[], Any], bounded: bool = False) -> bool:
@@ -733,11 +764,9 @@ class StreamConsumer:
         batch.processed_wall = processed.timestamp()
         # the version read when Triton answered this batch (the health thread's is up to 2 s old)
         version = batch.version or (self.backend.version if self.backend is not None else "")
-        built = prediction_records(batch.records, batch.good, batch.frame_ids, outputs,
-                                   topic=self.kafka.predictions_topic, model=self.cfg.model, version=version,
-                                   infer_s=batch.infer_s, processed=processed,
-                                   policy=self.cfg.qdrant_policy if self.vectors is not None else None,
-                                   spec=self.spec)
+        if not batch.routed and batch.good:
+            self.metrics.version_frames.labels(version or "?", "champion").inc(len(batch.good))
+        built = self._predictions(batch, outputs, version, processed)
         limit = self.max_message_bytes
         too_big = [j for j, m in enumerate(built.messages) if message_size(m) > limit]
         if too_big:  # headers are validated before, so only with a very low limit: never produce them
@@ -770,6 +799,52 @@ class StreamConsumer:
             batch.ticket = self._producer.produce_batch(messages)
         self.stage_s["build_produce"] += time.perf_counter() - t1
         return True
+
+    def _predictions(self, batch: _Batch, outputs: Mapping[str, Any], version: Any, processed: Any) -> Any:
+        """The batch's predictions; ``version`` one per frame (a canary's split) builds each version's rows
+        with their own version and puts them back in the frames' order."""
+        policy = self.cfg.qdrant_policy if self.vectors is not None else None
+        topic = self.kafka.predictions_topic
+        if not isinstance(version, list) or len(set(version)) <= 1:
+            one = version[0] if isinstance(version, list) and version else version
+            return prediction_records(batch.records, batch.good, batch.frame_ids, outputs, topic=topic,
+                                      model=self.cfg.model, version=one if isinstance(one, str) else "",
+                                      infer_s=batch.infer_s, processed=processed, policy=policy, spec=self.spec)
+        parts = []
+        for v in dict.fromkeys(version):
+            rows = [j for j, x in enumerate(version) if x == v]
+            part = prediction_records(batch.records, [batch.good[j] for j in rows],
+                                      [batch.frame_ids[j] for j in rows],
+                                      {k: val[rows] for k, val in outputs.items()}, topic=topic,
+                                      model=self.cfg.model, version=v, infer_s=batch.infer_s, processed=processed,
+                                      policy=policy, spec=self.spec)
+            parts.append((rows, part))
+        built = type(parts[0][1])()
+        slots: list[Any] = [None] * len(version)
+        for rows, part in parts:
+            for j, m, c in zip(rows, part.messages, part.captured):
+                slots[j] = (m, c)
+            built.points.extend(part.points)
+        built.messages = [m for m, _ in slots]
+        built.captured = [c for _, c in slots]
+        return built
+
+    def _shadow_messages(self, ctx: Mapping[str, Any], outputs: Mapping[str, Any], version: str,
+                         secs: float) -> list:
+        """The shadow candidate's answers for the frames of ``ctx`` as ``predictions.shadow`` messages (frames
+        either side could not use are left out; nothing is indexed)."""
+        from tasks.contracts.messages import PREDICTIONS_SHADOW
+
+        errs = outputs.get("FRAME_ERROR")
+        rows = [j for j in range(len(ctx["good"]))] if errs is None else \
+            [j for j, e in enumerate(errs.reshape(-1).tolist()) if not e]
+        if not rows:
+            return []
+        part = prediction_records(ctx["records"], [ctx["good"][j] for j in rows], [ctx["frame_ids"][j] for j in rows],
+                                  {k: v[rows] for k, v in outputs.items()}, topic=self.kafka.topic(PREDICTIONS_SHADOW),
+                                  model=self.cfg.model, version=version, infer_s=secs, processed=utc_now(),
+                                  policy=None, spec=self.spec)
+        return part.messages
 
     # ----------------------------------------------------------------- oversize originals, refused messages
     def _original_store(self) -> OriginalStore:
@@ -941,6 +1016,9 @@ class StreamConsumer:
             self.stats["dead_letter"] += len(batch.rejected)
             for _, rej in batch.rejected:
                 self.metrics.dead_letters.labels(rej.reason).inc()
+        batch.trace.finish(version=batch.version, predicted=len(batch.good), dead_letters=len(batch.rejected),
+                           produced_at=batch.processed_wall, kafka_s=t1 - t0, qdrant_s=t2 - t1,
+                           points=len(points), written_at=written)
         return True
 
     def _commit_confirmed(self, force: bool = False) -> bool:
@@ -981,9 +1059,17 @@ class StreamConsumer:
         return True
 
     def _revoked(self, partitions: list[tuple[str, int]]) -> None:
-        """Before partitions move to another member: commit what was confirmed for them (synchronously)."""
+        """Before partitions move to another member (cooperative-sticky: only those that change owner; eager or a
+        lost session: all): commit what was confirmed for them, synchronously, and forget them.
+
+        The batches in hand keep their frames of those partitions: they are still written (the sinks are
+        idempotent: a Qdrant point per frame id, predictions keyed by frame id), but their offsets are dropped
+        (``OffsetTracker.revoke``), so this member never commits past what it confirmed before the revoke; the
+        new owner starts from the commit made here and re-reads the rest (at-least-once, nothing lost)."""
         assert self._consumer is not None
         offsets = self.offsets.revoke(partitions)
+        for tp in partitions:
+            self._next_pos.pop(tp, None)  # a partition that comes back starts from the group's offset
         if offsets and not self._commit_allowed():
             self.metrics.commits_withheld.inc()
             logger.warning("not committing on revoke: the broker's log is not verified as the one these offsets "
@@ -992,7 +1078,8 @@ class StreamConsumer:
         if offsets:
             res = self._consumer.commit(offsets)
             if res.ok:
-                self.offsets.committed(offsets)
+                self.metrics.commits.inc()
+                self.stats["commits"] += 1
             else:
                 logger.warning("commit on revoke failed (%s): the new owner re-reads those frames", res.error)
 
@@ -1150,6 +1237,8 @@ class StreamConsumer:
             self.abandoned = True
             self._bound("shutdown", "the broker did not answer the final commit / leaving the group in time: "
                         "exiting without them; frames after the last acknowledged commit will be redelivered")
+        if self.rollout is not None:
+            self.rollout.close()  # its evidence flushed; shadow calls still waiting are dropped (best effort)
         if self._producer is not None:
             self._producer.close(timeout=max(0.1, min(2.0, exit_by - time.monotonic())))
         if self._infer_pool is not None:

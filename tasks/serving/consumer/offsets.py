@@ -7,7 +7,7 @@ taken before it is confirmed too. So a batch held by a failed Triton call (or a 
 failing) holds back every later batch: the committed offset of a partition never passes a frame
 that is not in both sinks. ``due()`` is what may be committed now, ``committed(offsets)`` records a
 successful commit, ``revoke(partitions)`` is the part of ``due()`` to commit before partitions move
-to another member, ``final()`` everything confirmed (committed again synchronously at shutdown).
+to another member (it forgets them: the batches in hand never commit their offsets of them), ``final()`` everything confirmed (committed again synchronously at shutdown).
 Frames fetched while fetching is paused are not processed: ``refetched`` notes the first of them per
 partition and ``take_rewind`` hands those offsets to seek back to on resume.
 """
@@ -77,9 +77,22 @@ class OffsetTracker:
                 del self._due[tp]
 
     def revoke(self, partitions: Iterable[TP]) -> Offsets:
-        """The due offsets of partitions about to move to another member (commit them now)."""
+        """Partitions about to move to another member: their due offsets (commit them now), and everything else
+        about them forgotten.
+
+        Forgotten: their offsets in the batches still in hand (those frames are still written, the sinks are
+        idempotent, but this member never commits past them: the new owner re-reads them from the commit made
+        now), their committed offsets (should a partition come back, an old offset here must not be committed
+        over the newer one of the member that had it meanwhile) and their offsets to re-read."""
         revoked = set(partitions)
-        return {tp: o for tp, o in self._due.items() if tp in revoked}
+        out = {tp: o for tp, o in self._due.items() if tp in revoked}
+        for tp in revoked:
+            self._due.pop(tp, None)
+            self._committed.pop(tp, None)
+            self._rewind.pop(tp, None)
+            for offsets, _done in self._in_hand.values():
+                offsets.pop(tp, None)
+        return out
 
     def final(self) -> Offsets:
         """Every confirmed offset (committed or not): the synchronous commit at shutdown."""

@@ -13,7 +13,9 @@ No I/O and no clock (the caller passes ``processed``): the same inputs give the 
   policy selects. Prediction value: ``frame_id``, ``device_id`` (the frame's key), ``label`` (the
   class id), ``class`` (its name in the model spec), ``score``, ``topk`` (``[{"label", "class",
   "score"}]``, up to 3), ``model_name`` (the ensemble),
-  ``model_version`` (the served classifier version), ``latency_ms`` (captured_at -> processed_at),
+  ``model_version`` (the served classifier version), ``lineage`` (``<model>/<version>``: the registry version
+  that resolves to its drops, validation, training run and QC report, ``mlpipe lineage``),
+  ``latency_ms`` (captured_at -> processed_at),
   ``inference_ms`` (the Triton call of the micro-batch), ``processed_at``, ``captured_at``,
   ``traceparent``. The Qdrant payload is the same without ``traceparent``, plus ``indexed_because``.
 * ``dead_letter_records``: a rejected frame to ``frames.dlq`` with its original key, bytes and
@@ -33,6 +35,8 @@ import json
 import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+import orjson
 
 from tasks.adapters.qdrant import PredictionPoint
 from tasks.contracts.messages import (
@@ -54,6 +58,7 @@ from tasks.contracts.messages import (
     R_OVERSIZE_HEADERS,
     R_UNDECODABLE,
     FrameRejected,
+    lineage_id,
 )
 from tasks.contracts.serving import frame_error_rows
 from tasks.model.frames import check_frame
@@ -68,7 +73,13 @@ if TYPE_CHECKING:  # pragma: no cover
 #: ``(topic, value, key, headers)``, as ``BusProducer.produce_batch`` takes it.
 Message = tuple[str, bytes | None, bytes | None, list[tuple[str, bytes]]]
 
-_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True)
+#: The predictions' serialiser: orjson writes a dict straight to compact UTF-8 JSON bytes in one call (the
+#: standard library's encoder built a str, then ``.encode()`` copied it: ~3x slower per prediction, measured).
+#: Same JSON document: the same keys in the same order, compact; text other than ASCII is written as UTF-8 instead of
+#: ``\u`` escapes (both parse to the same strings), a NaN score as null (the standard library wrote ``NaN``,
+#: which is not JSON).
+_dumps = orjson.dumps
+_JSON_CT = (H_CONTENT_TYPE, b"application/json")  # one tuple for every prediction's content-type header
 
 #: Room kept below ``message.max.bytes`` for the record's framing (librdkafka counts it too).
 MESSAGE_OVERHEAD = 512
@@ -212,7 +223,15 @@ def prediction_records(records: Sequence["Record"], good: Sequence[int], frame_i
     name = spec.class_name
     infer_ms = round(infer_s * 1000, 3)
     index = policy is not None and emb_rows is not None
-    encode = _JSON.encode
+    lineage = lineage_id(model, version)
+    names: dict[int, str] = {}  # class id -> name, once per batch (4 lookups per frame otherwise)
+
+    def cls(label: int) -> str:
+        got = names.get(label)
+        if got is None:
+            got = names[label] = name(label)
+        return got
+
     for j, i in enumerate(good):
         rec = records[i]
         fid = frame_ids[j]
@@ -227,11 +246,12 @@ def prediction_records(records: Sequence["Record"], good: Sequence[int], frame_i
             "frame_id": fid,
             "device_id": device,
             "label": labels[j],
-            "class": name(labels[j]),
+            "class": cls(labels[j]),
             "score": scores[j],
-            "topk": [{"label": lab, "class": name(lab), "score": sc} for lab, sc in zip(topl[j], tops[j])],
+            "topk": [{"label": lab, "class": cls(lab), "score": sc} for lab, sc in zip(topl[j], tops[j])],
             "model_name": model,
             "model_version": version,
+            "lineage": lineage,
             "latency_ms": round((processed - ts).total_seconds() * 1000, 3) if ts else None,
             "inference_ms": infer_ms,
             "processed_at": processed_iso,
@@ -239,10 +259,10 @@ def prediction_records(records: Sequence["Record"], good: Sequence[int], frame_i
             "traceparent": trace.decode("latin-1") if trace else None,
         }
         fid_b = fid.encode()
-        headers = [(H_FRAME_ID, fid_b), (H_CONTENT_TYPE, b"application/json")]
+        headers = [(H_FRAME_ID, fid_b), _JSON_CT]
         if trace:
             headers.append((H_TRACEPARENT, trace))
-        messages.append((topic, encode(pred).encode(), fid_b, headers))
+        messages.append((topic, _dumps(pred), fid_b, headers))
         if index:
             why = policy.reason(fid, scores[j])  # type: ignore[union-attr]
             if why is not None:

@@ -70,6 +70,27 @@ class Metrics:
                                      "Frames per Triton request (the served model's max_batch_size)", registry=r)
         self.acks_failing = Gauge("mlpipe_consumer_acks_failing", "1 while the broker does not acknowledge writes",
                                   registry=r)
+        # per version (safe rollout, tasks/serving/consumer/rollout.py): which version answered, how fast, and
+        # how a candidate compares with the champion on the same live frames
+        self.version_frames = Counter("mlpipe_consumer_version_frames_total",
+                                      "Frames answered, by model version and arm (champion, candidate, shadow)",
+                                      ["version", "arm"], registry=r)
+        self.version_latency = Histogram("mlpipe_consumer_version_triton_seconds",
+                                         "Triton call time by model version and arm",
+                                         ["version", "arm"],
+                                         buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5),
+                                         registry=r)
+        self.version_errors = Counter("mlpipe_consumer_version_errors_total",
+                                      "Frames whose Triton call failed, by version and arm (a candidate's fall back "
+                                      "to the champion)", ["version", "arm"], registry=r)
+        self.shadow_agreement = Counter("mlpipe_consumer_shadow_agreement_total",
+                                        "Shadow answers compared with the champion's, by candidate version and outcome",
+                                        ["version", "outcome"], registry=r)
+        self.rollout_share = Gauge("mlpipe_consumer_rollout_candidate_share",
+                                   "Percent of frames the rollout candidate answers (0 when none; shadow: 0)",
+                                   registry=r)
+        self.rollout_mode = Gauge("mlpipe_consumer_rollout_mode", "1 for the rollout mode the consumer follows",
+                                  ["mode"], registry=r)
 
     def render(self) -> bytes:
         from prometheus_client import generate_latest

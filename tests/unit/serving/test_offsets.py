@@ -66,10 +66,26 @@ def test_revoked_partitions_hand_over_their_due_offsets():
     t.confirm(t.take(recs(0, 0, 1) + recs(1, 0) + recs(2, 0, 1, 2)))
     gone = t.revoke([(T, 0), (T, 2), (T, 9)])
     assert gone == {(T, 0): 2, (T, 2): 3}
-    assert t.due() == {(T, 0): 2, (T, 1): 1, (T, 2): 3}  # revoke only reads; a successful commit removes
-    t.committed(gone)
-    assert t.due() == {(T, 1): 1}
+    assert t.due() == {(T, 1): 1}  # the revoked ones are the caller's to commit now, and forgotten here
     assert t.revoke([(T, 0)]) == {}
+
+
+def test_batches_in_hand_never_commit_a_revoked_partition():
+    """A batch in hand when its partition moves (cooperative-sticky: a member joined) is still finished, but its
+    offsets of that partition must not be committed later: the new owner re-reads from the revoke's commit, and
+    when the partition comes back an old offset must not go over the newer one committed meanwhile."""
+    t = OffsetTracker()
+    t.confirm(t.take(recs(0, 0) + recs(1, 0)))
+    t.committed(t.due())  # (T,0): 1, (T,1): 1
+    held = t.take(recs(0, 1, 2) + recs(1, 1))  # in hand (at Triton) when partition 0 is revoked
+    t.refetched(recs(0, 3))
+    assert t.revoke([(T, 0)]) == {}
+    t.confirm(held)
+    assert t.due() == {(T, 1): 2}
+    assert t.take_rewind() == {}
+    assert t.final() == {(T, 1): 2}  # no stale (T,0) at shutdown either
+    t.confirm(t.take(recs(0, 40)))  # partition 0 back, from the group's (newer) offset
+    assert t.due()[(T, 0)] == 41
 
 
 def test_final_is_everything_confirmed():

@@ -109,7 +109,8 @@ def test_prediction_json_fields_headers_and_key():
         "frame_id": d.frame_ids[0], "device_id": "cam-7", "label": 0, "class": "0", "score": 0.912346,
         "topk": [{"label": 0, "class": "0", "score": 0.912346}, {"label": 1, "class": "1", "score": 0.012346},
                  {"label": 2, "class": "2", "score": 0.012346}],
-        "model_name": "digits", "model_version": "3", "latency_ms": 42.5, "inference_ms": 12.346,
+        "model_name": "digits", "model_version": "3", "lineage": "digits/3", "latency_ms": 42.5,
+        "inference_ms": 12.346,
         "processed_at": "2026-01-02T03:04:05.720Z", "captured_at": "2026-01-02T03:04:05.678Z",
         "traceparent": trace.decode(),
     }
