@@ -872,19 +872,28 @@ def _check_version(model: str, version: int) -> None:
         raise registry.RegistryError(f"version must be an integer >= 1, got {version!r}")
 
 
+def running_rollout(store: Store, model: str) -> dict[str, Any] | None:
+    """The running safe rollout's lease body (``rollouts/<model>/lock.json``); None when none runs or its holder
+    stopped renewing it (older than twice its TTL)."""
+    try:
+        body = store.get_json(layout.rollout_lock_key(model))
+    except ObjectNotFound:
+        return None
+    try:
+        fresh = time.time() - float(body.get("renewed_at", 0)) <= 2 * float(body.get("ttl_s", 60) or 60)
+    except (TypeError, ValueError):
+        fresh = True
+    return body if fresh else None
+
+
 def _no_rollout_running(store: Store, model: str, action: str, rollout_id: str | None = None) -> None:
     """Refuse ``action`` while a safe rollout of ``model`` runs (its lease, ``rollouts/<model>/lock.json``), unless
     it is that rollout's own promotion (``rollout_id``): a rollout and a rollback never run at once."""
-    try:
-        holder = store.get_json(layout.rollout_lock_key(model))
-    except ObjectNotFound:
+    holder = running_rollout(store, model)
+    if holder is None:
         return
-    try:
-        fresh = time.time() - float(holder.get("renewed_at", 0)) <= 2 * float(holder.get("ttl_s", 60) or 60)
-    except (TypeError, ValueError):
-        fresh = True
     what = str(holder.get("what", ""))
-    if fresh and not (rollout_id and rollout_id in what):
+    if not (rollout_id and rollout_id in what):
         raise registry.RegistryError(f"a safe rollout of {model} is running ({what}, {holder.get('owner', '?')}): "
                                      f"no {action} until it ends; stop it first with `mlpipe rollout kill "
                                      f"--model {model}` (the champion then answers every frame)")

@@ -230,15 +230,7 @@ def rollout_lock(store: Store, model: str, what: str, ttl_s: float = 60.0) -> de
 
 def running(store: Store, model: str) -> dict[str, Any] | None:
     """The running rollout's lease body (None when none runs or its holder stopped renewing it)."""
-    try:
-        body = store.get_json(layout.rollout_lock_key(model))
-    except ObjectNotFound:
-        return None
-    try:
-        fresh = time.time() - float(body.get("renewed_at", 0)) <= 2 * float(body.get("ttl_s", 60) or 60)
-    except (TypeError, ValueError):
-        fresh = True
-    return body if fresh else None
+    return deploy_step.running_rollout(store, model)
 
 
 class LabelJoin:
