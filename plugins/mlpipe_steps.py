@@ -265,7 +265,7 @@ def trainer_pod(model: str, values: dict[str, str]) -> tuple[str, list[str], lis
     drop_ids = split_drop_ids([values["drop_ids"]])
     seed, epochs = int(values["seed"]), int(values["epochs"])
     filled = {"drop_ids": ",".join(drop_ids), "seed": str(seed), "epochs": str(epochs),
-              "run_id": default_run_id(drop_ids, seed=seed, epochs=epochs)}
+              "run_id": default_run_id(drop_ids, seed=seed, epochs=epochs, model=model)}
     args = [arg.format(**filled) for arg in spec.trainer.args]
     return spec.trainer.image, list(spec.trainer.command), [*args, "--result-json", POD_XCOM_PATH]
 
@@ -415,3 +415,37 @@ def run_outcome(task_id: str = "outcome"):
 
     return _outcome
 
+
+
+def describe_pipeline_outcome(verdict: dict | None, deployed: dict | None,
+                              member_verdicts: Sequence[dict | None] = ()) -> tuple[bool, str]:
+    """(deployed?, one line) of a ``retrain_pipeline`` run: a member rejected by its own gate, the pipeline
+    rejected by its QC, deployed, or ended early."""
+    for mv in member_verdicts or ():
+        if mv and mv.get("verdict") == "failed":
+            reasons = "; ".join(mv.get("reasons") or []) or "no reason recorded"
+            return False, (f"REJECTED: member {mv.get('model')} v{mv.get('version')} failed its QC gate ({reasons}); "
+                           f"no pipeline version was made and the serving pipeline keeps its members. Report: "
+                           f"{mv.get('report_uri')}")
+    ok, line = describe_outcome(verdict, deployed)
+    return ok, line.replace(" v", " pipeline v", 1) if verdict else line
+
+
+def pipeline_outcome(task_id: str = "outcome"):
+    """The last task of ``retrain_pipeline``: green only when a pipeline version was deployed (see
+    ``run_outcome``); a member or pipeline rejection fails it with one line saying which and why."""
+    from airflow.sdk import task
+
+    @task(task_id=task_id, trigger_rule="all_done", retries=0)
+    def _outcome(verdict: dict | None, deployed: dict | None = None,
+                 member_verdicts: list | None = None) -> dict:
+        import logging
+
+        ok, line = describe_pipeline_outcome(verdict, deployed, member_verdicts or [])
+        if not ok:
+            logging.getLogger("mlpipe.outcome").error("%s", line)
+            raise AirflowFailException(line)
+        logging.getLogger("mlpipe.outcome").info("%s", line)
+        return {"outcome": "deployed", "version": (verdict or {}).get("version")}
+
+    return _outcome

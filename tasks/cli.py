@@ -20,6 +20,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compile": ("tasks.steps.compile", "compile a version to TensorRT (skipped with the reason without a GPU)"),
     "qc": ("tasks.steps.qc", "the QC gate: golden-set accuracy, recalls, parity, Triton infra check"),
     "deploy": ("tasks.steps.deploy", "deploy a QC-passed version to Triton, roll back, show status"),
+    "pipeline": ("tasks.steps.pipeline", "pipeline versions (a set of member versions): compose, end-to-end QC, "
+                 "deploy with an atomic member swap, rollback, status"),
     "rollout": ("tasks.steps.rollout", "safe rollout of a QC-passed version: shadow, canary steps, promote or "
                 "roll back on live evidence; the kill switch"),
     "monitor": ("tasks.steps.monitor", "drift of live frames against the training drops"),

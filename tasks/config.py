@@ -570,9 +570,36 @@ class Settings(_Section):
     def model_spec(self, name: str | None = None) -> "ModelSpec":
         """The spec of model ``name`` (default ``model_name``) from ``models_dir``; ``SpecError`` (bad input)
         when it is missing or invalid."""
-        from tasks.contracts.spec import find_spec
+        from tasks.contracts.spec import SpecError, find_spec
 
-        return find_spec(name or self.model_name, self.models_dir)
+        name = name or self.model_name
+        try:
+            return find_spec(name, self.models_dir)
+        except SpecError as exc:
+            if not self.is_pipeline(name):
+                raise
+            from tasks.contracts.pipeline import find_pipeline
+
+            members = find_pipeline(name, self.models_dir).member_names
+            raise SpecError(exc.source, [f"{name!r} is a pipeline (models/{name}/pipeline.yaml), not a model: its "
+                                         f"members are {', '.join(f'{r} {m}' for r, m in members.items())}; train "
+                                         f"a member with --model <member>, retrain the pipeline with the "
+                                         f"retrain_pipeline DAG, manage its versions with `mlpipe pipeline`"]) from None
+
+    def is_pipeline(self, name: str | None = None) -> bool:
+        """True when ``name`` (default ``model_name``) is a pipeline project (``models/<name>/pipeline.yaml``)."""
+        from tasks.contracts.pipeline import is_pipeline
+
+        return is_pipeline(name or self.model_name, self.models_dir)
+
+    def frame_spec(self, name: str | None = None) -> "ModelSpec":
+        """The spec whose frames the serving path accepts for ``name`` (default ``model_name``): the model's own,
+        or for a pipeline its detector's (the pipeline's first step decodes the frame as the detector takes it)."""
+        if self.is_pipeline(name):
+            from tasks.contracts.pipeline import find_pipeline
+
+            return self.model_spec(find_pipeline(name or self.model_name, self.models_dir).members.detector)
+        return self.model_spec(name)
 
     def by_env(self, var: str) -> Any:
         """The value read from the variable ``var`` (for code that is handed a variable name)."""

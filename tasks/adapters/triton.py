@@ -1,7 +1,7 @@
 """Triton client: the only module that talks to a Triton server.
 
 ``TritonClient``: health, repository control (load / unload / index) and
-``infer_frames`` (encoded frames) for the ensemble, over gRPC (default) or HTTP. Every failure
+``infer_frames`` (encoded frames) for the ensemble, ``infer_pipeline`` for a pipeline model, over gRPC (default) or HTTP. Every failure
 is a ``TritonError`` naming the server URL, the model and what failed. An inference request carries
 the current span's W3C ``traceparent`` (``tasks.tracing.trace_headers``) as gRPC metadata / an HTTP
 header, so a Triton started with ``--trace-config mode=opentelemetry`` continues the frame's trace.
@@ -18,7 +18,7 @@ import time
 from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 from tasks.contracts.errors import Transient
-from tasks.contracts.serving import ENSEMBLE_OUTPUTS, FRAME_INPUT, MAX_BATCH
+from tasks.contracts.serving import ENSEMBLE_OUTPUTS, FRAME_INPUT, MAX_BATCH, PIPELINE_OUTPUTS, frame_error_rows
 from tasks.tracing import trace_headers
 
 logger = logging.getLogger(__name__)
@@ -272,3 +272,31 @@ class TritonClient:
         if len(parts) == 1:
             return parts[0]
         return {o: np.concatenate([p[o] for p in parts], axis=0) for o in outputs}
+
+    def infer_pipeline(self, frames: Sequence[bytes], model: str, version: str | int = "") -> list[dict[str, Any]]:
+        """Run the pipeline model ``model`` (``models/<model>/pipeline.yaml``, one Triton model) on encoded frames;
+        one dict per frame, in order: ``boxes`` (``[[x0, y0, x1, y1], ...]``, frame pixels, best detector score
+        first), ``box_scores``, ``labels`` (the classifier's class ids), ``label_scores``, ``count``, ``readout``
+        (``""`` when no box: an empty read-out, not an error), ``embedding`` (float32 array) and ``error``
+        (``"<reason>: <detail>"`` for a frame the pipeline could not use, else None; its other values are then
+        empty). Requests are split as in :meth:`infer_frames` (outputs ``PIPELINE_OUTPUTS``)."""
+        import numpy as np
+
+        out = self.infer_frames(model, frames, version, outputs=PIPELINE_OUTPUTS)
+        errors = dict(frame_error_rows(out))
+        readouts = out["READOUT"].reshape(-1)
+        answers = []
+        for i, k in enumerate(np.asarray(out["COUNT"]).reshape(-1).tolist()):
+            k = 0 if i in errors else int(k)
+            text = readouts[i]
+            answers.append({
+                "boxes": out["BOXES"][i, :k].astype(float).tolist(),
+                "box_scores": out["BOX_SCORES"][i, :k].astype(float).tolist(),
+                "labels": out["BOX_LABELS"][i, :k].astype(int).tolist(),
+                "label_scores": out["LABEL_SCORES"][i, :k].astype(float).tolist(),
+                "count": k,
+                "readout": "" if i in errors else (text.decode("utf-8", "replace") if isinstance(text, bytes)
+                                                   else str(text)),
+                "embedding": np.asarray(out["EMBEDDING"][i], np.float32),
+                "error": errors.get(i)})
+        return answers

@@ -28,3 +28,23 @@ def frame_error_rows(outputs: Mapping[str, Any]) -> list[tuple[int, str]]:
         return []
     return [(j, v.decode("utf-8", "replace") if isinstance(v, (bytes, bytearray)) else str(v))
             for j, v in enumerate(errors.reshape(-1).tolist()) if v]
+
+
+PIPELINE_OUTPUTS = ("BOXES", "BOX_SCORES", "BOX_LABELS", "LABEL_SCORES", "COUNT", "READOUT", "EMBEDDING", FRAME_ERROR)
+"""A pipeline model's outputs (``models/<name>/pipeline.yaml``, served as one Triton model ``<name>``), per frame,
+with ``K`` = the detector's ``detection.max_objects`` box slots, the first ``COUNT`` used (best detector score
+first), the rest padding:
+
+* ``BOXES`` float32 ``[N, K, 4]``: ``(x0, y0, x1, y1)`` in frame pixels (padding 0);
+* ``BOX_SCORES`` float32 ``[N, K]``: the detector's centre score of each box (padding 0);
+* ``BOX_LABELS`` int64 ``[N, K]``: the classifier's class id of each box's crop (padding -1);
+* ``LABEL_SCORES`` float32 ``[N, K]``: its softmax score (padding 0);
+* ``COUNT`` int32 ``[N, 1]``: boxes found (0: an empty read-out, not an error);
+* ``READOUT`` BYTES ``[N, 1]``: the class names of the boxes left to right, joined (UTF-8; ``b""`` when none);
+* ``EMBEDDING`` float32 ``[N, detector embedding_dim]``: the frame's embedding (the detector's pooled features);
+* ``FRAME_ERROR`` as for a single model."""
+
+PIPELINE_MEMBERS_FILE = "members.json"
+"""In each version folder of a pipeline model: ``{"pipeline": name, "version": n, "members": {role: {"model":
+<Triton model>, "version": <pinned version>, "name": <model project>}}}``; the pipeline model calls exactly those
+(BLS), so one pipeline version never answers with another's members."""

@@ -73,7 +73,7 @@ MODELS_DIR = "models"
 SCHEMA_ID = "https://mlpipe.dev/schemas/model-spec.schema.json"
 SCHEMA_PATH = "docs/model-spec.schema.json"
 
-TASKS = ("classification",)  # "detection" is next: its outputs (boxes) get their own section
+TASKS = ("classification", "detection")
 ENCODINGS = ("png", "jpeg", "raw")
 #: placeholders ``trainer.args`` may use (filled in by the step factory).
 TRAINER_PLACEHOLDERS = {
@@ -182,12 +182,17 @@ class OnnxSpec(_Section):
     """Tensor names of ``model.onnx`` (docs/CONTRACTS.md "ONNX classifier")."""
 
     input: str = Field(min_length=1, description="float32 input after preprocessing")
-    logits: str = Field(min_length=1, description="float32 [N, number of classes]")
+    logits: str = Field(min_length=1, description="classification: float32 [N, number of classes]; detection: "
+                                                   "the centre heatmap logits float32 [N, classes, H/stride, W/stride]")
     embedding: str = Field(min_length=1, description="float32 [N, embedding_dim]")
+    box_size: str | None = Field(None, min_length=1, description="detection only: float32 [N, 2, H/stride, "
+                                                                 "W/stride], box (width, height) in input pixels")
 
     @model_validator(mode="after")
     def _rules(self) -> "OnnxSpec":
         names = {"input": self.input, "logits": self.logits, "embedding": self.embedding}
+        if self.box_size is not None:
+            names["box_size"] = self.box_size
         seen: dict[str, str] = {}
         problems: list[tuple[tuple[str | int, ...], str]] = []
         for field, name in names.items():
@@ -239,13 +244,50 @@ class TrainerSpec(_Section):
 
 
 class QCSpec(_Section):
-    """Thresholds of the QC gate (``tasks.steps.qc.QCThresholds``) on the golden set."""
+    """Thresholds of the QC gate (``tasks.steps.qc.QCThresholds``) on the golden set.
 
-    min_accuracy: float = Field(ge=0, le=1, description="golden-set accuracy, a fraction")
-    min_class_recall: float = Field(ge=0, le=1, description="lowest per-class recall, a fraction")
-    max_regression: float = Field(ge=0, le=1, description="largest accuracy drop against the champion")
-    max_parity_diff: float = Field(gt=0, description="largest |ONNX - PyTorch| logit difference")
-    max_trt_parity_diff: float = Field(gt=0, description="largest |TensorRT - ONNX| logit difference")
+    Classification needs ``min_accuracy`` and ``min_class_recall``; detection needs ``min_precision`` and
+    ``min_recall`` (boxes matched at ``iou_threshold``; ``max_regression`` is then the largest recall drop)."""
+
+    min_accuracy: float | None = Field(None, ge=0, le=1, description="classification: golden-set accuracy, a "
+                                                                     "fraction")
+    min_class_recall: float | None = Field(None, ge=0, le=1, description="classification: lowest per-class "
+                                                                         "recall, a fraction")
+    min_precision: float | None = Field(None, ge=0, le=1, description="detection: golden-scene box precision "
+                                                                      "at iou_threshold")
+    min_recall: float | None = Field(None, ge=0, le=1, description="detection: golden-scene box recall at "
+                                                                   "iou_threshold")
+    iou_threshold: float = Field(0.5, gt=0, le=1, description="detection: least IoU of a matched box")
+    max_regression: float = Field(ge=0, le=1, description="largest drop against the champion (classification: "
+                                                          "accuracy; detection: recall)")
+    max_parity_diff: float = Field(gt=0, description="largest |ONNX - PyTorch| output difference")
+    max_trt_parity_diff: float = Field(gt=0, description="largest |TensorRT - ONNX| output difference")
+
+
+class DetectionSpec(_Section):
+    """How a detector's outputs become boxes (``tasks/model/scene_codec.py`` ``decode_centres``), the bounds of
+    a drop's objects (``validate``) and the pipeline's fixed output size (``max_objects`` boxes per frame)."""
+
+    stride: int = Field(gt=0, description="input pixels per heatmap cell: the heatmap is [H/stride, W/stride]")
+    max_objects: int = Field(gt=0, le=64, description="most objects per frame: more in a drop row is rejected; "
+                                                      "the pipeline answers this many box slots")
+    min_objects: int = Field(0, ge=0, description="fewest objects in a drop row (0: frames without objects "
+                                                  "are valid)")
+    score_threshold: float = Field(gt=0, lt=1, description="least centre score (sigmoid of the heatmap) of a box")
+    peak_window: int = Field(3, ge=1, description="odd size of the max-pool window that keeps local peaks only")
+    min_box_size: float = Field(4.0, gt=0, description="pixels: a decoded box narrower or lower is dropped, and a "
+                                                       "drop box smaller than this is rejected")
+
+    @model_validator(mode="after")
+    def _rules(self) -> "DetectionSpec":
+        problems: list[tuple[tuple[str | int, ...], str]] = []
+        if self.peak_window % 2 != 1:
+            problems.append((("peak_window",), f"must be odd (got {self.peak_window})"))
+        if self.min_objects > self.max_objects:
+            problems.append((("min_objects",), f"must be at most max_objects ({self.max_objects}) "
+                                               f"(got {self.min_objects})"))
+        _fail(problems)
+        return self
 
 
 class GoldenSetSpec(_Section):
@@ -268,6 +310,38 @@ class DriftSpec(_Section):
     embedding_cosine: float = Field(ge=0, le=2, description="cosine distance of the mean embeddings")
     embedding_mmd: float = Field(ge=0, description="squared MMD (RBF kernel, median bandwidth)")
     min_samples: int = Field(ge=10, description="fewer live predictions: insufficient data, no verdict")
+
+
+def _task_problems(spec: "ModelSpec") -> list[tuple[tuple[str | int, ...], str]]:
+    """The rules a task adds: which sections and keys it needs (paths from the top level)."""
+    problems: list[tuple[tuple[str | int, ...], str]] = []
+    if spec.task == "classification":
+        if len(spec.classes) < 2:
+            problems.append((("classes",), f"a classifier needs at least 2 classes (got {len(spec.classes)})"))
+        for key in ("min_accuracy", "min_class_recall"):
+            if getattr(spec.qc, key) is None:
+                problems.append((("qc", key), "required for task classification"))
+        for key, where in (("detection", ()), ("box_size", ("onnx",))):
+            if getattr(spec.onnx if where else spec, key) is not None:
+                problems.append(((*where, key), "only for task detection"))
+    else:
+        if spec.detection is None:
+            problems.append((("detection",), "required for task detection (stride, max_objects, "
+                                             "score_threshold)"))
+        if spec.onnx.box_size is None:
+            problems.append((("onnx", "box_size"), "required for task detection: the box size output's name"))
+        for key in ("min_precision", "min_recall"):
+            if getattr(spec.qc, key) is None:
+                problems.append((("qc", key), "required for task detection"))
+        det, inp = spec.detection, spec.input
+        if det is not None and inp.fixed:
+            for side in ("height", "width"):
+                if getattr(inp, side) % det.stride:
+                    problems.append((("detection", "stride"), f"must divide input.{side} "
+                                                              f"({getattr(inp, side)}) (got {det.stride})"))
+        elif det is not None:
+            problems.append((("input",), "a detector needs a fixed input size (input.height and input.width)"))
+    return problems
 
 
 def _cross_section_problems(inp: InputSpec, frames: FramesSpec,
@@ -300,9 +374,11 @@ class ModelSpec(_Section):
                                                  "$id": SCHEMA_ID})
 
     name: str = Field(description="the model's name: registry models/<name>/, Triton model <name>")
-    task: Literal["classification"] = Field(description="classification (detection is planned)")
+    task: Literal["classification", "detection"] = Field(
+        description="classification (logits per image) or detection (centre heatmap and box sizes)")
     description: str = Field("", description="free text")
-    classes: list[ClassSpec] = Field(min_length=2, description="in id order: classes[i].id == i")
+    classes: list[ClassSpec] = Field(min_length=1, description="in id order: classes[i].id == i; a classifier "
+                                                               "needs two or more")
     input: InputSpec
     frames: FramesSpec
     preprocessing: PreprocessingSpec
@@ -312,6 +388,7 @@ class ModelSpec(_Section):
     qc: QCSpec
     golden_set: GoldenSetSpec
     drift: DriftSpec
+    detection: DetectionSpec | None = Field(None, description="detection only: decoding and object bounds")
 
     @field_validator("name")
     @classmethod
@@ -339,7 +416,7 @@ class ModelSpec(_Section):
 
     @model_validator(mode="after")
     def _rules(self) -> "ModelSpec":
-        _fail(_cross_section_problems(self.input, self.frames, self.preprocessing))
+        _fail(_cross_section_problems(self.input, self.frames, self.preprocessing) + _task_problems(self))
         return self
 
     # ------------------------------------------------------------------ conveniences for the layers
@@ -383,6 +460,14 @@ class ModelSpec(_Section):
         (``png`` when only raw is listed)."""
         return next((e for e in self.frames.encodings if e != "raw"), "png")
 
+    def _qc_summary(self) -> str:
+        qc = self.qc
+        if self.task == "detection":
+            det = self.detection
+            return (f"precision >= {qc.min_precision:g}, recall >= {qc.min_recall:g} at IoU {qc.iou_threshold:g} "
+                    f"(stride {det.stride}, at most {det.max_objects} objects, score > {det.score_threshold:g})")
+        return f"accuracy >= {qc.min_accuracy:g}, class recall >= {qc.min_class_recall:g}"
+
     def summary(self) -> str:
         """One paragraph: what this spec declares."""
         inp, fr, norm = self.input, self.frames, self.preprocessing.normalisation
@@ -394,7 +479,7 @@ class ModelSpec(_Section):
                 f"{self.preprocessing.resize}, normalisation pixel*{norm.scale:g} - mean {norm.mean} / std "
                 f"{norm.std}; embedding {self.embedding_dim}; ONNX {self.onnx.input} -> {self.onnx.logits}, "
                 f"{self.onnx.embedding}; trainer {self.trainer.entry_point} (pod {self.trainer.image}); QC "
-                f"accuracy >= {self.qc.min_accuracy:g}, class recall >= {self.qc.min_class_recall:g}, "
+                f"{self._qc_summary()}, "
                 f"regression <= {self.qc.max_regression:g}, parity <= {self.qc.max_parity_diff:g}; golden set "
                 f"{self.golden_set.per_class} per class from {self.golden_set.source} (seed "
                 f"{self.golden_set.seed}); drift PSI > {self.drift.class_psi:g}, JS > {self.drift.class_js:g}, "

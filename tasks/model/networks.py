@@ -253,7 +253,8 @@ def _dims(shape: Any) -> list[Any]:
 
 
 def check_onnx_contract(onnx_path: str | Path, spec: "ModelSpec", *, session: Any = None) -> None:
-    """Raise ``OnnxContractError`` unless ``onnx_path`` is ``spec``'s classifier contract.
+    """Raise ``OnnxContractError`` unless ``onnx_path`` is ``spec``'s classifier contract (a ``task: detection``
+    spec: the detector's contract, ``tasks.model.detector.check_detector_contract``).
 
     Checks the declared tensors (the input ``spec.onnx.input`` float32 ``[N, *input_shape]``, the outputs
     ``spec.onnx.logits`` float32 ``[N, classes]`` and ``spec.onnx.embedding`` float32 ``[N, embedding_dim]``,
@@ -262,6 +263,11 @@ def check_onnx_contract(onnx_path: str | Path, spec: "ModelSpec", *, session: An
     """
     import numpy as np
 
+    if getattr(spec, "task", "classification") == "detection":  # the detector's contract: tasks.model.detector
+        from tasks.model.detector import check_detector_contract
+
+        check_detector_contract(onnx_path, spec, session=session)
+        return
     path = Path(onnx_path)
     try:
         sess = session if session is not None else onnx_session(path)

@@ -276,7 +276,7 @@ def create_app(kafka: "KafkaConfig", settings: GatewaySettings, spec: "ModelSpec
     if spec is None:
         from tasks.config import load_settings
 
-        spec = load_settings().model_spec(settings.model)
+        spec = load_settings().frame_spec(settings.model)  # a pipeline's frames are its detector's
     limit = settings.max_frame_bytes or spec.frames.max_frame_bytes
     if limit + FRAME_MESSAGE_SLACK > kafka.max_message_bytes:
         most = kafka.max_message_bytes - FRAME_MESSAGE_SLACK

@@ -20,6 +20,8 @@ ONNX Runtime (the CPU path, every machine; ``MLPIPE_COMPILE_CPU``), under ``cpu`
   QDQ format, S8S8, per-channel weight scales by default) calibrated (MinMax) on a seeded sample of
   ``MLPIPE_COMPILE_CALIBRATION_SAMPLES`` images of the version's training drops (``lineage.drops``,
   read with ``tasks.steps.drops.load_arrays``, preprocessed for the spec by ``tasks.model.networks.to_input``).
+  A detector's (``task: detection``) drops are scenes of its pipeline: the frames come from
+  ``tasks.steps.scenes.load_scenes`` (``scene_images``), the rest is the same code.
   The golden set is never used to calibrate (QC measures on it). Drops that cannot be read: no
   INT8 model, with the reason (``skipped``); a calibration set of fewer than
   ``MLPIPE_COMPILE_MIN_CALIBRATION_SAMPLES`` images or not of the spec's input shape is refused
@@ -117,16 +119,49 @@ def calibration_inputs(store: Store, manifest: dict[str, Any], spec: ModelSpec, 
     drop_ids = [str(d.get("drop_id")) for d in (manifest.get("lineage") or {}).get("drops") or [] if d.get("drop_id")]
     if not drop_ids:
         raise CalibrationUnavailable("the version's lineage names no training drops")
-    try:
-        images, _labels = drops.load_arrays(store, drop_ids, spec)
-    except drops.DropError as exc:  # an outage (Transient) is not caught: the step is retried
-        raise CalibrationUnavailable(f"training drops {drop_ids} cannot be read for calibration: {exc}") from None
+    if spec.task == "detection":
+        images = scene_images(store, drop_ids, spec)
+    else:
+        try:
+            images, _labels = drops.load_arrays(store, drop_ids, spec)
+        except drops.DropError as exc:  # an outage (Transient) is not caught: the step is retried
+            raise CalibrationUnavailable(f"training drops {drop_ids} cannot be read for calibration: {exc}") from None
     if len(images) == 0:
         raise CalibrationUnavailable(f"training drops {drop_ids} hold no images")
     rng = np.random.default_rng(seed)
     idx = np.sort(rng.choice(len(images), size=min(samples, len(images)), replace=False))
     return to_input(images[idx], spec), {"drops": drop_ids, "count": len(idx), "seed": int(seed),
                                    "pool": len(images)}
+
+
+def scene_images(store: Store, drop_ids: Sequence[str], spec: ModelSpec) -> Any:
+    """The frames (uint8 ``[N, *spec.image_shape]``) of a detector's training drops: the scenes of the pipeline
+    whose detector ``spec`` is (``tasks.steps.scenes.load_scenes``); ``CalibrationUnavailable`` naming why when
+    there is no such pipeline or the drops cannot be read as its scenes."""
+    import numpy as np
+
+    from tasks.contracts.errors import BadInput
+    from tasks.contracts.pipeline import pipeline_of
+
+    try:
+        pipeline = pipeline_of(spec.name, load_settings().models_dir)
+    except BadInput as exc:
+        raise CalibrationUnavailable(f"the pipeline of detector {spec.name!r} cannot be read: {exc}") from None
+    if pipeline is None:
+        raise CalibrationUnavailable(f"detector {spec.name!r} is no pipeline's member: its training drops are scenes "
+                                     "of a pipeline (models/<pipeline>/pipeline.yaml), none names it")
+    try:
+        from tasks.steps import scenes
+
+        data = scenes.load_scenes(store, list(drop_ids), pipeline)
+    except ImportError as exc:
+        raise CalibrationUnavailable(f"the scene reader (tasks.steps.scenes) is not available: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - DropError and the like; an outage is re-raised: the step is retried
+        if is_transient(exc):
+            raise
+        raise CalibrationUnavailable(f"training drops {list(drop_ids)} cannot be read as scenes of pipeline "
+                                     f"{pipeline.name!r} for calibration: {type(exc).__name__}: {exc}") from None
+    return np.asarray(data.images)
 
 
 class _Batches:

@@ -52,6 +52,26 @@ drop that trains a worse model).
 Bring your own data: ``mlpipe drops import --model NAME --from DIR`` makes a proper drop of the
 images under ``DIR/<class name>/`` (PNG or JPEG, the spec's size and channels).
 
+Scene drops (a pipeline's, ``models/<pipeline>/pipeline.yaml``)
+--------------------------------------------------------------
+``mlpipe drops make --model <pipeline>`` writes a scene drop (``tasks.steps.scenes.make_scene_drop``): camera-like
+frames of the detector member's input size (JPEG at ``data.jpeg_quality``, ``images/<image_id>.jpg``) composed of
+pool digits only (never a golden one). ``drop.json`` records ``model: <pipeline>``, ``pipeline: true``,
+``detector``, ``objects`` and ``object_class_counts``. The manifest has no ``label`` column (a frame has no single
+class; its objects carry the classes); its columns are ``image_id``, ``sha256``, ``height``, ``width``, ``source``
+(``scenes:<data.source>``), ``captured_at`` as above, plus:
+
+``boxes``    string: JSON ``[[x0, y0, x1, y1], ...]``, frame pixels, float, right/bottom exclusive, the tight box
+             of each digit's strokes (``[]`` for a frame without digits)
+``classes``  string: JSON ``[c, ...]``, the classifier member's class id of each box, in the same order
+``objects``  int64: the number of boxes (= ``len(boxes)`` = ``len(classes)``)
+
+A scene drop is each member's drop (``check_drop_model``); ``load_arrays`` for the classifier member returns the
+ground-truth crops (``tasks.steps.scenes.crops``), the detector reads it with ``tasks.steps.scenes.load_scenes``.
+Faults of scene drops (``tasks.steps.scenes.SCENE_FAULTS``): ``box_outside``, ``negative_size``,
+``unknown_class`` (10 and -1), ``too_many_objects`` (``detection.max_objects`` + 1), and ``corrupt_image``,
+``duplicate_ids``, ``empty``, ``missing_column`` as above.
+
 CLI: ``mlpipe drops {make,import,list,show} --help``.
 """
 
@@ -76,6 +96,7 @@ from tasks.logs import setup_logging
 from tasks.contracts.results import write_result_json
 from tasks.contracts.files import sha256_bytes
 from tasks.steps import sources as sources_lib
+from tasks.steps.scenes import SCENE_FAULTS
 
 if TYPE_CHECKING:  # heavy imports stay out of module import time
     import numpy as np
@@ -189,7 +210,19 @@ def golden_set(spec: "ModelSpec | None" = None) -> tuple["np.ndarray", "np.ndarr
     Returns ``(X uint8 [N, *spec.image_shape], y int64 [N])`` (class ids), identical on every call and
     machine; for digits the 1,000 real MNIST digits it always was.
     """
-    return sources_lib.load(_spec(spec)).golden_set()
+    spec = _spec(spec)
+    if spec.golden_set.source == "scenes":  # a pipeline member: the crops of the pipeline's golden scenes
+        from tasks.config import load_settings
+        from tasks.contracts.pipeline import pipeline_of
+        from tasks.steps import scenes
+
+        pipeline = pipeline_of(spec.name, load_settings().models_dir)
+        if pipeline is None or spec.task != "classification":
+            raise DropError(f"model {spec.name!r} draws its golden set from scenes: "
+                            + ("it is no pipeline's member (models/<pipeline>/pipeline.yaml members)" if pipeline is
+                               None else "a detector's golden set is tasks.steps.scenes.golden_scenes(pipeline)"))
+        return scenes.crops(scenes.golden_scenes(pipeline), pipeline)
+    return sources_lib.load(spec).golden_set()
 
 
 # ---------------------------------------------------------------- options
@@ -436,10 +469,28 @@ def drop_model(store: "Store", drop_id: str) -> str | None:
     return str(model) if model else None
 
 
+def made_for_model(made_for: str | None, model: str) -> bool:
+    """A drop made (or validated) for ``made_for`` serves ``model``: the same model, or a pipeline that lists
+    ``model`` as a member (a scene drop trains both the detector and the classifier); None says nothing."""
+    if made_for is None or made_for == model:
+        return True
+    from tasks.config import load_settings
+    from tasks.contracts.pipeline import is_pipeline, load_pipeline, pipeline_path
+
+    models_dir = load_settings().models_dir
+    if not is_pipeline(made_for, models_dir):
+        return False
+    try:
+        return model in load_pipeline(pipeline_path(made_for, models_dir)).member_names.values()
+    except ValueError:
+        return False
+
+
 def check_drop_model(store: "Store", drop_id: str, spec: "ModelSpec") -> None:
-    """``DropError`` when the drop records another model than ``spec``'s (a drop that says nothing passes)."""
+    """``DropError`` when the drop records another model than ``spec``'s (a drop that says nothing passes; a
+    pipeline's scene drop serves its members)."""
     made_for = drop_model(store, drop_id)
-    if made_for is not None and made_for != spec.name:
+    if not made_for_model(made_for, spec.name):
         raise DropError(f"drop {drop_id!r} was made for model {made_for!r}, not {spec.name!r}: use it with "
                         f"--model {made_for}, or make a drop for {spec.name!r}")
 
@@ -466,6 +517,11 @@ def load_arrays(store: "Store", drop_ids: Sequence[str], spec: "ModelSpec | None
         drop_id = resolve_drop_id(store, drop_id)
         df = read_manifest(store, drop_id)
         check_drop_model(store, drop_id, spec)
+        if "boxes" in df.columns:  # a pipeline's scene drop read for its classifier member: the objects' crops
+            X, y = _scene_crops(store, drop_id, spec)
+            xs.append(X)
+            ys.append(y)
+            continue
         missing = [c for c in ("image_id", "label") if c not in df.columns]
         if missing:
             raise DropUnreadable(f"drop {drop_id!r}: manifest has no column(s) {missing}; validate the drop first")
@@ -498,6 +554,26 @@ def load_arrays(store: "Store", drop_ids: Sequence[str], spec: "ModelSpec | None
     if not xs:
         return np.zeros((0, *shape), np.uint8), np.zeros(0, np.int64)
     return np.concatenate(xs).astype(np.uint8), np.concatenate(ys).astype(np.int64)
+
+
+def _scene_crops(store: "Store", drop_id: str, spec: "ModelSpec") -> tuple["np.ndarray", "np.ndarray"]:
+    """The ground-truth crops of scene drop ``drop_id`` for classifier ``spec`` (a member of the drop's pipeline),
+    cut as the served pipeline cuts them (``tasks.steps.scenes.crops``)."""
+    from tasks.config import load_settings
+    from tasks.contracts.pipeline import find_pipeline
+    from tasks.steps import scenes
+
+    pipeline = find_pipeline(drop_model(store, drop_id) or "", load_settings().models_dir)
+    if spec.task != "classification":
+        raise DropError(f"drop {drop_id!r} is a scene drop: a {spec.task} model reads it with "
+                        "tasks.steps.scenes.load_scenes, not load_arrays")
+    X, y = scenes.crops(scenes.load_scenes(store, [drop_id], pipeline), pipeline)
+    bad = [int(c) for c in y if not 0 <= int(c) < spec.num_classes]
+    if bad:
+        raise DropUnreadable(f"drop {drop_id!r}: an object has class {bad[0]} outside the class ids "
+                             f"0..{spec.num_classes - 1} of model {spec.name!r}; validate the drop first")
+    logger.info("loaded scene drop %s for %s: %d crops", drop_id, spec.name, len(y))
+    return X, y
 
 
 # ---------------------------------------------------------------- content binding
@@ -586,7 +662,7 @@ def verify_validated(store: "Store", drop_id: str, *, require: bool = True,
         raise DropNotValidated(f"drop {drop_id!r} failed validation ({store.uri(rkey)}, report "
                                f"{result.get('report_uri')}): it is never trained on or registered")
     validated_for = result.get("model")
-    if model is not None and validated_for is not None and validated_for != model:
+    if model is not None and not made_for_model(validated_for, model):
         raise DropNotValidated(f"drop {drop_id!r} was validated for model {validated_for!r}, not {model!r} "
                                f"({store.uri(rkey)}): a drop is only trained on or registered for the model whose "
                                f"spec it passed; validate it for {model!r} (mlpipe validate --model {model} "
@@ -687,6 +763,13 @@ def make_drop(
     seed = int(seed)
     if seed < 0:
         raise DropError(f"seed must be >= 0, got {seed}")
+    if source is None and spec.golden_set.source == "scenes":  # a pipeline member: its drops are the pipeline's
+        from tasks.config import load_settings
+        from tasks.contracts.pipeline import pipeline_of
+
+        pipeline = pipeline_of(spec.name, load_settings().models_dir)
+        raise DropError(f"model {spec.name!r} is trained on its pipeline's scene drops: make one with `mlpipe drops "
+                        f"make --model {pipeline.name if pipeline else '<pipeline>'}` (or pass --source)")
     source = sources_lib.canonical(source or spec.golden_set.source)
     if not 0.0 <= float(label_noise) <= 1.0:
         raise DropError(f"label noise must be a fraction in [0, 1], got {label_noise}")
@@ -1055,8 +1138,10 @@ def _parser() -> argparse.ArgumentParser:
                    help='class weights by class id such as "0:0.5,1:0.05,2:0.45" (default uniform)')
     m.add_argument("--label-noise", type=float, default=0.0, metavar="F",
                    help="flip this fraction of labels to a random other class (default 0)")
-    m.add_argument("--fault", action="append", default=[], choices=FAULTS, metavar="FAULT",
-                   help=f"inject a fault, repeatable: {', '.join(FAULTS)}")
+    m.add_argument("--fault", action="append", default=[], choices=list(dict.fromkeys(FAULTS + SCENE_FAULTS)),
+                   metavar="FAULT",
+                   help=f"inject a fault, repeatable: {', '.join(FAULTS)}; scene drops of a pipeline: "
+                        f"{', '.join(SCENE_FAULTS)}")
     m.add_argument("--seen-from", default=None, metavar="DROP_ID",
                    help="with --fault seen_before: the drop to copy images from "
                         "(default the newest complete drop that passed validation, else the newest complete one)")
@@ -1094,9 +1179,19 @@ def _main(argv: list[str] | None) -> int:
     from tasks.config import load_settings
 
     store = open_store()
-    if args.cmd == "make":
+    cfg = load_settings()
+    if args.cmd == "make" and cfg.is_pipeline(args.model):  # a pipeline's scene drop (tasks/steps/scenes.py)
+        from tasks.contracts.pipeline import find_pipeline
+        from tasks.steps import scenes
+
         drop_id = args.drop_id or default_drop_id()
-        out: Any = make_drop(
+        out: Any = scenes.make_scene_drop(store, drop_id, find_pipeline(args.model or cfg.model_name, cfg.models_dir),
+                                          size=args.size, seed=args.seed if args.seed is not None else
+                                          seed_for(drop_id), faults=args.fault, complete=not args.no_success,
+                                          overwrite=args.overwrite)
+    elif args.cmd == "make":
+        drop_id = args.drop_id or default_drop_id()
+        out = make_drop(
             store, drop_id, size=args.size, seed=args.seed if args.seed is not None else seed_for(drop_id),
             source=args.source, spec=load_settings().model_spec(args.model),
             class_mix=parse_class_mix(args.class_mix) if args.class_mix else None,

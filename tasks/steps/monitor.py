@@ -35,6 +35,18 @@ section; a threshold flag set explicitly wins). One run:
 4. **Report** in the object store under ``monitoring/<UTC timestamp>/``: ``report.json``,
    ``report.html`` (verdict, checks, plots) and the plots as PNG; ``monitoring/latest.json``.
 
+**Pipelines** (``--model`` names ``models/<name>/pipeline.yaml``): the champion is the production pipeline
+version (the registry keeps pipeline versions under the pipeline's name), and the checks read the pipeline's
+outputs: the class distribution is that of the per-box labels (the classifier member's classes), the
+confidence the per-box label scores (the classifier's softmax score of each crop; the detector's box scores
+are cut at its ``score_threshold`` and say less), the embeddings the frames' (``EMBEDDING``: the detector's
+pooled features), the thresholds the pipeline spec's ``drift`` section; ``--min-samples`` counts boxes. The
+reference (the same cache key, ``monitoring/reference/<pipeline>/v<version>.npz``) is made from arrays of
+pipeline outputs (``pipeline_reference``): the pipeline's QC writes it from its answers on the golden scenes
+(``save_pipeline_reference``); a missing one is bad input naming that step. Live: the predictions' ``boxes``
+(kafka: the frames embedded by the detector member version the pipeline version pins; qdrant: the points'
+vectors, which are the frames' ``EMBEDDING``).
+
 Exit codes (``tasks.contracts.errors``): 0 evaluated (drift or not: read ``drift`` in the result);
 ``EXIT_REJECTED`` drift with ``--fail-on-drift``; ``EXIT_BAD_INPUT`` bad usage or nothing to compare
 with (no champion; with ``--no-champion-ok``, as the DAG runs it, that is status ``no_champion``
@@ -57,7 +69,7 @@ import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from tasks.contracts import layout
 from tasks.contracts.errors import BadInput, Rejected, Transient, is_transient, run_cli
@@ -70,6 +82,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from tasks.adapters.kafka import KafkaConfig
     from tasks.adapters.storage import Store
+    from tasks.contracts.pipeline import PipelineSpec
     from tasks.contracts.spec import ModelSpec
 
 logger = logging.getLogger(__name__)
@@ -110,8 +123,9 @@ class Thresholds:
     min_samples: int  # fewer live predictions: insufficient data, no verdict
 
     @classmethod
-    def for_spec(cls, spec: "ModelSpec", **overrides: Any) -> "Thresholds":
-        """``spec.drift``, with the non-None ``overrides`` (CLI flags, set explicitly) winning."""
+    def for_spec(cls, spec: "ModelSpec | PipelineSpec", **overrides: Any) -> "Thresholds":
+        """``spec.drift`` (a model's or a pipeline's), with the non-None ``overrides`` (CLI flags, set explicitly)
+        winning."""
         values = {**spec.drift.model_dump(), **{k: v for k, v in overrides.items() if v is not None}}
         return cls(**values)
 
@@ -353,6 +367,115 @@ def load_reference(store: "Store", champ: dict[str, Any], runner: ChampionModel,
     return ref
 
 
+# --------------------------------------------------------------------------- pipelines: reference from their outputs
+
+
+def pipeline_output_arrays(outputs: "Mapping[str, np.ndarray]") -> tuple["np.ndarray", "np.ndarray", "np.ndarray"]:
+    """(per-box labels int64 ``[B]``, per-box label scores float32 ``[B]``, frame embeddings float32 ``[F, D]``)
+    of a pipeline answer (``tasks.contracts.serving.PIPELINE_OUTPUTS``, any number of frames): the first
+    ``COUNT`` box slots of each frame, the frames whose ``FRAME_ERROR`` is set left out."""
+    import numpy as np
+
+    from tasks.contracts.serving import frame_error_rows
+
+    labels = np.asarray(outputs["BOX_LABELS"])
+    n = labels.shape[0]
+    labels = labels.reshape(n, -1)
+    k = labels.shape[1]
+    counts = np.clip(np.asarray(outputs["COUNT"]).reshape(n, -1)[:, 0].astype(np.int64), 0, k)
+    used = np.ones(n, bool)
+    for j, _ in frame_error_rows(outputs):
+        used[j] = False
+    mask = (np.arange(k)[None, :] < counts[:, None]) & used[:, None]
+    scores = np.asarray(outputs["LABEL_SCORES"]).reshape(n, k)
+    embeddings = np.asarray(outputs["EMBEDDING"]).reshape(n, -1)
+    return (labels[mask].astype(np.int64), scores[mask].astype(np.float32),
+            embeddings[used].astype(np.float32))
+
+
+def pipeline_reference(name: str, version: int, outputs: "Mapping[str, np.ndarray]", source: str,
+                       true_labels: "np.ndarray | None" = None) -> Reference:
+    """The drift reference of pipeline version ``version`` from its answers ``outputs`` on reference frames
+    (``source`` says which: "golden scenes", "training drops a, b"); ``true_labels``: the boxes' true classes
+    when known (else none are recorded)."""
+    import numpy as np
+
+    labels, scores, embeddings = pipeline_output_arrays(outputs)
+    if not len(labels) or not len(embeddings):
+        raise MonitorError(f"pipeline {name} v{version}: the reference answers ({source}) hold "
+                           f"{len(labels)} box(es) and {len(embeddings)} usable frame(s): nothing to compare with")
+    truth = np.zeros(0, np.int64) if true_labels is None else np.asarray(true_labels, np.int64).reshape(-1)
+    return Reference(model=name, version=int(version), source=source, labels=labels, scores=scores,
+                     embeddings=embeddings, true_labels=truth)
+
+
+def save_pipeline_reference(store: "Store", name: str, version: int, outputs: "Mapping[str, np.ndarray]",
+                            source: str = "golden scenes") -> str:
+    """Write pipeline version ``version``'s drift reference (``pipeline_reference``) where the monitor reads it
+    (``monitoring/reference/<name>/v<version>.npz``); returns its URI. The pipeline's QC calls it with its
+    answers on the golden scenes."""
+    ref = pipeline_reference(name, version, outputs, source)
+    key = reference_key(name, int(version))
+    store.put_bytes(key, ref.to_bytes())
+    logger.info("drift reference for pipeline %s v%s: %d box(es) of %d frame(s) from %s, at %s", name, version,
+                len(ref.labels), len(ref.embeddings), source, store.uri(key))
+    return store.uri(key)
+
+
+def load_pipeline_reference(store: "Store", name: str, version: int) -> Reference:
+    """Pipeline version ``version``'s reference (``save_pipeline_reference``); ``MonitorError`` (bad input)
+    saying how it is made when there is none, ``SourceUnavailable`` when the store cannot be read."""
+    key = reference_key(name, int(version))
+    try:
+        data = store.get_bytes(key)
+    except Exception as exc:  # noqa: BLE001 - ObjectNotFound: name the step that writes it
+        if is_transient(exc):
+            raise SourceUnavailable(f"cannot read the drift reference {store.uri(key)}: {exc}") from exc
+        raise MonitorError(f"pipeline {name} v{version} has no drift reference at {store.uri(key)}: it is made "
+                           f"from the pipeline's answers on its golden scenes by its QC (`mlpipe pipeline qc "
+                           f"--pipeline {name} --version {version}`)") from None
+    ref = Reference.from_bytes(data)
+    if not len(ref.labels):
+        raise MonitorError(f"the drift reference {store.uri(key)} holds no boxes: run the pipeline's QC again")
+    return ref
+
+
+class FrameEmbedder:
+    """A pipeline's frame embedding on the host (the live frames of ``--source kafka``): the ONNX model of the
+    detector member version the pipeline version pins, in ONNX Runtime; ``run`` gives its ``embedding`` output
+    (what the pipeline answers as ``EMBEDDING``). ``version`` is the pipeline version (the predictions'
+    ``model_version``)."""
+
+    def __init__(self, store: "Store", detector: "ModelSpec", detector_version: int, version: int) -> None:
+        from tasks.model.networks import onnx_session
+
+        key = layout.version_file_key(detector.name, detector_version, layout.MODEL_ONNX)
+        self._tmp = tempfile.TemporaryDirectory(prefix="mlpipe-monitor-")
+        try:
+            path = store.get_file(key, Path(self._tmp.name) / "model.onnx")
+        except Exception as exc:  # noqa: BLE001 - ObjectNotFound or a store error: name the key
+            self._tmp.cleanup()
+            raise (SourceUnavailable if is_transient(exc) else MonitorError)(
+                f"cannot read the pipeline's detector {store.uri(key)}: {exc}") from exc
+        self.session = onnx_session(path)
+        self.spec = detector
+        self.version = int(version)
+
+    def run(self, images: "np.ndarray", batch: int = 256) -> tuple[None, None, "np.ndarray"]:
+        """(None, None, frame embeddings float32 ``[N, embedding_dim]``) of uint8 ``images`` of the detector."""
+        import numpy as np
+
+        from tasks.model.networks import run_onnx, to_input
+
+        if len(images) == 0:
+            return None, None, np.zeros((0, self.spec.embedding_dim), np.float32)
+        _heat, embs = run_onnx(self.session, to_input(images, self.spec), self.spec, batch_size=batch)
+        return None, None, embs.reshape(len(images), -1)
+
+    def close(self) -> None:
+        self._tmp.cleanup()
+
+
 # --------------------------------------------------------------------------- live windows
 
 
@@ -366,10 +489,33 @@ class LiveWindow:
     first: str | None
     last: str | None
     notes: list[str] = field(default_factory=list)
+    frames: int | None = None  # a pipeline's window: the predictions (frames); ``labels`` are their boxes
 
     @property
     def n(self) -> int:
         return int(len(self.labels))
+
+
+def _pipeline_rows(rows: list[dict[str, Any]], notes: list[str]) -> list[dict[str, Any]]:
+    """The rows that are pipeline predictions (they carry ``boxes``); others (a single model's, sharing the
+    topic or collection) are left out, said so in ``notes``."""
+    mine = [r for r in rows if isinstance(r.get("boxes"), list)]
+    if len(mine) < len(rows):
+        notes.append(f"{len(rows) - len(mine)} prediction(s) without boxes (not a pipeline's) left out")
+    return mine
+
+
+def _labels_scores(rows: list[dict[str, Any]], boxes: bool) -> tuple["np.ndarray", "np.ndarray"]:
+    """The labels and scores the checks compare: each prediction's ``label`` and ``score``, or (``boxes``: a
+    pipeline's predictions) every box's ``label`` and ``label_score``."""
+    import numpy as np
+
+    if not boxes:
+        return (np.array([int(p.get("label", -1)) for p in rows], dtype=np.int64),
+                np.array([float(p.get("score", 0.0)) for p in rows], dtype=np.float32))
+    found = [b for p in rows for b in (p.get("boxes") or []) if isinstance(b, dict)]
+    return (np.array([int(b.get("label", -1)) for b in found], dtype=np.int64),
+            np.array([float(b.get("label_score") or 0.0) for b in found], dtype=np.float32))
 
 
 def _newest(preds: list[dict[str, Any]], window: int) -> list[dict[str, Any]]:
@@ -422,10 +568,11 @@ def _tail(kafka: "KafkaConfig", topic: str, window: int, timeout: float, idle: f
     return records
 
 
-def kafka_window(kafka: "KafkaConfig", runner: ChampionModel, window: int, min_samples: int,
-                 timeout: float = 30.0) -> LiveWindow:
+def kafka_window(kafka: "KafkaConfig", runner: "ChampionModel | FrameEmbedder", window: int, min_samples: int,
+                 timeout: float = 30.0, *, boxes: bool = False) -> LiveWindow:
     """The newest ``window`` predictions and the embeddings of their frames (decoded for the champion's spec
-    by ``decode_frame``; a frame that cannot be decoded is left out)."""
+    by ``decode_frame``; a frame that cannot be decoded is left out). ``boxes``: a pipeline's predictions (the
+    labels and scores of their boxes; ``runner`` its ``FrameEmbedder``)."""
     import numpy as np
 
     from tasks.contracts.messages import FrameRejected
@@ -438,6 +585,8 @@ def kafka_window(kafka: "KafkaConfig", runner: ChampionModel, window: int, min_s
         except ValueError:
             continue
     notes: list[str] = []
+    if boxes:
+        preds = _pipeline_rows(preds, notes)
     preds = _select_version(_newest(preds, window), runner.version, min_samples, notes)
     wanted = {str(p.get("frame_id")) for p in preds}
     images = []
@@ -459,21 +608,24 @@ def kafka_window(kafka: "KafkaConfig", runner: ChampionModel, window: int, min_s
                          f"embeddings from {len(images)} frames")
     elif preds:
         notes.append("no frames of the window on the frames topic: embedding drift not checked")
+    labels, scores = _labels_scores(preds, boxes)
     return LiveWindow(
         source=f"kafka {kafka.predictions_topic} @ {kafka.bootstrap}",
-        labels=np.array([int(p.get("label", -1)) for p in preds], dtype=np.int64),
-        scores=np.array([float(p.get("score", 0.0)) for p in preds], dtype=np.float32),
+        labels=labels,
+        scores=scores,
         embeddings=embeddings,
         versions=dict(Counter(str(p.get("model_version")) for p in preds)),
         first=preds[0].get("processed_at") if preds else None,
         last=preds[-1].get("processed_at") if preds else None,
         notes=notes,
+        frames=len(preds) if boxes else None,
     )
 
 
 def qdrant_window(version: int, window: int, min_samples: int, url: str | None = None,
-                  path: str | None = None) -> LiveWindow:
-    """The newest ``window`` points (unbiased sample when large enough) with their embeddings."""
+                  path: str | None = None, *, boxes: bool = False) -> LiveWindow:
+    """The newest ``window`` points (unbiased sample when large enough) with their embeddings. ``boxes``: a
+    pipeline's points (the labels and scores of their boxes; one vector per frame)."""
     import numpy as np
 
     from tasks.adapters.qdrant import VectorStoreError, open_vectors
@@ -489,6 +641,8 @@ def qdrant_window(version: int, window: int, min_samples: int, url: str | None =
         raise SourceUnavailable(f"cannot read Qdrant: {exc}") from exc
     notes: list[str] = []
     rows = [{**p["payload"], "frame_id": p["id"], "_vector": p.get("vector")} for p in points if p.get("vector")]
+    if boxes:
+        rows = _pipeline_rows(rows, notes)
     unbiased = [r for r in rows if r.get("indexed_because") in UNBIASED_REASONS]
     if len(unbiased) >= min_samples:
         if len(unbiased) < len(rows):
@@ -498,15 +652,17 @@ def qdrant_window(version: int, window: int, min_samples: int, url: str | None =
         notes.append(f"only {len(unbiased)} unbiased sample point(s): all {len(rows)} points used, including "
                      "those indexed for low confidence (the statistics lean towards low confidence)")
     rows = _select_version(_newest(rows, window), version, min_samples, notes)
+    labels, scores = _labels_scores(rows, boxes)
     return LiveWindow(
         source=f"qdrant {where}",
-        labels=np.array([int(r.get("label", -1)) for r in rows], dtype=np.int64),
-        scores=np.array([float(r.get("score", 0.0)) for r in rows], dtype=np.float32),
+        labels=labels,
+        scores=scores,
         embeddings=np.array([r["_vector"] for r in rows], dtype=np.float32) if rows else None,
         versions=dict(Counter(str(r.get("model_version")) for r in rows)),
         first=rows[0].get("processed_at") if rows else None,
         last=rows[-1].get("processed_at") if rows else None,
         notes=notes,
+        frames=len(rows) if boxes else None,
     )
 
 
@@ -668,35 +824,64 @@ def run_monitor(store: "Store", model: str, *, source: str = "kafka", window: in
     """One monitoring pass; writes the report under ``monitoring/<ts>/`` and returns its summary.
 
     The model spec is ``model``'s (``load_settings().model_spec(model)``; ``SpecError``, bad input, when
-    there is none); ``thresholds`` default to ``Thresholds.for_spec`` of it."""
+    there is none); ``thresholds`` default to ``Thresholds.for_spec`` of it. A pipeline ``model``: the checks
+    read its outputs (the module doc), over its classifier member's classes, with its spec's ``drift``."""
     from tasks.config import load_settings
 
-    spec = load_settings().model_spec(model)
-    th = thresholds or Thresholds.for_spec(spec)
+    settings = load_settings()
+    pipe = None
+    if settings.is_pipeline(model):
+        from tasks.contracts.pipeline import find_pipeline, member_specs
+
+        pipe = find_pipeline(model, settings.models_dir)
+        members = member_specs(pipe, settings.models_dir)
+        spec = members["classifier"]  # the classes of the boxes
+        th = thresholds or Thresholds.for_spec(pipe)  # its drift section
+    else:
+        spec = settings.model_spec(model)
+        th = thresholds or Thresholds.for_spec(spec)
     if source not in SOURCES:
         raise MonitorError(f"unknown source {source!r}: choose {' or '.join(SOURCES)}")
-    if window < th.min_samples:
+    if window < th.min_samples and pipe is None:  # a pipeline's min_samples counts boxes: frames hold several
         raise MonitorError(f"window {window} is smaller than min_samples {th.min_samples}: no verdict could be "
                            "reached; widen --window or lower --min-samples")
     t0 = time.monotonic()
     champ = champion(store, model)
-    runner = ChampionModel(store, spec, int(champ["version"]))
-    try:
-        ref = load_reference(store, champ, runner, size=reference_size)
-        if source == "kafka":
-            from tasks.adapters.kafka import KafkaConfig
+    version = int(champ["version"])
+    if source == "kafka":
+        from tasks.adapters.kafka import KafkaConfig
 
-            live = kafka_window(kafka or KafkaConfig.from_env(), runner, window, th.min_samples, timeout=timeout)
+        kafka = kafka or KafkaConfig.from_env()
+    runner: ChampionModel | FrameEmbedder | None
+    if pipe is not None:
+        ref = load_pipeline_reference(store, model, version)
+        detector = int(((champ.get("members") or {}).get("detector") or {}).get("version") or 0)
+        # kafka: the frames are embedded by the detector version this pipeline version pins; qdrant: the points
+        # carry the frames' EMBEDDING
+        runner = FrameEmbedder(store, members["detector"], detector, version) if source == "kafka" else None
+    else:
+        runner = ChampionModel(store, spec, version)
+    try:
+        if isinstance(runner, ChampionModel):
+            ref = load_reference(store, champ, runner, size=reference_size)
+        if source == "kafka":
+            assert kafka is not None and runner is not None
+            live = kafka_window(kafka, runner, window, th.min_samples, timeout=timeout, boxes=pipe is not None)
         else:
-            live = qdrant_window(runner.version, window, th.min_samples, url=qdrant_url, path=qdrant_path)
+            live = qdrant_window(version, window, th.min_samples, url=qdrant_url, path=qdrant_path,
+                                 boxes=pipe is not None)
     finally:
-        runner.close()
+        if runner is not None:
+            runner.close()
     result = compare(ref, live, th, spec)
+    if pipe is not None:
+        result.update(kind="pipeline", frames=live.frames, reference_frames=int(len(ref.embeddings)),
+                      confidence="per-box label scores (the classifier's softmax score of each crop)")
     now = dt.datetime.now(dt.timezone.utc)
     stamp = now.strftime("%Y%m%dT%H%M%S%fZ")
     prefix = layout.monitor_report_prefix(stamp)
     report = {
-        "model": model, "champion": runner.version, "created_at": now.isoformat(timespec="seconds"),
+        "model": model, "champion": version, "created_at": now.isoformat(timespec="seconds"),
         "classes": spec.class_names, **result,
         "thresholds": asdict(th),
         "reference": {"source": ref.source, "version": ref.version,
@@ -711,16 +896,17 @@ def run_monitor(store: "Store", model: str, *, source: str = "kafka", window: in
     report["json_uri"] = store.uri(prefix + "report.json")
     report["plots"] = {name: store.uri(prefix + name) for name in images}
     drifted = [c["name"] for c in report.get("checks", []) if c["drift"]]
+    what = "live predictions" if pipe is None else f"boxes of {live.frames} live frames"
     report["summary"] = {
-        "drift": "drift past the threshold in " + ", ".join(drifted) + f" over {live.n} live predictions",
-        "ok": f"no drift over {live.n} live predictions",
-        "insufficient_data": f"only {live.n} live predictions (need {th.min_samples}): no verdict",
+        "drift": "drift past the threshold in " + ", ".join(drifted) + f" over {live.n} {what}",
+        "ok": f"no drift over {live.n} {what}",
+        "insufficient_data": f"only {live.n} {what} (need {th.min_samples}): no verdict",
     }[report["status"]]
     store.put_text(prefix + "report.html", render_html(report, images), content_type="text/html; charset=utf-8")
     store.put_json(prefix + "report.json", report)  # written last: the report is complete
     store.put_json(layout.MONITOR_LATEST, report)
     report["seconds"] = round(time.monotonic() - t0, 2)
-    logger.info("monitor %s v%s: %s; report %s (%.1fs)", model, runner.version, report["summary"],
+    logger.info("monitor %s v%s: %s; report %s (%.1fs)", model, version, report["summary"],
                 report["report_uri"], report["seconds"])
     for note in live.notes:
         logger.warning("%s", note)
@@ -781,8 +967,14 @@ def _main(argv: Sequence[str] | None) -> int:
         if args.window <= 0:
             raise MonitorError(f"--window must be positive, got {args.window}")
         cfg = load_settings()
-        th = Thresholds.for_spec(cfg.model_spec(args.model or cfg.model_name),
-                                 **{f.name: getattr(args, f.name) for f in fields(Thresholds)})
+        name = args.model or cfg.model_name
+        if cfg.is_pipeline(name):  # a pipeline's thresholds: its pipeline.yaml's drift section
+            from tasks.contracts.pipeline import find_pipeline
+
+            drift_of: Any = find_pipeline(name, cfg.models_dir)
+        else:
+            drift_of = cfg.model_spec(name)
+        th = Thresholds.for_spec(drift_of, **{f.name: getattr(args, f.name) for f in fields(Thresholds)})
         kafka = None
         if args.source == "kafka":
             from tasks.adapters.kafka import KafkaConfig

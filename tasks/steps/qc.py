@@ -65,7 +65,7 @@ from tasks.config import QCSection, load_settings, parse_bool
 from tasks.contracts import layout
 from tasks.contracts.errors import Rejected, is_transient, run_cli
 from tasks.contracts.serving import frame_error_rows
-from tasks.contracts.spec import ModelSpec, QCSpec
+from tasks.contracts.spec import ModelSpec
 from tasks.logs import setup_logging
 from tasks.adapters.storage import Store, open_store
 from tasks.contracts.results import write_result_json
@@ -78,7 +78,8 @@ class QCFailed(Rejected):
 
 
 #: the thresholds a model spec declares (its ``qc`` section); the others are deployment settings only
-SPEC_THRESHOLDS = tuple(QCSpec.model_fields)
+SPEC_THRESHOLDS = ("min_accuracy", "min_class_recall", "max_regression", "max_parity_diff", "max_trt_parity_diff")
+"""The classifier thresholds a spec declares (`qc`); a detector's are `tasks.steps.qc_detection.DetectionThresholds`."""
 
 
 @dataclass(frozen=True)
@@ -711,19 +712,30 @@ def run_qc(store: Store, model: str, version: int, th: QCThresholds | None = Non
     """
     cfg = load_settings()
     spec = cfg.model_spec(model)
-    th = th or QCThresholds.for_spec(spec)
+    detection = spec.task == "detection"
+    if detection:
+        from tasks.steps import qc_detection
+
+        th = th if isinstance(th, qc_detection.DetectionThresholds) else qc_detection.DetectionThresholds.for_spec(spec)
+    else:
+        th = th or QCThresholds.for_spec(spec)
     registry.get_version(store, model, version)  # unknown version: RegistryError before any work
     work_root = Path(work_dir) if work_dir else cfg.home / "qc"
     work_root.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     logger.info("QC of %s v%s on the golden set (thresholds %s)", model, version, asdict(th))
     with tempfile.TemporaryDirectory(prefix=f"{model}-v{version}-", dir=work_root) as tmp:
-        report = evaluate(store, spec, version, th, Path(tmp), champion_override=champion_override)
+        if detection:  # the member gate of a detector (tasks/steps/qc_detection.py)
+            report = qc_detection.evaluate(store, spec, version, th, Path(tmp), champion_override=champion_override)
+            page = qc_detection.render_html(report, qc_detection.golden_scenes_for(spec).images)
+        else:
+            report = evaluate(store, spec, version, th, Path(tmp), champion_override=champion_override)
+            page = render_html(report)
     report["seconds"] = round(time.monotonic() - t0, 2)
     report["at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     report["report_uri"] = store.uri(layout.version_file_key(model, version, layout.QC_REPORT_HTML))
     report["report_json_uri"] = store.uri(layout.version_file_key(model, version, layout.QC_REPORT_JSON))
-    registry.record_artifact(store, model, version, layout.QC_REPORT_HTML, render_html(report).encode())
+    registry.record_artifact(store, model, version, layout.QC_REPORT_HTML, page.encode())
     registry.record_artifact(store, model, version, layout.QC_REPORT_JSON, report)
     for c in report["checks"]:
         log = logger.info if c["passed"] is not False else logger.warning
@@ -783,11 +795,21 @@ def _main(argv: Sequence[str] | None) -> int:
     setup_logging()
     cfg = load_settings()
     model = args.model or cfg.model_name
-    th = QCThresholds.for_spec(cfg.model_spec(model), **{f.name: getattr(args, f.name) for f in fields(QCThresholds)})
+    spec = cfg.model_spec(model)
+    flags = {f.name: getattr(args, f.name) for f in fields(QCThresholds)}
+    if spec.task == "detection":
+        from tasks.steps.qc_detection import DetectionThresholds
+
+        th = DetectionThresholds.for_spec(spec, max_regression=flags["max_regression"],
+                                          max_parity_diff=flags["max_parity_diff"])
+    else:
+        th = QCThresholds.for_spec(spec, **flags)
     report = run_qc(open_store(cfg), model, args.version, th,
                     champion_override=(args.override_unreadable_champion or "").strip() or None)
     result = {k: report[k] for k in ("model", "version", "verdict", "reasons", "report_uri")}
     result["accuracy"] = report.get("accuracy")
+    if report.get("task") == "detection":
+        result["metrics"] = report.get("metrics")
     result["overrides"] = report.get("overrides", [])
     print(json.dumps(result, indent=2))
     if args.result_json:

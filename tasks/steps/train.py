@@ -160,12 +160,15 @@ def seed_everything(seed: int) -> None:
 
 def default_run_id(drop_ids: Sequence[str], *, seed: int, epochs: int, batch_size: int = DEFAULT_BATCH_SIZE,
                    lr: float = DEFAULT_LR, patience: int = DEFAULT_PATIENCE,
-                   val_fraction: float = DEFAULT_VAL_FRACTION) -> str:
-    """A run id that depends only on the inputs (drop ids in order + training parameters)."""
+                   val_fraction: float = DEFAULT_VAL_FRACTION, model: str | None = None) -> str:
+    """A run id that depends only on the inputs (drop ids in order + training parameters, and the model: the
+    members of a pipeline train on the same scene drop with the same parameters, each into its own run)."""
     key = {
         "drops": list(drop_ids), "seed": int(seed), "epochs": int(epochs), "batch_size": int(batch_size),
         "lr": float(lr), "patience": int(patience), "val_fraction": float(val_fraction),
     }
+    if model is not None:
+        key["model"] = str(model)
     digest = sha256_bytes(json.dumps(key, sort_keys=True).encode())[:16]
     return f"train-{digest}"
 
@@ -429,9 +432,14 @@ def evaluate_arrays(model: "nn.Module", X: "np.ndarray", y: "np.ndarray", spec: 
             "per_class_recall": recall, "n": int(len(y))}
 
 
+ACCURACY_PANEL = ("accuracy", (("train_accuracy", "train"), ("val_accuracy", "val")))
+
+
 def plot_curves(history: Sequence[dict[str, Any]], path: str | Path, best_epoch: int | None = None,
-                title: str = "") -> Path:
-    """Loss and accuracy per epoch as a PNG (matplotlib, Agg backend)."""
+                title: str = "", *, loss_label: str = "cross-entropy",
+                panel: tuple[str, Sequence[tuple[str, str]]] = ACCURACY_PANEL) -> Path:
+    """Loss (train, val) and the ``panel`` series (title, ``(history key, label)`` pairs; default accuracy) per
+    epoch as a PNG (matplotlib, Agg backend)."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -443,13 +451,13 @@ def plot_curves(history: Sequence[dict[str, Any]], path: str | Path, best_epoch:
         ax_loss.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
         ax_loss.plot(epochs, [h["val_loss"] for h in history], "o-", label="val")
         ax_loss.set_xlabel("epoch")
-        ax_loss.set_ylabel("cross-entropy")
+        ax_loss.set_ylabel(loss_label)
         ax_loss.set_title("loss")
-        ax_acc.plot(epochs, [h["train_accuracy"] for h in history], "o-", label="train")
-        ax_acc.plot(epochs, [h["val_accuracy"] for h in history], "o-", label="val")
+        for key, label in panel[1]:
+            ax_acc.plot(epochs, [h[key] for h in history], "o-", label=label)
         ax_acc.set_xlabel("epoch")
-        ax_acc.set_ylabel("accuracy")
-        ax_acc.set_title("accuracy")
+        ax_acc.set_ylabel(panel[0])
+        ax_acc.set_title(panel[0])
         for ax in (ax_loss, ax_acc):
             if best_epoch:
                 ax.axvline(best_epoch, color="grey", linestyle="--", linewidth=1, label=f"best ({best_epoch})")
@@ -544,7 +552,7 @@ def train(
     drop_ids = resolve_drop_ids(store, drop_ids)
     device = resolve_device(device)
     run_id = run_id or default_run_id(drop_ids, seed=seed, epochs=epochs, batch_size=batch_size, lr=lr,
-                                      patience=patience, val_fraction=val_fraction)
+                                      patience=patience, val_fraction=val_fraction, model=spec.name)
     run_prefix = layout.run_prefix(run_id)
     drop_content = check_drops(store, drop_ids, spec)
     params = {
@@ -782,7 +790,7 @@ def run_trainer(
     fn = load_entry_point(spec)
     drop_ids = resolve_drop_ids(store, drop_ids)
     run_id = run_id or default_run_id(drop_ids, seed=seed, epochs=epochs, batch_size=batch_size, lr=lr,
-                                      patience=patience, val_fraction=val_fraction)
+                                      patience=patience, val_fraction=val_fraction, model=spec.name)
     options = {"batch_size": batch_size, "lr": lr, "patience": patience, "val_fraction": val_fraction,
                "device": device, "track": track}
     logger.info("training model %s with %s on drops %s (run %s)", spec.name, spec.trainer.entry_point, drop_ids,
@@ -863,7 +871,8 @@ def _main(argv: Sequence[str] | None) -> int:
         write_result_json(args.result_json, result)
     m = result["metrics"]
     print(json.dumps({"run_id": result["run_id"], "model": spec.name, "onnx_key": result["onnx_key"],
-                      **{k: m[k] for k in ("val_accuracy", "golden_accuracy", "epochs_run") if k in m},
+                      **{k: m[k] for k in ("val_accuracy", "golden_accuracy", "golden_precision", "golden_recall", "golden_f1",
+                                         "epochs_run") if k in m},
                       **{k: result[k] for k in ("onnx_uri", "clearml_task_id") if k in result}}))
     return 0
 

@@ -79,6 +79,7 @@ from tasks.contracts.results import write_result_json
 from tasks.contracts.files import sha256_bytes
 
 if TYPE_CHECKING:
+    from tasks.contracts.pipeline import PipelineSpec
     import pandas as pd
 
     from tasks.adapters.storage import Store
@@ -141,6 +142,72 @@ report_key = layout.data_docs_index_key
 def load_suite_spec() -> dict[str, Any]:
     """The suite as kept in the repository (placeholders not yet filled in)."""
     return json.loads(SUITE_PATH.read_text())
+
+
+#: the scene suite's rules (``tasks.steps.scenes.ROW_RULES``): the sentence of a failure line of each
+SCENE_RULE_MESSAGES = {
+    "boxes_parse": "scene rows: boxes must be a JSON list of [x0, y0, x1, y1] and classes a JSON list of class ids",
+    "counts_agree": "scene rows: the number of boxes, of classes and the objects column must agree",
+    "objects_in_bounds": "scene rows: objects per frame must be within [$min_objects, $max_objects] (too many "
+                         "objects; the detector's detection.min_objects / max_objects)",
+    "boxes_positive_size": "scene rows: every box must have a positive size (x1 > x0, y1 > y0; negative sizes)",
+    "boxes_min_size": "scene rows: every box must be at least $min_box_size px wide and high",
+    "boxes_inside_frame": "scene rows: every box must lie inside the $image_width x $image_height frame (boxes "
+                          "outside the frame)",
+    "classes_known": "scene rows: every object's class must be one of $class_range, the classes of "
+                     "'$classifier' (unknown classes)",
+}
+
+
+def scene_suite_spec() -> dict[str, Any]:
+    """The suite of a pipeline's scene drop: the drop suite without its ``label`` checks (a scene row has objects,
+    not a label), the scene manifest's columns, and one expectation per row rule (``SCENE_RULE_MESSAGES``) whose
+    failure line names the rows and their reasons (``scene_problem``: ``<image_id>: <reason>``)."""
+    from tasks.steps import scenes
+
+    suite = copy.deepcopy(load_suite_spec())
+    suite["name"] = "scene_drop_suite"
+    suite["manifest_columns"] = list(scenes.SCENE_COLUMNS)
+    suite["derived_columns"] = [c for c in suite["derived_columns"] if c != "class_share"] + \
+        ["scene_problem", *scenes.ROW_RULES]
+    kept = []
+    for exp in suite["expectations"]:
+        if exp["kwargs"].get("column") in ("label", "class_share"):
+            continue
+        if exp["type"] == "expect_table_columns_to_match_set":
+            exp["meta"]["message"] = "scene manifest columns must be exactly " + ", ".join(scenes.SCENE_COLUMNS)
+        kept.append(exp)
+    for col, kind in (("boxes", "str"), ("classes", "str"), ("objects", "int64")):
+        kept.append({"type": "expect_column_to_exist", "kwargs": {"column": col},
+                     "meta": {"check": "schema", "message": f"scene manifest column {col!r} is missing"}})
+        kept.append({"type": "expect_column_values_to_be_in_type_list", "kwargs": {"column": col, "type_list": [kind]},
+                     "meta": {"check": "types", "message": f"{col} must be {'a JSON string' if kind == 'str' else kind}"}})
+    for rule in scenes.ROW_RULES:
+        kept.append({"type": "expect_column_values_to_be_in_set", "kwargs": {"column": rule, "value_set": [True]},
+                     "meta": {"check": "scene_" + rule, "message": SCENE_RULE_MESSAGES[rule],
+                              "sample_column": "scene_problem"}})
+    suite["expectations"] = kept
+    return suite
+
+
+def _scene_columns(df: "pd.DataFrame", spec: "ModelSpec", classifier: "ModelSpec") -> None:
+    """Add the scene rule columns (``tasks.steps.scenes.ROW_RULES``) and ``scene_problem`` to the frame."""
+    import pandas as pd
+
+    from tasks.steps import scenes
+
+    if not {"boxes", "classes", "objects"} <= set(df.columns):
+        return
+    det = spec.detection
+    per_row = [scenes.row_problems(b, c, o, height=spec.input.height, width=spec.input.width,
+                                   num_classes=classifier.num_classes, min_objects=det.min_objects,
+                                   max_objects=det.max_objects, min_box_size=det.min_box_size)
+               for b, c, o in zip(df["boxes"], df["classes"], df["objects"])]
+    for rule in scenes.ROW_RULES:
+        df[rule] = pd.Series([all(r != rule for r, _ in probs) for probs in per_row], index=df.index, dtype=object)
+    ids = df["image_id"].astype(str).tolist() if "image_id" in df.columns else [str(i) for i in df.index]
+    df["scene_problem"] = pd.Series([f"{i}: " + "; ".join(m for _, m in probs) if probs else ""
+                                     for i, probs in zip(ids, per_row)], index=df.index, dtype=object)
 
 
 def default_thresholds(spec: "ModelSpec") -> dict[str, Any]:
@@ -503,7 +570,7 @@ def suite_params(spec: "ModelSpec", thresholds: dict[str, Any], frame_columns: l
 
 def validate_drop(store: "Store", drop_id: str, *, spec: "ModelSpec | None" = None, min_rows: int | None = None,
                   max_rows: int | None = None, min_class_share: float | None = None,
-                  max_class_share: float | None = None) -> ValidationResult:
+                  max_class_share: float | None = None, pipeline: "PipelineSpec | None" = None) -> ValidationResult:
     """Validate ``drops/<drop_id>/`` against ``spec`` (default the configured model, ``MLPIPE_MODEL_NAME``) and
     store ``validation/result.json`` (recording the model) + Data Docs beside it.
 
@@ -512,29 +579,57 @@ def validate_drop(store: "Store", drop_id: str, *, spec: "ModelSpec | None" = No
     (all ``DropError``, a ``ValueError``) for a drop that cannot be read, and
     ValueError for bad thresholds. A failing drop is not an exception: see
     ``ValidationResult.success`` and ``.failures``.
+
+    ``pipeline``: the drop is that pipeline's scene drop; ``spec`` is then its detector's (the frames' size,
+    channels and encoding), the suite is ``scene_suite_spec`` and the result records the pipeline's name. A
+    scene drop validated by a member's name (``--model scenes-detector``, ``spec`` a member) is validated the same
+    way (``drop.json`` names the pipeline), so the result serves every member.
     """
     t0 = time.monotonic()
     if spec is None:
         from tasks.config import load_settings
 
         spec = load_settings().model_spec()
+    drop_id = drops.resolve_drop_id(store, drop_id)
+    if pipeline is None:  # validated by a member's name: a scene drop of its pipeline is validated as the pipeline's
+        pipeline = _scene_pipeline(store, drop_id, spec)
+        if pipeline is not None:
+            from tasks.config import load_settings as _settings
+            from tasks.contracts.pipeline import member_specs
+
+            spec = member_specs(pipeline, _settings().models_dir)["detector"]
     thresholds = _check_thresholds({"min_rows": min_rows, "max_rows": max_rows,
                                     "min_class_share": min_class_share, "max_class_share": max_class_share},
                                    spec)
-    drop_id = drops.resolve_drop_id(store, drop_id)
     manifest = drops.read_manifest(store, drop_id)
     manifest_bytes = store.get_bytes(drops.manifest_key(drop_id))
-    logger.info("validating drop %s for model %s: %d rows, columns %s", drop_id, spec.name, len(manifest),
+    logger.info("validating drop %s for %s: %d rows, columns %s", drop_id,
+                spec.name if pipeline is None else f"pipeline {pipeline.name} (frames of {spec.name})", len(manifest),
                 list(manifest.columns))
     df, frame_info = build_frame(store, drop_id, manifest, spec)
+    owner = spec.name
+    if pipeline is not None:
+        from tasks.config import load_settings as _settings
+        from tasks.contracts.pipeline import member_specs
+
+        _scene_columns(df, spec, member_specs(pipeline, _settings().models_dir)["classifier"])
+        owner = pipeline.name
     if sha256_bytes(manifest_bytes) != _manifest_sha(store, drop_id) or not manifest.equals(
             drops.read_manifest(store, drop_id)):
         raise drops.DropChanged(f"drop {drop_id!r}: its manifest was replaced while it was being validated; "
                                 "validate it again once the producer has finished writing")
 
-    suite = load_suite_spec()
+    suite = load_suite_spec() if pipeline is None else scene_suite_spec()
     derived_present = [c for c in suite["derived_columns"] if c in df.columns]
     params = suite_params(spec, thresholds, list(suite["manifest_columns"]) + derived_present)
+    if pipeline is not None:
+        from tasks.config import load_settings as _settings
+        from tasks.contracts.pipeline import member_specs
+
+        classifier = member_specs(pipeline, _settings().models_dir)["classifier"]
+        params.update(model=owner, models=[owner], classifier=classifier.name, min_objects=spec.detection.min_objects,
+                      max_objects=spec.detection.max_objects, min_box_size=spec.detection.min_box_size,
+                      class_range=f"0..{classifier.num_classes - 1}")
     expectations, skipped = render_suite(suite, params, set(df.columns))
 
     with tempfile.TemporaryDirectory(prefix="mlpipe-validate-") as tmp:
@@ -573,7 +668,7 @@ def validate_drop(store: "Store", drop_id: str, *, spec: "ModelSpec | None" = No
     }
     result = ValidationResult(
         drop_id=drop_id,
-        model=spec.name,
+        model=owner,
         success=bool(vres.success) and not failures,
         failures=failures,
         statistics=statistics,
@@ -593,9 +688,21 @@ def validate_drop(store: "Store", drop_id: str, *, spec: "ModelSpec | None" = No
     for line in result.failure_lines():
         logger.error("%s", line)
     logger.info("drop %s validation for model %s %s: %d/%d expectations passed, %d skipped, %.1fs; report %s",
-                drop_id, spec.name, "PASSED" if result.success else "FAILED", statistics["successful_expectations"],
+                drop_id, owner, "PASSED" if result.success else "FAILED", statistics["successful_expectations"],
                 statistics["evaluated_expectations"], len(skipped), statistics["seconds"], result.report_uri)
     return result
+
+
+def _scene_pipeline(store: "Store", drop_id: str, spec: "ModelSpec") -> "PipelineSpec | None":
+    """The pipeline whose scene drop ``drop_id`` is, when ``spec`` is one of its members (``drop.json`` names the
+    pipeline): such a drop is validated with the pipeline's scene suite, whichever member's name was given."""
+    made_for = drops.drop_model(store, drop_id)
+    if made_for is None or made_for == spec.name or not drops.made_for_model(made_for, spec.name):
+        return None
+    from tasks.config import load_settings
+    from tasks.contracts.pipeline import find_pipeline
+
+    return find_pipeline(made_for, load_settings().models_dir)
 
 
 def _manifest_sha(store: "Store", drop_id: str) -> str:
@@ -629,8 +736,15 @@ def _main(argv: list[str] | None) -> int:
     from tasks.config import load_settings
 
     store = open_store()
-    result = validate_drop(store, args.drop_id, spec=load_settings().model_spec(args.model), min_rows=args.min_rows, max_rows=args.max_rows,
-                           min_class_share=args.min_class_share, max_class_share=args.max_class_share)
+    cfg = load_settings()
+    pipeline = None
+    if cfg.is_pipeline(args.model):  # a pipeline's scene drop: the detector's frames plus the scene rules
+        from tasks.contracts.pipeline import find_pipeline
+
+        pipeline = find_pipeline(args.model or cfg.model_name, cfg.models_dir)
+    result = validate_drop(store, args.drop_id, spec=cfg.frame_spec(args.model), min_rows=args.min_rows,
+                           max_rows=args.max_rows, min_class_share=args.min_class_share,
+                           max_class_share=args.max_class_share, pipeline=pipeline)
     out = result.to_dict()
     if args.result_json:
         write_result_json(args.result_json, out)

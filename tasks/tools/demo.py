@@ -189,6 +189,11 @@ def live_prediction(triton_url: str, model: str) -> dict[str, Any]:
 def run_demo(home: Path | None = None, size: int = 3000, seed: int = 0, epochs: int = 8,
              regression: bool = False, stream_frames: int = 3000, model: str = "digits",
              with_rollout: bool = True) -> dict[str, Any]:
+    if load_settings().is_pipeline(model):  # a pipeline project: models/<model>/pipeline.yaml
+        from tasks.tools.demo_pipeline import run_pipeline_demo
+
+        return run_pipeline_demo(home or demo_home(model), model, size=size, seed=seed, epochs=epochs,
+                                 regression=regression, stream_frames=stream_frames)
     started = time.monotonic()
     home = home or demo_home(model)
     if home.exists():
@@ -284,7 +289,8 @@ def run_demo(home: Path | None = None, size: int = 3000, seed: int = 0, epochs: 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mlpipe demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", type=int, default=3000, help="images in the generated drop (default 3000)")
+    parser.add_argument("--size", type=int, default=None, help="images in the generated drop (default 3000; 2000 "
+                        "scenes for a pipeline)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--model", default=os.environ.get("MLPIPE_MODEL_NAME") or "digits",
@@ -300,15 +306,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--regression", action="store_true",
                         help="also train a deliberately worse model and show the QC gate blocking it")
     args = parser.parse_args(argv)
-    summary = run_demo(args.home, size=args.size, seed=args.seed, epochs=args.epochs, regression=args.regression,
+    pipeline = load_settings().is_pipeline(args.model)
+    size = args.size or (2000 if pipeline else 3000)
+    summary = run_demo(args.home, size=size, seed=args.seed, epochs=args.epochs, regression=args.regression,
                        stream_frames=args.stream_frames, model=args.model, with_rollout=not args.no_rollout)
     ok = summary["validation"] == "passed" and summary["deployed_version"] is not None
     if args.stream_frames:
         ok = ok and summary.get("stream", {}).get("lost") == 0
-    if args.stream_frames and not args.no_rollout:
+    if args.stream_frames and not args.no_rollout and not load_settings().is_pipeline(args.model):
         ok = ok and (summary.get("rollout") or {}).get("outcome") == "promoted"
     if args.regression:
         ok = ok and summary["regression"]["blocked"]
+    if pipeline:
+        ok = ok and summary.get("dag_run") == "success"
     return 0 if ok else 1
 
 

@@ -27,10 +27,14 @@ from tasks.tools.bench import percentile
 
 def run_stream(home: Path, triton_grpc: str, frames: int = 3000, poison: int = 5,
                timeout: float = 180.0, during: Callable[[Any], Any] | None = None,
-               during_max_s: float = 400.0) -> dict[str, Any]:
+               during_max_s: float = 400.0, samples: tuple[list[bytes], list[Any]] | None = None,
+               answer_key: str = "label") -> dict[str, Any]:
     """Stream ``frames`` frames (and the poison). With ``during(kafka_config)`` (e.g. a rollout), it runs in a
     thread once the consumer is ready while frames keep flowing, for at most ``during_max_s``; its result is
-    ``during`` in the returned summary (an exception: ``{"error": ...}``); every frame sent meanwhile counts."""
+    ``during`` in the returned summary (an exception: ``{"error": ...}``); every frame sent meanwhile counts.
+
+    ``samples``: ``(encoded frames, their truths)`` to send (default the model's golden set and its labels);
+    ``answer_key``: the prediction field compared with the truth (``readout`` for a pipeline)."""
     import httpx
     import numpy as np
 
@@ -42,7 +46,7 @@ def run_stream(home: Path, triton_grpc: str, frames: int = 3000, poison: int = 5
     from tasks.model.frames import content_type_of, encode_frame
     from tasks.steps.drops import golden_set
 
-    spec = load_settings().model_spec()
+    spec = load_settings().frame_spec()  # a pipeline's frames are its detector's
 
     logs = home / "logs"
     token = secrets.token_urlsafe(24)  # never printed
@@ -67,11 +71,14 @@ def run_stream(home: Path, triton_grpc: str, frames: int = 3000, poison: int = 5
             print(f"broker {broker.bootstrap}, consumer pid {consumer.pid} (metrics "
                   f"http://127.0.0.1:{c_port}/metrics), gateway pid {gateway.pid} (http://127.0.0.1:{g_port}/docs)",
                   flush=True)
-            images, labels = golden_set(spec)
+            if samples is None:
+                images, labels = golden_set(spec)
+                bodies = [encode_frame(images[i], spec) for i in range(len(labels))]
+            else:
+                bodies, labels = list(samples[0]), list(samples[1])
             idx = np.arange(frames) % len(labels)
-            bodies = [encode_frame(images[i], spec) for i in range(len(labels))]
             ctype = content_type_of(spec.image_encoding)
-            truth: dict[str, int] = {}
+            truth: dict[str, Any] = {}
             rejected = 0
             url = f"http://127.0.0.1:{g_port}/v1/frames"
             headers = {"Authorization": f"Bearer {token}", "Content-Type": ctype}
@@ -83,7 +90,7 @@ def run_stream(home: Path, triton_grpc: str, frames: int = 3000, poison: int = 5
                         resp = client.post(url, content=bodies[i],
                                            headers={**headers, "X-Device-Id": f"camera-{n % 8}"})
                         if resp.status_code == 202:
-                            got[resp.json()["frame_id"]] = int(labels[i])
+                            got[resp.json()["frame_id"]] = labels[i]
                         else:
                             bad += 1
                 return got, bad
@@ -150,7 +157,7 @@ def run_stream(home: Path, triton_grpc: str, frames: int = 3000, poison: int = 5
             gateway.stop()
             consumer.stop()
     lat = [p["latency_ms"] for p in preds.values() if p.get("latency_ms") is not None]
-    right = [preds[f]["label"] == truth[f] for f in truth if f in preds]
+    right = [preds[f].get(answer_key) == truth[f] for f in truth if f in preds]
     from tasks.adapters.qdrant import open_vectors
 
     vectors = open_vectors(create=False, path=str(home / "qdrant"))

@@ -5,6 +5,8 @@
   summary (exit 0). An invalid one prints every problem on its own line, ``FILE: path: rule
   (got ...) (line N)``, a YAML syntax error with its line, and exits 2 (BadInput, through
   ``run_cli``: the ``error:`` line on stderr says how many).
+  A pipeline file (``models/<name>/pipeline.yaml``, ``tasks.contracts.pipeline``) is checked as a
+  pipeline: its own rules, then its members' specs and the rules between them.
 * ``mlpipe spec schema [--write PATH]``: the JSON Schema generated from the model (the committed
   copy is ``docs/model-spec.schema.json``; ``tests/static/test_spec_schema.py`` checks it).
 """
@@ -18,13 +20,14 @@ from typing import Sequence
 
 from tasks.contracts.errors import BadInput, run_cli
 from tasks.contracts.files import atomic_write
+from tasks.contracts.pipeline import PIPELINE_FILE, check_members, load_pipeline
 from tasks.contracts.spec import SCHEMA_PATH, SpecError, json_schema_text, load_spec
 from tasks.logs import setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="mlpipe spec", description="Check model spec files (models/<name>/spec.yaml); print the JSON Schema.",
+        prog="mlpipe spec", description="Check model spec files (models/<name>/spec.yaml) and pipeline files (models/<name>/pipeline.yaml); print the JSON Schema.",
         epilog="Exit codes: 0 valid, 2 an invalid spec, a YAML syntax error or a bad option.")
     parser.add_argument("--log-level", default=None, help="logging level (default $MLPIPE_LOG_LEVEL or INFO)")
     sub = parser.add_subparsers(dest="action", required=True)
@@ -41,7 +44,11 @@ def check(files: Sequence[Path]) -> int:
     bad: list[SpecError] = []
     for path in files:
         try:
-            spec = load_spec(path)
+            if path.name == PIPELINE_FILE:
+                spec = load_pipeline(path)
+                check_members(spec, path.resolve().parent.parent, source=str(path))
+            else:
+                spec = load_spec(path)
         except SpecError as exc:
             bad.append(exc)
             for problem in exc.problems:

@@ -168,9 +168,13 @@ def test_assets_show_how_the_dags_feed_each_other(airflow_stack):
 
     assert [w["name"] for w in assets["mlpipe_drops"]["watchers"]] == ["drop_arrival_watcher"]
     assert scheduled("mlpipe_drops") == {"drop_arrival"}
-    assert "retrain.validate" in tasks("mlpipe_drops", "consuming_tasks")
-    assert tasks("mlpipe_model_versions", "producing_tasks") == {"retrain.register"}
-    assert tasks("mlpipe_deployments", "producing_tasks") == {"retrain.deploy", "rollback.rollback", "rollout.rollout"}
+    assert {"retrain.validate", "retrain_pipeline.validate"} <= tasks("mlpipe_drops", "consuming_tasks")
+    # a pipeline's member versions and its pipeline versions (compose) are registry versions too
+    assert tasks("mlpipe_model_versions", "producing_tasks") == {
+        "retrain.register", "retrain_pipeline.register_detector", "retrain_pipeline.register_classifier",
+        "retrain_pipeline.compose"}
+    assert tasks("mlpipe_deployments", "producing_tasks") == {"retrain.deploy", "rollback.rollback", "rollout.rollout",
+                                                              "retrain_pipeline.deploy"}
     assert tasks("mlpipe_deployments", "consuming_tasks") == {"monitor.analyze"}
     assert tasks("mlpipe_drift", "producing_tasks") == {"monitor.request_retrain"}
     assert scheduled("mlpipe_drift") == {"scheduled_retrain"}

@@ -25,13 +25,16 @@ The model spec (``--model``, default ``MLPIPE_MODEL_NAME``) is resolved at start
 stops the consumer, exit 2): the host makes only the cheap checks of each frame (size, content type,
 magic bytes); the encoded frames go to Triton, whose preprocess model decodes them and reports the ones
 it cannot use (``FRAME_ERROR``), which become dead letters with that reason. Predictions carry the class id
-and its name.
+and its name. A pipeline (``--model`` naming ``models/<name>/pipeline.yaml``) is served by its one Triton model:
+frames checked against its detector's spec, predictions with the boxes, the count and the read-out
+(``pipeline``), one Qdrant point per frame; safe rollout is off for it.
 
 Modules: ``policy`` (which predictions Qdrant indexes), ``records`` (pure: frames -> the cheap checks,
 results -> prediction / dead-letter messages and Qdrant points), ``offsets`` (what may be
 committed), ``backoff``, ``telemetry`` (metrics, /healthz /readyz /metrics), ``backend`` (the
 inference interface and Triton), ``bisect`` (finding the frames Triton rejects), ``loop``
-(``StreamConsumer``), ``config`` (``StreamConfig``), ``cli`` (``main``).
+(``StreamConsumer``), ``config`` (``StreamConfig``), ``cli`` (``main``), ``pipeline`` (serving a pipeline: its specs and its
+predictions with the boxes, the count and the read-out).
 """
 
 from tasks.serving.consumer.backend import InferenceBackend, InferenceRejected, InferenceUnavailable, TritonBackend

@@ -89,11 +89,16 @@ class TritonBackend:
     """
 
     def __init__(self, url: str, model: str, timeout_s: float = 10.0, max_model_batch: int = MAX_BATCH,
-                 concurrency: int = 4) -> None:
+                 concurrency: int = 4, *, outputs: Sequence[str] | None = None,
+                 version_model: str | None = None) -> None:
         from tasks.adapters.triton import TritonClient
 
         self.url = url
         self.model = model
+        # the outputs asked for (None: the ensemble's) and the Triton model whose ready versions are the served
+        # version (None: the ensemble's classifier); a pipeline: PIPELINE_OUTPUTS and the pipeline model itself
+        self.outputs = tuple(outputs) if outputs is not None else None
+        self.version_model = version_model
         self.timeout_s = timeout_s
         self.cap = max(1, int(max_model_batch))  # never more per request, whatever the model says
         self.chunk = self.cap
@@ -134,6 +139,8 @@ class TritonBackend:
         return chunk
 
     def _infer_one(self, frames: Sequence[bytes]) -> dict[str, "np.ndarray"]:
+        if self.outputs is not None:
+            return self._client.infer_frames(self.model, frames, outputs=self.outputs)
         return self._client.infer_frames(self.model, frames)
 
     def infer(self, frames: Sequence[bytes]) -> dict[str, "np.ndarray"]:
@@ -182,14 +189,15 @@ class TritonBackend:
         return self._version
 
     def model_version(self, max_age_s: float = 10.0) -> str:
-        """The served classifier version ("" when unknown), refreshed at most every ``max_age_s``."""
+        """The served classifier version ("" when unknown), refreshed at most every ``max_age_s``; for a
+        pipeline (``version_model``) the served pipeline version: the newest ready version of that model."""
         from tasks.model.repo import classifier_name
 
         now = time.monotonic()
         if now - self._version_checked >= max_age_s:
             self._version_checked = now
             try:
-                versions = self._health_client.ready_versions(classifier_name(self.model))
+                versions = self._health_client.ready_versions(self.version_model or classifier_name(self.model))
                 self._version = str(max(versions)) if versions else ""
             except Exception as exc:  # noqa: BLE001 - unknown version is not worth failing a batch
                 logger.debug("classifier version lookup failed: %s", exc)

@@ -43,7 +43,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="Triton gRPC host:port (the sidecar uses localhost:8001)")
     p.add_argument("--model", default=None, help="the model project: its spec (models/<name>/spec.yaml under "
                    "MLPIPE_MODELS_DIR) gives the frames accepted and the class names, and the Triton ensemble of "
-                   "that name serves it (default MLPIPE_MODEL_NAME or digits)")
+                   "that name serves it; a pipeline (models/<name>/pipeline.yaml): its detector's spec gives the "
+                   "frames, its one Triton model of that name serves it (default MLPIPE_MODEL_NAME or digits)")
     p.add_argument("--max-batch", type=int, default=s.max_batch,
                    help="most frames per micro-batch")
     p.add_argument("--max-wait-ms", type=int, default=s.max_wait_ms,
@@ -150,7 +151,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive")
         settings = load_settings()
         model = args.model or settings.model_name
-        spec = settings.model_spec(model)  # SpecError (a ValueError) names the missing file or each problem
+        from tasks.serving.consumer.pipeline import pipeline_serving
+
+        pipeline = pipeline_serving(model, settings.models_dir)  # a pipeline: its frames are its detector's
+        # SpecError (a ValueError) names the missing file or each problem
+        spec = pipeline.frames if pipeline is not None else settings.model_spec(model)
         kafka_overrides: dict[str, Any] = {}
         for item in args.kafka_config:
             key, sep, value = item.partition("=")
@@ -191,13 +196,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         chunks = -(-cfg.max_batch // cfg.max_model_batch)  # Triton calls per micro-batch
         # at least 8: a served model with a smaller max_batch_size splits a micro-batch into more calls
+        extra: dict[str, Any] = {}
+        if pipeline is not None:  # one Triton model of that name; its versions are the pipeline's
+            from tasks.contracts.serving import PIPELINE_OUTPUTS
+
+            extra = {"outputs": PIPELINE_OUTPUTS, "version_model": cfg.model}
         backend = TritonBackend(cfg.triton_url, cfg.model, timeout_s=cfg.triton_timeout_s,
-                                max_model_batch=cfg.max_model_batch, concurrency=max(8, chunks * cfg.inflight))
+                                max_model_batch=cfg.max_model_batch, concurrency=max(8, chunks * cfg.inflight),
+                                **extra)
     except Exception as exc:  # noqa: BLE001 - a bad URL is a usage error
         print(f"error: cannot create a Triton client for {cfg.triton_url}: {exc}", file=sys.stderr)
         return 2
     router = None
-    if args.rollout_poll > 0:
+    if pipeline is not None:
+        logger.info("serving pipeline %s (detector %s, classifier %s) as one Triton model: safe rollout is off "
+                    "(it follows single models; a pipeline changes by `mlpipe pipeline deploy` / `rollback`)", model,
+                    pipeline.frames.name, pipeline.classes.name)
+    elif args.rollout_poll > 0:
         from tasks.adapters.storage import open_store
         from tasks.serving.consumer.rollout import RolloutRouter
 
@@ -207,7 +222,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         router = RolloutRouter(model, store_factory=lambda: open_store(settings), backend_factory=lane_backend,
                                poll_s=args.rollout_poll, version_max_age_s=cfg.version_max_age_s)
-    consumer = StreamConsumer(kafka, cfg, backend=backend, vectors=vectors, spec=spec, rollout=router)
+    consumer = StreamConsumer(kafka, cfg, backend=backend, vectors=vectors, spec=spec, rollout=router,
+                              pipeline=pipeline)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: consumer.stop())
     try:

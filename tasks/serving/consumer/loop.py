@@ -65,7 +65,10 @@ being re-joined.
 
 The model spec (``spec``, default ``load_settings().model_spec(cfg.model)``, resolved when the consumer is made:
 a missing or invalid spec raises ``SpecError`` there) gives the frame checks and the class names of the
-predictions.
+predictions. A pipeline (``cfg.model`` names ``models/<name>/pipeline.yaml``; ``pipeline``, by default found
+by ``pipeline.pipeline_serving``) is served the same way by its one Triton model: the frames are checked
+against its detector's spec, the predictions carry the boxes, the count and the read-out
+(``pipeline.pipeline_prediction_records``), and safe rollout is off (it follows single models only).
 
 Seams (tests): ``backend`` is any ``InferenceBackend``; ``consumer_factory`` / ``producer_factory``
 build the Kafka ends (``FrameSource`` / ``ResultSink``, by default ``BatchConsumer`` / ``BusProducer``);
@@ -110,6 +113,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from tasks.adapters.kafka import CommitResult, KafkaConfig, Record
     from tasks.adapters.qdrant import PredictionPoint
     from tasks.contracts.spec import ModelSpec
+    from tasks.serving.consumer.pipeline import PipelineServing
     from tasks.serving.consumer.rollout import RolloutRouter
 
 logger = logging.getLogger(__name__)
@@ -230,14 +234,26 @@ class StreamConsumer:
                  producer_factory: Callable[["KafkaConfig"], ResultSink] | None = None,
                  rng: random.Random | None = None, store: OriginalStore | None = None,
                  watch_factory: Callable[..., Any] | None = None, spec: "ModelSpec | None" = None,
-                 rollout: "RolloutRouter | None" = None) -> None:
-        if spec is None:
+                 rollout: "RolloutRouter | None" = None, pipeline: "PipelineServing | None | bool" = True) -> None:
+        # pipeline: True (default) = found by cfg.model's name (its pipeline.yaml); None / False = a single model;
+        # a PipelineServing = that one. spec None: the pipeline's detector spec, else the model's
+        if pipeline is True or spec is None:
             from tasks.config import load_settings
+            from tasks.serving.consumer.pipeline import pipeline_serving
 
-            spec = load_settings().model_spec(cfg.model)  # SpecError (bad input) names the problem
+            settings = load_settings()
+            if pipeline is True:
+                pipeline = pipeline_serving(cfg.model, settings.models_dir)  # SpecError (bad input) names the problem
+            if spec is None:
+                spec = pipeline.frames if pipeline else settings.model_spec(cfg.model)
+        self.pipeline: "PipelineServing | None" = pipeline or None
+        if self.pipeline is not None and rollout is not None:
+            logger.info("safe rollout is off: %s is a pipeline, served as one Triton model; a rollout follows "
+                        "single models only (a pipeline changes by `mlpipe pipeline deploy` / `rollback`)", cfg.model)
+            rollout = None
         self.kafka = kafka
         self.cfg = cfg
-        self.spec = spec
+        self.spec = spec  # the frames accepted: a pipeline's detector spec
         self.metrics = Metrics()
         self.backend = backend
         self.rollout = rollout  # safe rollout: routes frames to a candidate lane (tasks/serving/consumer/rollout.py)
@@ -805,6 +821,14 @@ class StreamConsumer:
         with their own version and puts them back in the frames' order."""
         policy = self.cfg.qdrant_policy if self.vectors is not None else None
         topic = self.kafka.predictions_topic
+        if self.pipeline is not None:  # no rollout: one version per batch
+            from tasks.serving.consumer.pipeline import pipeline_prediction_records
+
+            one = version[0] if isinstance(version, list) and version else version
+            return pipeline_prediction_records(batch.records, batch.good, batch.frame_ids, outputs, topic=topic,
+                                               model=self.cfg.model, version=one if isinstance(one, str) else "",
+                                               infer_s=batch.infer_s, processed=processed, policy=policy,
+                                               classes=self.pipeline.classes)
         if not isinstance(version, list) or len(set(version)) <= 1:
             one = version[0] if isinstance(version, list) and version else version
             return prediction_records(batch.records, batch.good, batch.frame_ids, outputs, topic=topic,
@@ -1118,9 +1142,9 @@ class StreamConsumer:
             assert self._consumer is not None
             self._infer_pool = ThreadPoolExecutor(max_workers=max(1, self.cfg.inflight), thread_name_prefix="infer")
             tune_gc()
-            logger.info("consuming %s as group %s (batch <= %d, wait <= %d ms), Triton %s model %s, Qdrant %s",
+            logger.info("consuming %s as group %s (batch <= %d, wait <= %d ms), Triton %s %s %s, Qdrant %s",
                         self.kafka.frames_topic, self.cfg.group_id, self.cfg.max_batch, self.cfg.max_wait_ms,
-                        self.cfg.triton_url, self.cfg.model,
+                        self.cfg.triton_url, "pipeline" if self.pipeline is not None else "model", self.cfg.model,
                         self.cfg.qdrant_policy.text if self.vectors is not None else "off")
             self._loop()
         finally:

@@ -182,12 +182,20 @@ BAD_SPECS = [
     ("duplicate class name", _set("classes.5.name", "2"),
      "classes[5].name: class names must be unique ('2' is also classes[2].name)"),
     ("class name not a string", _set("classes.1.name", 1), "classes[1].name: must be a string (got 1)"),
-    ("one class", _set("classes", [{"id": 0, "name": "0"}]), "classes: needs at least 2 items (got 1)"),
+    ("one class", _set("classes", [{"id": 0, "name": "0"}]), "classes: a classifier needs at least 2 classes (got 1)"),
     ("channels", _set("input.channels", 2), "input.channels: must be 1 or 3 (got 2)"),
     ("layout", _set("input.layout", "CHW"), "input.layout: must be 'NCHW' or 'NHWC' (got 'CHW')"),
     ("height as a string", _set("input.height", "28"), "input.height: must be an integer (got '28')"),
     ("dtype", _set("input.dtype", "float32"), "input.dtype: must be 'uint8' (got 'float32')"),
-    ("task", _set("task", "detection"), "task: must be 'classification' (got 'detection')"),
+    ("task", _set("task", "segmentation"), "task: must be 'classification' or 'detection' (got 'segmentation')"),
+    ("detection without its section", _set("task", "detection"),
+     "detection: required for task detection (stride, max_objects, score_threshold)"),
+    ("detection without box sizes", _set("task", "detection"),
+     "onnx.box_size: required for task detection: the box size output's name"),
+    ("detection without its QC", _set("task", "detection"), "qc.min_precision: required for task detection"),
+    ("classifier with a detection section",
+     _set("detection", {"stride": 4, "max_objects": 4, "score_threshold": 0.3}), "detection: only for task detection"),
+    ("classifier without accuracy", _set("qc.min_accuracy", _DELETE), "qc.min_accuracy: required for task classification"),
     ("entry point", _set("trainer.entry_point", "train"),
      "trainer.entry_point: must look like module:function (got 'train')"),
     ("unknown placeholder", _set("trainer.args", ["--drop-id", "{drop_ids}", "--seed", "{sed}"]),
@@ -197,9 +205,10 @@ BAD_SPECS = [
      "trainer.args: must pass the drops in: no argument uses {drop_ids}"),
     ("extra top-level key", _set("colour", "blue"), "colour: unknown key (allowed here: name, task, description, "
                                                     "classes, input, frames, preprocessing, embedding_dim, onnx, "
-                                                    "trainer, qc, golden_set, drift)"),
+                                                    "trainer, qc, golden_set, drift, detection)"),
     ("extra nested key", _set("qc.min_acc", 0.9), "qc.min_acc: unknown key (allowed here: min_accuracy, "
-                                                  "min_class_recall, max_regression, max_parity_diff, "
+                                                  "min_class_recall, min_precision, min_recall, "
+                                                  "iou_threshold, max_regression, max_parity_diff, "
                                                   "max_trt_parity_diff)"),
     ("missing section", _set("qc", _DELETE), "qc: required key is missing"),
     ("raw without its size", _set("frames.raw_bytes", _DELETE),

@@ -160,6 +160,9 @@ def test_run_id_is_derived_from_inputs():
     assert a != train_lib.default_run_id(["d1", "d2"], seed=1, epochs=8)
     assert a != train_lib.default_run_id(["d1"], seed=0, epochs=8)
     assert a != train_lib.default_run_id(["d1", "d2"], seed=0, epochs=4)
+    # two models on one drop (a pipeline's members) never share a run
+    assert train_lib.default_run_id(["d1"], seed=0, epochs=8, model="scenes-detector") != \
+        train_lib.default_run_id(["d1"], seed=0, epochs=8, model="scenes-digits")
     assert re.fullmatch(r"train-[0-9a-f]{16}", a)
 
 

@@ -30,7 +30,7 @@ def _custom(models_dir: Path, monkeypatch) -> None:
 def test_the_pod_runs_the_specs_trainer_with_the_placeholders_filled(tmp_path, monkeypatch):
     _custom(tmp_path / "models", monkeypatch)
     image, cmds, args = mlpipe_steps.trainer_pod("byo", {"drop_ids": "d2,d1,d2", "seed": "4", "epochs": "12"})
-    run_id = default_run_id(["d2", "d1"], seed=4, epochs=12)  # what `mlpipe train` derives for the same inputs
+    run_id = default_run_id(["d2", "d1"], seed=4, epochs=12, model="byo")  # what `mlpipe train` derives for the same inputs
     assert image == "registry.example/byo-trainer:3" and cmds == ["byo-train"]
     assert args == ["--data=d2,d1", "--out", f"runs/{run_id}", "--seed", "4", "-n", "12",
                     "--result-json", mlpipe_steps.POD_XCOM_PATH]

@@ -1,0 +1,161 @@
+"""Serving a pipeline (``models/<name>/pipeline.yaml``): the consumer's view of it and its predictions.
+
+A pipeline (``tasks.contracts.pipeline``) is served by Triton as ONE model named like the pipeline, with the
+single model's input (``FRAME``, encoded frames) and the outputs ``tasks.contracts.serving.PIPELINE_OUTPUTS``
+(boxes, per-box labels and scores, ``COUNT``, ``READOUT``, the frame's ``EMBEDDING``, ``FRAME_ERROR``). The
+loop is the same as for a single model: the frames are checked against the detector's spec (the pipeline's
+first step decodes them as the detector takes them), a frame whose ``FRAME_ERROR`` is set is a dead letter,
+and only the predictions are built here instead of by ``records.prediction_records``.
+
+* ``pipeline_serving(name, models_dir)``: the specs the consumer needs (``PipelineServing``), None for a
+  single model.
+* ``pipeline_prediction_records``: one JSON prediction per frame (``predictions``, key = frame id; the same
+  headers as a single model's) and the Qdrant points the policy selects: one point per frame (id = frame id,
+  vector = ``EMBEDDING``, the detector's ``embedding_dim``). Prediction value, in this order: ``frame_id``,
+  ``device_id``, ``readout`` (the class names of the boxes left to right, joined; ``""`` when none),
+  ``count`` (boxes found), ``boxes`` (``[{"box": [x0, y0, x1, y1], "score", "label", "label_name",
+  "label_score"}]``, best detector score first, frame pixels), ``score`` (the lowest ``label_score`` of the
+  boxes: a read-out is as sure as its least sure digit; null when no box), ``model_name`` (the pipeline),
+  ``model_version`` (the served pipeline version), ``lineage`` (``<pipeline>/<version>``: the pipeline
+  version, whose manifest names its member versions), ``latency_ms``, ``inference_ms``, ``processed_at``,
+  ``captured_at``, ``traceparent``. No ``label`` / ``class`` / ``topk``: a frame has no single class. The
+  Qdrant payload is the prediction without ``traceparent``, plus ``indexed_because``; the policy's
+  ``low_confidence`` reads ``score`` (a frame without a box counts as score 0: worth a look).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Mapping, Sequence
+
+import orjson
+
+from tasks.contracts.messages import H_FRAME_ID, H_TRACEPARENT, lineage_id
+from tasks.serving.consumer.policy import QdrantPolicy
+from tasks.serving.consumer.records import _JSON_CT, Built, iso, parse_time, prediction_point
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
+
+    from tasks.adapters.kafka import Record
+    from tasks.contracts.pipeline import PipelineSpec
+    from tasks.contracts.spec import ModelSpec
+
+_dumps = orjson.dumps
+
+
+@dataclass(frozen=True)
+class PipelineServing:
+    """A served pipeline as the consumer sees it: ``frames`` = the detector's spec (frame checks, the Qdrant
+    vector size), ``classes`` = the classifier's spec (the names of the box labels)."""
+
+    name: str
+    spec: "PipelineSpec"
+    frames: "ModelSpec"
+    classes: "ModelSpec"
+
+    @property
+    def embedding_dim(self) -> int:
+        """The size of the ``EMBEDDING`` output (and of Qdrant's vectors): the detector's ``embedding_dim``."""
+        return int(self.frames.embedding_dim)
+
+
+def pipeline_serving(name: str, models_dir: str | Path) -> PipelineServing | None:
+    """The pipeline ``name`` (``<models_dir>/<name>/pipeline.yaml``, validated with its members), or None when
+    ``name`` is not a pipeline. ``SpecError`` (bad input) names a missing or invalid spec."""
+    from tasks.contracts.pipeline import find_pipeline, is_pipeline, member_specs
+
+    if not is_pipeline(name, models_dir):
+        return None
+    spec = find_pipeline(name, models_dir)
+    members = member_specs(spec, models_dir)
+    return PipelineServing(name=name, spec=spec, frames=members["detector"], classes=members["classifier"])
+
+
+def _text(value: object) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, (bytes, bytearray)) else str(value)
+
+
+def pipeline_prediction_records(records: Sequence["Record"], good: Sequence[int], frame_ids: Sequence[str],
+                                outputs: Mapping[str, "np.ndarray"], *, topic: str, model: str, version: str,
+                                infer_s: float, processed: dt.datetime, policy: QdrantPolicy | None,
+                                classes: "ModelSpec") -> Built:
+    """Predictions (and, with a ``policy``, the points it selects) for ``records[good[j]]`` = output row j of a
+    pipeline answer (``PIPELINE_OUTPUTS``, the rows with a ``FRAME_ERROR`` already taken out).
+
+    Box label names come from ``classes`` (the classifier member's spec; an id out of its range is named by the
+    id as text). ``policy`` None: nothing is indexed; no points either without an ``EMBEDDING`` output."""
+    import numpy as np
+
+    built = Built()
+    if not good:
+        return built
+    messages, points, captured = built.messages, built.points, built.captured
+    processed_iso = iso(processed)
+    n = len(good)
+    box_scores = outputs["BOX_SCORES"].reshape(n, -1)
+    k = box_scores.shape[1]
+    counts = np.clip(outputs["COUNT"].reshape(n, -1)[:, 0].astype(np.int64), 0, k).tolist()
+    boxes = np.round(outputs["BOXES"].reshape(n, k, 4).astype(np.float64), 3).tolist()
+    bscores = np.round(box_scores.astype(np.float64), 6).tolist()
+    labels = outputs["BOX_LABELS"].reshape(n, k).astype(np.int64).tolist()
+    lscores = np.round(outputs["LABEL_SCORES"].reshape(n, k).astype(np.float64), 6).tolist()
+    readouts = [_text(v) for v in outputs["READOUT"].reshape(n, -1)[:, 0].tolist()]
+    emb = outputs.get("EMBEDDING")
+    emb_rows = emb.reshape(n, -1) if emb is not None else None
+    infer_ms = round(infer_s * 1000, 3)
+    index = policy is not None and emb_rows is not None
+    lineage = lineage_id(model, version)
+    names: dict[int, str] = {}
+
+    def cls(label: int) -> str:
+        got = names.get(label)
+        if got is None:
+            got = names[label] = classes.class_name(label)
+        return got
+
+    for j, i in enumerate(good):
+        rec = records[i]
+        fid = frame_ids[j]
+        cap_text = rec.header("captured_at")
+        cap = parse_time(cap_text)
+        captured.append(cap)
+        ts = cap or (dt.datetime.fromtimestamp(rec.timestamp_ms / 1000, dt.timezone.utc)
+                     if rec.timestamp_ms else None)
+        device = rec.key.decode("utf-8", "replace") if rec.key else (rec.header("device_id") or "")
+        trace = rec.headers.get(H_TRACEPARENT)
+        c = counts[j]
+        frame_boxes = [{"box": boxes[j][b], "score": bscores[j][b], "label": labels[j][b],
+                        "label_name": cls(labels[j][b]), "label_score": lscores[j][b]} for b in range(c)]
+        score = min(lscores[j][:c]) if c else None
+        pred = {
+            "frame_id": fid,
+            "device_id": device,
+            "readout": readouts[j],
+            "count": c,
+            "boxes": frame_boxes,
+            "score": score,
+            "model_name": model,
+            "model_version": version,
+            "lineage": lineage,
+            "latency_ms": round((processed - ts).total_seconds() * 1000, 3) if ts else None,
+            "inference_ms": infer_ms,
+            "processed_at": processed_iso,
+            "captured_at": iso(cap) if cap else cap_text,
+            "traceparent": trace.decode("latin-1") if trace else None,
+        }
+        fid_b = fid.encode()
+        headers = [(H_FRAME_ID, fid_b), _JSON_CT]
+        if trace:
+            headers.append((H_TRACEPARENT, trace))
+        messages.append((topic, _dumps(pred), fid_b, headers))
+        if index:
+            why = policy.reason(fid, 0.0 if score is None else score)  # type: ignore[union-attr]
+            if why is not None:
+                points.append(prediction_point(pred, emb_rows[j], why))  # type: ignore[index]
+    return built
+
+
+__all__ = ["PipelineServing", "pipeline_prediction_records", "pipeline_serving"]
