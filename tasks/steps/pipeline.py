@@ -44,7 +44,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from tasks.adapters.storage import ObjectNotFound, Store, open_store
+from tasks.adapters.storage import Store, open_store
 from tasks.config import load_settings
 from tasks.contracts import layout
 from tasks.contracts.errors import BadInput, Rejected, run_cli
@@ -170,27 +170,19 @@ def get_pipeline_version(store: Store, name: str, version: int) -> dict[str, Any
 # ====================================================================== the repository and Triton
 
 
-def _member_onnx(store: Store, model: str, version: int, work: Path) -> Path:
-    """The file a member version serves as model.onnx: what its QC chose (a CPU-compiled artefact that passed),
-    else model.onnx."""
-    from tasks.contracts.files import sha256_file
+def _member_onnx(store: Store, model: str, version: int, work: Path, flavour: str = "local") -> Path:
+    """The file a member version serves as model.onnx: what its QC chose (a CPU-compiled artefact that passed and
+    is still the file QC checked), else model.onnx; the single-model deploy's choice (``deploy._served_artifact``)."""
+    from tasks.steps import deploy as deploy_step
 
-    serving = (registry.get_version(store, model, version).get("qc") or {}).get("serving") or {}
-    name = serving.get("artifact")
+    if not store.exists(layout.version_file_key(model, version, layout.MODEL_ONNX)):
+        raise PipelineError(f"member {model} v{version} has no model.onnx in {store.url}")
     folder = work / f"{model}-v{version}"
     folder.mkdir(parents=True, exist_ok=True)
-    if name in layout.CPU_COMPILED:
-        try:
-            path = store.get_file(layout.compiled_model_key(model, version, name), folder / name)
-            if sha256_file(path) == serving.get("sha256"):
-                return path
-            logger.warning("%s v%s: the stored %s is not the file QC checked: serving model.onnx", model, version, name)
-        except ObjectNotFound:
-            logger.warning("%s v%s: QC chose %s but it is missing: serving model.onnx", model, version, name)
-    try:
-        return store.get_file(layout.version_file_key(model, version, layout.MODEL_ONNX), folder / layout.MODEL_ONNX)
-    except ObjectNotFound:
-        raise PipelineError(f"member {model} v{version} has no model.onnx in {store.url}") from None
+    onnx, plan = deploy_step._fetch(store, model, version, folder, flavour)
+    path, served = deploy_step._served_artifact(store, model, version, folder, flavour, onnx, plan)
+    logger.info("pipeline member %s v%s serves %s (%s)", model, version, served["artifact"], served.get("reason"))
+    return path
 
 
 def write_version(store: Store, repo_dir: Path, spec: PipelineSpec, manifest: dict[str, Any], work: Path,
@@ -205,8 +197,8 @@ def write_version(store: Store, repo_dir: Path, spec: PipelineSpec, manifest: di
     members = {role: int(manifest["members"][role]["version"]) for role in ROLES}
     for role, version in members.items():
         model = spec.member_names[role]
-        pipeline_repo.write_member_version(repo_dir, specs[role], version, _member_onnx(store, model, version, work),
-                                           pipeline=spec.name)
+        served = _member_onnx(store, model, version, work, flavour)
+        pipeline_repo.write_member_version(repo_dir, specs[role], version, served, pipeline=spec.name)
     pipeline_repo.write_pipeline_version(repo_dir, spec, cfg.models_dir, int(manifest["version"]), members)
     return members
 
