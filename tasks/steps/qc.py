@@ -457,6 +457,20 @@ def _serve_in_triton(spec: ModelSpec, version: int, images, th: QCThresholds, wo
                        "reason": "no compiled artefact Triton can serve passed QC: model.onnx is served"}
 
 
+def unreadable_champion(why: str, champion_override: str | None, report: dict[str, Any]) -> dict[str, Any]:
+    """The ``no_regression`` check when the champion could not be evaluated (``why``): the gate fails closed,
+    unless ``champion_override`` gives the reason to go ahead (recorded in the report's ``overrides``)."""
+    if champion_override:
+        logger.warning("%s: overridden (%s)", why, champion_override)
+        report.setdefault("overrides", []).append({"check": "no_regression", "reason": champion_override,
+                                                   "because": why})
+        return _check("no_regression", True, f"overridden: {why}; override reason: {champion_override}")
+    logger.error("%s: the gate fails closed", why)
+    return _check("no_regression", False, f"{why}: nothing shows the candidate is not worse; fix or roll back the "
+                  "champion, or rerun QC with --override-unreadable-champion 'REASON' (recorded in the report and "
+                  "the registry)")
+
+
 def _raise_if_outage(exc: BaseException) -> None:
     """Re-raise an outage (the object store down): it is retried, never a failed check."""
     if is_transient(exc):
@@ -553,18 +567,7 @@ def evaluate(store: Store, spec: ModelSpec, version: int, th: QCThresholds, work
             _raise_if_outage(exc)
             why = (f"champion v{champ['version']} could not be evaluated on the golden set "
                    f"({type(exc).__name__}: {exc})")
-            if champion_override:
-                logger.warning("%s: overridden (%s)", why, champion_override)
-                report.setdefault("overrides", []).append(
-                    {"check": "no_regression", "reason": champion_override, "because": why})
-                checks.append(_check("no_regression", True, f"overridden: {why}; override reason: "
-                                     f"{champion_override}"))
-            else:
-                logger.error("%s: the gate fails closed", why)
-                checks.append(_check("no_regression", False, f"{why}: nothing shows the candidate is not worse; "
-                                     "fix or roll back the champion, or rerun QC with "
-                                     "--override-unreadable-champion 'REASON' (recorded in the report and "
-                                     "the registry)"))
+            checks.append(unreadable_champion(why, champion_override, report))
         else:
             c_acc = float((c_pred == y).mean())
             drop = c_acc - acc

@@ -105,7 +105,7 @@ def evaluate(store: Store, spec: ModelSpec, version: int, th: DetectionThreshold
     from tasks.adapters.storage import ObjectNotFound
     from tasks.model import detector
     from tasks.model.networks import OnnxContractError, check_onnx_contract, onnx_session
-    from tasks.steps.qc import _raise_if_outage
+    from tasks.steps.qc import _raise_if_outage, unreadable_champion
 
     model = spec.name
     manifest = registry.get_version(store, model, version)
@@ -168,13 +168,7 @@ def evaluate(store: Store, spec: ModelSpec, version: int, th: DetectionThreshold
         except Exception as exc:  # noqa: BLE001 - an unreadable champion fails the gate unless overridden
             _raise_if_outage(exc)
             why = f"champion v{champ['version']} could not be evaluated on the golden scenes ({type(exc).__name__}: {exc})"
-            if champion_override:
-                report.setdefault("overrides", []).append({"check": "no_regression", "reason": champion_override,
-                                                           "because": why})
-                checks.append(_check("no_regression", True, f"overridden: {why}; override reason: {champion_override}"))
-            else:
-                checks.append(_check("no_regression", False, f"{why}: nothing shows the candidate is not worse; rerun "
-                                     "QC with --override-unreadable-champion 'REASON' to go ahead"))
+            checks.append(unreadable_champion(why, champion_override, report))
         else:
             drop = cm["recall"] - m["recall"]
             report["champion"] = {"version": champ["version"], **cm}
