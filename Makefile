@@ -5,13 +5,14 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
-# the suite on 2 pytest-xdist workers (tests/support/parallel.py says how it is split); PYTEST_XDIST= runs it serially
-PYTEST_XDIST ?= -n 2 --dist loadgroup
+# the suite on 3 pytest-xdist workers on the 2 cores (most tests wait on a service: 2 left the CPUs ~45% idle;
+# tests/support/parallel.py says how it is split); PYTEST_XDIST= runs it serially
+PYTEST_XDIST ?= -n 3 --dist loadgroup
 CHAOS_ARGS ?=
 # the model project of demo / bench (models/<name>/spec.yaml): digits, shapes or your own
 MODEL ?= digits
 
-.PHONY: help setup demo demo-regression test bench chaos up down status clean distclean
+.PHONY: help setup demo demo-regression test test-long bench chaos up down status clean distclean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -37,6 +38,9 @@ test: $(STAMP) ## run the test suite (starts its own local services)
 	@bash .ci/ensure-chromium
 	@bash .ci/ensure-prometheus
 	$(PY) -m pytest $(PYTEST_XDIST) $(PYTEST_ARGS)
+
+test-long: $(STAMP) ## the runs `make test` shortens: the retrain DAG for every injected fault, the pipeline DAG's regression run
+	MLPIPE_TEST_LONG=1 $(PY) -m pytest $(PYTEST_XDIST) tests/e2e/test_retrain_dag.py tests/e2e/test_pipeline_dag.py $(PYTEST_ARGS)
 
 bench: $(STAMP) ## streaming benchmark (MODEL=digits): ORT in-process vs naive vs the consumer; writes var/bench/results.{json,md}
 	$(VENV)/bin/mlpipe bench --model $(MODEL)

@@ -25,6 +25,24 @@ os.environ.setdefault("MLPIPE_LOG_DIR", os.path.join(__import__("tempfile").gett
                                                      f"mlpipe-test-logs-{os.getpid()}"))
 
 
+@pytest.fixture(autouse=True)
+def _process_log_context():
+    """A CLI run in-process may bind process-wide log context (``tasks.logs.bind``, e.g. the consumer's served
+    version via ``tasks.tracing``): put it back after each test, so that no later test's records carry it."""
+    from tasks import logs, tracing
+
+    bound = dict(logs._bound)
+    state = {k: tracing._state.get(k) for k in ("bind", "bound_version")}
+    yield
+    logs._bound.clear()
+    logs._bound.update(bound)
+    for k, v in state.items():
+        if v is None:
+            tracing._state.pop(k, None)
+        else:
+            tracing._state[k] = v
+
+
 @pytest.fixture
 def mlpipe_env(tmp_path, monkeypatch):
     """Point MLPIPE_HOME and the store at a fresh temporary folder."""
@@ -79,7 +97,7 @@ def pytest_collection_modifyitems(session, config, items):
     stack_tests_last(items)
 
 
-@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist: `make test` runs the suite on 2 workers
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist: `make test` runs the suite on 3 workers
 def pytest_xdist_make_scheduler(config, log):
     from tests.support.parallel import WorkUnits
 

@@ -70,6 +70,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import psutil
 
+from tasks.contracts import layout
 from tasks.contracts.files import atomic_write, sha256_bytes
 from tasks.local.procs import LOOPBACK, ManagedProcess, free_port, http_ok, wait_until
 
@@ -125,6 +126,7 @@ class BenchConfig:
     session_timeout_ms: int = 6000
     partitions: int = 1  # of the bench's topics: one consumer reads them (see --partitions)
     model: str = "digits"  # the model project (models/<name>/spec.yaml)
+    serve: str = "auto"  # what Triton serves in (b) and (c): auto (what QC serves on CPU) | fp32 | a compiled file
 
     @property
     def spec(self) -> Any:
@@ -145,6 +147,8 @@ class BenchConfig:
         if HALF_LOAD not in self.latency_fractions or not all(0 < f <= 1 for f in self.latency_fractions):
             raise ValueError(f"--latency-fractions must lie in (0, 1] and include {HALF_LOAD} (the headline), "
                              f"got {','.join(map(str, self.latency_fractions))}")
+        if self.serve not in SERVE_CHOICES:
+            raise ValueError(f"--serve must be one of {', '.join(SERVE_CHOICES)}, got {self.serve!r}")
         if not self.policies:
             raise ValueError("--policies needs at least one Qdrant policy (e.g. default,all)")
         from tasks.serving.consumer import QdrantPolicy
@@ -998,8 +1002,10 @@ def compiled_ort(onnx_path: Path, spec: Any, seconds: float, threads: int, work:
     work.mkdir(parents=True, exist_ok=True)
     X, _ = _train_set(spec, calibration, seed + 1)
     x_cal = to_input(X, spec)
-    gx = to_input(golden_set(spec)[0], spec)
+    gX, gy = golden_set(spec)
+    gx = to_input(gX, spec)
     ref = run_onnx(onnx_session(onnx_path), gx, spec)[0].argmax(1)
+    ref_acc = float(np.mean(ref == gy))
     builders = {"model.opt.onnx": lambda p: cmp.optimize_onnx(onnx_path, p),
                 "model.int8.onnx": lambda p: cmp.quantize_int8(onnx_path, p, x_cal, spec.onnx.input)}
 
@@ -1019,10 +1025,47 @@ def compiled_ort(onnx_path: Path, spec: Any, seconds: float, threads: int, work:
             out[name] = {"fps": run["fps"], "fp32_fps_paired": round(base, 1),
                          "speedup_vs_fp32_paired": round(run["fps"] / base, 3) if base else None,
                          "agreement_with_fp32": round(float(np.mean(labels == ref)), 4),
+                         "accuracy_drop": round(ref_acc - float(np.mean(labels == gy)), 4),
+                         "path": str(path),
                          "bytes": path.stat().st_size, **info}
         except Exception as exc:  # noqa: BLE001 - reported: the speed-up is then of what did build
             out[name] = {"fps": None, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
     return out
+
+
+SERVE_CHOICES = ("auto", "fp32", *layout.CPU_COMPILED)
+
+
+def served_model(onnx_path: Path, compiled: dict[str, Any], spec: Any, serve: str) -> tuple[Path, dict[str, Any]]:
+    """The classifier file the bench's Triton serves, and why. ``auto`` is what QC serves on CPU: the first
+    compiled artefact (``layout.CPU_COMPILED`` order) that built and meets the spec's compiled-model bars on the
+    golden set (label agreement with FP32, accuracy drop), else ``model.onnx``; ``fp32`` is ``model.onnx``; a
+    compiled file's name serves that file (refused, with the reason, when it did not build)."""
+    if serve == "fp32":
+        return onnx_path, {"artifact": layout.MODEL_ONNX, "reason": "--serve fp32"}
+    if serve != "auto":
+        c = compiled.get(serve) or {}
+        if not c.get("path"):
+            raise BenchError(f"--serve {serve}: it did not build ({c.get('error') or 'not compiled'})")
+        return Path(c["path"]), {"artifact": serve, "reason": f"--serve {serve}"}
+    from tasks.steps.qc import QCThresholds
+
+    th = QCThresholds.for_spec(spec)
+    why_not = []
+    for name in layout.CPU_COMPILED:
+        c = compiled.get(name) or {}
+        if not c.get("path"):
+            why_not.append(f"{name} did not build")
+        elif c["agreement_with_fp32"] < th.min_compiled_agreement:
+            why_not.append(f"{name} agrees {c['agreement_with_fp32']:.2%} < {th.min_compiled_agreement:.2%}")
+        elif c["accuracy_drop"] > th.max_compiled_accuracy_delta + 1e-12:
+            why_not.append(f"{name} loses {c['accuracy_drop']:.4f} accuracy > {th.max_compiled_accuracy_delta:g}")
+        else:
+            return Path(c["path"]), {"artifact": name, "reason": (
+                f"what QC serves on CPU: {name} agrees {c['agreement_with_fp32']:.2%} with model.onnx on the golden "
+                f"set (>= {th.min_compiled_agreement:.2%}), accuracy drop {c['accuracy_drop']:+.4f}")}
+    return onnx_path, {"artifact": layout.MODEL_ONNX, "reason": "no compiled model meets QC's bars: "
+                       + "; ".join(why_not)}
 
 
 def _metric_values(url: str, names: Sequence[str]) -> dict[str, float]:
@@ -1360,7 +1403,8 @@ def render_markdown(r: dict[str, Any]) -> str:
              f"{d['model'].get('frac_score_below_threshold')} of golden frames score < "
              f"{d['model'].get('low_confidence_threshold')}, the default policy's low-confidence threshold); "
              f"topics with {d['config'].get('partitions')} partition(s). "
-             f"Run took {d.get('bench_seconds')} s.", "",
+             f"Triton serves `{(d.get('served') or {}).get('artifact', 'model.onnx')}` in (b) and (c): "
+             f"{(d.get('served') or {}).get('reason', '-')}. Run took {d.get('bench_seconds')} s.", "",
              "| scenario | images/s | p50 ms | p95 ms | notes |", "|---|---:|---:|---:|---|"]
     for run in ort.get("runs", []):
         lines.append(f"| (a) ONNX Runtime in-process, batch {run['batch']}, {run['threads']} thread(s) | "
@@ -1549,8 +1593,10 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     for name, c in details["compiled"].items():
         print(f"    {name}: {c['fps']:,.0f} images/s" if c.get("fps") else f"    {name}: {c.get('error')}", flush=True)
 
+    served_path, details["served"] = served_model(onnx_path, details["compiled"], cfg.spec, cfg.serve)
+    print(f"Triton serves {details['served']['artifact']} ({details['served']['reason']})", flush=True)
     source = FrameSource(cfg.spec)
-    services = Services(work, onnx_path, cfg.spec, cfg.partitions)
+    services = Services(work, served_path, cfg.spec, cfg.partitions)
     try:
         services.start()
         # (b) with each Qdrant policy, so that every (c) figure is compared with the same sink work
@@ -1689,6 +1735,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--partitions", type=int, default=1,
                    help="partitions of the bench's topics. One consumer reads them, so 1; the local Tansu broker "
                         "shares the measured cores and its CPU per fetch grows with the partitions (about 2.5x at 3)")
+    p.add_argument("--serve", choices=SERVE_CHOICES, default="auto",
+                   help="what Triton serves in (b) and (c): auto = what QC serves on CPU (the INT8 model when it "
+                        "meets the spec's compiled-model bars, else the optimised graph, else model.onnx); fp32 = "
+                        "model.onnx; or a compiled file. (a) is always ONNX Runtime FP32 in-process")
     p.add_argument("--log-level", default=None, help="(default $MLPIPE_LOG_LEVEL or WARNING)")
     return p
 
@@ -1718,7 +1768,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             train_images=args.train_images, train_epochs=args.train_epochs,
             consumer_args=tuple(args.consumer_arg), profile=args.profile, profile_frames=args.profile_frames,
             dag_parse=not args.no_dag_parse, dag_repeats=args.dag_repeats, phase_timeout_s=args.phase_timeout,
-            session_timeout_ms=args.session_timeout_ms, partitions=args.partitions, model=args.model)
+            session_timeout_ms=args.session_timeout_ms, partitions=args.partitions, model=args.model,
+            serve=args.serve)
         cfg.validate()
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)

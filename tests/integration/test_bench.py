@@ -52,6 +52,9 @@ def test_bench_writes_results_with_every_key(tmp_path, mlpipe_env, _tiny_onnx_ca
     assert set(d["compiled"]) == {"model.opt.onnx", "model.int8.onnx"}
     assert results["compiled_speedup"] == max(results["compiled_speedup_by_artifact"].values())
     assert all(c["agreement_with_fp32"] >= 0.9 for c in d["compiled"].values()), d["compiled"]
+    # Triton serves what QC would serve on CPU (the tiny model's INT8 file may or may not meet the bars)
+    assert d["served"]["artifact"] in {"model.int8.onnx", "model.opt.onnx", "model.onnx"} and d["served"]["reason"]
+    assert f"Triton serves `{d['served']['artifact']}`" in (out / "results.md").read_text()
     pair = d["consumers_2"]
     assert pair["complete"] and pair["predictions_read"] >= 300 and pair["partitions"] == 2, pair
     assert results["consumers_2_fps"] == pair["fps"]

@@ -1,4 +1,4 @@
-"""How ``make test`` spreads the suite over pytest-xdist workers (``-n 2 --dist loadgroup``).
+"""How ``make test`` spreads the suite over pytest-xdist workers (``-n 3 --dist loadgroup``).
 
 ``WorkUnits`` (the scheduler ``tests/conftest.py`` gives pytest-xdist) sends each worker whole units:
 

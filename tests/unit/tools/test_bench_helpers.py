@@ -80,3 +80,32 @@ def test_cpu_accounting_with_psutil():
             psutil.Process(pid).kill()
         child.wait(timeout=10)
     assert bench.process_tree(child.pid) == [] and bench.process_tree(None) == []
+
+
+def test_the_bench_serves_what_qc_would_serve(tmp_path):
+    from pathlib import Path
+
+    import pytest
+
+    from tasks.config import load_settings
+    from tasks.contracts import layout
+    from tasks.steps.qc import QCThresholds
+
+    spec = load_settings().model_spec("digits")
+    bar = QCThresholds.for_spec(spec).min_compiled_agreement
+    fp32 = tmp_path / "model.onnx"
+    good = {"path": str(tmp_path / "int8"), "agreement_with_fp32": 1.0, "accuracy_drop": 0.0}
+    opt = {"path": str(tmp_path / "opt"), "agreement_with_fp32": 1.0, "accuracy_drop": 0.0}
+    path, why = bench.served_model(fp32, {layout.MODEL_INT8_ONNX: good, layout.MODEL_OPT_ONNX: opt}, spec, "auto")
+    assert (path, why["artifact"]) == (Path(good["path"]), layout.MODEL_INT8_ONNX)
+    # an INT8 model below QC's agreement bar is not served: the next compiled file is
+    low = {**good, "agreement_with_fp32": bar - 0.01}
+    path, why = bench.served_model(fp32, {layout.MODEL_INT8_ONNX: low, layout.MODEL_OPT_ONNX: opt}, spec, "auto")
+    assert why["artifact"] == layout.MODEL_OPT_ONNX
+    # nothing built or good enough: model.onnx, and the reason names each file
+    failed = {layout.MODEL_INT8_ONNX: low, layout.MODEL_OPT_ONNX: {"fps": None, "error": "boom"}}
+    path, why = bench.served_model(fp32, failed, spec, "auto")
+    assert path == fp32 and "model.int8.onnx agrees" in why["reason"] and "model.opt.onnx did not build" in why["reason"]
+    assert bench.served_model(fp32, failed, spec, "fp32")[0] == fp32
+    with pytest.raises(bench.BenchError, match="did not build"):
+        bench.served_model(fp32, failed, spec, layout.MODEL_OPT_ONNX)
