@@ -63,6 +63,9 @@ def test_bench_writes_results_with_every_key(tmp_path, mlpipe_env, _tiny_onnx_ca
     table = (out / "results.md").read_text()
     assert "| scenario | images/s | p50 ms | p95 ms | notes |" in table
     assert "(c) consumer" in table and table in printed.out  # the table is printed too
+    # the issue's targets, each with its verdict for this run
+    assert f"| (c) >= 0.7 of (a), ONNX Runtime FP32 in-process | `{drain['policy']}` |" in table
+    assert "| p95 <= 25 ms at 50 % of (c)'s max |" in table
     assert "Consumer main thread, `low_confidence:0.7,sample:0.05` drain, seconds per step" in table
     assert set(drain["consumer_loop_s"]) >= {"check", "wait_triton", "qdrant", "commit"}
     # CPU per process group (psutil) and Triton's / the consumer's Prometheus metrics (prometheus_client)
