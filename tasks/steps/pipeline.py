@@ -170,9 +170,11 @@ def get_pipeline_version(store: Store, name: str, version: int) -> dict[str, Any
 # ====================================================================== the repository and Triton
 
 
-def _member_onnx(store: Store, model: str, version: int, work: Path, flavour: str = "local") -> Path:
-    """The file a member version serves as model.onnx: what its QC chose (a CPU-compiled artefact that passed and
-    is still the file QC checked), else model.onnx; the single-model deploy's choice (``deploy._served_artifact``)."""
+def _member_files(store: Store, model: str, version: int, work: Path,
+                  flavour: str = "local") -> tuple[Path, Path | None]:
+    """The files of a member version: what it serves as model.onnx (what its QC chose: a CPU-compiled artefact that
+    passed and is still the file QC checked, else model.onnx; the single-model deploy's choice,
+    ``deploy._served_artifact``) and, in the production flavour, its TensorRT plan when one was compiled."""
     from tasks.steps import deploy as deploy_step
 
     if not store.exists(layout.version_file_key(model, version, layout.MODEL_ONNX)):
@@ -182,7 +184,7 @@ def _member_onnx(store: Store, model: str, version: int, work: Path, flavour: st
     onnx, plan = deploy_step._fetch(store, model, version, folder, flavour)
     path, served = deploy_step._served_artifact(store, model, version, folder, flavour, onnx, plan)
     logger.info("pipeline member %s v%s serves %s (%s)", model, version, served["artifact"], served.get("reason"))
-    return path
+    return path, plan
 
 
 def write_version(store: Store, repo_dir: Path, spec: PipelineSpec, manifest: dict[str, Any], work: Path,
@@ -197,8 +199,8 @@ def write_version(store: Store, repo_dir: Path, spec: PipelineSpec, manifest: di
     members = {role: int(manifest["members"][role]["version"]) for role in ROLES}
     for role, version in members.items():
         model = spec.member_names[role]
-        served = _member_onnx(store, model, version, work, flavour)
-        pipeline_repo.write_member_version(repo_dir, specs[role], version, served, pipeline=spec.name)
+        served, plan = _member_files(store, model, version, work, flavour)
+        pipeline_repo.write_member_version(repo_dir, specs[role], version, served, plan_path=plan, pipeline=spec.name)
     pipeline_repo.write_pipeline_version(repo_dir, spec, cfg.models_dir, int(manifest["version"]), members)
     return members
 

@@ -63,3 +63,37 @@ def test_unknown_roles_and_members_without_versions_are_refused(store):
 def test_the_cli_names_the_members(capsys):
     assert pipeline_step.main(["members", "--pipeline", "scenes"]) == 0
     assert '"detector": "scenes-detector"' in capsys.readouterr().out
+
+
+def test_a_production_deploy_puts_each_members_tensorrt_plan_into_the_repository(store, tmp_path):
+    import torch
+
+    from tasks.config import load_settings
+    from tasks.contracts.pipeline import find_pipeline, member_specs
+    from tasks.model import pipeline_repo as pr
+    from tasks.model import repo as mr
+    from tasks.model.networks import build_model, export_onnx
+    from tests.support.pipeline_models import detector_onnx
+
+    cfg = load_settings()
+    spec = find_pipeline("scenes", cfg.models_dir)
+    specs = member_specs(spec, cfg.models_dir)
+    torch.manual_seed(0)
+    onnx = {"detector": detector_onnx(tmp_path / "det.onnx", specs["detector"]),
+            "classifier": export_onnx(build_model(specs["classifier"]), tmp_path / "cls.onnx", specs["classifier"])}
+    for role, path in onnx.items():
+        model = spec.member_names[role]
+        store.put_file(layout.version_file_key(model, 1, layout.MODEL_ONNX), path)
+        if role == "detector":  # only the detector was compiled by TensorRT (a GPU build)
+            store.put_bytes(layout.version_prefix(model, 1) + layout.MODEL_PLAN, b"engine bytes")
+    repo = tmp_path / "repo"
+    members = pipeline_step.write_version(store, repo, spec, {"version": 1, "members": {
+        "detector": {"version": 1}, "classifier": {"version": 1}}}, tmp_path / "work", flavour="production")
+    assert members == {"detector": 1, "classifier": 1}
+    names = pr.member_model_names(spec)
+    assert (repo / names["detector"] / "1" / layout.MODEL_PLAN).read_bytes() == b"engine bytes"
+    assert not (repo / names["classifier"] / "1" / layout.MODEL_PLAN).exists()
+    pr.set_pipeline_serving(repo, spec, 1)  # what the deploy does next: the members' platforms follow their files
+    det = mr.parse_config_text((repo / names["detector"] / "config.pbtxt").read_text())
+    cls = mr.parse_config_text((repo / names["classifier"] / "config.pbtxt").read_text())
+    assert det["platform"] == "tensorrt_plan" and cls["platform"] == "onnxruntime_onnx"
