@@ -34,10 +34,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import time
-import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
@@ -249,57 +245,6 @@ def render_pipeline(flavour: str, repo_dir: Path, pipeline_spec: "PipelineSpec",
 # ----------------------------------------------------------------------------------------------
 
 
-def _write_version_dir(model_dir: Path, version: int, files: Mapping[str, bytes | Path], meta: dict[str, Any],
-                       same: Any) -> Path:
-    """Stage ``files`` (name -> bytes or a file to copy) plus ``mlpipe-version.json`` in
-    ``model_dir/.tmp-<version>-<random>`` and rename it to ``<version>``; an existing folder is returned when
-    ``same(old_meta)`` holds, else refused (versions are immutable)."""
-    final = model_dir / mr._version_dir_name(version)
-    if final.exists():
-        return _existing(final, same)
-    staging = model_dir / f".tmp-{version}-{uuid.uuid4().hex[:8]}"
-    staging.mkdir(parents=True)
-    try:
-        for name, src in files.items():
-            if isinstance(src, bytes):
-                (staging / name).write_bytes(src)
-            else:
-                shutil.copyfile(src, staging / name)
-        meta = {**meta, "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        (staging / mr.VERSION_META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        for f in staging.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        try:
-            os.rename(staging, final)  # atomic on one filesystem; fails if `final` appeared meanwhile
-        except OSError:
-            if final.exists():
-                shutil.rmtree(staging, ignore_errors=True)
-                return _existing(final, same)
-            raise
-        dir_fd = os.open(model_dir, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return final
-
-
-def _existing(final: Path, same: Any) -> Path:
-    try:
-        old = json.loads((final / mr.VERSION_META).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        old = {}
-    if not same(old):
-        raise ModelRepoError(f"{final} already exists with different files; versions are immutable: write a new "
-                             "version number")
-    logger.info("%s already holds these files; nothing to do", final)
-    return final
-
-
 def write_member_version(repo_dir: Path, member_spec: "ModelSpec", version: int, onnx_path: Path, *,
                          plan_path: Path | None = None, **meta: Any) -> Path:
     """Write version ``version`` of a pipeline member (detector or classifier, by ``member_spec.task``)
@@ -332,9 +277,7 @@ def write_member_version(repo_dir: Path, member_spec: "ModelSpec", version: int,
         files["model.py"] = mr.PYTHON_SOURCES / MEMBER_SOURCE / "model.py"
     info = {"version": version, "role": role, "model": member_spec.name, "onnx_sha256": sha256_file(onnx_path),
             "plan_sha256": sha256_file(plan_path) if plan_path else None, "flavour": flavour, **meta}
-    same = lambda old: (old.get("onnx_sha256") == info["onnx_sha256"]  # noqa: E731
-                        and (info["plan_sha256"] is None or old.get("plan_sha256") == info["plan_sha256"]))
-    final = _write_version_dir(model_dir, version, files, info, same)
+    final = mr.write_version_dir(model_dir, version, files, info, mr.same_model_files(info))
     logger.info("wrote %s version %d to %s", name, version, final)
     return final
 
@@ -399,7 +342,7 @@ def write_pipeline_version(repo_dir: Path, pipeline_spec: "PipelineSpec", models
     digests = {name: _sha256(data) for name, data in files.items() if isinstance(data, bytes)}
     info = {"version": version, "pipeline": pipeline_spec.name, "files_sha256": digests,
             "members": {r: doc["members"][r]["version"] for r in ROLES}}
-    final = _write_version_dir(pdir, version, files, info, lambda old: old.get("files_sha256") == digests)
+    final = mr.write_version_dir(pdir, version, files, info, lambda old: old.get("files_sha256") == digests)
     logger.info("wrote pipeline %s version %d (%s) to %s", pipeline_spec.name, version, info["members"], final)
     return final
 

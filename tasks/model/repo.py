@@ -56,7 +56,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2 as mc
@@ -815,23 +815,48 @@ def write_classifier_version(repo_dir: Path, model_spec: "ModelSpec", version: i
         raise ModelRepoError(f"TensorRT plan {plan_path} does not exist")
     check_onnx_contract(onnx_path, model_spec)
     clf_dir = repo_dir / spec.classifier.name
-    final = clf_dir / _version_dir_name(version)
     meta = {"version": version, "onnx_sha256": sha256_file(onnx_path),
             "plan_sha256": sha256_file(plan_path) if plan_path else None, "flavour": flavour}
-    if final.exists():
-        return _existing_version(final, meta)
+    files: dict[str, bytes | Path] = {"model.onnx": onnx_path}
+    if plan_path is not None:
+        files["model.plan"] = Path(plan_path)
+    if flavour == "local":
+        assert spec.classifier.source is not None
+        files["model.py"] = PYTHON_SOURCES / spec.classifier.source / "model.py"
+    final = write_version_dir(clf_dir, version, files, meta, same_model_files(meta))
+    logger.info("wrote %s version %d to %s", spec.classifier.name, version, final)
+    return final
 
-    staging = clf_dir / f".tmp-{version}-{uuid.uuid4().hex[:8]}"
+
+def same_model_files(meta: Mapping[str, Any]) -> Callable[[Mapping[str, Any]], bool]:
+    """For :func:`write_version_dir`: an existing version holds the same model files as ``meta`` says (its
+    ``onnx_sha256``, and its ``plan_sha256`` when a plan is written)."""
+    return lambda old: (old.get("onnx_sha256") == meta["onnx_sha256"]
+                        and (meta.get("plan_sha256") is None or old.get("plan_sha256") == meta["plan_sha256"]))
+
+
+def write_version_dir(model_dir: Path, version: int, files: Mapping[str, bytes | Path], meta: Mapping[str, Any],
+                      same: Callable[[Mapping[str, Any]], bool]) -> Path:
+    """Write version ``version`` of the model in ``model_dir`` atomically; returns ``model_dir/<version>``.
+
+    ``files`` (name -> bytes, or a file to copy) plus ``mlpipe-version.json`` (``meta`` and ``written_at``) are
+    staged in ``model_dir/.tmp-<version>-<random>`` (Triton ignores folders not named by a number), fsynced,
+    and renamed to ``<version>`` in one step, so Triton never sees half a version. A version folder that
+    exists already is returned when ``same(its meta)`` holds, else refused: versions are immutable."""
+    model_dir = Path(model_dir)
+    final = model_dir / _version_dir_name(version)
+    if final.exists():
+        return _existing_version(final, same)
+    staging = model_dir / f".tmp-{version}-{uuid.uuid4().hex[:8]}"
     staging.mkdir(parents=True)
     try:
-        shutil.copyfile(onnx_path, staging / "model.onnx")
-        if plan_path is not None:
-            shutil.copyfile(plan_path, staging / "model.plan")
-        if flavour == "local":
-            assert spec.classifier.source is not None
-            shutil.copyfile(PYTHON_SOURCES / spec.classifier.source / "model.py", staging / "model.py")
-        meta["written_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        (staging / VERSION_META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        for name, src in files.items():
+            if isinstance(src, bytes):
+                (staging / name).write_bytes(src)
+            else:
+                shutil.copyfile(src, staging / name)
+        stamped = {**meta, "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        (staging / VERSION_META).write_text(json.dumps(stamped, indent=2, sort_keys=True) + "\n")
         for f in staging.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -840,9 +865,9 @@ def write_classifier_version(repo_dir: Path, model_spec: "ModelSpec", version: i
         except OSError:
             if final.exists():
                 shutil.rmtree(staging, ignore_errors=True)
-                return _existing_version(final, meta)
+                return _existing_version(final, same)
             raise
-        dir_fd = os.open(clf_dir, os.O_RDONLY)
+        dir_fd = os.open(model_dir, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
         finally:
@@ -850,18 +875,15 @@ def write_classifier_version(repo_dir: Path, model_spec: "ModelSpec", version: i
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    logger.info("wrote %s version %d to %s", spec.classifier.name, version, final)
     return final
 
 
-def _existing_version(final: Path, meta: dict[str, Any]) -> Path:
+def _existing_version(final: Path, same: Callable[[Mapping[str, Any]], bool]) -> Path:
     try:
         old = json.loads((final / VERSION_META).read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         old = {}
-    same = (old.get("onnx_sha256") == meta["onnx_sha256"] and
-            (meta["plan_sha256"] is None or old.get("plan_sha256") == meta["plan_sha256"]))
-    if not same:
+    if not same(old):
         raise ModelRepoError(f"{final} already exists with different model files; versions are immutable: "
                              "write a new version number, or remove_version() this one first if it is not served")
     logger.info("%s already holds these files; nothing to do", final)
