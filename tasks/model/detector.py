@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from tasks.model.networks import COLOUR_MEAN, COLOUR_STD, MNIST_MEAN, MNIST_STD, OPSET, OnnxContractError, \
-    ParityError, _dims, onnx_session, save_torch
+    ParityError, check_contract_tensors, onnx_session, save_torch
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -270,61 +270,12 @@ def check_detector_contract(onnx_path: str | Path, spec: "ModelSpec", *, session
     ``[N, classes, H/stride, W/stride]``, ``onnx.box_size`` ``[N, 2, H/stride, W/stride]``, ``onnx.embedding``
     ``[N, embedding_dim]``, all float32, batch axis dynamic), then a zero batch of 2 and the shapes it gives.
     Every message names the tensor, what the spec expects and what the file has."""
-    import numpy as np
-
     path = Path(onnx_path)
-    where = f"{path.name} for detector {spec.name!r}"
     if spec.detection is None or not spec.onnx.box_size:
-        raise OnnxContractError(f"{where}: spec {spec.name!r} declares no detection section or onnx.box_size: "
-                                "it is not a detector's spec")
-    try:
-        sess = session if session is not None else onnx_session(path)
-    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types for a bad file
-        raise OnnxContractError(f"{path}: not a loadable ONNX model ({type(exc).__name__}: {exc})") from exc
-    want_in = ["N", *spec.input_shape]
-    want_out = output_shapes(spec)
-    inputs = {i.name: i for i in sess.get_inputs()}
-    outputs = {o.name: o for o in sess.get_outputs()}
-    problems: list[str] = []
-    inp = inputs.get(spec.onnx.input)
-    if inp is None:
-        problems.append(f"input {spec.onnx.input!r} float32 {want_in} is missing (inputs: {sorted(inputs)})")
-    else:
-        if inp.type != "tensor(float)":
-            problems.append(f"input {spec.onnx.input!r} is {inp.type}, expected tensor(float) (float32)")
-        got = _dims(inp.shape)
-        if len(got) != len(want_in) or any(g != w for g, w in zip(got[1:], want_in[1:])):
-            problems.append(f"input {spec.onnx.input!r} has shape {got}, expected {want_in} (spec input "
-                            f"{spec.input.height}x{spec.input.width}x{spec.input.channels} {spec.input.layout})")
-        elif got[0] != "N":
-            problems.append(f"input {spec.onnx.input!r} has a fixed batch axis {got[0]}, expected dynamic ({want_in})")
-    extra = sorted(set(inputs) - {spec.onnx.input})
-    if extra:
-        problems.append(f"unexpected extra inputs {extra} (the contract has one input, {spec.onnx.input!r})")
-    for name, want in want_out.items():
-        out = outputs.get(name)
-        if out is None:
-            problems.append(f"output {name!r} float32 {want} is missing (outputs: {sorted(outputs)})")
-            continue
-        if out.type != "tensor(float)":
-            problems.append(f"output {name!r} is {out.type}, expected tensor(float) (float32)")
-        got = _dims(out.shape)
-        if len(got) != len(want) or any(isinstance(g, int) and g != w for g, w in zip(got[1:], want[1:])):
-            problems.append(f"output {name!r} has shape {got}, expected {want}")
-        elif got[0] != "N":
-            problems.append(f"output {name!r} has a fixed batch axis {got[0]}, expected dynamic ({want})")
-    if problems:
-        raise OnnxContractError(f"{where} breaks the detector's ONNX contract: " + "; ".join(problems))
-    shape = [2, *spec.input_shape]
-    try:
-        res = sess.run(list(want_out), {spec.onnx.input: np.zeros(shape, np.float32)})
-    except Exception as exc:  # noqa: BLE001
-        raise OnnxContractError(f"{where}: inference on a zero batch {shape} failed ({type(exc).__name__}: {exc})"
-                                ) from exc
-    for (name, want), arr in zip(want_out.items(), res):
-        if list(arr.shape) != [2, *want[1:]]:
-            raise OnnxContractError(f"{where} breaks the detector's ONNX contract: output {name!r} is "
-                                    f"{list(arr.shape)} for a batch of 2, expected {[2, *want[1:]]}")
+        raise OnnxContractError(f"{path.name} for detector {spec.name!r}: spec {spec.name!r} declares no detection "
+                                "section or onnx.box_size: it is not a detector's spec")
+    check_contract_tensors(path, spec, output_shapes(spec), where=f"{path.name} for detector {spec.name!r}",
+                           contract="the detector's ONNX contract", session=session)
 
 
 # --------------------------------------------------------------------------- inference

@@ -261,23 +261,33 @@ def check_onnx_contract(onnx_path: str | Path, spec: "ModelSpec", *, session: An
     batch axis dynamic), then runs a batch of 2 zero inputs and checks the output shapes. Every message
     names the tensor, what the spec expects and what the file has.
     """
-    import numpy as np
-
     if getattr(spec, "task", "classification") == "detection":  # the detector's contract: tasks.model.detector
         from tasks.model.detector import check_detector_contract
 
         check_detector_contract(onnx_path, spec, session=session)
         return
     path = Path(onnx_path)
+    want_out = {spec.onnx.logits: ["N", spec.num_classes], spec.onnx.embedding: ["N", spec.embedding_dim]}
+    check_contract_tensors(path, spec, want_out, where=f"{path.name} for model {spec.name!r}",
+                           contract="the ONNX contract", session=session)
+
+
+def check_contract_tensors(path: Path, spec: "ModelSpec", want_out: dict[str, list[Any]], *, where: str,
+                           contract: str, session: Any = None) -> None:
+    """The checks of an ONNX contract (a classifier's or a detector's): one input ``spec.onnx.input`` float32
+    ``[N, *input_shape]`` and the outputs ``want_out`` (name -> ``["N", *dims]``), all float32 with a dynamic
+    batch axis; then a zero batch of 2 through the model and the output shapes it gives. Raises
+    ``OnnxContractError`` naming ``where``, ``contract``, each tensor, what the spec expects and what the file
+    has."""
+    import numpy as np
+
     try:
         sess = session if session is not None else onnx_session(path)
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types for a bad file
         raise OnnxContractError(f"{path}: not a loadable ONNX model ({type(exc).__name__}: {exc})") from exc
     want_in = ["N", *spec.input_shape]
-    want_out = {spec.onnx.logits: ["N", spec.num_classes], spec.onnx.embedding: ["N", spec.embedding_dim]}
     inputs = {i.name: i for i in sess.get_inputs()}
     outputs = {o.name: o for o in sess.get_outputs()}
-    where = f"{path.name} for model {spec.name!r}"
     problems: list[str] = []
     inp = inputs.get(spec.onnx.input)
     if inp is None:
@@ -302,10 +312,12 @@ def check_onnx_contract(onnx_path: str | Path, spec: "ModelSpec", *, session: An
         if out.type != "tensor(float)":
             problems.append(f"output {name!r} is {out.type}, expected tensor(float) (float32)")
         got = _dims(out.shape)
-        if len(got) != 2 or (isinstance(got[1], int) and got[1] != want[1]):
+        if len(got) != len(want) or any(isinstance(g, int) and g != w for g, w in zip(got[1:], want[1:])):
             problems.append(f"output {name!r} has shape {got}, expected {want}")
+        elif isinstance(got[0], int) and got[0] > 0:
+            problems.append(f"output {name!r} has a fixed batch axis {got[0]}, expected dynamic ({want})")
     if problems:
-        raise OnnxContractError(f"{where} breaks the ONNX contract: " + "; ".join(problems))
+        raise OnnxContractError(f"{where} breaks {contract}: " + "; ".join(problems))
     shape = [2, *[d if d != -1 else 32 for d in spec.input_shape]]
     try:
         res = sess.run(list(want_out), {spec.onnx.input: np.zeros(shape, np.float32)})
@@ -313,9 +325,9 @@ def check_onnx_contract(onnx_path: str | Path, spec: "ModelSpec", *, session: An
         raise OnnxContractError(f"{where}: inference on a zero batch {shape} failed "
                                 f"({type(exc).__name__}: {exc})") from exc
     for (name, want), arr in zip(want_out.items(), res):
-        if tuple(arr.shape) != (2, want[1]):
-            raise OnnxContractError(f"{where} breaks the ONNX contract: output {name!r} is {list(arr.shape)} for a "
-                                    f"batch of 2, expected [2, {want[1]}]")
+        if list(arr.shape) != [2, *want[1:]]:
+            raise OnnxContractError(f"{where} breaks {contract}: output {name!r} is {list(arr.shape)} for a "
+                                    f"batch of 2, expected {[2, *want[1:]]}")
 
 
 def parity_inputs(n: int, spec: "ModelSpec", seed: int = 1234) -> "np.ndarray":
