@@ -30,11 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Sequence
 
-import orjson
-
-from tasks.contracts.messages import H_FRAME_ID, H_TRACEPARENT, lineage_id
 from tasks.serving.consumer.policy import QdrantPolicy
-from tasks.serving.consumer.records import _JSON_CT, Built, iso, parse_time, prediction_point
+from tasks.serving.consumer.records import Built, PredictionWriter, class_names
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -42,8 +39,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from tasks.adapters.kafka import Record
     from tasks.contracts.pipeline import PipelineSpec
     from tasks.contracts.spec import ModelSpec
-
-_dumps = orjson.dumps
 
 
 @dataclass(frozen=True)
@@ -92,8 +87,6 @@ def pipeline_prediction_records(records: Sequence["Record"], good: Sequence[int]
     built = Built()
     if not good:
         return built
-    messages, points, captured = built.messages, built.points, built.captured
-    processed_iso = iso(processed)
     n = len(good)
     box_scores = outputs["BOX_SCORES"].reshape(n, -1)
     k = box_scores.shape[1]
@@ -103,58 +96,19 @@ def pipeline_prediction_records(records: Sequence["Record"], good: Sequence[int]
     labels = outputs["BOX_LABELS"].reshape(n, k).astype(np.int64).tolist()
     lscores = np.round(outputs["LABEL_SCORES"].reshape(n, k).astype(np.float64), 6).tolist()
     readouts = [_text(v) for v in outputs["READOUT"].reshape(n, -1)[:, 0].tolist()]
-    emb = outputs.get("EMBEDDING")
-    emb_rows = emb.reshape(n, -1) if emb is not None else None
-    infer_ms = round(infer_s * 1000, 3)
-    index = policy is not None and emb_rows is not None
-    lineage = lineage_id(model, version)
-    names: dict[int, str] = {}
-
-    def cls(label: int) -> str:
-        got = names.get(label)
-        if got is None:
-            got = names[label] = classes.class_name(label)
-        return got
-
+    out = PredictionWriter(built, outputs, n, topic=topic, model=model, version=version, infer_s=infer_s,
+                           processed=processed, policy=policy)
+    cls = class_names(classes.class_name)
     for j, i in enumerate(good):
-        rec = records[i]
-        fid = frame_ids[j]
-        cap_text = rec.header("captured_at")
-        cap = parse_time(cap_text)
-        captured.append(cap)
-        ts = cap or (dt.datetime.fromtimestamp(rec.timestamp_ms / 1000, dt.timezone.utc)
-                     if rec.timestamp_ms else None)
-        device = rec.key.decode("utf-8", "replace") if rec.key else (rec.header("device_id") or "")
-        trace = rec.headers.get(H_TRACEPARENT)
+        pred, frame = out.start(records[i], frame_ids[j])
         c = counts[j]
-        frame_boxes = [{"box": boxes[j][b], "score": bscores[j][b], "label": labels[j][b],
-                        "label_name": cls(labels[j][b]), "label_score": lscores[j][b]} for b in range(c)]
         score = min(lscores[j][:c]) if c else None
-        pred = {
-            "frame_id": fid,
-            "device_id": device,
-            "readout": readouts[j],
-            "count": c,
-            "boxes": frame_boxes,
-            "score": score,
-            "model_name": model,
-            "model_version": version,
-            "lineage": lineage,
-            "latency_ms": round((processed - ts).total_seconds() * 1000, 3) if ts else None,
-            "inference_ms": infer_ms,
-            "processed_at": processed_iso,
-            "captured_at": iso(cap) if cap else cap_text,
-            "traceparent": trace.decode("latin-1") if trace else None,
-        }
-        fid_b = fid.encode()
-        headers = [(H_FRAME_ID, fid_b), _JSON_CT]
-        if trace:
-            headers.append((H_TRACEPARENT, trace))
-        messages.append((topic, _dumps(pred), fid_b, headers))
-        if index:
-            why = policy.reason(fid, 0.0 if score is None else score)  # type: ignore[union-attr]
-            if why is not None:
-                points.append(prediction_point(pred, emb_rows[j], why))  # type: ignore[index]
+        pred["readout"] = readouts[j]
+        pred["count"] = c
+        pred["boxes"] = [{"box": boxes[j][b], "score": bscores[j][b], "label": labels[j][b],
+                          "label_name": cls(labels[j][b]), "label_score": lscores[j][b]} for b in range(c)]
+        pred["score"] = score
+        out.finish(j, pred, frame, 0.0 if score is None else score)
     return built
 
 

@@ -34,7 +34,7 @@ import datetime as dt
 import json
 import uuid
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import orjson
 
@@ -209,8 +209,6 @@ def prediction_records(records: Sequence["Record"], good: Sequence[int], frame_i
     built = Built()
     if not good:
         return built
-    messages, points, captured = built.messages, built.points, built.captured
-    processed_iso = iso(processed)
     n = len(good)
     # convert once per batch (per-element numpy indexing is slow)
     labels = outputs["LABEL"].reshape(n, -1)[:, 0].tolist()
@@ -218,13 +216,22 @@ def prediction_records(records: Sequence["Record"], good: Sequence[int], frame_i
     scores = np.round(raw_scores, 6).tolist()
     topl = outputs["TOPK_LABELS"].reshape(n, -1).tolist()
     tops = np.round(outputs["TOPK_SCORES"].reshape(n, -1).astype(np.float64), 6).tolist()
-    emb = outputs.get("EMBEDDING")
-    emb_rows = emb.reshape(n, -1) if emb is not None else None
-    name = spec.class_name
-    infer_ms = round(infer_s * 1000, 3)
-    index = policy is not None and emb_rows is not None
-    lineage = lineage_id(model, version)
-    names: dict[int, str] = {}  # class id -> name, once per batch (4 lookups per frame otherwise)
+    out = PredictionWriter(built, outputs, n, topic=topic, model=model, version=version, infer_s=infer_s,
+                           processed=processed, policy=policy)
+    cls = class_names(spec.class_name)
+    for j, i in enumerate(good):
+        pred, frame = out.start(records[i], frame_ids[j])
+        pred["label"] = labels[j]
+        pred["class"] = cls(labels[j])
+        pred["score"] = scores[j]
+        pred["topk"] = [{"label": lab, "class": cls(lab), "score": sc} for lab, sc in zip(topl[j], tops[j])]
+        out.finish(j, pred, frame, scores[j])
+    return built
+
+
+def class_names(name: Callable[[int], str]) -> Callable[[int], str]:
+    """``name`` (class id -> name) cached for one batch (several lookups per frame otherwise)."""
+    names: dict[int, str] = {}
 
     def cls(label: int) -> str:
         got = names.get(label)
@@ -232,42 +239,55 @@ def prediction_records(records: Sequence["Record"], good: Sequence[int], frame_i
             got = names[label] = name(label)
         return got
 
-    for j, i in enumerate(good):
-        rec = records[i]
-        fid = frame_ids[j]
+    return cls
+
+
+class PredictionWriter:
+    """One micro-batch's predictions as the prediction contract frames them, whatever the model's own fields:
+    ``start`` gives a prediction's first fields (``frame_id``, ``device_id``), the caller adds the model's,
+    ``finish`` adds the shared ones (model, version, lineage, times, trace), serialises it into a Kafka message
+    and, when ``policy`` selects the frame, a Qdrant point with its ``EMBEDDING`` row."""
+
+    def __init__(self, built: Built, outputs: Mapping[str, "np.ndarray"], n: int, *, topic: str, model: str,
+                 version: str, infer_s: float, processed: dt.datetime, policy: QdrantPolicy | None) -> None:
+        emb = outputs.get("EMBEDDING")
+        self.built, self.topic, self.policy = built, topic, policy
+        self.emb_rows = emb.reshape(n, -1) if emb is not None else None
+        self.index = policy is not None and self.emb_rows is not None
+        self.model, self.version, self.lineage = model, version, lineage_id(model, version)
+        self.infer_ms = round(infer_s * 1000, 3)
+        self.processed, self.processed_iso = processed, iso(processed)
+
+    def start(self, rec: "Record", fid: str) -> tuple[dict[str, Any], tuple[Any, ...]]:
         cap_text = rec.header("captured_at")
         cap = parse_time(cap_text)
-        captured.append(cap)
+        self.built.captured.append(cap)
+        device = rec.key.decode("utf-8", "replace") if rec.key else (rec.header("device_id") or "")
+        return {"frame_id": fid, "device_id": device}, (rec, cap, cap_text)
+
+    def finish(self, j: int, pred: dict[str, Any], frame: tuple[Any, ...], score: float) -> None:
+        rec, cap, cap_text = frame
         ts = cap or (dt.datetime.fromtimestamp(rec.timestamp_ms / 1000, dt.timezone.utc)
                      if rec.timestamp_ms else None)
-        device = rec.key.decode("utf-8", "replace") if rec.key else (rec.header("device_id") or "")
         trace = rec.headers.get(H_TRACEPARENT)
-        pred = {
-            "frame_id": fid,
-            "device_id": device,
-            "label": labels[j],
-            "class": cls(labels[j]),
-            "score": scores[j],
-            "topk": [{"label": lab, "class": cls(lab), "score": sc} for lab, sc in zip(topl[j], tops[j])],
-            "model_name": model,
-            "model_version": version,
-            "lineage": lineage,
-            "latency_ms": round((processed - ts).total_seconds() * 1000, 3) if ts else None,
-            "inference_ms": infer_ms,
-            "processed_at": processed_iso,
-            "captured_at": iso(cap) if cap else cap_text,
-            "traceparent": trace.decode("latin-1") if trace else None,
-        }
+        pred["model_name"] = self.model
+        pred["model_version"] = self.version
+        pred["lineage"] = self.lineage
+        pred["latency_ms"] = round((self.processed - ts).total_seconds() * 1000, 3) if ts else None
+        pred["inference_ms"] = self.infer_ms
+        pred["processed_at"] = self.processed_iso
+        pred["captured_at"] = iso(cap) if cap else cap_text
+        pred["traceparent"] = trace.decode("latin-1") if trace else None
+        fid = pred["frame_id"]
         fid_b = fid.encode()
         headers = [(H_FRAME_ID, fid_b), _JSON_CT]
         if trace:
             headers.append((H_TRACEPARENT, trace))
-        messages.append((topic, _dumps(pred), fid_b, headers))
-        if index:
-            why = policy.reason(fid, scores[j])  # type: ignore[union-attr]
+        self.built.messages.append((self.topic, _dumps(pred), fid_b, headers))
+        if self.index:
+            why = self.policy.reason(fid, score)  # type: ignore[union-attr]
             if why is not None:
-                points.append(prediction_point(pred, emb_rows[j], why))  # type: ignore[index]
-    return built
+                self.built.points.append(prediction_point(pred, self.emb_rows[j], why))  # type: ignore[index]
 
 
 #: Room kept for the headers the consumer adds to a dead letter (reason, detail, source, pointer, drops).
