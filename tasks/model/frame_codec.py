@@ -136,6 +136,28 @@ def decode(payload: bytes, params: CodecParams) -> np.ndarray:
                                       f"({type(exc).__name__}: {exc})") from None
 
 
+def image_shape(params: CodecParams) -> tuple[int, ...]:
+    """The uint8 shape ``decode`` gives for ``params``: ``(H, W)`` for 1 channel, else ``(H, W, C)``."""
+    h, w, c = params["height"], params["width"], params["channels"]
+    return (h, w) if c == 1 else (h, w, c)
+
+
+def decode_batch(frames: Any, params: CodecParams) -> tuple[np.ndarray, np.ndarray]:
+    """Every frame of a batch -> uint8 images ``[N, *image_shape(params)]`` and the errors, object ``[N, 1]``:
+    ``b""`` for a frame that was used, ``b"<reason>: <detail>"`` (a dead-letter reason) for one that was not,
+    whose pixels stay zero. A bad frame is that row's error, never the batch's."""
+    images = np.zeros((len(frames), *image_shape(params)), dtype=np.uint8)
+    errors = np.full((len(frames), 1), b"", dtype=object)
+    for j, payload in enumerate(frames):
+        try:
+            images[j] = decode(payload, params)
+        except FrameError as exc:
+            errors[j, 0] = f"{exc.reason}: {exc.detail}".encode()
+        except Exception as exc:  # noqa: BLE001 - a frame that breaks the decoder is that frame's problem
+            errors[j, 0] = f"{UNDECODABLE}: {type(exc).__name__}: {exc}".encode()
+    return images, errors
+
+
 def normalise(images: np.ndarray, params: CodecParams) -> np.ndarray:
     """uint8 ``[N, H, W]`` / ``[N, H, W, C]`` -> float32 model input in the params' layout."""
     arr = np.asarray(images)

@@ -69,9 +69,6 @@ class TritonPythonModel:
         self.class_names = list(m["class_names"])
         self.k = int(self.detection["max_objects"])
         self.emb_dim = int(self.det["embedding_dim"])
-        p = self.frame_params
-        c = p["channels"]
-        self.image_shape = (p["height"], p["width"]) if c == 1 else (p["height"], p["width"], c)
         outs = {o["name"]: o for o in config.get("output", [])}
         want = ["BOXES", "BOX_SCORES", "BOX_LABELS", "LABEL_SCORES", "COUNT", "READOUT", "EMBEDDING", "FRAME_ERROR"]
         missing = [n for n in want if n not in outs]
@@ -128,15 +125,7 @@ class TritonPythonModel:
 
     def _run(self, frames):
         n, k = len(frames), self.k
-        images = np.zeros((n, *self.image_shape), np.uint8)
-        errors = np.full((n, 1), b"", dtype=object)
-        for j, payload in enumerate(frames):
-            try:
-                images[j] = self.codec.decode(payload, self.frame_params)
-            except self.codec.FrameError as exc:
-                errors[j, 0] = f"{exc.reason}: {exc.detail}".encode()
-            except Exception as exc:  # noqa: BLE001 - a frame that breaks the decoder is that frame's problem
-                errors[j, 0] = f"{self.codec.UNDECODABLE}: {type(exc).__name__}: {exc}".encode()
+        images, errors = self.codec.decode_batch(frames, self.frame_params)
         out = {"BOXES": np.zeros((n, k, 4), np.float32), "BOX_SCORES": np.zeros((n, k), np.float32),
                "BOX_LABELS": np.full((n, k), -1, np.int64), "LABEL_SCORES": np.zeros((n, k), np.float32),
                "COUNT": np.zeros((n, 1), np.int32), "READOUT": np.full((n, 1), b"", dtype=object),

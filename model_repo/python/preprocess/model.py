@@ -54,7 +54,6 @@ class TritonPythonModel:
             raise ValueError(f"{self.model_name}: codec parameters need a fixed height and width, got "
                              f"{p['height']}x{p['width']}")
         c = p["channels"]
-        self.image_shape = (p["height"], p["width"]) if c == 1 else (p["height"], p["width"], c)
         want = (c, p["height"], p["width"]) if p["layout"] == "NCHW" else (p["height"], p["width"], c)
         dims = tuple(int(d) for d in outputs[0]["dims"])
         if dims != want:
@@ -84,16 +83,7 @@ class TritonPythonModel:
         if not parts:
             return responses
         frames = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        images = np.zeros((len(frames), *self.image_shape), dtype=np.uint8)
-        errors = np.full((len(frames), 1), b"", dtype=object)
-        decode, frame_error = self.codec.decode, self.codec.FrameError
-        for j, payload in enumerate(frames):
-            try:
-                images[j] = decode(payload, self.params)
-            except frame_error as exc:
-                errors[j, 0] = f"{exc.reason}: {exc.detail}".encode()
-            except Exception as exc:  # noqa: BLE001 - a frame that breaks the decoder is that frame's problem
-                errors[j, 0] = f"{self.codec.UNDECODABLE}: {type(exc).__name__}: {exc}".encode()
+        images, errors = self.codec.decode_batch(frames, self.params)
         pixels = self.codec.normalise(images, self.params)
         failed = errors[:, 0] != b""
         if failed.any():
