@@ -949,8 +949,8 @@ def consumers_max(services: Services, source: FrameSource, cfg: BenchConfig, n_c
                   policy_name: str = DEFAULT_POLICY_NAME) -> dict[str, Any]:
     """``n_consumers`` consumer processes in one group over ``n_consumers`` partitions (cooperative-sticky): both
     join first (each ready, i.e. holding a partition), then ``cfg.frames`` frames are produced as fast as possible
-    and drained. images/s = distinct predictions / the reader's window (first to last prediction read), so the
-    production's overlap with the first predictions counts against it. Each process has its own Qdrant path
+    and drained. images/s = distinct predictions / the reader's window (first to last prediction read; at least
+    the busiest consumer's busy time), so the production's overlap with the first predictions counts against it. Each process has its own Qdrant path
     (local mode allows one process per path; deployed, they share a Qdrant server)."""
     work = services.work
     name = f"pair-{_slug(policy_name)}"
@@ -978,7 +978,9 @@ def consumers_max(services: Services, source: FrameSource, cfg: BenchConfig, n_c
         services.drop_topics(kafka)
     stats = [run.stats() for run in runs]
     seen = len(reader.seen)
-    window = reader.last_new - reader.first_new
+    # the reader's window (first to last prediction read), but never shorter than the busiest consumer's own
+    # (first batch polled to last confirmed): a small run can be read back in one fetch, a window of 0
+    window = max(reader.last_new - reader.first_new, *(float(st.get("busy_s") or 0.0) for st in stats))
     return {"consumers": n_consumers, "partitions": n_consumers, "policy": policy_text(policy_name),
             "frames": cfg.frames, "produce": produced, "predictions_read": seen, "complete": complete and seen >= cfg.frames,
             "duplicates_read": reader.duplicates, "window_s": round(window, 3),

@@ -27,7 +27,8 @@ def test_bench_writes_results_with_every_key(tmp_path, mlpipe_env, _tiny_onnx_ca
     assert rc == 0, printed.err[-3000:]
     results = json.loads((out / "results.json").read_text())
     for key in RESULT_KEYS + ("dag_parse_s",):
-        assert isinstance(results[key], (int, float)) and results[key] > 0, (key, results.get(key))
+        assert isinstance(results[key], (int, float)) and results[key] > 0, (key, results.get(key),
+                                                                             results["details"].get("consumers_2"))
     d = results["details"]
     assert d["naive"]["frames"] == 30
     assert d["naive"]["qdrant_policy"] == "low_confidence:0.7,sample:0.05"  # (b) does the same sink work as (c)
