@@ -313,6 +313,36 @@ def _trt_parity(store: Store, spec: ModelSpec, version: int, x, ort_logits, ort_
 COMPILED_CHECKS = {layout.MODEL_INT8_ONNX: "compiled_int8", layout.MODEL_OPT_ONNX: "compiled_opt"}
 
 
+def compare_compiled(y, pred, c_pred, spec: ModelSpec, th: QCThresholds, acc: float | None = None,
+                     recalls: list[float] | None = None) -> dict[str, Any]:
+    """A compiled model's golden-set labels ``c_pred`` against ``model.onnx``'s ``pred`` (true labels ``y``;
+    ``acc`` / ``recalls``: ``pred``'s, computed when not given), with ``th``'s compiled-model bars: ``agreement``,
+    ``accuracy``, ``accuracy_drop``, ``recall_drop`` (the largest per-class drop), ``worst_class``, ``recalls``
+    (per class) and ``failures`` (empty when the compiled model passes)."""
+    import numpy as np
+
+    if acc is None:
+        acc = float(np.mean(pred == y))
+    if recalls is None:
+        recalls = _recalls(_confusion(y, pred, spec.num_classes))
+    agree = float(np.mean(c_pred == pred))
+    c_acc = float(np.mean(c_pred == y))
+    c_recalls = _recalls(_confusion(y, c_pred, spec.num_classes))
+    drops = [r - c for r, c in zip(recalls, c_recalls)]
+    worst = int(np.argmax(drops))
+    worst_name = spec.class_name(worst)
+    acc_drop, rec_drop = acc - c_acc, float(drops[worst])
+    failures = []
+    if agree < th.min_compiled_agreement:
+        failures.append(f"label agreement {agree:.2%} < {th.min_compiled_agreement:.2%}")
+    if acc_drop > th.max_compiled_accuracy_delta + 1e-12:
+        failures.append(f"accuracy drop {acc_drop:.4f} > {th.max_compiled_accuracy_delta:g}")
+    if rec_drop > th.max_compiled_recall_delta + 1e-12:
+        failures.append(f"class {worst_name!r} recall drop {rec_drop:.3f} > {th.max_compiled_recall_delta:g}")
+    return {"agreement": agree, "accuracy": c_acc, "accuracy_drop": acc_drop, "recall_drop": rec_drop,
+            "worst_class": worst_name, "recalls": c_recalls, "failures": failures}
+
+
 def _compiled_checks(store: Store, spec: ModelSpec, version: int, x, y, onnx_path: Path, pred, acc: float,
                      recalls: list[float], th: QCThresholds, work: Path
                      ) -> tuple[list[dict[str, Any]], dict[str, Any], Path]:
@@ -364,21 +394,9 @@ def _compiled_checks(store: Store, spec: ModelSpec, version: int, x, y, onnx_pat
             checks.append({**_check(cname, False, detail, threshold=th.min_compiled_agreement), "gates": "artifact",
                            "artifact": name})
             continue
-        c_pred = c_logits.argmax(1)
-        agree = float(np.mean(c_pred == pred))
-        c_acc = float(np.mean(c_pred == y))
-        c_recalls = _recalls(_confusion(y, c_pred, spec.num_classes))
-        drops = [r - c for r, c in zip(recalls, c_recalls)]
-        worst = int(np.argmax(drops))
-        worst_name = spec.class_name(worst)
-        acc_drop, rec_drop = acc - c_acc, float(drops[worst])
-        failures = []
-        if agree < th.min_compiled_agreement:
-            failures.append(f"label agreement {agree:.2%} < {th.min_compiled_agreement:.2%}")
-        if acc_drop > th.max_compiled_accuracy_delta + 1e-12:
-            failures.append(f"accuracy drop {acc_drop:.4f} > {th.max_compiled_accuracy_delta:g}")
-        if rec_drop > th.max_compiled_recall_delta + 1e-12:
-            failures.append(f"class {worst_name!r} recall drop {rec_drop:.3f} > {th.max_compiled_recall_delta:g}")
+        cmp = compare_compiled(y, pred, c_logits.argmax(1), spec, th, acc, recalls)
+        agree, c_acc, acc_drop, rec_drop = cmp["agreement"], cmp["accuracy"], cmp["accuracy_drop"], cmp["recall_drop"]
+        worst_name, c_recalls, failures = cmp["worst_class"], cmp["recalls"], cmp["failures"]
         detail = (f"{name} vs model.onnx on {len(y)} golden images: labels agree {agree:.2%} (min "
                   f"{th.min_compiled_agreement:.2%}), accuracy {c_acc:.4f} vs {acc:.4f} (drop {acc_drop:+.4f}, max "
                   f"{th.max_compiled_accuracy_delta:g}), largest per-class recall drop {rec_drop:+.3f} (class "

@@ -999,6 +999,7 @@ def compiled_ort(onnx_path: Path, spec: Any, seconds: float, threads: int, work:
     from tasks.model.networks import onnx_session, run_onnx, to_input
     from tasks.steps import compile as cmp
     from tasks.steps.drops import golden_set
+    from tasks.steps.qc import QCThresholds, compare_compiled
 
     out: dict[str, Any] = {}
     work.mkdir(parents=True, exist_ok=True)
@@ -1007,7 +1008,7 @@ def compiled_ort(onnx_path: Path, spec: Any, seconds: float, threads: int, work:
     gX, gy = golden_set(spec)
     gx = to_input(gX, spec)
     ref = run_onnx(onnx_session(onnx_path), gx, spec)[0].argmax(1)
-    ref_acc = float(np.mean(ref == gy))
+    th = QCThresholds.for_spec(spec)
     builders = {"model.opt.onnx": lambda p: cmp.optimize_onnx(onnx_path, p),
                 "model.int8.onnx": lambda p: cmp.quantize_int8(onnx_path, p, x_cal, spec.onnx.input)}
 
@@ -1027,7 +1028,8 @@ def compiled_ort(onnx_path: Path, spec: Any, seconds: float, threads: int, work:
             out[name] = {"fps": run["fps"], "fp32_fps_paired": round(base, 1),
                          "speedup_vs_fp32_paired": round(run["fps"] / base, 3) if base else None,
                          "agreement_with_fp32": round(float(np.mean(labels == ref)), 4),
-                         "accuracy_drop": round(ref_acc - float(np.mean(labels == gy)), 4),
+                         # QC's own comparison, with the spec's compiled-model bars: what decides --serve auto
+                         "qc_failures": compare_compiled(gy, ref, labels, spec, th)["failures"],
                          "path": str(path),
                          "bytes": path.stat().st_size, **info}
         except Exception as exc:  # noqa: BLE001 - reported: the speed-up is then of what did build
@@ -1038,11 +1040,12 @@ def compiled_ort(onnx_path: Path, spec: Any, seconds: float, threads: int, work:
 SERVE_CHOICES = ("auto", "fp32", *layout.CPU_COMPILED)
 
 
-def served_model(onnx_path: Path, compiled: dict[str, Any], spec: Any, serve: str) -> tuple[Path, dict[str, Any]]:
+def served_model(onnx_path: Path, compiled: dict[str, Any], serve: str) -> tuple[Path, dict[str, Any]]:
     """The classifier file the bench's Triton serves, and why. ``auto`` is what QC serves on CPU: the first
-    compiled artefact (``layout.CPU_COMPILED`` order) that built and meets the spec's compiled-model bars on the
-    golden set (label agreement with FP32, accuracy drop), else ``model.onnx``; ``fp32`` is ``model.onnx``; a
-    compiled file's name serves that file (refused, with the reason, when it did not build)."""
+    compiled artefact (``layout.CPU_COMPILED`` order) that built and passed QC's comparison with ``model.onnx``
+    on the golden set (``qc_failures`` empty, from ``tasks.steps.qc.compare_compiled``), else ``model.onnx``;
+    ``fp32`` is ``model.onnx``; a compiled file's name serves that file (refused, with the reason, when it did not
+    build)."""
     if serve == "fp32":
         return onnx_path, {"artifact": layout.MODEL_ONNX, "reason": "--serve fp32"}
     if serve != "auto":
@@ -1050,23 +1053,18 @@ def served_model(onnx_path: Path, compiled: dict[str, Any], spec: Any, serve: st
         if not c.get("path"):
             raise BenchError(f"--serve {serve}: it did not build ({c.get('error') or 'not compiled'})")
         return Path(c["path"]), {"artifact": serve, "reason": f"--serve {serve}"}
-    from tasks.steps.qc import QCThresholds
-
-    th = QCThresholds.for_spec(spec)
     why_not = []
     for name in layout.CPU_COMPILED:
         c = compiled.get(name) or {}
         if not c.get("path"):
             why_not.append(f"{name} did not build")
-        elif c["agreement_with_fp32"] < th.min_compiled_agreement:
-            why_not.append(f"{name} agrees {c['agreement_with_fp32']:.2%} < {th.min_compiled_agreement:.2%}")
-        elif c["accuracy_drop"] > th.max_compiled_accuracy_delta + 1e-12:
-            why_not.append(f"{name} loses {c['accuracy_drop']:.4f} accuracy > {th.max_compiled_accuracy_delta:g}")
+        elif c["qc_failures"]:
+            why_not.append(f"{name} failed QC's comparison with model.onnx ({'; '.join(c['qc_failures'])})")
         else:
             return Path(c["path"]), {"artifact": name, "reason": (
-                f"what QC serves on CPU: {name} agrees {c['agreement_with_fp32']:.2%} with model.onnx on the golden "
-                f"set (>= {th.min_compiled_agreement:.2%}), accuracy drop {c['accuracy_drop']:+.4f}")}
-    return onnx_path, {"artifact": layout.MODEL_ONNX, "reason": "no compiled model meets QC's bars: "
+                f"what QC serves on CPU: {name} passed QC's comparison with model.onnx on the golden set (labels "
+                f"agree {c['agreement_with_fp32']:.2%})")}
+    return onnx_path, {"artifact": layout.MODEL_ONNX, "reason": "no compiled model passed QC's comparison: "
                        + "; ".join(why_not)}
 
 
@@ -1597,7 +1595,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     for name, c in details["compiled"].items():
         print(f"    {name}: {c['fps']:,.0f} images/s" if c.get("fps") else f"    {name}: {c.get('error')}", flush=True)
 
-    served_path, details["served"] = served_model(onnx_path, details["compiled"], cfg.spec, cfg.serve)
+    served_path, details["served"] = served_model(onnx_path, details["compiled"], cfg.serve)
     print(f"Triton serves {details['served']['artifact']} ({details['served']['reason']})", flush=True)
     source = FrameSource(cfg.spec)
     services = Services(work, served_path, cfg.spec, cfg.partitions)
@@ -1741,7 +1739,7 @@ def _parser() -> argparse.ArgumentParser:
                         "shares the measured cores and its CPU per fetch grows with the partitions (about 2.5x at 3)")
     p.add_argument("--serve", choices=SERVE_CHOICES, default="auto",
                    help="what Triton serves in (b) and (c): auto = what QC serves on CPU (the INT8 model when it "
-                        "meets the spec's compiled-model bars, else the optimised graph, else model.onnx); fp32 = "
+                        "passes QC's comparison with model.onnx, else the optimised graph, else model.onnx); fp32 = "
                         "model.onnx; or a compiled file. (a) is always ONNX Runtime FP32 in-process")
     p.add_argument("--log-level", default=None, help="(default $MLPIPE_LOG_LEVEL or WARNING)")
     return p

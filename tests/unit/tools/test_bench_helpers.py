@@ -85,27 +85,36 @@ def test_cpu_accounting_with_psutil():
 def test_the_bench_serves_what_qc_would_serve(tmp_path):
     from pathlib import Path
 
+    import numpy as np
     import pytest
 
     from tasks.config import load_settings
     from tasks.contracts import layout
-    from tasks.steps.qc import QCThresholds
+    from tasks.steps.qc import QCThresholds, compare_compiled
 
     spec = load_settings().model_spec("digits")
-    bar = QCThresholds.for_spec(spec).min_compiled_agreement
+    th = QCThresholds.for_spec(spec)
+    y = np.arange(200) % 10
+    # QC's comparison decides: an exact copy passes; 5 % of labels changed fails the agreement bar (99 % here)
+    worse = y.copy()
+    worse[::20] = (worse[::20] + 1) % 10
+    assert compare_compiled(y, y, y, spec, th)["failures"] == []
+    failed_qc = compare_compiled(y, y, worse, spec, th)["failures"]
+    assert any(f.startswith("label agreement 95.00% <") for f in failed_qc), failed_qc
     fp32 = tmp_path / "model.onnx"
-    good = {"path": str(tmp_path / "int8"), "agreement_with_fp32": 1.0, "accuracy_drop": 0.0}
-    opt = {"path": str(tmp_path / "opt"), "agreement_with_fp32": 1.0, "accuracy_drop": 0.0}
-    path, why = bench.served_model(fp32, {layout.MODEL_INT8_ONNX: good, layout.MODEL_OPT_ONNX: opt}, spec, "auto")
+    good = {"path": str(tmp_path / "int8"), "agreement_with_fp32": 1.0, "qc_failures": []}
+    opt = {"path": str(tmp_path / "opt"), "agreement_with_fp32": 1.0, "qc_failures": []}
+    path, why = bench.served_model(fp32, {layout.MODEL_INT8_ONNX: good, layout.MODEL_OPT_ONNX: opt}, "auto")
     assert (path, why["artifact"]) == (Path(good["path"]), layout.MODEL_INT8_ONNX)
-    # an INT8 model below QC's agreement bar is not served: the next compiled file is
-    low = {**good, "agreement_with_fp32": bar - 0.01}
-    path, why = bench.served_model(fp32, {layout.MODEL_INT8_ONNX: low, layout.MODEL_OPT_ONNX: opt}, spec, "auto")
+    # an INT8 model that failed QC's comparison is not served: the next compiled file is
+    low = {**good, "agreement_with_fp32": 0.95, "qc_failures": failed_qc}
+    path, why = bench.served_model(fp32, {layout.MODEL_INT8_ONNX: low, layout.MODEL_OPT_ONNX: opt}, "auto")
     assert why["artifact"] == layout.MODEL_OPT_ONNX
     # nothing built or good enough: model.onnx, and the reason names each file
     failed = {layout.MODEL_INT8_ONNX: low, layout.MODEL_OPT_ONNX: {"fps": None, "error": "boom"}}
-    path, why = bench.served_model(fp32, failed, spec, "auto")
-    assert path == fp32 and "model.int8.onnx agrees" in why["reason"] and "model.opt.onnx did not build" in why["reason"]
-    assert bench.served_model(fp32, failed, spec, "fp32")[0] == fp32
+    path, why = bench.served_model(fp32, failed, "auto")
+    assert path == fp32 and "model.int8.onnx failed QC's comparison with model.onnx (label agreement 95.00%" in \
+        why["reason"] and "model.opt.onnx did not build" in why["reason"]
+    assert bench.served_model(fp32, failed, "fp32")[0] == fp32
     with pytest.raises(bench.BenchError, match="did not build"):
-        bench.served_model(fp32, failed, spec, layout.MODEL_OPT_ONNX)
+        bench.served_model(fp32, failed, layout.MODEL_OPT_ONNX)
