@@ -100,15 +100,13 @@ def pipeline_prediction_records(records: Sequence["Record"], good: Sequence[int]
                            processed=processed, policy=policy)
     cls = class_names(classes.class_name)
     for j, i in enumerate(good):
-        pred, frame = out.start(records[i], frame_ids[j])
         c = counts[j]
         score = min(lscores[j][:c]) if c else None
-        pred["readout"] = readouts[j]
-        pred["count"] = c
-        pred["boxes"] = [{"box": boxes[j][b], "score": bscores[j][b], "label": labels[j][b],
-                          "label_name": cls(labels[j][b]), "label_score": lscores[j][b]} for b in range(c)]
-        pred["score"] = score
-        out.finish(j, pred, frame, 0.0 if score is None else score)
+        out.add(j, records[i], frame_ids[j], {
+            "readout": readouts[j], "count": c,
+            "boxes": [{"box": boxes[j][b], "score": bscores[j][b], "label": labels[j][b],
+                       "label_name": cls(labels[j][b]), "label_score": lscores[j][b]} for b in range(c)],
+            "score": score}, 0.0 if score is None else score)
     return built
 
 

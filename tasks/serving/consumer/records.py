@@ -220,12 +220,10 @@ def prediction_records(records: Sequence["Record"], good: Sequence[int], frame_i
                            processed=processed, policy=policy)
     cls = class_names(spec.class_name)
     for j, i in enumerate(good):
-        pred, frame = out.start(records[i], frame_ids[j])
-        pred["label"] = labels[j]
-        pred["class"] = cls(labels[j])
-        pred["score"] = scores[j]
-        pred["topk"] = [{"label": lab, "class": cls(lab), "score": sc} for lab, sc in zip(topl[j], tops[j])]
-        out.finish(j, pred, frame, scores[j])
+        out.add(j, records[i], frame_ids[j], {
+            "label": labels[j], "class": cls(labels[j]), "score": scores[j],
+            "topk": [{"label": lab, "class": cls(lab), "score": sc} for lab, sc in zip(topl[j], tops[j])]},
+            scores[j])
     return built
 
 
@@ -244,9 +242,9 @@ def class_names(name: Callable[[int], str]) -> Callable[[int], str]:
 
 class PredictionWriter:
     """One micro-batch's predictions as the prediction contract frames them, whatever the model's own fields:
-    ``start`` gives a prediction's first fields (``frame_id``, ``device_id``), the caller adds the model's,
-    ``finish`` adds the shared ones (model, version, lineage, times, trace), serialises it into a Kafka message
-    and, when ``policy`` selects the frame, a Qdrant point with its ``EMBEDDING`` row."""
+    ``add`` frames a model's own fields (between ``frame_id`` / ``device_id`` and the shared ones: model, version,
+    lineage, times, trace), serialises the prediction into a Kafka message and, when ``policy`` selects the frame,
+    adds a Qdrant point with its ``EMBEDDING`` row."""
 
     def __init__(self, built: Built, outputs: Mapping[str, "np.ndarray"], n: int, *, topic: str, model: str,
                  version: str, infer_s: float, processed: dt.datetime, policy: QdrantPolicy | None) -> None:
@@ -258,27 +256,28 @@ class PredictionWriter:
         self.infer_ms = round(infer_s * 1000, 3)
         self.processed, self.processed_iso = processed, iso(processed)
 
-    def start(self, rec: "Record", fid: str) -> tuple[dict[str, Any], tuple[Any, ...]]:
+    def add(self, j: int, rec: "Record", fid: str, fields: Mapping[str, Any], score: float) -> None:
+        """The prediction of output row ``j`` (frame ``fid`` of ``rec``) with the model's ``fields``; ``score``
+        is what the Qdrant policy judges."""
         cap_text = rec.header("captured_at")
         cap = parse_time(cap_text)
         self.built.captured.append(cap)
-        device = rec.key.decode("utf-8", "replace") if rec.key else (rec.header("device_id") or "")
-        return {"frame_id": fid, "device_id": device}, (rec, cap, cap_text)
-
-    def finish(self, j: int, pred: dict[str, Any], frame: tuple[Any, ...], score: float) -> None:
-        rec, cap, cap_text = frame
         ts = cap or (dt.datetime.fromtimestamp(rec.timestamp_ms / 1000, dt.timezone.utc)
                      if rec.timestamp_ms else None)
         trace = rec.headers.get(H_TRACEPARENT)
-        pred["model_name"] = self.model
-        pred["model_version"] = self.version
-        pred["lineage"] = self.lineage
-        pred["latency_ms"] = round((self.processed - ts).total_seconds() * 1000, 3) if ts else None
-        pred["inference_ms"] = self.infer_ms
-        pred["processed_at"] = self.processed_iso
-        pred["captured_at"] = iso(cap) if cap else cap_text
-        pred["traceparent"] = trace.decode("latin-1") if trace else None
-        fid = pred["frame_id"]
+        pred = {
+            "frame_id": fid,
+            "device_id": rec.key.decode("utf-8", "replace") if rec.key else (rec.header("device_id") or ""),
+            **fields,
+            "model_name": self.model,
+            "model_version": self.version,
+            "lineage": self.lineage,
+            "latency_ms": round((self.processed - ts).total_seconds() * 1000, 3) if ts else None,
+            "inference_ms": self.infer_ms,
+            "processed_at": self.processed_iso,
+            "captured_at": iso(cap) if cap else cap_text,
+            "traceparent": trace.decode("latin-1") if trace else None,
+        }
         fid_b = fid.encode()
         headers = [(H_FRAME_ID, fid_b), _JSON_CT]
         if trace:
