@@ -271,11 +271,12 @@ def check_detector_contract(onnx_path: str | Path, spec: "ModelSpec", *, session
     ``[N, embedding_dim]``, all float32, batch axis dynamic), then a zero batch of 2 and the shapes it gives.
     Every message names the tensor, what the spec expects and what the file has."""
     path = Path(onnx_path)
+    where = f"{path.name} for detector {spec.name!r}"
     if spec.detection is None or not spec.onnx.box_size:
-        raise OnnxContractError(f"{path.name} for detector {spec.name!r}: spec {spec.name!r} declares no detection "
-                                "section or onnx.box_size: it is not a detector's spec")
-    check_contract_tensors(path, spec, output_shapes(spec), where=f"{path.name} for detector {spec.name!r}",
-                           contract="the detector's ONNX contract", session=session)
+        raise OnnxContractError(f"{where}: spec {spec.name!r} declares no detection section or onnx.box_size: "
+                                "it is not a detector's spec")
+    check_contract_tensors(path, spec, output_shapes(spec), where=where, contract="the detector's ONNX contract",
+                           session=session)
 
 
 # --------------------------------------------------------------------------- inference
